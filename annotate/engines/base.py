@@ -1,0 +1,72 @@
+"""The engine interface: a batch of chat requests in, a batch of results out.
+
+Engines know nothing of prompts, stages or records. A request is OpenAI-style `messages` whose
+content parts are `{"type": "text", "text": ...}` or `{"type": "image", "image": PIL.Image}`; each
+engine converts the image part to what its backend wants (vLLM: a PIL part, HTTP: a data URL,
+transformers: processor images). An engine never raises for one bad request: the failure comes back
+as a `ChatResult` with `error` set, and the caller (a stage) decides what to do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from annotate.config import SamplingConfig
+
+ErrorKind = Literal[
+    "timeout",  # no answer in time (retryable)
+    "http",  # transport or server error (retryable when the status says so)
+    "length",  # cut by max_tokens (finish_reason == "length")
+    "parse",  # structured output did not parse against its schema
+    "reasoning_cut",  # a reasoning model stopped before closing </think>
+    "invalid_input",  # the model's processor rejected the input (not retryable)
+    "engine_dead",  # the engine itself is gone: the actor must be replaced
+    "internal",  # anything else
+]
+
+RETRYABLE_ERRORS: frozenset[str] = frozenset({"timeout", "http", "length", "parse", "reasoning_cut"})
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict[str, Any]]
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    json_schema: dict[str, Any] | None = None
+    request_id: str = ""
+
+
+@dataclass
+class ChatResult:
+    request_id: str
+    text: str = ""
+    reasoning: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_s: float = 0.0
+    error: str | None = None
+    error_kind: ErrorKind | None = None
+    parsed: Any = None  # the JSON value when a schema was given and the text parsed
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def retryable(self) -> bool:
+        return self.error_kind in RETRYABLE_ERRORS
+
+
+class EngineDeadError(RuntimeError):
+    """The engine can serve nothing more; the caller should replace it (e.g. restart the actor)."""
+
+
+class Engine(Protocol):
+    model_id: str
+
+    def chat(self, requests: list[ChatRequest]) -> list[ChatResult]:
+        """Results in the order of `requests`, one each; never raises for a single bad request."""
+        ...
+
+    def close(self) -> None: ...
