@@ -1,0 +1,85 @@
+"""The views of one region that prompts need: the tight crop I' and its mask M' (paper's notation),
+and the full image with the region outlined and its mask tinted."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from annotate.config import CropConfig
+from annotate.data.masks import box_bounds
+
+
+@dataclass
+class RegionViews:
+    crop: Image.Image  # RGB
+    crop_mask: Image.Image  # mode "L", 0/255
+    highlighted: Image.Image  # RGB full image, region outlined and mask tinted
+    crop_box: tuple[int, int, int, int]  # (x0, y0, x1, y1) in the full image, before any resize
+
+
+def crop_box_for(mask: np.ndarray, bbox_xywh, width: int, height: int, cfg: CropConfig) -> tuple[int, int, int, int]:
+    """Mask's tight box (the bbox when the mask is empty) + margin, grown to min_side, clipped."""
+    ys, xs = np.nonzero(mask) if mask is not None and mask.any() else ((), ())
+    if len(xs):
+        x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+    else:
+        x0, y0, x1, y1 = box_bounds(bbox_xywh, height, width)
+    mx, my = math.ceil((x1 - x0) * cfg.margin), math.ceil((y1 - y0) * cfg.margin)
+    x0, y0, x1, y1 = x0 - mx, y0 - my, x1 + mx, y1 + my
+    x0, x1 = _grow(x0, x1, cfg.min_side, width)
+    y0, y1 = _grow(y0, y1, cfg.min_side, height)
+    return x0, y0, x1, y1
+
+
+def _grow(lo: int, hi: int, min_side: int, limit: int) -> tuple[int, int]:
+    """Widen [lo, hi) around its centre to min_side (or the whole axis), shifting it inside [0, limit)."""
+    need = min(min_side, limit)
+    if hi - lo < need:
+        extra = need - (hi - lo)
+        lo -= extra // 2
+        hi += extra - extra // 2
+    if lo < 0:
+        hi, lo = hi - lo, 0
+    if hi > limit:
+        lo, hi = max(0, lo - (hi - limit)), limit
+    return max(0, lo), min(limit, hi)
+
+
+def region_views(image: Image.Image, mask: np.ndarray, bbox_xywh, cfg: CropConfig) -> RegionViews:
+    """Crop, cropped mask and highlighted image; each fits in cfg.max_side."""
+    image = image.convert("RGB")
+    box = crop_box_for(mask, bbox_xywh, image.width, image.height, cfg)
+    x0, y0, x1, y1 = box
+    crop = image.crop(box)
+    crop_mask = Image.fromarray((mask[y0:y1, x0:x1].astype(np.uint8) * 255), "L")
+    highlighted = highlight(image, mask, bbox_xywh, cfg)
+    return RegionViews(
+        crop=_fit(crop, cfg.max_side, Image.Resampling.BICUBIC),
+        crop_mask=_fit(crop_mask, cfg.max_side, Image.Resampling.NEAREST),  # stays 0/255
+        highlighted=_fit(highlighted, cfg.max_side, Image.Resampling.BICUBIC),
+        crop_box=box,
+    )
+
+
+def highlight(image: Image.Image, mask: np.ndarray, bbox_xywh, cfg: CropConfig, alpha: float = 0.35) -> Image.Image:
+    """Full image with the mask tinted in highlight_color and the box outlined."""
+    arr = np.asarray(image.convert("RGB")).astype(np.float32)
+    color = np.array(cfg.highlight_color, np.float32)
+    if mask is not None and mask.any():
+        arr[mask] = arr[mask] * (1 - alpha) + color * alpha
+    out = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "RGB")
+    x0, y0, x1, y1 = box_bounds(bbox_xywh, image.height, image.width)
+    if x1 > x0 and y1 > y0:
+        ImageDraw.Draw(out).rectangle([x0, y0, x1 - 1, y1 - 1], outline=tuple(cfg.highlight_color), width=cfg.highlight_width)
+    return out
+
+
+def _fit(img: Image.Image, max_side: int, resample) -> Image.Image:
+    if max(img.size) <= max_side:
+        return img
+    s = max_side / max(img.size)
+    return img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), resample)

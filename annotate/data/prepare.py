@@ -1,0 +1,229 @@
+"""One shard -> `ImageRecord`s with regions and masks, ready for the captioning stages.
+
+Every source region leaves here exactly once: "pending" with a mask, or "rejected"/"failed" with a
+readable `error`. A bad sample becomes a record with failed regions; it never raises out of
+`prepare_shard`, so one broken image cannot stop a shard.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from annotate.config import DataConfig
+from annotate.data.images import ImageError, decode_image
+from annotate.data.masks import MaskError, encode_rle, make_mask_explained
+from annotate.data.records import ImageRecord, RegionRecord
+from annotate.data.regions import region_entries, regions_from_meta
+from annotate.data.shards import RawSample, ShardRef, iter_samples
+from annotate.data.writer import status_counts
+
+log = logging.getLogger(__name__)
+MAX_KEPT_PROBLEMS = 200  # problems past this are counted, not stored
+
+
+@dataclass
+class PreparedImage:
+    record: ImageRecord
+    image: Image.Image | None  # decoded RGB, displayed orientation; None when undecodable
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ShardStats:
+    """Per-shard summary, filled while `prepare_shard` runs."""
+
+    shard: str = ""
+    images: int = 0
+    images_undecodable: int = 0
+    problems: list[str] = field(default_factory=list)
+    problem_count: int = 0
+    regions: dict = field(default_factory=lambda: status_counts([]))
+
+    def add_problem(self, msg: str) -> None:
+        self.problem_count += 1
+        if len(self.problems) < MAX_KEPT_PROBLEMS:
+            self.problems.append(msg)
+
+    def add(self, p: PreparedImage) -> None:
+        self.images += 1
+        if p.record.image_bytes is None:
+            self.images_undecodable += 1
+        for msg in p.problems:
+            self.add_problem(f"{p.record.image_key}: {msg}")
+        for k, v in status_counts([p.record]).items():
+            self.regions[k] += v
+
+
+def prepare_shard(shard: ShardRef, cfg: DataConfig, stats: ShardStats | None = None) -> Iterator[PreparedImage]:
+    """Stream the shard's images as records; pass `stats` to collect the shard summary."""
+    shard_problems: list[str] = []
+    if stats is not None:
+        stats.shard = shard.name
+    for sample in iter_samples(shard, cfg.images, shard_problems):
+        if stats is not None:
+            while shard_problems:
+                stats.add_problem(shard_problems.pop(0))
+        try:
+            prepared = prepare_sample(sample, shard.name, cfg)
+        except Exception as e:  # noqa: BLE001 - last resort: the sample fails, the shard goes on
+            log.exception("preparing %s:%s failed", shard.name, sample.key)
+            prepared = _crashed(sample, shard.name, cfg, f"internal error: {type(e).__name__}: {e}")
+        if stats is not None:
+            stats.add(prepared)
+        yield prepared
+    if stats is not None:
+        for msg in shard_problems:
+            stats.add_problem(msg)
+
+
+def prepare_sample(sample: RawSample, shard_name: str, cfg: DataConfig) -> PreparedImage:
+    problems = list(sample.problems)
+    meta = sample.meta
+    image: Image.Image | None = None
+    image_error: str | None = None
+    if sample.image_bytes is not None:
+        try:
+            image = decode_image(sample.image_bytes, cfg.images)
+        except ImageError as e:
+            image_error = f"image not decodable: {e}"
+            problems.append(image_error)
+    else:
+        image_error = next((p for p in sample.problems if "image" in p), "no image in the sample")
+
+    caption = _caption(meta, sample.text)
+    if image is not None:
+        width, height = image.size  # displayed size (after EXIF orientation) is what boxes refer to
+    else:
+        width, height = _json_int(meta, "width"), _json_int(meta, "height")
+    record = ImageRecord(
+        image_key=sample.key,
+        shard=shard_name,
+        width=width,
+        height=height,
+        caption=caption,
+        url=meta.get("url") if meta and isinstance(meta.get("url"), str) else None,
+        image_bytes=sample.image_bytes if image is not None else None,
+    )
+    if meta is None:
+        return PreparedImage(record, image, problems)
+
+    entries_problem = region_entries(meta, cfg.regions)[1]
+    if entries_problem:
+        problems.append(entries_problem)
+    regions = regions_from_meta(meta, shard_name, sample.key, max(width, 0), max(height, 0), cfg.regions)
+    record.regions = regions
+    if sample.duplicate_of is not None:
+        _fail_all(regions, f"duplicate key {sample.duplicate_of!r} in shard {shard_name}")
+    elif image is None:
+        _fail_all(regions, image_error or "no image")
+    else:
+        rgb = np.asarray(image)
+        for region in regions:
+            if region.status == "pending":
+                _add_mask(region, rgb, meta, cfg)
+    return PreparedImage(record, image, problems)
+
+
+def _add_mask(region: RegionRecord, rgb: np.ndarray, meta: dict, cfg: DataConfig) -> None:
+    try:
+        result = make_mask_explained(rgb, region, meta, cfg.masks)
+        if not result.mask.any():
+            raise MaskError("mask is empty")
+        region.mask = encode_rle(result.mask)
+        region.mask_source = result.source
+        if result.note:
+            log.debug("%s: mask fell back to %s: %s", region.region_id, result.source, result.note)
+    except MaskError as e:
+        region.status, region.error, region.mask_source = "failed", f"mask: {e}", "none"
+    except Exception as e:  # noqa: BLE001 - one region's bad mask must not lose the image
+        region.status, region.error, region.mask_source = "failed", f"mask: {type(e).__name__}: {e}", "none"
+
+
+def _fail_all(regions: list[RegionRecord], error: str) -> None:
+    for r in regions:
+        r.status, r.error = "failed", error
+
+
+def _caption(meta: dict | None, text: str | None) -> str:
+    cap = meta.get("caption") if meta else None
+    if isinstance(cap, str):
+        return cap
+    return text.strip() if text else ""
+
+
+def _json_int(meta: dict | None, name: str) -> int:
+    v = meta.get(name) if meta else None
+    try:
+        return max(0, int(v)) if v is not None and not isinstance(v, bool) else 0
+    except (TypeError, ValueError, OverflowError):
+        return 0
+
+
+def _crashed(sample: RawSample, shard_name: str, cfg: DataConfig, error: str) -> PreparedImage:
+    """A record for a sample whose preparation raised: regions as far as they can be read, failed."""
+    meta = sample.meta if isinstance(sample.meta, dict) else None
+    regions: list[RegionRecord] = []
+    try:
+        if meta is not None:
+            regions = regions_from_meta(
+                meta, shard_name, sample.key, _json_int(meta, "width"), _json_int(meta, "height"), cfg.regions
+            )
+    except Exception:  # noqa: BLE001
+        regions = []
+    _fail_all(regions, error)
+    record = ImageRecord(
+        image_key=sample.key, shard=shard_name, width=_json_int(meta, "width"), height=_json_int(meta, "height"),
+        caption=_caption(meta, sample.text), regions=regions,
+    )
+    return PreparedImage(record, None, [*sample.problems, error])
+
+
+def run_prepare(input_dir: str, shard_spec: str, output: str, config_path: str | None = None) -> dict:
+    """`annotate prepare`: each shard -> OUT/data/NNNNN.parquet, then OUT/README.md; returns a summary."""
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from annotate.config import PipelineConfig, load_config
+    from annotate.data.shards import find_shards, parse_shard_spec
+    from annotate.data.writer import write_dataset_card, write_parquet_atomic
+
+    cfg = load_config(config_path) if config_path else PipelineConfig()
+    refs = find_shards(input_dir, parse_shard_spec(shard_spec), cfg.data.shard_format)
+    out = Path(output)
+    console = Console(stderr=True)
+    totals = status_counts([])
+    per_shard = {}
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[images]} images"))
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task("shards", total=len(refs), images=0)
+        images = 0
+        for ref in refs:
+            stats = ShardStats()
+
+            def records(ref=ref, stats=stats):
+                nonlocal images
+                for p in prepare_shard(ref, cfg.data, stats):
+                    images += 1
+                    progress.update(task, description=f"shard {ref.name}", images=images)
+                    yield p.record
+
+            ws = write_parquet_atomic(records(), out / "data" / f"{ref.name}.parquet")
+            progress.advance(task)
+            per_shard[ref.name] = {**stats.regions, "images": stats.images, "undecodable": stats.images_undecodable,
+                                   "problems": stats.problem_count, "sha256": ws.sha256}
+            for k, v in stats.regions.items():
+                totals[k] += v
+            for msg in stats.problems[:5]:
+                console.print(f"[yellow]{ref.name}: {msg}[/yellow]")
+    write_dataset_card(out, title=f"{cfg.name}: prepared regions", shards=per_shard, totals=totals,
+                       config_fingerprint=cfg.fingerprint())
+    console.print(f"wrote {len(refs)} shard(s) to {out / 'data'}: {totals}")
+    return {"shards": per_shard, "totals": totals}

@@ -1,0 +1,85 @@
+"""decode_image: modes, EXIF orientation, refusals, readable errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile
+
+import shardkit as sk
+from annotate.config import ImageConfig
+from annotate.data.images import ImageError, decode_image
+
+CFG = ImageConfig()
+
+
+def _arr():
+    a = sk.photo(40, 30)
+    a[5:15, 5:20] = (255, 0, 0)
+    return a
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "LA", "RGBA", "P", "CMYK", "1"])
+def test_modes_decode_to_rgb(mode):
+    img = Image.fromarray(_arr()).convert(mode)
+    data = sk.encode(img, "JPEG" if mode in ("RGB", "L", "CMYK") else "PNG")
+    out = decode_image(data, CFG)
+    assert out.mode == "RGB" and out.size == (40, 30)
+
+
+def test_cmyk_colours_survive():
+    out = np.asarray(decode_image(sk.encode(Image.fromarray(_arr()).convert("CMYK"), "JPEG", quality=95), CFG))
+    r, g, b = out[10, 12].astype(int)
+    assert r > 200 and g < 60 and b < 60
+
+
+def test_transparency_is_composited_on_white():
+    rgba = np.zeros((10, 10, 4), np.uint8)  # fully transparent black
+    out = np.asarray(decode_image(sk.encode(Image.fromarray(rgba, "RGBA"), "PNG"), CFG))
+    assert (out == 255).all()
+    p = Image.new("P", (4, 4), 0)
+    p.putpalette([0, 0, 0] * 256)
+    p.info["transparency"] = 0
+    assert (np.asarray(decode_image(sk.encode(p, "PNG", transparency=0), CFG)) == 255).all()
+
+
+def test_16bit_png_is_scaled_not_clipped():
+    a = np.array([[0, 257, 32896, 65535]] * 2, np.uint16)
+    out = np.asarray(decode_image(sk.png16(a), CFG))[..., 0]
+    assert out[0].tolist() == [0, 1, 128, 255]
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_exif_orientation_applied(orientation):
+    displayed = np.zeros((30, 60, 3), np.uint8)
+    displayed[0:10, 0:10] = (255, 0, 0)  # red at the displayed top-left
+    out = np.asarray(decode_image(sk.jpeg_with_orientation(displayed, orientation), CFG))
+    assert out.shape == (30, 60, 3)
+    assert out[5, 5, 0] > 200 and out[25, 55, 0] < 60
+
+
+def test_truncated_jpeg():
+    data = sk.jpeg(sk.photo(64, 64))
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        decode_image(data[: len(data) // 2], CFG)
+
+
+@pytest.mark.parametrize("payload,msg", [(b"<html>nope</html>", "not an image"), (b"", "empty")])
+def test_non_image(payload, msg):
+    with pytest.raises(ImageError, match=msg):
+        decode_image(payload, CFG)
+
+
+def test_pixel_limit_refused_from_header_without_decoding(monkeypatch):
+    def no_decode(self, *a, **k):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    with pytest.raises(ImageError, match=r"64x48 = 3072 pixels > max_pixels 3000 \(not decoded\)"):
+        decode_image(sk.jpeg(sk.photo(64, 48)), ImageConfig(max_pixels=3000))
+
+
+def test_byte_limit():
+    data = sk.jpeg()
+    with pytest.raises(ImageError, match="max_bytes"):
+        decode_image(data, ImageConfig(max_bytes=len(data) - 1))
