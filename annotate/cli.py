@@ -13,12 +13,147 @@ models_app = typer.Typer(help="Local model utilities (tiny random-weight models 
 app.add_typer(models_app, name="models")
 
 
+@models_app.command("make-tiny")
+def make_tiny(
+    out_dir: str = typer.Argument(..., help="folder that receives text/ and vlm/"),
+    force: bool = typer.Option(False, "--force", help="rebuild even when already built"),
+) -> None:
+    """Build the tiny random-weight models (a Qwen2 text model and a LLaVA VLM), no network."""
+    from annotate.models.tiny import build_all
+
+    for kind, path in build_all(out_dir, force=force).items():
+        typer.echo(f"{kind}\t{path}")
+
+
 @app.command()
 def version() -> None:
     """Print the package version."""
     from annotate import __version__
 
     typer.echo(__version__)
+
+
+@app.command()
+def prepare(
+    input: str = typer.Option(..., "--input", help="folder holding NNNNN.tar / NNNNN.parquet shards"),
+    shards: str = typer.Option(..., "--shards", help="shard ids, e.g. 0-99,120"),
+    output: str = typer.Option(..., "--output", help="output dataset folder (OUT/data/*.parquet + README.md)"),
+    config: str | None = typer.Option(None, "--config", help="pipeline YAML (default: built-in settings)"),
+) -> None:
+    """Run the data plane only: regions and masks, no captions (regions stay "pending")."""
+    from annotate.data.prepare import run_prepare
+
+    run_prepare(input, shards, output, config)
+
+
+@app.command()
+def run(
+    stage: str = typer.Option("all", "--stage", help="object | validate | context | merge | all"),
+    shards: str = typer.Option(..., "--shards", help="shard ids, e.g. 0-99,120,130-135"),
+    input: str = typer.Option(..., "--input", help="folder holding NNNNN.tar / NNNNN.parquet GRIT shards"),
+    output: str = typer.Option(..., "--output", help="output folder (dataset in OUT/data, stage outputs, manifest)"),
+    config: str = typer.Option("pipelines/tiny.yaml", "--config", help="pipeline YAML"),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster to join (default: start a local one)"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="redo only regions a model stage failed"),
+) -> None:
+    """Annotate GRIT shards with the model chain on Ray; rerun the same command to resume."""
+    from annotate.config import load_config
+    from annotate.data.shards import parse_shard_spec
+    from annotate.executor.runner import run_pipeline
+
+    summary = run_pipeline(load_config(config), input, output, parse_shard_spec(shards), stage=stage,
+                           retry_failed=retry_failed, address=address)
+    _print_run_summary(summary)
+
+
+@app.command()
+def status(output: str = typer.Argument(..., help="the --output folder of a run")) -> None:
+    """Per-shard and per-stage counts, rejection rate and tokens per region of a run."""
+    from annotate.executor.report import print_status, status_report
+
+    print_status(status_report(output))
+
+
+@app.command()
+def demo(
+    output: str = typer.Option("out/demo", "--output", help="where the demo dataset goes"),
+    config: str = typer.Option("pipelines/tiny.yaml", "--config", help="pipeline YAML"),
+) -> None:
+    """Run the whole chain on the bundled sample shards with the tiny CPU models."""
+    from annotate.config import load_config
+    from annotate.executor.runner import run_pipeline
+
+    summary = run_pipeline(load_config(config), "sample_data/grit", output, [0, 1], stage="all")
+    _print_run_summary(summary)
+
+
+def _print_run_summary(summary) -> None:
+    from pathlib import Path
+
+    typer.echo(f"\n{summary.stage}: wrote {len(summary.shards_written)} shard(s), "
+               f"{len(summary.shards_skipped)} already finished")
+    for shard, counts in sorted(summary.shards_written.items()):
+        typer.echo(f"  {shard}: {counts['images']} images, {counts['regions']} regions: ok {counts['ok']}, "
+                   f"rejected {counts['rejected']}, failed {counts['failed']}, pending {counts['pending']}")
+    out = Path(summary.output_dir)
+    if (out / "data").is_dir() and summary.stage in ("all", "merge"):
+        typer.echo(f"\nDataset: {out / 'data'}  (card: {out / 'README.md'})\nLoad it with:\n"
+                   f"  from datasets import load_dataset\n"
+                   f"  ds = load_dataset(\"parquet\", data_files=\"{out}/data/*.parquet\", split=\"train\")")
+
+
+@app.command("train")
+def train_cmd(
+    output: str = typer.Option(..., "--output", help="run folder (checkpoints/, run.json)"),
+    data: str | None = typer.Option(None, "--data", help="pipeline output OUT (OUT/data/*.parquet)"),
+    synthetic: bool = typer.Option(False, "--synthetic", help="train a small PixCLIP on the synthetic benchmark"),
+    config: str | None = typer.Option(None, "--config", help="pipeline YAML; its `train` section is used"),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="stop after this many optimizer steps"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the run's latest checkpoint"),
+    text_cache: str | None = typer.Option(None, "--text-cache", help="embed-text output (default: train.text_embed_cache)"),
+) -> None:
+    """Train PixCLIP (L_CL + a*L_FC + b*L_LG) on pipeline output or on the synthetic benchmark."""
+    from annotate.train.commands import run_train
+
+    typer.echo(run_train(output, data, synthetic, config, max_steps, resume, text_cache))
+
+
+@app.command("eval")
+def eval_cmd(
+    checkpoint: str = typer.Option(..., "--checkpoint", help="run folder or one of its checkpoints"),
+    data: str | None = typer.Option(None, "--data", help="pipeline output (held-out regions by id hash)"),
+    synthetic: bool = typer.Option(False, "--synthetic", help="evaluate on the synthetic benchmark"),
+    zero_shot: str | None = typer.Option(None, "--zero-shot", help="zero-shot classification JSON (see evaluate.py)"),
+    output: str | None = typer.Option(None, "--output", help="results JSON (default RUN/eval.json)"),
+) -> None:
+    """Mask<->text retrieval R@1/5/10 and zero-shot region classification; prints JSON and a table."""
+    from annotate.train.commands import run_eval
+
+    run_eval(checkpoint, data, synthetic, zero_shot, output)
+
+
+@app.command("embed-text")
+def embed_text_cmd(
+    data: str = typer.Option(..., "--data", help="pipeline output OUT"),
+    output: str = typer.Option(..., "--output", help="text-feature cache folder"),
+    config: str | None = typer.Option(None, "--config", help="pipeline YAML (train.text_encoder, text_pooling)"),
+) -> None:
+    """Encode every caption once with the frozen text encoder into a memory-mapped fp16 cache."""
+    from annotate.train.commands import run_embed_text
+
+    typer.echo(f"{run_embed_text(data, output, config)} texts cached in {output}")
+
+
+@app.command("ablation")
+def ablation_cmd(
+    output: str = typer.Option(..., "--output", help="folder for the three runs and ablation.md"),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="optimizer steps per row"),
+    config: str | None = typer.Option(None, "--config", help="pipeline YAML (default: synthetic preset)"),
+) -> None:
+    """Loss ablation (L_CL; +L_LG; +L_LG+L_FC) on the synthetic benchmark, as a markdown table."""
+    from annotate.train.commands import run_ablation
+
+    typer.echo(run_ablation(output, max_steps, config))
 
 
 if __name__ == "__main__":

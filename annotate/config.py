@@ -141,10 +141,11 @@ class SamplingConfig(_Section):
 
 class StageConfig(_Section):
     model: str = Field(description="key into `models`")
-    prompt: str = Field(description="template file name under prompts/")
+    prompt: str = Field(description="prompt template file, relative to the pipeline file")
     sampling: SamplingConfig = SamplingConfig()
     batch_size: int = Field(16, ge=1)
     max_attempts: int = Field(2, ge=1, description="tries per region on a retryable error")
+    retry_temperature: float = Field(0.7, ge=0, description="retries sample at least this hot")
 
 
 STAGE_ORDER = ("object", "validate", "context", "merge")
@@ -152,26 +153,35 @@ STAGE_ORDER = ("object", "validate", "context", "merge")
 
 # ------------------------------------------------------------------------------------------ run
 class RunConfig(_Section):
-    ray_address: str | None = None
-    dashboard_host: str = "127.0.0.1"
-    dashboard_port: int = 8265
+    ray_address: str | None = Field(None, description="join this Ray cluster; None starts a local one")
+    dashboard_host: str = Field("127.0.0.1", description="bind address of a local cluster's dashboard")
+    dashboard_port: int | None = Field(None, description="None: Ray's default (8265)")
     num_cpus: int | None = Field(None, description="CPUs of a local Ray cluster (None: all)")
-    prefetch_shards: int = 1
-    rows_per_parquet_file: int = 10_000
+    log_to_driver: bool = Field(False, description="stream worker logs (vLLM is verbose) to the console")
+    reader_cpus: float = Field(1.0, gt=0, description="CPUs per shard-reading task (decode, masks)")
+    stage_worker_cpus: float = Field(0.25, gt=0, description="CPUs per stage worker (prompts, crops)")
+    stage_workers_per_replica: int = Field(2, ge=1, description="stage workers per model replica")
+    rows_per_batch: int = Field(32, ge=1, description="images per block leaving the shard reader")
 
 
 # ---------------------------------------------------------------------------------------- train
 class TrainConfig(_Section):
     vision_model: str = Field("vit_base_patch16_224", description="timm model name")
     vision_checkpoint: str | None = None
+    vision_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra timm.create_model args (patch_size, depth...) for small models"
+    )
     image_size: int = 224
     embed_dim: int = 512
     text_encoder: str | None = Field(None, description="local HF model dir for embed-text")
     text_pooling: Literal["mean", "cls", "last"] = "mean"
     text_embed_cache: str | None = None
     adaptor_layers: int = 4
+    adaptor_hidden: int = 2048
+    text_max_length: int = 512
     lr_mask_conv: float = 1e-5
     lr_other: float = 1e-7
+    lr_adaptor: float | None = Field(None, description="None: lr_other (paper inherits a trained adaptor)")
     weight_decay: float = 1e-2
     warmup_steps: int = 800
     epochs: int = 8
@@ -183,12 +193,16 @@ class TrainConfig(_Section):
     use_fc: bool = True
     use_lg: bool = True
     lg_tau: float = 0.5
+    crop_margin: float = Field(0.05, ge=0, description="L_FC crop: margin around the mask's tight box")
+    eval_fraction: float = Field(0.05, ge=0, lt=1, description="held-out regions, chosen by region-id hash")
     full_image_ratio: float = 0.1
+    group_by_image: bool = Field(True, description="batch an image's regions together (mask-only negatives)")
     short_text_ratio: float = 0.3
     logit_scale_init: float = 4.0652
     amp_bf16: bool = True
     num_workers: int = 2
     checkpoint_every: int = 500
+    log_every: int = 10
     seed: int = 0
 
 
@@ -217,11 +231,14 @@ class PipelineConfig(_Section):
     def fingerprint(self) -> str:
         """Stable hash of everything that changes a record; stored in each shard's manifest line."""
         payload = self.model_dump(mode="json", exclude={"run", "train"})
+        for stage in payload["stages"].values():  # the prompt's text counts, not where the file lies
+            prompt = Path(stage["prompt"])
+            stage["prompt"] = hashlib.sha256(prompt.read_bytes()).hexdigest() if prompt.is_file() else stage["prompt"]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Read a pipeline YAML file; relative model paths are resolved against the file's folder."""
+    """Read a pipeline YAML file; prompt paths are resolved against the file's folder."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -229,7 +246,14 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
         raise FileNotFoundError(f"config file {path} not found (pipelines/ holds the bundled ones)")
     if overrides:
         raw = _deep_merge(raw, overrides)
-    return PipelineConfig.model_validate(raw)
+    config = PipelineConfig.model_validate(raw)
+    for stage in config.stages.values():
+        prompt = Path(stage.prompt)
+        if not prompt.is_absolute():
+            stage.prompt = str((path.parent / prompt).resolve())
+        if not Path(stage.prompt).is_file():
+            raise FileNotFoundError(f"prompt template {stage.prompt} (named in {path}) does not exist")
+    return config
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

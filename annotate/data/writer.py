@@ -39,43 +39,114 @@ class WriteStats:
     path: Path
     rows: int = 0
     regions: int = 0
-    status: dict = field(default_factory=dict)
+    status: dict = field(default_factory=lambda: status_counts([]))
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
     sha256: str = ""
     bytes: int = 0
+
+    def summary(self) -> dict:
+        """The counts a manifest line and a run summary carry."""
+        return {"images": self.rows, "regions": self.regions, **{k: self.status[k] for k in ("ok", "rejected", "failed", "pending")},
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
+
+
+class ShardWriter:
+    """Writes one shard's records incrementally (row group by row group) into a hidden temp file in the
+    target folder, then `commit()` fsyncs and renames it into place. Memory stays at one row group.
+
+    `expected_rows` lets a streaming caller ask `complete` once every image of the shard has arrived;
+    a second record with an already written image key is refused (`add` returns False).
+    """
+
+    def __init__(self, path: Path, expected_rows: int = 0, row_group_rows: int = ROWS_PER_BATCH):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.expected_rows = expected_rows
+        self.row_group_rows = row_group_rows
+        self.stats = WriteStats(path=self.path)
+        self._keys: set[str] = set()
+        self._batch: list[dict] = []
+        self._tmp: Path | None = None
+        self._fh = None
+        self._writer: pq.ParquetWriter | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.stats.rows >= self.expected_rows
+
+    def add(self, record: ImageRecord) -> bool:
+        if record.image_key in self._keys:
+            return False
+        self._keys.add(record.image_key)
+        self._batch.append(image_record_to_row(record))
+        self.stats.rows += 1
+        for k, v in status_counts([record]).items():
+            self.stats.status[k] += v
+        for region in record.regions:
+            for stage in ("object", "validate_", "context", "merge"):
+                prov = getattr(region.provenance, stage)
+                self.stats.prompt_tokens += prov.prompt_tokens
+                self.stats.completion_tokens += prov.completion_tokens
+        if len(self._batch) >= self.row_group_rows:
+            self._flush()
+        return True
+
+    def _open(self) -> None:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self._tmp = Path(tmp_name)
+        self._fh = os.fdopen(fd, "wb")
+        self._writer = pq.ParquetWriter(self._fh, ARROW_SCHEMA)
+
+    def _flush(self) -> None:
+        if self._writer is None:
+            self._open()
+        if self._batch:
+            self._writer.write_table(pa.Table.from_pylist(self._batch, schema=ARROW_SCHEMA))
+            self._batch = []
+
+    def commit(self) -> WriteStats:
+        try:
+            if self._writer is None or self._batch:
+                self._flush()
+            if self.stats.rows == 0:  # an empty shard still gets a valid (empty) file
+                self._writer.write_table(pa.Table.from_pylist([], schema=ARROW_SCHEMA))
+            self._writer.close()
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            os.chmod(self._tmp, 0o644)  # mkstemp makes it 0600; the dataset is meant to be shared
+            self.stats.sha256, self.stats.bytes = _sha256(self._tmp), self._tmp.stat().st_size
+            os.replace(self._tmp, self.path)
+            _fsync_dir(self.path.parent)
+        except BaseException:
+            self.abort()
+            raise
+        self.stats.regions = self.stats.status["regions_in"]
+        return self.stats
+
+    def abort(self) -> None:
+        try:
+            if self._writer is not None:
+                self._writer.close()
+            if self._fh is not None and not self._fh.closed:
+                self._fh.close()
+        finally:
+            if self._tmp is not None:
+                self._tmp.unlink(missing_ok=True)
 
 
 def write_parquet_atomic(records: Iterable[ImageRecord], path: Path) -> WriteStats:
     """Stream records into `path` (ARROW_SCHEMA, so `datasets` decodes `image`), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    stats = WriteStats(path=path, status=status_counts([]))
+    writer = ShardWriter(path)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            with pq.ParquetWriter(fh, ARROW_SCHEMA) as writer:
-                batch: list[dict] = []
-                for rec in records:
-                    batch.append(image_record_to_row(rec))
-                    stats.rows += 1
-                    for k, v in status_counts([rec]).items():
-                        stats.status[k] += v
-                    if len(batch) >= ROWS_PER_BATCH:
-                        writer.write_table(pa.Table.from_pylist(batch, schema=ARROW_SCHEMA))
-                        batch = []
-                if batch or stats.rows == 0:
-                    writer.write_table(pa.Table.from_pylist(batch, schema=ARROW_SCHEMA))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the dataset is meant to be shared
-        stats.sha256, stats.bytes = _sha256(tmp), tmp.stat().st_size
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        for record in records:
+            if not writer.add(record):
+                raise ValueError(f"image key {record.image_key!r} written twice to {path}")
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        writer.abort()
         raise
-    stats.regions = stats.status["regions_in"]
-    return stats
+    return writer.commit()
 
 
 def _sha256(path: Path) -> str:

@@ -1,0 +1,122 @@
+"""Where a run keeps its files, and the manifest that says which shard outputs are finished.
+
+    OUT/data/NNNNN.parquet            final output, one file per shard (the dataset)
+    OUT/stages/STAGE/NNNNN.parquet    a stage's stored output (prepare, object, validate, context)
+    OUT/manifest.jsonl                one line per finished (output, shard), appended after the rename
+    OUT/README.md                     the dataset card
+
+A shard output is finished only when its file was renamed into place *and* its manifest line was
+written (with the file's checksum and the config fingerprint). Anything else is redone by the next
+run, which then replaces the file atomically: a crash at any moment never leaves a half file where a
+reader looks, and never produces a second copy of a shard.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+FINAL = "final"
+# Which stored output each `--stage` reads and writes; `all` runs the whole chain.
+STAGE_IO: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "all": ("prepare", FINAL, ("object", "validate", "context", "merge")),
+    "object": ("prepare", "object", ("object",)),
+    "validate": ("object", "validate", ("validate",)),
+    "context": ("validate", "context", ("context",)),
+    "merge": ("context", FINAL, ("merge",)),
+}
+MODEL_STAGE_PREFIXES = tuple(f"{name}:" for name in ("object", "validate", "context", "merge"))
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    def output_path(self, output: str, shard: str) -> Path:
+        if output == FINAL:
+            return self.root / "data" / f"{shard}.parquet"
+        return self.root / "stages" / output / f"{shard}.parquet"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.jsonl"
+
+    def manifest(self) -> list[dict[str, Any]]:
+        if not self.manifest_path.exists():
+            return []
+        lines = []
+        for line in self.manifest_path.read_text().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash mid-write counts as not written
+        return lines
+
+    def finished(self, output: str, fingerprint: str) -> dict[str, dict[str, Any]]:
+        """shard -> its latest manifest entry, for outputs finished under this config and still on disk."""
+        done: dict[str, dict[str, Any]] = {}
+        for entry in self.manifest():
+            if entry.get("output") == output and entry.get("config") == fingerprint:
+                if self.output_path(output, entry["shard"]).exists():
+                    done[entry["shard"]] = entry
+        return done
+
+    def record_finished(self, entry: dict[str, Any]) -> None:
+        """Append one manifest line and fsync it; called only after the output file is in place."""
+        entry = {**entry, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.manifest_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def remove_stale_temporaries(self) -> int:
+        """Half-written files of a run that died; they never count as output."""
+        removed = 0
+        for path in list(self.root.glob("data/.*.tmp*")) + list(self.root.glob("stages/*/.*.tmp*")):
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+
+class OutputLock:
+    """One run per output folder at a time (two drivers would race on the same shard files).
+
+    An flock is released by the kernel when its holder dies, so a `kill -9` never leaves a stale lock.
+    """
+
+    def __init__(self, root: Path):
+        self.path = root / ".lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> "OutputLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise RuntimeError(
+                f"another `annotate run` is writing to {self.path.parent}; wait for it to finish "
+                "or choose another --output"
+            ) from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+
+
+def iter_manifest_shards(layout: RunLayout, output: str) -> Iterator[dict[str, Any]]:
+    """Latest manifest entry per shard for one output, whatever the config (for `annotate status`)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for entry in layout.manifest():
+        if entry.get("output") == output:
+            latest[entry["shard"]] = entry
+    yield from (latest[k] for k in sorted(latest))

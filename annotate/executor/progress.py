@@ -1,0 +1,120 @@
+"""Progress of a run: stage workers report counts to one small actor; the driver draws them.
+
+Counts also go to Ray's metrics API (`ray.util.metrics`), so they appear on the Ray dashboard's
+metrics page and in Prometheus under `ray_longgrit_*`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import ray
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from annotate.stages.batch import StageCounts
+
+
+@ray.remote(num_cpus=0)
+class ProgressTracker:
+    def __init__(self) -> None:
+        self.stages: dict[str, dict[str, float]] = {}
+        self.started = time.time()
+
+    def report(self, stage: str, counts: dict) -> None:
+        agg = self.stages.setdefault(stage, {"regions": 0, "done": 0, "rejected": 0, "failed": 0, "tokens": 0})
+        agg["regions"] += counts["regions_in"]
+        agg["done"] += counts["done"]
+        agg["rejected"] += counts["rejected"]
+        agg["failed"] += counts["failed"]
+        agg["tokens"] += counts["prompt_tokens"] + counts["completion_tokens"]
+
+    def snapshot(self) -> dict:
+        return {"elapsed": time.time() - self.started, "stages": self.stages}
+
+
+class StageMetrics:
+    """Ray metrics for one stage worker; cheap to call per batch."""
+
+    def __init__(self, stage: str):
+        from ray.util import metrics
+
+        self.tags = {"stage": stage}
+        self.regions = metrics.Counter(
+            "longgrit_regions", description="regions processed by a stage, by outcome", tag_keys=("stage", "outcome")
+        )
+        self.tokens = metrics.Counter("longgrit_tokens", description="prompt+completion tokens", tag_keys=("stage",))
+        self.latency = metrics.Histogram(
+            "longgrit_request_latency_s",
+            description="model request latency",
+            boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60],
+            tag_keys=("stage",),
+        )
+
+    def record(self, counts: StageCounts) -> None:
+        ok = counts.done - counts.rejected
+        for outcome, value in (("ok", ok), ("rejected", counts.rejected), ("failed", counts.failed)):
+            if value:
+                self.regions.inc(value, tags={**self.tags, "outcome": outcome})
+        if counts.prompt_tokens + counts.completion_tokens:
+            self.tokens.inc(counts.prompt_tokens + counts.completion_tokens, tags=self.tags)
+        for latency in counts.latencies:
+            self.latency.observe(latency, tags=self.tags)
+
+
+class ProgressDisplay:
+    """Rich bars per stage (done/total regions, regions/s, rejected, failed), refreshed from the tracker."""
+
+    def __init__(self, tracker, stages: tuple[str, ...], shards_total: int, console: Console | None = None):
+        self.tracker = tracker
+        self.console = console or Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("{task.description:<10}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=False,
+        )
+        self.shard_task = self.progress.add_task("shards", total=shards_total, detail="")
+        self.stage_tasks = {s: self.progress.add_task(s, total=None, detail="") for s in stages}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> "ProgressDisplay":
+        self.progress.start()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.refresh()
+        self.progress.stop()
+
+    def shard_done(self) -> None:
+        self.progress.advance(self.shard_task)
+
+    def refresh(self) -> None:
+        try:
+            snap = ray.get(self.tracker.snapshot.remote(), timeout=5)
+        except Exception:
+            return
+        elapsed = max(snap["elapsed"], 1e-6)
+        for stage, task in self.stage_tasks.items():
+            agg = snap["stages"].get(stage)
+            if not agg:
+                continue
+            finished = agg["done"] + agg["failed"]
+            self.progress.update(
+                task,
+                completed=finished,
+                total=max(agg["regions"], finished),
+                detail=f"{finished / elapsed:5.1f} reg/s  rejected {int(agg['rejected'])}  failed {int(agg['failed'])}",
+            )
+
+    def _poll(self) -> None:
+        while not self._stop.wait(1.0):
+            self.refresh()

@@ -1,0 +1,156 @@
+"""What every stage shares: the prompt template, the per-region context, and the stage contract.
+
+A stage is one file that says three things: which regions it takes (`wants`), what it sends to the
+model for one region (`build_request`) and how it reads the answer into the region (`apply`).
+Stages know the record and the engine interface; they know nothing of Ray or of a concrete engine.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import jinja2
+import yaml
+from PIL import Image
+
+from annotate.config import CropConfig, SamplingConfig
+from annotate.data.crops import RegionViews, region_views
+from annotate.data.masks import decode_rle
+from annotate.data.records import ImageRecord, RegionRecord
+from annotate.engines.base import ChatRequest, ChatResult
+
+# Jinja2 with StrictUndefined: a template naming a field the stage does not provide is an error at
+# render time, not a silently empty prompt.
+_JINJA = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False)
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """One stage's prompt: a versioned YAML file under prompts/ (system + user Jinja templates)."""
+
+    version: str
+    system: str
+    user: str
+    images: tuple[str, ...] = ()
+    json_schema: dict[str, Any] | None = None
+
+    @classmethod
+    @functools.lru_cache(maxsize=None)
+    def load(cls, path: str) -> "PromptTemplate":
+        raw = yaml.safe_load(Path(path).read_text())
+        missing = {"version", "user"} - set(raw)
+        if missing:
+            raise ValueError(f"prompt template {path} lacks {', '.join(sorted(missing))}")
+        return cls(
+            version=str(raw["version"]),
+            system=raw.get("system", ""),
+            user=raw["user"],
+            images=tuple(raw.get("images") or ()),
+            json_schema=raw.get("json_schema"),
+        )
+
+    def messages(self, fields: dict[str, Any], images: dict[str, Image.Image]) -> list[dict[str, Any]]:
+        """OpenAI-style messages; image parts use the engines' neutral `{"type": "image"}` form."""
+        content: list[dict[str, Any]] = [{"type": "image", "image": images[name]} for name in self.images]
+        content.append({"type": "text", "text": _JINJA.from_string(self.user).render(**fields)})
+        messages: list[dict[str, Any]] = []
+        if self.system:
+            messages.append({"role": "system", "content": _JINJA.from_string(self.system).render(**fields)})
+        messages.append({"role": "user", "content": content})
+        return messages
+
+
+@dataclass
+class RegionContext:
+    """Everything a stage may use to build a request for one region; crops are made on first use."""
+
+    record: ImageRecord
+    region: RegionRecord
+    image: Image.Image | None
+    crops: CropConfig
+    _views: RegionViews | None = field(default=None, repr=False)
+
+    @property
+    def views(self) -> RegionViews:
+        if self._views is None:
+            if self.image is None or self.region.mask is None:
+                raise ValueError("this region has no decoded image or mask")
+            mask = decode_rle(self.region.mask).astype(bool)
+            self._views = region_views(self.image, mask, self.region.bbox, self.crops)
+        return self._views
+
+    def image_part(self, name: str) -> Image.Image:
+        """The named image a template asks for: image | highlighted | crop | crop_mask."""
+        if name == "image":
+            return _fit(self.image, self.crops.max_side)
+        if name in ("highlighted", "crop", "crop_mask"):
+            return _fit(getattr(self.views, name), self.crops.max_side)
+        raise ValueError(f"prompt asks for unknown image {name!r} (image, highlighted, crop, crop_mask)")
+
+    def box_norm(self) -> list[int]:
+        """[x1, y1, x2, y2] on a 0-1000 grid, the convention of grounding VLMs (Griffon, Qwen-VL)."""
+        x, y, w, h = self.region.bbox
+        W, H = self.record.width, self.record.height
+        return [round(1000 * x / W), round(1000 * y / H), round(1000 * (x + w) / W), round(1000 * (y + h) / H)]
+
+
+def _fit(image: Image.Image | None, max_side: int) -> Image.Image:
+    if image is None:
+        raise ValueError("image is missing")
+    if max(image.size) <= max_side:
+        return image
+    scale = max_side / max(image.size)
+    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
+
+
+class Stage:
+    """Base of the four stages. Subclasses set `name` and implement wants/fields/apply."""
+
+    name: ClassVar[str]
+
+    def __init__(self, prompt: PromptTemplate, sampling: SamplingConfig, model_id: str):
+        self.prompt = prompt
+        self.sampling = sampling
+        self.model_id = model_id
+
+    def wants(self, region: RegionRecord) -> bool:
+        raise NotImplementedError
+
+    def fields(self, ctx: RegionContext) -> dict[str, Any]:
+        """Template variables for one region."""
+        raise NotImplementedError
+
+    def apply(self, region: RegionRecord, result: ChatResult) -> str | None:
+        """Write a successful result into the region; return why the answer is unusable, else None."""
+        raise NotImplementedError
+
+    def build_request(self, ctx: RegionContext) -> ChatRequest:
+        images = {name: ctx.image_part(name) for name in self.prompt.images}
+        return ChatRequest(
+            messages=self.prompt.messages(self.fields(ctx), images),
+            sampling=self.sampling,
+            json_schema=self.prompt.json_schema,
+            request_id=ctx.region.region_id,
+        )
+
+    def record_provenance(self, region: RegionRecord, result: ChatResult) -> None:
+        prov = getattr(region.provenance, "validate_" if self.name == "validate" else self.name)
+        prov.model = self.model_id
+        prov.prompt_version = self.prompt.version
+        prov.prompt_tokens += result.prompt_tokens
+        prov.completion_tokens += result.completion_tokens
+
+    def fail(self, region: RegionRecord, kind: str, message: str) -> None:
+        region.status = "failed"
+        region.error = f"{self.name}: {kind}: {message}"
+
+
+def clean_caption(text: str) -> str:
+    """Model text to a caption: whitespace collapsed, wrapping quotes removed."""
+    text = " ".join(text.split())
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return text

@@ -1,0 +1,109 @@
+"""Run one stage over a batch of image records: build requests, call the model, read the answers.
+
+Independent of Ray: `chat` is any callable that takes a list of requests and returns results in
+order (an engine's `chat`, or a Ray actor call wrapped by the executor). Retryable failures (cut
+output, unparsable JSON, timeouts) are asked again up to `max_attempts`; after that, and for
+non-retryable errors, the region is `failed` with the reason. A problem with one region never stops
+the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from PIL import Image
+
+from annotate.config import CropConfig
+from annotate.data.records import ImageRecord
+from annotate.engines.base import ChatRequest, ChatResult
+from annotate.stages.base import RegionContext, Stage
+
+ChatFn = Callable[[list[ChatRequest]], list[ChatResult]]
+
+
+@dataclass
+class StageCounts:
+    """What one call of `run_stage` did; summed into progress and metrics by the executor."""
+
+    regions_in: int = 0  # regions this stage took
+    done: int = 0  # answered and applied (including rejections)
+    rejected: int = 0
+    failed: int = 0
+    retried: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latencies: list[float] = field(default_factory=list)
+
+    def add(self, other: "StageCounts") -> None:
+        for name in ("regions_in", "done", "rejected", "failed", "retried", "prompt_tokens", "completion_tokens"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.latencies.extend(other.latencies)
+
+
+def run_stage(
+    stage: Stage,
+    items: list[tuple[ImageRecord, Image.Image | None]],
+    chat: ChatFn,
+    crops: CropConfig,
+    max_attempts: int,
+    retry_temperature: float = 0.7,
+) -> StageCounts:
+    """Apply `stage` in place to every region of `items` that it wants.
+
+    A retry at temperature 0 would repeat the same answer, so retries sample at
+    `retry_temperature` (at least) with a seed that depends on the attempt: still reproducible.
+    """
+    counts = StageCounts()
+    pending: list[tuple[RegionContext, ChatRequest]] = []
+    for record, image in items:
+        for region in record.regions:
+            if not stage.wants(region):
+                continue
+            counts.regions_in += 1
+            ctx = RegionContext(record=record, region=region, image=image, crops=crops)
+            try:
+                pending.append((ctx, stage.build_request(ctx)))
+            except Exception as exc:  # a bad crop or a template error fails this region, not the batch
+                stage.fail(region, "input", f"{type(exc).__name__}: {exc}")
+                counts.failed += 1
+
+    for attempt in range(1, max_attempts + 1):
+        if not pending:
+            break
+        results = chat([request for _, request in pending])
+        retry: list[tuple[RegionContext, ChatRequest]] = []
+        for (ctx, request), result in zip(pending, results, strict=True):
+            region = ctx.region
+            counts.prompt_tokens += result.prompt_tokens
+            counts.completion_tokens += result.completion_tokens
+            counts.latencies.append(result.latency_s)
+            stage.record_provenance(region, result)
+            if result.ok:
+                problem = stage.apply(region, result)
+                if problem is None:
+                    counts.done += 1
+                    counts.rejected += region.status == "rejected"
+                    continue
+                kind, message, retryable = "parse", problem, True
+            else:
+                kind, message, retryable = result.error_kind or "internal", result.error or "", result.retryable
+            if retryable and attempt < max_attempts:
+                retry.append((ctx, _resampled(request, attempt, retry_temperature)))
+            else:
+                suffix = f" (after {attempt} attempts)" if attempt > 1 else ""
+                stage.fail(region, kind, message + suffix)
+                counts.failed += 1
+        counts.retried += len(retry)
+        pending = retry
+    return counts
+
+
+def _resampled(request: ChatRequest, attempt: int, retry_temperature: float) -> ChatRequest:
+    sampling = request.sampling.model_copy(
+        update={
+            "temperature": max(request.sampling.temperature, retry_temperature),
+            "seed": (request.sampling.seed or 0) + attempt,
+        }
+    )
+    return replace(request, sampling=sampling)

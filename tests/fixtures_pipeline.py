@@ -1,0 +1,56 @@
+"""Fixtures for the pipeline tests: one local Ray cluster and one set of model deployments per run.
+
+The deployments (vLLM engines in Ray actors) are cached by the executor for the driver's Ray
+session, so every in-process `run_pipeline` call of the test run reuses the same loaded engines.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from annotate.config import PipelineConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "pipelines" / "tiny.yaml"
+SAMPLE_SHARDS = REPO / "sample_data" / "grit"
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    from annotate.executor.runner import ensure_ray
+
+    ensure_ray(load_config(TINY).run)
+    yield ray
+    from annotate.executor.deployments import shutdown_deployments
+
+    shutdown_deployments()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> PipelineConfig:
+    return load_config(TINY)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_all(ray_session, tiny_config, tmp_path_factory):
+    """The whole chain over both sample shards, run once and shared by the tests that read it."""
+    from annotate.executor.runner import run_pipeline
+
+    out = tmp_path_factory.mktemp("run-all")
+    summary = run_pipeline(tiny_config, SAMPLE_SHARDS, out, [0, 1], stage="all")
+    return out, summary
+
+
+def copy_sample_shards(dest: Path, count: int) -> Path:
+    """`count` shards made by copying the two sample shards under new shard numbers."""
+    dest.mkdir(parents=True, exist_ok=True)
+    sources = sorted(SAMPLE_SHARDS.glob("*.tar"))
+    for i in range(count):
+        shutil.copy(sources[i % len(sources)], dest / f"{i:05d}.tar")
+    return dest

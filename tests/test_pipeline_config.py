@@ -1,0 +1,79 @@
+"""The pipeline files: validated by the config tree, production settings consistent, prompts sane."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from annotate.config import STAGE_ORDER, PipelineConfig, load_config
+from annotate.executor.layout import STAGE_IO
+from annotate.stages import STAGE_CLASSES, PromptTemplate
+
+REPO = Path(__file__).resolve().parents[1]
+PIPELINES = sorted((REPO / "pipelines").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
+def test_pipeline_files_load_and_define_the_whole_chain(path):
+    cfg = load_config(path)
+    assert tuple(cfg.stages) == STAGE_ORDER == tuple(STAGE_CLASSES)
+    for name, stage in cfg.stages.items():
+        template = PromptTemplate.load(stage.prompt)
+        assert template.version.startswith(f"{name}-v")
+
+
+def test_production_gpu_counts_match_parallelism():
+    cfg = load_config(REPO / "pipelines" / "longgrit.yaml")
+    for name, model in cfg.models.items():
+        assert model.resources.num_gpus >= 1, name
+        assert model.paper_model, f"{name}: say which model of the paper it stands for"
+        if model.engine == "vllm":
+            parallel = model.vllm.tensor_parallel_size * model.vllm.pipeline_parallel_size
+            assert parallel == model.resources.num_gpus, f"{name}: tp*pp={parallel} but num_gpus={model.resources.num_gpus}"
+    # The paper's model per stage.
+    paper = {stage: cfg.models[s.model].paper_model for stage, s in cfg.stages.items()}
+    assert "InternVL2" in paper["object"] and "Qwen2-72B" in paper["validate"]
+    assert "Griffon" in paper["context"] and "DeepSeek-R1" in paper["merge"]
+    assert cfg.models[cfg.stages["merge"].model].reasoning
+
+
+def test_tiny_pipeline_runs_on_cpu_only():
+    cfg = load_config(REPO / "pipelines" / "tiny.yaml")
+    assert all(m.resources.num_gpus == 0 for m in cfg.models.values())
+    assert all(m.path.startswith("tiny:") for m in cfg.models.values())
+    assert cfg.run.dashboard_host == "127.0.0.1"
+
+
+def test_unknown_keys_and_undeclared_models_are_errors(tmp_path):
+    raw = yaml.safe_load((REPO / "pipelines" / "tiny.yaml").read_text())
+    raw["stages"]["object"]["model"] = "nope"
+    with pytest.raises(ValidationError, match="not declared"):
+        PipelineConfig.model_validate(raw)
+    raw = yaml.safe_load((REPO / "pipelines" / "tiny.yaml").read_text())
+    raw["stages"]["object"]["sampling"]["max_tokenz"] = 3
+    with pytest.raises(ValidationError, match="max_tokenz"):
+        PipelineConfig.model_validate(raw)
+
+
+def test_fingerprint_follows_prompt_text_not_location(tmp_path):
+    cfg = load_config(REPO / "pipelines" / "tiny.yaml")
+    moved = tmp_path / "prompts"
+    moved.mkdir()
+    for stage in cfg.stages.values():
+        (moved / Path(stage.prompt).name).write_text(Path(stage.prompt).read_text())
+    copy = cfg.model_copy(deep=True)
+    for stage in copy.stages.values():
+        stage.prompt = str(moved / Path(stage.prompt).name)
+    assert copy.fingerprint() == cfg.fingerprint()
+    (moved / "merge.yaml").write_text((moved / "merge.yaml").read_text().replace("merge-v1", "merge-v2"))
+    assert copy.fingerprint() != cfg.fingerprint()
+
+
+def test_every_stage_mode_reads_the_previous_output():
+    outputs = {io[1] for io in STAGE_IO.values()}
+    for stage, (source, _, chain) in STAGE_IO.items():
+        assert source == "prepare" or source in outputs, stage
+        assert all(name in STAGE_ORDER for name in chain)
