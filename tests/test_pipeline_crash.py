@@ -38,9 +38,28 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str) -> No
         time.sleep(0.2)
 
 
-def ray_worker_pids(pattern: str) -> list[int]:
-    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-    return [int(pid) for pid in found]
+def ray_worker_pids(pattern: str, session: int) -> list[int]:
+    """Processes matching `pattern` that belong to the run's own process session (its Ray cluster)."""
+    found = [int(pid) for pid in subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()]
+    mine = []
+    for pid in found:
+        try:
+            if os.getsid(pid) == session:
+                mine.append(pid)
+        except ProcessLookupError:
+            pass
+    return mine
+
+
+def kill_session(session: int) -> None:
+    """Whatever of the killed run is still alive (Ray daemons, vLLM workers) goes too."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == session:
+                    os.kill(int(entry.name), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 def test_sigkill_worker_and_driver_then_rerun(tmp_path):
@@ -52,15 +71,18 @@ def test_sigkill_worker_and_driver_then_rerun(tmp_path):
     # A new session, so that killing its process group takes the local Ray cluster down with the driver.
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
-        wait_for(lambda: len(final_lines(out)) >= 1, 600, proc, "the first shard finished")
-        victims = ray_worker_pids("MapBatches\\(StageWorker\\)")[:1]
-        for pid in victims:
-            os.kill(pid, signal.SIGKILL)  # a stage worker dies mid-run; Ray restarts it
-        os.killpg(proc.pid, signal.SIGKILL)  # then the driver, at once, with everything it started
+        # 1. A stage worker dies while the models are busy: Ray restarts it and the run goes on.
+        wait_for(lambda: bool(ray_worker_pids("StageWorker", proc.pid)) and any((out / "stages" / "prepare").glob("*.parquet")),
+                 900, proc, "stage workers running")
+        os.kill(ray_worker_pids("StageWorker", proc.pid)[0], signal.SIGKILL)
+        # 2. Once a shard is finished, the driver dies at once, with everything it started.
+        wait_for(lambda: len(final_lines(out)) >= 1, 900, proc, "the first shard finished after a worker was killed")
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+        kill_session(proc.pid)
         log.close()
     finished_before = {e["shard"]: e["sha256"] for e in final_lines(out)}
     assert 1 <= len(finished_before) < SHARDS, f"kill came too late to test a resume: {finished_before}"

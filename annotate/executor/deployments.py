@@ -13,7 +13,7 @@ import hashlib
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -75,6 +75,7 @@ class Deployment:
     name: str
     model: ModelConfig
     actors: list
+    replicas: list[dict] = field(default_factory=list)  # ready() of each replica: node, host, load time
 
     @property
     def model_id(self) -> str:
@@ -117,6 +118,7 @@ def get_deployments(models: dict[str, ModelConfig], needed: set[str], on_ready=N
                 f"model {name!r} failed to load: {exc}. Check its `path` and engine arguments in the "
                 "pipeline file; the actor's log is in the Ray dashboard (or /tmp/ray/session_latest/logs)."
             ) from exc
+        out[name].replicas.append(info)
         if on_ready:
             on_ready(info)
     return out

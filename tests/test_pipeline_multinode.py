@@ -1,0 +1,82 @@
+"""A real two-node Ray cluster on this machine (`ray start --head` + `ray start --address`, on
+127.0.0.1), `annotate run --address` on it, models pinned to nodes by the custom resources that the
+pipeline file declares — the way a 76B model is pinned to the 8-GPU nodes of a real cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fixtures_pipeline import REPO, SAMPLE_SHARDS, TINY
+from test_pipeline_run import input_region_ids, output_regions
+
+pytestmark = pytest.mark.slow
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path):
+    port = free_port()
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    temp_dir = f"/tmp/ray-2node-{port}"  # short: Ray's unix socket paths must stay under 108 bytes
+    common = ["--num-cpus", "2", "--disable-usage-stats"]
+    head = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--include-dashboard",
+            "false", "--temp-dir", temp_dir, "--resources", json.dumps({"node_a": 1}), *common]
+    worker = [RAY, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
+              "--resources", json.dumps({"node_b": 1}), *common]
+    try:
+        subprocess.run(head, check=True, env=env, capture_output=True, timeout=300)
+        subprocess.run(worker, check=True, env=env, capture_output=True, timeout=300)
+        yield f"127.0.0.1:{port}"
+    finally:
+        # Not `ray stop`: that would also stop the test session's own local cluster. Every process of
+        # this cluster names its temp dir (or the GCS port) on its command line.
+        for pattern in (temp_dir, f"127.0.0.1:{port}"):
+            subprocess.run(["pkill", "-9", "-f", pattern], capture_output=True)
+
+
+def test_run_on_two_nodes_places_models_by_resources(two_node_cluster, tmp_path):
+    raw = yaml.safe_load(TINY.read_text())
+    raw["models"]["vlm"]["resources"]["custom"] = {"node_a": 0.5}
+    raw["models"]["llm"]["resources"]["custom"] = {"node_b": 0.5}
+    for stage in raw["stages"].values():
+        stage["prompt"] = str((TINY.parent / stage["prompt"]).resolve())
+    config = tmp_path / "two-node.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+
+    run = subprocess.run(
+        [sys.executable, "-m", "annotate.cli", "run", "--stage", "all", "--shards", "0-1", "--input",
+         str(SAMPLE_SHARDS), "--output", str(out), "--config", str(config), "--address", two_node_cluster],
+        capture_output=True, text=True, timeout=1200, cwd=REPO,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    probe = subprocess.run(
+        [sys.executable, "-c", "import json, ray; ray.init(address='%s'); "
+         "print(json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}))" % two_node_cluster],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    nodes = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert len(nodes) == 2
+    (record_path,) = (out / "runs").glob("*.json")
+    replicas = {r["model"]: r["node"] for r in json.loads(record_path.read_text())["replicas"]}
+    assert replicas["vlm"] != replicas["llm"], "both models ran on one node"
+    assert "node_a" in nodes[replicas["vlm"]] and "node_b" in nodes[replicas["llm"]]
+
+    seen = Counter(r["region_id"] for r in output_regions(out))
+    assert seen == input_region_ids(SAMPLE_SHARDS, [0, 1])
