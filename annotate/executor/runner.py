@@ -8,7 +8,10 @@ and appends its manifest line), so a run that dies loses only the shards in flig
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +39,8 @@ class RunSummary:
     shards_written: dict[str, dict] = field(default_factory=dict)
     shards_skipped: list[str] = field(default_factory=list)
     dashboard_url: str | None = None
+    replicas: list[dict] = field(default_factory=list)  # where each model replica runs (node, host, load time)
+    processing_s: float | None = None  # from all deployments ready to the end (bench/pipeline_overhead.py)
 
 
 def ensure_ray(run: RunConfig, address: str | None = None) -> str | None:
@@ -124,8 +129,11 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
             console.print(f"Ray dashboard: {summary.dashboard_url}")
         deployments = get_deployments(
             cfg.models, {cfg.stages[s].model for s in chain},
-            on_ready=lambda info: console.print(f"model {info['model']} ready in {info['load_s']:.1f} s on {info['host']}"),
+            on_ready=lambda info: console.print(
+                f"model {info['model']} ready in {info['load_s']:.1f} s on {info['host']} (node {info['node'][:8]})"),
         )
+        summary.replicas = [info for d in deployments.values() for info in d.replicas]
+        processing_started = time.perf_counter()
         tracker = ProgressTracker.remote()
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             read_shard, batch_size=1, batch_format="pyarrow", num_cpus=cfg.run.reader_cpus,
@@ -154,7 +162,20 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
             raise RuntimeError(f"shard(s) {', '.join(unfinished)} did not complete; rerun the same command to redo them")
         if output_name == FINAL:
             write_dataset_card(layout.root, config_fingerprint=cfg.fingerprint(), pipeline=cfg.name)
+        summary.processing_s = time.perf_counter() - processing_started
+        _write_run_record(layout, summary, cfg)
     return summary
+
+
+def _write_run_record(layout: RunLayout, summary: RunSummary, cfg: PipelineConfig) -> None:
+    """OUT/runs/TIME.json: what one invocation did and where its model replicas ran."""
+    runs = layout.root / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    record = {"stage": summary.stage, "config": cfg.fingerprint(), "pipeline": cfg.name,
+              "shards_written": summary.shards_written, "shards_skipped": summary.shards_skipped,
+              "replicas": summary.replicas}
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    (runs / f"{stamp}-{os.getpid()}.json").write_text(json.dumps(record, indent=2, sort_keys=True))
 
 
 def _commit(writer: ShardWriter, layout: RunLayout, output: str, shard: str, fingerprint: str) -> dict:
