@@ -5,7 +5,14 @@ BIN    := $(VENV)/bin
 UV_VERSION := 0.13.8
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lock clean
+# Container images (docker/): versions come from the project's pins, never typed twice.
+IMAGE_REPO   ?= longgrit
+IMAGE_TAG    ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+RAY_VERSION  := $(shell sed -n 's/^ray==\([^ ]*\).*/\1/p' requirements/cpu.lock)
+VLLM_VERSION := $(shell sed -n 's/.*"vllm==\([^"]*\)".*/\1/p' pyproject.toml)
+DOCKER_BUILD := docker build --build-arg RAY_VERSION=$(RAY_VERSION) --build-arg UV_VERSION=$(UV_VERSION)
+
+.PHONY: install demo test test-fast lock clean chromium docker-gpu docker-cpu docker-push
 
 $(STAMP): requirements/cpu.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +28,12 @@ install: $(STAMP)
 demo: install
 	$(BIN)/annotate demo --output out/demo
 
-test: install
+test: install chromium
 	$(BIN)/python -m pytest tests
+
+# Headless Chromium for the gallery test (tests/test_show.py); CI starts from a fresh machine.
+chromium:
+	command -v chromium || (apt-get update && apt-get install -y --no-install-recommends chromium)
 
 test-fast: install
 	$(BIN)/python -m pytest tests -m "not slow"
@@ -32,6 +43,18 @@ lock:
 	$(BIN)/uv pip compile requirements/cpu.in --override requirements/cpu-overrides.txt \
 	  --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes --no-header \
 	  -o requirements/cpu.lock
+
+# GPU worker image (vLLM base) and CPU head / tiny-pipeline image; context is the repository root,
+# docker/Dockerfile.*.dockerignore keep .venv and out/ out of it.
+docker-gpu:
+	$(DOCKER_BUILD) --build-arg VLLM_VERSION=$(VLLM_VERSION) -f docker/Dockerfile.gpu -t $(IMAGE_REPO)/longgrit-gpu:$(IMAGE_TAG) .
+
+docker-cpu:
+	$(DOCKER_BUILD) -f docker/Dockerfile.cpu -t $(IMAGE_REPO)/longgrit-cpu:$(IMAGE_TAG) .
+
+docker-push: docker-gpu docker-cpu
+	docker push $(IMAGE_REPO)/longgrit-gpu:$(IMAGE_TAG)
+	docker push $(IMAGE_REPO)/longgrit-cpu:$(IMAGE_TAG)
 
 clean:
 	rm -rf $(VENV) .cache out
