@@ -21,6 +21,7 @@ ErrorKind = Literal[
     "parse",  # structured output did not parse against its schema
     "reasoning_cut",  # a reasoning model stopped before closing </think>
     "invalid_input",  # the model's processor rejected the input (not retryable)
+    "rejected",  # the server refused the request: HTTP 4xx other than 400/408/413/422/429 (not retryable)
     "engine_dead",  # the engine itself is gone: the actor must be replaced
     "internal",  # anything else
 ]

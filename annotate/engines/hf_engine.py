@@ -1,0 +1,218 @@
+"""transformers generation, for models vLLM does not serve (e.g. Griffon-G with remote code).
+
+Requests are grouped by (sampling, has images) and generated in batches of `hf.batch_size` with left
+padding. There is no constrained decoding here: with a JSON schema the output is only parsed (and
+checked) afterwards. A batch that raises is retried one request at a time, so one bad input fails
+alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from annotate.config import ModelConfig, SamplingConfig
+from annotate.engines.base import ChatRequest, ChatResult
+from annotate.engines.messages import InvalidMessageError, to_hf_messages
+from annotate.engines.postprocess import error_result, finish
+
+log = logging.getLogger(__name__)
+
+
+def _as_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Processors' chat templates expect list content; wrap plain strings as one text part."""
+    return [
+        {**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m.get("content"), str) else m
+        for m in messages
+    ]
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        return "auto"
+    aliases = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+    return getattr(torch, aliases.get(name, name))
+
+
+class HfEngine:
+    def __init__(self, model: ModelConfig, model_path: str | None = None):
+        import torch
+        from transformers import AutoConfig
+
+        from annotate.engines.factory import resolve_model_path
+
+        self.config = model
+        self.args = model.hf
+        self.model_id = model.path
+        self.model_path = model_path or resolve_model_path(model.path)
+        trust = self.args.trust_remote_code
+        started = time.perf_counter()
+        if self.args.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        else:
+            self.device = self.args.device
+        hf_config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=trust)
+        self.processor, self.tokenizer = self._load_processor(trust)
+        self.model = self._load_model(hf_config, trust).to(self.device).eval()
+        self.multimodal = self.processor is not None and hasattr(self.processor, "image_processor")
+        self.startup_s = time.perf_counter() - started
+        log.info("transformers model %s up in %.1f s on %s", self.model_id, self.startup_s, self.device)
+
+    def _load_processor(self, trust: bool):
+        from transformers import AutoProcessor, AutoTokenizer
+
+        processor = None
+        try:
+            processor = AutoProcessor.from_pretrained(self.model_path, trust_remote_code=trust)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            log.info("no processor for %s (%s); using the tokenizer alone", self.model_path, exc)
+        tokenizer = getattr(processor, "tokenizer", None) or processor
+        if tokenizer is None or not hasattr(tokenizer, "pad_token_id"):
+            tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=trust)
+            processor = None if processor is tokenizer else processor
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if processor is tokenizer:
+            processor = None
+        return processor, tokenizer
+
+    def _load_model(self, hf_config, trust: bool):
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+        auto_map = getattr(hf_config, "auto_map", None) or {}
+        vision = hasattr(hf_config, "vision_config") or "AutoModelForImageTextToText" in auto_map
+        if "AutoModelForCausalLM" in auto_map and "AutoModelForImageTextToText" not in auto_map:
+            vision = False  # remote-code VLMs (e.g. Griffon-G) often register as causal LMs only
+        order = [AutoModelForImageTextToText, AutoModelForCausalLM] if vision else [AutoModelForCausalLM, AutoModelForImageTextToText]
+        kwargs = {"trust_remote_code": trust, "dtype": _torch_dtype(self.args.dtype)}
+        errors = []
+        for auto in order:
+            try:
+                return auto.from_pretrained(self.model_path, **kwargs)
+            except (ValueError, KeyError) as exc:
+                errors.append(f"{auto.__name__}: {exc}")
+        raise ValueError(f"cannot load {self.model_path} with transformers: " + "; ".join(errors))
+
+    # ----------------------------------------------------------------------------------- serving
+    def chat(self, requests: list[ChatRequest]) -> list[ChatResult]:
+        results: list[ChatResult | None] = [None] * len(requests)
+        groups: dict[tuple, list[tuple[int, list[dict[str, Any]], list]]] = {}
+        for i, req in enumerate(requests):
+            try:
+                messages, images = to_hf_messages(req.messages)
+            except InvalidMessageError as exc:
+                results[i] = error_result(req.request_id, "invalid_input", f"invalid messages: {exc}")
+                continue
+            if images and not self.multimodal:
+                results[i] = error_result(req.request_id, "invalid_input", f"{self.model_id} takes no images")
+                continue
+            key = (req.sampling.model_dump_json(), bool(images))
+            groups.setdefault(key, []).append((i, messages, images))
+        size = self.args.batch_size
+        for items in groups.values():
+            for start in range(0, len(items), size):
+                chunk = items[start:start + size]
+                for i, result in self._run(requests, chunk):
+                    results[i] = result
+        return [r for r in results if r is not None]
+
+    def _run(self, requests, chunk):
+        started = time.perf_counter()
+        try:
+            generated = self._generate(requests[chunk[0][0]].sampling, chunk)
+        except Exception as exc:  # noqa: BLE001 - isolate the request that broke the batch
+            if len(chunk) == 1:
+                kind = "invalid_input" if isinstance(exc, (ValueError, TypeError, IndexError)) else "internal"
+                i = chunk[0][0]
+                return [(i, error_result(requests[i].request_id, kind, f"{type(exc).__name__}: {str(exc)[:500]}",
+                                         time.perf_counter() - started))]
+            out = []
+            for item in chunk:
+                out.extend(self._run(requests, [item]))
+            return out
+        latency = time.perf_counter() - started
+        out = []
+        for (i, _, _), (text, finish_reason, n_prompt, n_completion) in zip(chunk, generated):
+            req = requests[i]
+            out.append((i, finish(req.request_id, text, finish_reason, json_schema=req.json_schema,
+                                  reasoning_model=self.config.reasoning, prompt_tokens=n_prompt,
+                                  completion_tokens=n_completion, latency_s=latency)))
+        return out
+
+    def _generate(self, sampling: SamplingConfig, chunk) -> list[tuple[str, str, int, int]]:
+        import torch
+
+        use_processor = self.processor is not None and getattr(self.processor, "chat_template", None)
+        templater = self.processor if use_processor else self.tokenizer
+        conversations = [_as_parts(m) if use_processor else m for _, m, _ in chunk]
+        prompts = [templater.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
+        images = [img for _, _, imgs in chunk for img in imgs]
+        if self.processor is not None and images:
+            inputs = self.processor(text=prompts, images=images, padding=True, return_tensors="pt")
+        else:
+            inputs = self.tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+        inputs = inputs.to(self.device)
+        model_dtype = getattr(self.model, "dtype", None)
+        if "pixel_values" in inputs and model_dtype is not None and inputs["pixel_values"].is_floating_point():
+            inputs["pixel_values"] = inputs["pixel_values"].to(model_dtype)
+        eos_ids = self._eos_ids()
+        max_new = sampling.max_tokens
+        gen_kwargs: dict[str, Any] = dict(
+            max_new_tokens=max_new,
+            min_new_tokens=max_new if sampling.ignore_eos else min(sampling.min_tokens, max_new),
+            do_sample=sampling.temperature > 0,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=eos_ids or None,
+        )
+        if sampling.temperature > 0:
+            gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
+        if sampling.stop:
+            gen_kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+        if sampling.seed is not None:
+            torch.manual_seed(sampling.seed)
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, **gen_kwargs)
+        prompt_len = inputs["input_ids"].shape[1]
+        attention = inputs.get("attention_mask")
+        results = []
+        for row in range(len(chunk)):
+            new = output[row, prompt_len:].tolist()
+            n = len(new)
+            for pos, tok in enumerate(new):
+                if tok in eos_ids:
+                    n = pos + 1
+                    break
+            tokens = new[:n]
+            ended = bool(tokens) and tokens[-1] in eos_ids
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            finish_reason = "stop"
+            if not ended and n >= max_new:
+                finish_reason = "length"
+                if sampling.stop and any(text.endswith(s) or s in text for s in sampling.stop):
+                    finish_reason = "stop"
+            for s in sampling.stop:  # vLLM and OpenAI drop the stop string; do the same
+                if s in text:
+                    text = text[: text.index(s)]
+            n_prompt = int(attention[row].sum()) if attention is not None else prompt_len
+            results.append((text, finish_reason, n_prompt, n))
+        return results
+
+    def _eos_ids(self) -> list[int]:
+        ids = getattr(self.model.generation_config, "eos_token_id", None)
+        if ids is None:
+            ids = self.tokenizer.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        return [int(i) for i in ids]
+
+    def close(self) -> None:
+        self.model = None
+        import gc
+
+        gc.collect()
+
+    def __repr__(self) -> str:
+        return f"HfEngine(model_id={self.model_id!r}, path={self.model_path!r}, device={getattr(self, 'device', None)!r})"

