@@ -75,6 +75,36 @@ def status(output: str = typer.Argument(..., help="the --output folder of a run"
 
 
 @app.command()
+def show(
+    output: str = typer.Argument(..., help="the --output folder of a run"),
+    html_dir: str | None = typer.Option(None, "--html-dir", help="gallery folder (default OUT/gallery)"),
+    shards: str | None = typer.Option(None, "--shards", help="only these shards, e.g. 0-9 (default: all)"),
+    max_images: int | None = typer.Option(None, "--max-images", min=1, help="at most this many images per shard page"),
+    region: str | None = typer.Option(None, "--region", help="render only this region id (shard:image_key:index) ..."),
+    png: str | None = typer.Option(None, "--png", help="... into this PNG file"),
+) -> None:
+    """Write a static HTML gallery of a run's output (regions drawn on their images, captions, status
+    filters), or render one region to a PNG with --region ID --png FILE."""
+    from annotate.show import RegionNotFound, render_region_png, write_gallery
+
+    if (region is None) != (png is None):
+        raise typer.BadParameter("--region and --png go together", param_hint="--region/--png")
+    if region is not None:
+        try:
+            typer.echo(render_region_png(output, region, png))
+        except RegionNotFound as e:
+            raise typer.BadParameter(str(e), param_hint="--region") from None
+        return
+    from annotate.data.shards import parse_shard_spec
+
+    try:
+        gallery = write_gallery(output, html_dir, parse_shard_spec(shards) if shards else None, max_images)
+    except FileNotFoundError as e:
+        raise typer.BadParameter(str(e), param_hint="OUTPUT") from None
+    typer.echo(f"{len(gallery.pages)} shard page(s), {gallery.regions} regions: {gallery.index}")
+
+
+@app.command()
 def demo(
     output: str = typer.Option("out/demo", "--output", help="where the demo dataset goes"),
     config: str = typer.Option("pipelines/tiny.yaml", "--config", help="pipeline YAML"),
@@ -100,6 +130,20 @@ def _print_run_summary(summary) -> None:
         typer.echo(f"\nDataset: {out / 'data'}  (card: {out / 'README.md'})\nLoad it with:\n"
                    f"  from datasets import load_dataset\n"
                    f"  ds = load_dataset(\"parquet\", data_files=\"{out}/data/*.parquet\", split=\"train\")")
+
+
+@app.command()
+def plan(
+    regions: int = typer.Option(..., "--regions", min=1, help="regions entering the object stage"),
+    config: str = typer.Option("pipelines/longgrit.yaml", "--config", help="pipeline YAML (models, GPUs per replica)"),
+    gpu: str | None = typer.Option(None, "--gpu", help="GPU type in the throughput table (default: the pipeline's)"),
+    from_run: str | None = typer.Option(None, "--from-run", help="a finished run's --output: measure tokens and reach"),
+    throughput: str | None = typer.Option(None, "--throughput", help="throughput table (default pipelines/throughput.yaml)"),
+) -> None:
+    """Estimate GPU-hours per stage for N regions; prints the table and every assumption behind it."""
+    from annotate.plan import run_plan
+
+    run_plan(config, regions, gpu, from_run, throughput)
 
 
 @app.command("train")

@@ -86,6 +86,11 @@ class VllmArgs(_Section):
     kv_cache_space_gib: float | None = Field(
         None, description="CPU builds only: sets VLLM_CPU_KVCACHE_SPACE before the engine starts"
     )
+    in_process: bool = Field(
+        False,
+        description="run vLLM's engine core and worker inside the calling process (no extra processes, "
+        "no OpenMP core binding): starts much faster on small CPU machines; single-GPU/CPU only",
+    )
     extra: dict[str, Any] = Field(default_factory=dict, description="any other vllm.LLM argument")
 
 

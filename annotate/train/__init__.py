@@ -1,0 +1,1 @@
+"""PixCLIP training program: data, text-feature cache, trainer, evaluation, synthetic benchmark."""

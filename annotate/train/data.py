@@ -1,0 +1,155 @@
+"""Training data from the pipeline's output: one sample per usable region, map-style for DataLoader.
+
+Rows are read through `datasets` (a memory-mapped Arrow copy of OUT/data/*.parquet), so workers get
+random access to images without holding the shards in memory. Masks are decoded from COCO RLE and
+the crop view (I', M') is made here in the loader. Randomness (full-image / short-text draws) comes
+from (seed, epoch, index) only, so a resumed run sees exactly the samples an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from annotate.pixclip.transforms import decode_rle, prepare_views
+from annotate.train.text_cache import TextCache, text_key
+
+
+def in_eval_split(region_id: str, fraction: float) -> bool:
+    """Deterministic held-out split: the region id's hash, so it is stable across runs and machines."""
+    h = int.from_bytes(hashlib.sha1(region_id.encode()).digest()[:8], "big")
+    return h / 2**64 < fraction
+
+
+def choose_text(rng: np.random.Generator, region_id: str, image_key: str, cache: TextCache, cfg) -> tuple[str, bool]:
+    """(cache key, is_full): 10% whole image + its caption, else a short text or the fine caption."""
+    image_k = text_key("image", image_key)
+    if rng.random() < cfg.full_image_ratio and image_k in cache:
+        return image_k, True
+    if rng.random() < cfg.short_text_ratio:
+        short = [k for k in (text_key("object", region_id), text_key("phrase", region_id)) if k in cache]
+        if short:
+            return short[int(rng.integers(len(short)))], False
+    return text_key("fine", region_id), False
+
+
+def make_sample(image: np.ndarray, mask: np.ndarray, text: np.ndarray, full: bool, cfg) -> dict:
+    """Tensors for one sample; a full-image sample uses the all-ones mask (and its crop is the image)."""
+    if full:
+        mask = np.ones(image.shape[:2], dtype=bool)
+    views = prepare_views(image, mask, cfg.image_size, cfg.crop_margin)
+    views["text"] = torch.from_numpy(np.asarray(text, dtype=np.float32))
+    views["full"] = torch.tensor(full)
+    return views
+
+
+@dataclass(frozen=True)
+class RegionRef:
+    row: int
+    region_id: str
+    image_key: str
+    rle: dict
+
+
+def _decode_image(payload: dict) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(payload["bytes"])) as im:  # bbox/masks are in EXIF-rotated pixels
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+
+
+def load_rows(data_dir: str | Path, cache_dir: str | None = None):
+    """The pipeline output as a `datasets.Dataset`, images left encoded (decoded in the workers)."""
+    import datasets
+
+    files = sorted(glob.glob(str(Path(data_dir) / "data" / "*.parquet")))
+    if not files:
+        raise FileNotFoundError(f"no {data_dir}/data/*.parquet: is this a pipeline output folder?")
+    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache_dir)
+    return ds.cast_column("image", datasets.Image(decode=False))
+
+
+class RegionDataset(Dataset):
+    """Regions with status "ok", a fine caption, a mask and a cached text, in the requested split."""
+
+    def __init__(self, data_dir: str | Path, cache: TextCache, cfg, split: str = "train", cache_dir: str | None = None):
+        self.rows = load_rows(data_dir, cache_dir)
+        self.cache, self.cfg, self.train = cache, cfg, split == "train"
+        self.refs: list[RegionRef] = []
+        meta = self.rows.select_columns(["image_key", "regions", "image"])
+        for i, row in enumerate(meta):
+            if not row["image"]:
+                continue
+            for r in row["regions"] or []:
+                usable = r["status"] == "ok" and r["fine_caption"] and r["mask"] and r["mask"]["counts"]
+                if usable and text_key("fine", r["region_id"]) in cache:
+                    if in_eval_split(r["region_id"], cfg.eval_fraction) != self.train:
+                        self.refs.append(RegionRef(i, r["region_id"], row["image_key"], dict(r["mask"])))
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def text_id(self, idx: int) -> str:
+        return f"fine:{self.refs[idx].region_id}"
+
+    def group(self, idx: int) -> int:
+        return self.refs[idx].row
+
+    def __getitem__(self, key) -> dict:
+        epoch, idx = key if isinstance(key, tuple) else (0, key)
+        ref = self.refs[idx]
+        image = _decode_image(self.rows[ref.row]["image"])
+        mask = decode_rle(ref.rle)
+        if mask.shape != image.shape[:2]:  # defensive: RLE made at another resolution
+            from PIL import Image
+
+            mask = np.asarray(Image.fromarray(mask).resize(image.shape[1::-1], Image.NEAREST))
+        if self.train:
+            rng = np.random.default_rng([self.cfg.seed, epoch, idx])
+            key_, full = choose_text(rng, ref.region_id, ref.image_key, self.cache, self.cfg)
+        else:
+            key_, full = text_key("fine", ref.region_id), False
+        return make_sample(image, mask, self.cache.get(key_), full, self.cfg)
+
+
+class EpochSampler(Sampler):
+    """Seeded per-epoch permutation, sharded by rank, that can start mid-epoch (for --resume).
+
+    With `groups` (one id per sample, e.g. its image), groups are shuffled and their samples kept
+    together, so a batch holds several regions of the same image: negatives that only the mask can
+    tell apart. Yields (epoch, index) so the dataset can seed its own draws from them.
+    """
+
+    def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1, groups=None):
+        self.n, self.seed, self.shuffle, self.rank, self.world_size = n, seed, shuffle, rank, world_size
+        self.members: list[list[int]] = []
+        if groups is not None:
+            by_group: dict = {}
+            for i, g in enumerate(groups):
+                by_group.setdefault(g, []).append(i)
+            self.members = list(by_group.values())
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _indices(self) -> list[int]:
+        units = self.members or [[i] for i in range(self.n)]
+        order = list(range(len(units)))
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(len(units), generator=g).tolist()
+        return [i for u in order[self.rank :: self.world_size] for i in units[u]]
+
+    def __iter__(self):
+        return iter([(self.epoch, i) for i in self._indices()[self.start :]])
+
+    def __len__(self) -> int:
+        return max(len(self._indices()) - self.start, 0)

@@ -1,0 +1,171 @@
+"""PixCLIP evaluation: mask<->text retrieval (R@1/5/10) and zero-shot region classification.
+
+Retrieval counts a hit when the retrieved item carries the same text id as the query's (identical
+texts cannot be told apart, so they are treated as one). Held-out data: regions whose id hashes into
+`eval_fraction` (see data.in_eval_split), or a freshly generated synthetic set (seed 2).
+
+Zero-shot JSON format (paths relative to the JSON file):
+  {"classes": ["cat", "dog"], "template": "a photo of a {}.",
+   "samples": [{"image": "img/1.jpg", "mask": {"size": [h, w], "counts": "<COCO RLE>"}, "label": "cat"}]}
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from annotate.config import TrainConfig
+from annotate.pixclip.model import PixCLIP, build_pixclip
+from annotate.pixclip.transforms import decode_rle, prepare_views
+
+SYNTHETIC_EVAL_IMAGES = 100
+
+
+def load_run(path: str | Path) -> tuple[PixCLIP, TrainConfig, dict]:
+    """A trained model from a RUN folder (latest checkpoint) or from one checkpoint folder in it."""
+    from annotate.train.trainer import RUN_FILE, latest_checkpoint
+
+    path = Path(path)
+    run = path if (path / RUN_FILE).exists() else path.parent.parent
+    meta = json.loads((run / RUN_FILE).read_text())
+    cfg = TrainConfig(**meta["config"])
+    ckpt = path if (path / "model.safetensors").exists() else latest_checkpoint(run)
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint under {run}")
+    model = build_pixclip(cfg.model_copy(update={"vision_checkpoint": None}), meta["text_dim"])
+    model.load_state_dict(load_file(ckpt / "model.safetensors"))
+    return model.eval(), cfg, meta
+
+
+@torch.no_grad()
+def embed_pairs(model: PixCLIP, dataset, batch_size: int = 64, mask_fill: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised (mask-conditioned image, text) embeddings; `mask_fill` replaces every mask (0: zeroed)."""
+    imgs, txts = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        mask = batch["mask"] if mask_fill is None else torch.full_like(batch["mask"], mask_fill)
+        imgs.append(model.encode_image(batch["image"], mask))
+        txts.append(model.encode_text(batch["text"]))
+    return torch.cat(imgs), torch.cat(txts)
+
+
+def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, ids: list[str], ks=(1, 5, 10)) -> dict[str, float]:
+    """M2T (each mask ranks all texts) and T2M recall@k; a hit is any top-k item with the same id."""
+    codes = {t: i for i, t in enumerate(dict.fromkeys(ids))}
+    lab = torch.tensor([codes[t] for t in ids])
+    sim = img @ txt.T
+    out = {}
+    for name, s in (("m2t", sim), ("t2m", sim.T)):
+        order = s.argsort(dim=1, descending=True)
+        same = lab[order] == lab[:, None]
+        for k in ks:
+            out[f"{name}_r{k}"] = float(same[:, :k].any(dim=1).float().mean())
+    return out
+
+
+def chance_r1(ids: list[str]) -> float:
+    """Expected R@1 of a random ranking: the share of items that carry the query's text id."""
+    _, inverse, counts = np.unique(np.array(ids), return_inverse=True, return_counts=True)
+    return float(np.mean(counts[inverse]) / len(ids))
+
+
+@torch.no_grad()
+def zero_shot(model: PixCLIP, items: list[tuple[np.ndarray, np.ndarray, str]], classes: list[str], class_feats: np.ndarray, image_size: int) -> dict[str, float]:
+    """Top-1/top-5 accuracy of classifying (image, mask) pairs by their nearest class-text embedding."""
+    text = model.encode_text(torch.from_numpy(np.asarray(class_feats, dtype=np.float32)))
+    labels = torch.tensor([classes.index(lbl) for _, _, lbl in items])
+    views = [prepare_views(img, msk, image_size) for img, msk, _ in items]
+    emb = model.encode_image(torch.stack([v["image"] for v in views]), torch.stack([v["mask"] for v in views]))
+    top = (emb @ text.T).topk(min(5, len(classes)), dim=1).indices
+    return {
+        "zs_top1": float((top[:, 0] == labels).float().mean()),
+        "zs_top5": float((top == labels[:, None]).any(dim=1).float().mean()),
+        "zs_classes": len(classes),
+    }
+
+
+def load_zero_shot_json(path: str | Path) -> tuple[list, list[str], str]:
+    from PIL import Image
+
+    path = Path(path)
+    spec = json.loads(path.read_text())
+    items = []
+    for s in spec["samples"]:
+        with Image.open(path.parent / s["image"]) as im:
+            items.append((np.asarray(im.convert("RGB")), decode_rle(s["mask"]), s["label"]))
+    return items, list(spec["classes"]), spec.get("template", "{}")
+
+
+def _synthetic_eval(model: PixCLIP, cfg: TrainConfig) -> dict:
+    from annotate.train.synthetic import COLORS, SHAPES, BagOfWordsEncoder, SyntheticDataset
+
+    ds = SyntheticDataset(cfg, SYNTHETIC_EVAL_IMAGES, seed=2, train=False)
+    ids = [ds.text_id(i) for i in range(len(ds))]
+    res = retrieval_metrics(*embed_pairs(model, ds), ids)
+    # Mask-blind baselines: every mask zeroed (the requested one), and every mask all-ones (the
+    # whole-image mode the model was trained on, a fairer blind reference).
+    for fill, tag in ((0.0, "mask_zeroed"), (1.0, "mask_ones")):
+        blind = retrieval_metrics(*embed_pairs(model, ds, mask_fill=fill), ids)
+        res.update({f"{k}_{tag}": v for k, v in blind.items() if k.endswith("r1") or tag == "mask_zeroed"})
+    res["chance_r1"] = chance_r1(ids)
+    # Full-image retrieval (image with all-ones mask vs whole-image caption): Table 6's right half.
+    enc = BagOfWordsEncoder(seed=cfg.seed)
+    whole = ds.whole_images()
+    views = [prepare_views(img, np.ones(img.shape[:2], bool), cfg.image_size) for img, _ in whole]
+    with torch.no_grad():
+        wi = model.encode_image(torch.stack([v["image"] for v in views]), torch.stack([v["mask"] for v in views]))
+        wt = model.encode_text(torch.from_numpy(enc([c for _, c in whole])))
+    full = retrieval_metrics(wi, wt, [c for _, c in whole])
+    res.update({"i2t_r1": full["m2t_r1"], "t2i_r1": full["t2m_r1"]})
+    classes = [f"{c} {s}" for c in COLORS for s in SHAPES]
+    items = [(img, r["mask"], r["short"][2:]) for img, regs in ds.scenes for r in regs]
+    res.update(zero_shot(model, items, classes, enc([f"a {c}" for c in classes]), cfg.image_size))
+    res["n_regions"] = len(ds)
+    return res
+
+
+def evaluate(
+    checkpoint: str | Path,
+    data_dir: str | Path | None = None,
+    synthetic: bool = False,
+    zero_shot_json: str | Path | None = None,
+    output: str | Path | None = None,
+) -> dict:
+    """`annotate eval`: metrics as a dict, also written to OUTPUT (default RUN/eval.json)."""
+    model, cfg, meta = load_run(checkpoint)
+    if synthetic or (data_dir is None and meta.get("synthetic")):
+        res = _synthetic_eval(model, cfg)
+    else:
+        from annotate.train.data import RegionDataset
+        from annotate.train.text_cache import TextCache
+
+        ds = RegionDataset(data_dir or meta["data_dir"], TextCache(meta["text_cache"]), cfg, split="eval")
+        ids = [ds.text_id(i) for i in range(len(ds))]
+        res = retrieval_metrics(*embed_pairs(model, ds), ids) if len(ds) else {}
+        res.update({"chance_r1": chance_r1(ids) if ids else 0.0, "n_regions": len(ds)})
+    if zero_shot_json:
+        from annotate.train.text_cache import HFTextEncoder
+
+        items, classes, template = load_zero_shot_json(zero_shot_json)
+        encoder = HFTextEncoder(cfg.text_encoder, cfg.text_pooling, cfg.text_max_length)
+        res.update(zero_shot(model, items, classes, encoder([template.format(c) for c in classes]), cfg.image_size))
+    out = Path(output) if output else Path(checkpoint) / "eval.json"
+    if out.parent.exists():
+        out.write_text(json.dumps(res, indent=2))
+    return res
+
+
+def print_table(results: dict, title: str = "PixCLIP eval") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in results.items():
+        table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    Console(stderr=True).print(table)

@@ -1,0 +1,144 @@
+"""Frozen-text-encoder features, computed once and memory-mapped, so the LLM never runs in training.
+
+Layout of a cache folder:
+  embeddings.f16  raw float16 matrix (count, dim), row i for keys[i]  (np.memmap)
+  keys.json       {"keys": [...], "dim": D, "encoder": ..., "pooling": ...}
+Keys are "<kind>:<id>": kind is fine | object | phrase (region id) or image (image key, whole-image
+caption). Identical texts are encoded once.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+EMB_FILE = "embeddings.f16"
+KEYS_FILE = "keys.json"
+REGION_KINDS = ("fine", "object", "phrase")
+
+
+def text_key(kind: str, ident: str) -> str:
+    return f"{kind}:{ident}"
+
+
+class TextCache:
+    """Read side: key -> float32 vector, backed by a read-only memmap (opened lazily, per process)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        meta = json.loads((self.path / KEYS_FILE).read_text())
+        self.keys: list[str] = meta["keys"]
+        self.dim: int = meta["dim"]
+        self.meta = {k: v for k, v in meta.items() if k != "keys"}
+        self.row = {k: i for i, k in enumerate(self.keys)}
+        self._mm: np.memmap | None = None
+
+    @property
+    def matrix(self) -> np.memmap:
+        if self._mm is None:
+            self._mm = np.memmap(self.path / EMB_FILE, dtype=np.float16, mode="r", shape=(len(self.keys), self.dim))
+        return self._mm
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.row
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def get(self, key: str) -> np.ndarray:
+        return np.asarray(self.matrix[self.row[key]], dtype=np.float32)
+
+    def __getstate__(self) -> dict:  # DataLoader workers re-open the memmap themselves
+        return {**self.__dict__, "_mm": None}
+
+
+def write_text_cache(
+    entries: Iterable[tuple[str, str]],
+    encode: Callable[[list[str]], np.ndarray],
+    out: str | Path,
+    batch_size: int = 64,
+    meta: dict | None = None,
+) -> TextCache:
+    """Encode (key, text) pairs with `encode` (texts -> (n, D) array) into a cache folder."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    keys, texts = [], []
+    for key, text in entries:
+        keys.append(key)
+        texts.append(text)
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate text-cache keys")
+    unique = list(dict.fromkeys(texts))
+    slot = {t: i for i, t in enumerate(unique)}
+    vecs = [np.asarray(encode(unique[i : i + batch_size]), dtype=np.float32) for i in range(0, len(unique), batch_size)]
+    dim = vecs[0].shape[1] if vecs else 0
+    table = np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32)
+    mm = np.memmap(out / EMB_FILE, dtype=np.float16, mode="w+", shape=(max(len(keys), 1), max(dim, 1)))
+    for i, t in enumerate(texts):
+        mm[i] = table[slot[t]]
+    mm.flush()
+    del mm
+    (out / KEYS_FILE).write_text(json.dumps({"keys": keys, "dim": int(dim), **(meta or {})}))
+    return TextCache(out)
+
+
+def iter_region_texts(data_dir: str | Path) -> Iterator[tuple[str, str]]:
+    """Every trainable text of a pipeline output (OUT/data/*.parquet), as (cache key, text)."""
+    import pyarrow.parquet as pq
+
+    for file in sorted(glob.glob(str(Path(data_dir) / "data" / "*.parquet"))):
+        table = pq.read_table(file, columns=["image_key", "caption", "regions"])
+        for row in table.to_pylist():
+            usable = [r for r in row["regions"] or [] if r["status"] == "ok" and r.get("fine_caption")]
+            if usable and row.get("caption"):
+                yield text_key("image", row["image_key"]), row["caption"]
+            for r in usable:
+                for kind, field in zip(REGION_KINDS, ("fine_caption", "object_caption", "phrase")):
+                    if r.get(field):
+                        yield text_key(kind, r["region_id"]), r[field]
+
+
+class HFTextEncoder:
+    """Any local Hugging Face encoder/decoder dir as a frozen sentence encoder (LLM2Vec-style pooling)."""
+
+    def __init__(self, path: str, pooling: str = "mean", max_length: int = 512, device: str | None = None):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        self.torch = torch
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token is None:  # decoder-only LLMs ship without one
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = "right"  # "last" pooling indexes the last real token
+        dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        self.model = AutoModel.from_pretrained(path, dtype=dtype).to(self.device).eval()
+        self.pooling, self.max_length = pooling, max_length
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        torch = self.torch
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        batch = batch.to(self.device)
+        with torch.inference_mode():
+            hidden = self.model(**batch).last_hidden_state.float()
+        attn = batch["attention_mask"].float()
+        if self.pooling == "mean":
+            pooled = (hidden * attn[..., None]).sum(1) / attn.sum(1, keepdim=True).clamp(min=1)
+        elif self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:  # "last": the last non-padding token (right padding)
+            pooled = hidden[torch.arange(len(texts)), attn.sum(1).long() - 1]
+        return pooled.cpu().numpy()
+
+
+def embed_text(data_dir: str | Path, output: str | Path, cfg, batch_size: int = 32) -> TextCache:
+    """`annotate embed-text`: encode all captions of a pipeline output with `cfg.text_encoder`."""
+    if not cfg.text_encoder:
+        raise ValueError("train.text_encoder is not set: give a local Hugging Face model dir")
+    encoder = HFTextEncoder(cfg.text_encoder, cfg.text_pooling, cfg.text_max_length)
+    meta = {"encoder": str(cfg.text_encoder), "pooling": cfg.text_pooling}
+    return write_text_cache(iter_region_texts(data_dir), encoder, output, batch_size, meta)

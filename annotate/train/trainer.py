@@ -1,0 +1,252 @@
+"""PixCLIP training loop: three branches on one batch, AdamW with per-part learning rates, resumable.
+
+Checkpoints (RUN/checkpoints/step_XXXXXXX/) hold model.safetensors (weights) and train_state.pt
+(optimizer, scheduler, step, epoch position); RUN/run.json records the config and text dimension so
+`evaluate` can rebuild the model. Data randomness depends only on (seed, epoch, index) and the
+sampler can start mid-epoch, so `--resume` continues exactly where the run stopped.
+
+Distributed: under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP, the sampler is sharded by
+rank, and the loss gathers features across ranks (open_clip's ClipLoss / gather_features).
+Multi-node launching through Ray Train is not implemented.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from annotate.config import TrainConfig
+from annotate.pixclip.loss import PixCLIPLoss, patch_coverage, region_pool
+from annotate.pixclip.model import PixCLIP, build_pixclip
+from annotate.train.data import EpochSampler
+
+RUN_FILE = "run.json"
+_print = functools.partial(print, flush=True)
+
+
+def param_groups(model: PixCLIP, cfg: TrainConfig) -> list[dict]:
+    """Mask conv at lr_mask_conv, adaptor at lr_adaptor (default lr_other), the rest at lr_other.
+
+    Weight decay applies to weight matrices/kernels/embeddings only: not to biases, norm gains or the
+    temperature (open_clip's rule: parameters with fewer than 2 dims, plus logit_scale).
+    """
+    lrs = {"mask_conv": cfg.lr_mask_conv, "adaptor": cfg.lr_adaptor or cfg.lr_other, "other": cfg.lr_other}
+    buckets: dict[tuple[str, bool], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = "mask_conv" if "mask_proj" in name else "adaptor" if name.startswith("text_adaptor") else "other"
+        decay = p.ndim >= 2 and "logit_scale" not in name
+        buckets.setdefault((part, decay), []).append((name, p))
+    groups = []
+    for (part, decay), items in sorted(buckets.items()):
+        groups.append(
+            {
+                "name": f"{part}{'' if decay else '_no_decay'}",
+                "params": [p for _, p in items],
+                "param_names": [n for n, _ in items],
+                "lr": lrs[part],
+                "weight_decay": cfg.weight_decay if decay else 0.0,
+            }
+        )
+    return groups
+
+
+def warmup_cosine(warmup: int, total: int):
+    """LR multiplier: linear warmup to 1, then cosine to 0 at `total`."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _dist_info() -> tuple[int, int]:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, model: PixCLIP, dataset, output: str | Path, device: str | None = None):
+        self.cfg, self.dataset, self.output = cfg, dataset, Path(output)
+        self.rank, self.world = _dist_info()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device)
+        self.ddp = self.model
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.loss_fn = PixCLIPLoss(cfg.alpha_fc, cfg.beta_lg, cfg.use_fc, cfg.use_lg, self.rank, self.world)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), betas=(0.9, 0.98), eps=1e-6)
+        groups = [dataset.group(i) for i in range(len(dataset))] if cfg.group_by_image else None
+        self.sampler = EpochSampler(len(dataset), cfg.seed, True, self.rank, self.world, groups)
+        self.steps_per_epoch = len(self.sampler) // (cfg.batch_size * cfg.grad_accum_steps)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(dataset)} samples is less than one batch of {cfg.batch_size}")
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(min(cfg.warmup_steps, self.total_steps), self.total_steps)
+        )
+        self.step, self.epoch, self.step_in_epoch = 0, 0, 0
+        bf16 = cfg.amp_bf16 and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        # bf16 autocast on GPUs that support it; on CPU it is slow and changes numerics, so fp32.
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    # ------------------------------------------------------------------ one step
+    def losses(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Main (I, M), crop (I', M') and all-ones-mask (I, 1) passes, batched into one forward."""
+        cfg = self.cfg
+        image, mask = batch["image"], batch["mask"]
+        n = image.shape[0]
+        images, masks = [image], [mask]
+        if cfg.use_fc:
+            images.append(batch["crop_image"])
+            masks.append(batch["crop_mask"])
+        if cfg.use_lg:
+            images.append(image)
+            masks.append(torch.ones_like(mask))
+        with self.autocast:
+            emb, dense, text = self.ddp(torch.cat(images), torch.cat(masks), batch["text"])
+            main = emb[:n]
+            crop = emb[n : 2 * n] if cfg.use_fc else None
+            local = None
+            if cfg.use_lg:
+                cover = patch_coverage(mask, self.model.patch_size)
+                local = self.model.visual_proj(region_pool(dense[-n:], cover.to(dense.dtype), cfg.lg_tau))
+        return self.loss_fn(main, text, self.model.logit_scale, crop, local)
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, max_steps: int | None = None, log=_print) -> dict:
+        """Train until `max_steps` (or the config's total) optimizer steps; returns the last losses."""
+        cfg, last = self.cfg, {}
+        stop = min(max_steps or self.total_steps, self.total_steps)
+        accum = cfg.grad_accum_steps
+        self.model.train()
+        t0 = time.time()
+        while self.step < stop:
+            self.sampler.set_epoch(self.epoch, self.step_in_epoch * cfg.batch_size * accum)
+            loader = DataLoader(
+                self.dataset,
+                batch_size=cfg.batch_size,
+                sampler=self.sampler,
+                num_workers=cfg.num_workers,
+                drop_last=True,
+                pin_memory=self.device.type == "cuda",
+            )
+            micro = 0
+            for batch in loader:
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                out = self.losses(batch)
+                (out["total"] / accum).backward()
+                micro += 1
+                if micro % accum:
+                    continue
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                self.step_in_epoch += 1
+                last = {k: float(v.detach()) for k, v in out.items()}
+                if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == stop):
+                    rec = {"step": self.step, "epoch": self.epoch, **last, "s": round(time.time() - t0, 1)}
+                    rec["logit_scale"] = float(self.model.logit_scale.detach().exp())
+                    log(json.dumps(rec))
+                if self.step % cfg.checkpoint_every == 0 or self.step == stop:
+                    self.save()
+                if self.step >= stop or self.step_in_epoch >= self.steps_per_epoch:
+                    break
+            if self.step_in_epoch >= self.steps_per_epoch:
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        return last
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        path = self.output / "checkpoints" / f"step_{self.step:07d}"
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}, path / "model.safetensors")
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+        }
+        torch.save(state, path / "train_state.pt")
+        (self.output / "checkpoints" / "latest").write_text(path.name)
+        return path
+
+    def load(self, path: str | Path) -> None:
+        path = Path(path)
+        self.model.load_state_dict(load_file(path / "model.safetensors", device=str(self.device)))
+        state = torch.load(path / "train_state.pt", map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+
+
+def latest_checkpoint(run: str | Path) -> Path | None:
+    pointer = Path(run) / "checkpoints" / "latest"
+    return pointer.parent / pointer.read_text().strip() if pointer.exists() else None
+
+
+def train(
+    cfg: TrainConfig,
+    output: str | Path,
+    data_dir: str | Path | None = None,
+    synthetic: bool = False,
+    max_steps: int | None = None,
+    resume: bool = False,
+    text_cache: str | Path | None = None,
+    log=_print,
+) -> dict:
+    """`annotate train`: on a pipeline output (with its text cache) or on the synthetic benchmark."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    if synthetic:
+        from annotate.train.synthetic import TEXT_DIM, SyntheticDataset
+
+        dataset, text_dim = SyntheticDataset(cfg, n_images=SYNTHETIC_TRAIN_IMAGES, seed=1), TEXT_DIM
+        source = {"synthetic": True}
+    else:
+        from annotate.train.data import RegionDataset
+        from annotate.train.text_cache import TextCache
+
+        cache_path = text_cache or cfg.text_embed_cache
+        if not cache_path or not Path(cache_path).exists():
+            raise FileNotFoundError("no text cache: run `annotate embed-text` first (or pass --text-cache)")
+        cache = TextCache(cache_path)
+        dataset, text_dim = RegionDataset(data_dir, cache, cfg, "train"), cache.dim
+        source = {"synthetic": False, "data_dir": str(data_dir), "text_cache": str(cache_path)}
+    run_meta = {"config": cfg.model_dump(mode="json"), "text_dim": text_dim, **source}
+    (output / RUN_FILE).write_text(json.dumps(run_meta, indent=2))
+    trainer = Trainer(cfg, build_pixclip(cfg, text_dim), dataset, output)
+    ckpt = latest_checkpoint(output) if resume else None
+    if resume and ckpt is None:
+        log(f"--resume: no checkpoint under {output}, starting from scratch")
+    if ckpt is not None:
+        trainer.load(ckpt)
+        log(f"resumed from {ckpt} at step {trainer.step}")
+    last = trainer.fit(max_steps or cfg.max_steps, log=log)
+    return {"step": trainer.step, "checkpoint": str(latest_checkpoint(output)), **last}
+
+
+SYNTHETIC_TRAIN_IMAGES = 4000

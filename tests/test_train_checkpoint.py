@@ -1,0 +1,57 @@
+"""Checkpoint + --resume continues exactly like an uninterrupted run."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from annotate.pixclip.model import build_pixclip
+from annotate.train.synthetic import SyntheticDataset
+from annotate.train.trainer import Trainer, latest_checkpoint, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _trainer(cfg, ds, out):
+    torch.manual_seed(cfg.seed)
+    return Trainer(cfg, build_pixclip(cfg, text_dim=64), ds, out, device="cpu")
+
+
+def test_resume_continues_identically(tiny_train_cfg, tmp_path):
+    cfg = tiny_train_cfg.model_copy(update={"batch_size": 6, "max_steps": 5, "checkpoint_every": 2, "grad_accum_steps": 2})
+    ds = SyntheticDataset(cfg, n_images=10, seed=1)  # 30 regions: 2 steps of 12 per epoch, so resume crosses epochs
+    straight = _trainer(cfg, ds, tmp_path / "a")
+    straight.fit(5, log=lambda _: None)
+
+    first = _trainer(cfg, ds, tmp_path / "b")
+    first.fit(3, log=lambda _: None)
+    ckpt = latest_checkpoint(tmp_path / "b")
+    assert ckpt.name == "step_0000003"
+    assert set(p.name for p in ckpt.iterdir()) == {"model.safetensors", "train_state.pt"}
+    resumed = _trainer(cfg, ds, tmp_path / "b")
+    resumed.load(ckpt)
+    assert (resumed.step, resumed.epoch, resumed.step_in_epoch) == (3, 1, 1)
+    resumed.fit(5, log=lambda _: None)
+
+    assert resumed.step == straight.step == 5
+    assert resumed.scheduler.last_epoch == straight.scheduler.last_epoch == 5
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    sa, sb = straight.optimizer.state_dict(), resumed.optimizer.state_dict()
+    for k in sa["state"]:
+        for field in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(sa["state"][k][field], sb["state"][k][field])
+    assert [g["lr"] for g in sa["param_groups"]] == [g["lr"] for g in sb["param_groups"]]
+    saved = load_file(latest_checkpoint(tmp_path / "b") / "model.safetensors")
+    assert torch.equal(saved["logit_scale"], straight.model.logit_scale.detach())
+
+
+def test_train_entry_resume_flag(tiny_train_cfg, tmp_path):
+    cfg = tiny_train_cfg.model_copy(update={"max_steps": 4})
+    logs = []
+    train(cfg, tmp_path, synthetic=True, max_steps=2, log=logs.append)
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["synthetic"] and run["text_dim"] == 64 and run["config"]["max_steps"] == 4
+    out = train(cfg, tmp_path, synthetic=True, max_steps=4, resume=True, log=logs.append)
+    assert out["step"] == 4 and any("resumed from" in line and "step 2" in line for line in logs)

@@ -1,0 +1,39 @@
+"""Parameter groups (learning rates, which params decay) and the warmup-cosine schedule."""
+
+import math
+
+import pytest
+
+from annotate.pixclip.model import build_pixclip
+from annotate.train.trainer import param_groups, warmup_cosine
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_param_groups_follow_the_paper(tiny_train_cfg):
+    cfg = tiny_train_cfg.model_copy(update={"lr_mask_conv": 1e-5, "lr_other": 1e-7, "lr_adaptor": None, "weight_decay": 1e-2})
+    model = build_pixclip(cfg, text_dim=8)
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    assert groups["mask_conv"]["param_names"] == ["visual.patch_embed.mask_proj.weight"]
+    assert groups["mask_conv"]["lr"] == 1e-5 and groups["mask_conv"]["weight_decay"] == 1e-2
+    for name, g in groups.items():
+        if name != "mask_conv":
+            assert g["lr"] == 1e-7  # adaptor defaults to lr_other (the paper's "other layers")
+        assert g["weight_decay"] == (0.0 if name.endswith("no_decay") else 1e-2)
+    no_decay = {n for g in groups.values() if g["weight_decay"] == 0 for n in g["param_names"]}
+    decay = {n for g in groups.values() if g["weight_decay"] > 0 for n in g["param_names"]}
+    assert "logit_scale" in no_decay
+    assert all(n.endswith(".bias") or "norm" in n or n == "logit_scale" or n.startswith("text_adaptor.0") for n in no_decay)
+    assert {"visual.pos_embed", "visual.cls_token", "visual_proj.weight", "visual.blocks.0.attn.qkv.weight"} <= decay
+    every = {n for n, p in model.named_parameters()}
+    assert decay | no_decay == every and not decay & no_decay
+    # the adaptor gets its own lr when configured
+    cfg2 = cfg.model_copy(update={"lr_adaptor": 3e-4})
+    assert {g["name"]: g["lr"] for g in param_groups(model, cfg2)}["adaptor"] == 3e-4
+
+
+def test_warmup_then_cosine():
+    f = warmup_cosine(warmup=4, total=12)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and f(8) == pytest.approx(0.5) and f(12) == pytest.approx(0.0, abs=1e-12)
+    assert f(6) == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 8)))
