@@ -39,6 +39,7 @@ def tiny_model_config(kind: str, path, **vllm_overrides):
         kv_cache_space_gib=1,
         gpu_memory_utilization=0.1,
         max_num_seqs=8,
+        in_process=True,  # one process per engine: starts in a fraction of the time on 2 cores
     )
     args.update(vllm_overrides)
     return ModelConfig(engine="vllm", path=str(path), vllm=VllmArgs(**args))

@@ -37,6 +37,8 @@ def llm_kwargs(model: ModelConfig, model_path: str) -> dict[str, Any]:
         # until max_tokens. Needs an explicit backend that supports it.
         "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
     }
+    if args.in_process:
+        kwargs["distributed_executor_backend"] = "uni"
     if args.max_model_len is not None:
         kwargs["max_model_len"] = args.max_model_len
     if args.max_num_seqs is not None:
@@ -89,6 +91,13 @@ class VllmEngine:
         if gib is not None:
             # vLLM reads this integer (GiB) on CPU platforms only; GPU builds ignore it.
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(gib)))
+        if model.vllm.in_process:
+            if model.vllm.tensor_parallel_size * model.vllm.pipeline_parallel_size > 1:
+                raise ValueError(f"{model.path}: in_process needs tensor/pipeline parallel size 1")
+            # Each extra vLLM process re-imports torch and vLLM (20-60 s on a small CPU machine), and
+            # the CPU worker would pin this process's OpenMP threads to one core.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         from vllm import LLM
 
         started = time.perf_counter()
