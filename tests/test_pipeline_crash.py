@@ -62,6 +62,7 @@ def kill_session(session: int) -> None:
                 pass
 
 
+@pytest.mark.timeout(2400)  # two full runs, each starting its own Ray cluster and engines
 def test_sigkill_worker_and_driver_then_rerun(tmp_path):
     shards = copy_sample_shards(tmp_path / "in", SHARDS)
     out = tmp_path / "out"

@@ -49,6 +49,7 @@ def two_node_cluster(tmp_path):
             subprocess.run(["pkill", "-9", "-f", pattern], capture_output=True)
 
 
+@pytest.mark.timeout(1800)
 def test_run_on_two_nodes_places_models_by_resources(two_node_cluster, tmp_path):
     raw = yaml.safe_load(TINY.read_text())
     raw["models"]["vlm"]["resources"]["custom"] = {"node_a": 0.5}
