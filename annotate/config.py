@@ -156,6 +156,20 @@ class StageConfig(_Section):
 STAGE_ORDER = ("object", "validate", "context", "merge")
 
 
+class SegmentConfig(_Section):
+    """Optional stage before `object`: box -> pixel mask with a segment-anything model (transformers
+    `SamModel`, local path), for shards that carry boxes only. Absent: the data plane's masks stay."""
+
+    path: str = Field(description="local SAM model folder (or tiny:sam)")
+    paper_model: str | None = None
+    device: str = Field("auto", description="auto: cuda when the worker has a GPU, else cpu")
+    batch_images: int = Field(8, ge=1, description="images per model call (all boxes of an image together)")
+    min_mask_frac: float = Field(0.05, ge=0, le=1, description="a SAM mask under this fraction of its box is refused")
+    replace_sources: list[str] = Field(default_factory=lambda: ["box", "grabcut"],
+                                       description="data-plane mask sources that SAM replaces")
+    resources: ResourceConfig = ResourceConfig()
+
+
 # ------------------------------------------------------------------------------------------ run
 class RunConfig(_Section):
     ray_address: str | None = Field(None, description="join this Ray cluster; None starts a local one")
@@ -217,6 +231,7 @@ class PipelineConfig(_Section):
     data: DataConfig = DataConfig()
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     stages: dict[str, StageConfig] = Field(default_factory=dict)
+    segment: SegmentConfig | None = None
     run: RunConfig = RunConfig()
     train: TrainConfig = TrainConfig()
 

@@ -27,7 +27,7 @@ from annotate.executor.deployments import get_deployments
 from annotate.executor.layout import FINAL, MODEL_STAGE_PREFIXES, STAGE_IO, OutputLock, RunLayout
 from annotate.executor.progress import ProgressDisplay, ProgressTracker
 from annotate.executor.shard_io import ROW_SHARD, ROW_TOTAL, count_rows, row_to_record
-from annotate.executor.workers import StageWorker, finalize_record, read_shard
+from annotate.executor.workers import SegmentWorker, StageWorker, finalize_record, read_shard
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,14 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
             fn_kwargs={"data": cfg.data, "layout_root": str(layout.root), "fingerprint": cfg.fingerprint(),
                        "rows_per_batch": cfg.run.rows_per_batch},
         )
+        if cfg.segment is not None and chain[0] == "object":
+            res = cfg.segment.resources
+            ds = ds.map_batches(
+                SegmentWorker, batch_size=cfg.segment.batch_images, batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=res.replicas), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                resources=res.custom or None, accelerator_type=res.accelerator_type,
+                fn_constructor_kwargs={"segment": cfg.segment, "data": cfg.data},
+            )
         for name in chain:
             stage_cfg = cfg.stages[name]
             deployment = deployments[stage_cfg.model]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from annotate.config import DataConfig, StageConfig
+from annotate.config import DataConfig, SegmentConfig, StageConfig
 from annotate.data.images import ImageError, decode_image
 from annotate.data.prepare import prepare_shard
 from annotate.data.shards import ShardRef
@@ -26,6 +26,7 @@ from annotate.executor.shard_io import (
 from annotate.executor.deployments import DeploymentClient
 from annotate.stages import STAGE_CLASSES, PromptTemplate
 from annotate.stages.batch import run_stage
+from annotate.stages.segment import segment_records
 
 # The fields each stage writes, in chain order: a retry clears the failed stage's field and all later ones.
 STAGE_FIELDS = (("object", "object_caption"), ("validate", "validation"), ("context", "context_caption"), ("merge", "fine_caption"))
@@ -103,7 +104,7 @@ class StageWorker:
         items = []
         for row in rows:
             record = row_to_record(row)
-            items.append((record, self._image(record) if self.needs_pixels else None))
+            items.append((record, decode_or_none(record, self.data) if self.needs_pixels else None))
         counts = run_stage(
             self.stage, items, self.client.chat, self.data.crops, self.config.max_attempts, self.config.retry_temperature
         )
@@ -111,13 +112,32 @@ class StageWorker:
         self.tracker.report.remote(self.stage.name, counts.__dict__ | {"latencies": []})
         return pa.Table.from_pylist([record_to_row(record, row["shard_total"]) for (record, _), row in zip(items, rows)])
 
-    def _image(self, record):
-        if not record.image_bytes:
-            return None
-        try:
-            return decode_image(record.image_bytes, self.data.images)
-        except ImageError:
-            return None  # the data plane already failed this image's regions with the reason
+
+class SegmentWorker:
+    """A Ray Data actor running the optional segment stage; loads its SAM model once."""
+
+    def __init__(self, segment: SegmentConfig, data: DataConfig):
+        from annotate.engines.sam_engine import SamEngine
+
+        self.config = segment
+        self.data = data
+        self.engine = SamEngine(segment.path, segment.device)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        items = [(record, decode_or_none(record, self.data)) for record in map(row_to_record, rows)]
+        segment_records(self.engine, items, self.config)
+        return pa.Table.from_pylist([record_to_row(record, row["shard_total"]) for (record, _), row in zip(items, rows)])
+
+
+def decode_or_none(record, data: DataConfig):
+    """The record's image, or None when it has none (the data plane already failed its regions)."""
+    if not record.image_bytes:
+        return None
+    try:
+        return decode_image(record.image_bytes, data.images)
+    except ImageError:
+        return None
 
 
 def finalize_record(record) -> None:

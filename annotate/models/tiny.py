@@ -24,8 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-TinyKind = Literal["text", "vlm"]
-KINDS: tuple[TinyKind, ...] = ("text", "vlm")
+TinyKind = Literal["text", "vlm", "sam"]
+KINDS: tuple[TinyKind, ...] = ("text", "vlm", "sam")
 
 # Bump when anything below changes what gets written: cached builds with another version are rebuilt.
 RECIPE_VERSION = 3
@@ -265,6 +265,32 @@ def _build_vlm(out: Path) -> None:
     _rename_vision_tower_keys(out)
 
 
+def _build_sam(out: Path) -> None:
+    """A segment-anything model (transformers `SamModel`) for the optional segment stage: 128 px
+    input, 2-layer ViT, box prompts in, masks out; random weights, so its masks are arbitrary."""
+    import torch
+    from transformers import SamConfig, SamImageProcessor, SamModel, SamProcessor
+    from transformers.models.sam.configuration_sam import (
+        SamMaskDecoderConfig,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
+
+    torch.manual_seed(SEED)
+    vision = SamVisionConfig(hidden_size=64, output_channels=32, num_hidden_layers=2, num_attention_heads=2,
+                             image_size=128, patch_size=16, mlp_dim=128, global_attn_indexes=[1], window_size=4,
+                             num_pos_feats=16)
+    prompt = SamPromptEncoderConfig(hidden_size=32, image_size=128, patch_size=16, mask_input_channels=4)
+    decoder = SamMaskDecoderConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
+                                   iou_head_hidden_dim=32)
+    config = SamConfig(vision_config=vision.to_dict(), prompt_encoder_config=prompt.to_dict(),
+                       mask_decoder_config=decoder.to_dict())
+    SamModel(config).eval().save_pretrained(out)
+    SamProcessor(SamImageProcessor(size={"longest_edge": 128}, pad_size={"height": 128, "width": 128},
+                                   mask_size={"longest_edge": 32}, mask_pad_size={"height": 32, "width": 32})
+                 ).save_pretrained(out)
+
+
 def _rename_vision_tower_keys(out: Path) -> None:
     """transformers 5 saves ``model.vision_tower.embeddings...``; vLLM (and the llava-hf checkpoints)
     use ``model.vision_tower.vision_model.embeddings...``. Rewrite the keys the vLLM way."""
@@ -283,7 +309,7 @@ def _rename_vision_tower_keys(out: Path) -> None:
         save_file(renamed, str(path), metadata={"format": "pt"})
 
 
-_BUILDERS = {"text": _build_text, "vlm": _build_vlm}
+_BUILDERS = {"text": _build_text, "vlm": _build_vlm, "sam": _build_sam}
 
 
 def _recipe(kind: TinyKind) -> dict:

@@ -1,0 +1,51 @@
+"""Optional stage 0, segment: box -> pixel mask with a segment-anything model (paper: GRIT boxes are
+turned into masks before captioning). Runs before `object`, on regions whose data-plane mask is a
+box or a GrabCut guess; a SAM mask replaces it only when it is plausible, else the old one stays."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from PIL import Image
+
+from annotate.config import SegmentConfig
+from annotate.data.masks import box_mask, encode_rle
+from annotate.data.records import ImageRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SegmentCounts:
+    regions_in: int = 0
+    replaced: int = 0
+    kept: int = 0  # SAM's mask was refused (too small) or SAM failed on the image
+
+
+def segment_records(engine, items: list[tuple[ImageRecord, Image.Image | None]], cfg: SegmentConfig) -> SegmentCounts:
+    """Replace masks in place; `engine` is a `SamEngine` (anything with its `segment`)."""
+    counts = SegmentCounts()
+    for record, image in items:
+        regions = [r for r in record.regions
+                   if r.status == "pending" and r.mask is not None and r.mask_source in cfg.replace_sources]
+        if image is None or not regions:
+            continue
+        counts.regions_in += len(regions)
+        boxes = [[r.bbox[0], r.bbox[1], r.bbox[0] + r.bbox[2], r.bbox[1] + r.bbox[3]] for r in regions]
+        try:
+            results = engine.segment(image, boxes)
+        except Exception as exc:  # the data-plane masks stay; one image never stops the batch
+            log.warning("segment failed on %s: %s: %s", record.image_key, type(exc).__name__, exc)
+            counts.kept += len(regions)
+            continue
+        for region, (mask, _score) in zip(regions, results, strict=True):
+            inside = box_mask(region.bbox, record.height, record.width)
+            mask = mask & inside  # a box prompt's object lies in its box
+            area = int(mask.sum())
+            if area == 0 or area < cfg.min_mask_frac * inside.sum():
+                counts.kept += 1
+                continue
+            region.mask, region.mask_source = encode_rle(mask), "sam"
+            counts.replaced += 1
+    return counts
