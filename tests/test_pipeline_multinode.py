@@ -20,6 +20,9 @@ from test_pipeline_run import input_region_ids, output_regions
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))
+# `ray start --head` (Ray 2.60) enables token authentication; every node and driver that joins the
+# cluster must run in token mode too (the token is in ~/.ray/auth_token on this machine).
+CLUSTER_ENV = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token"}
 
 
 def free_port() -> int:
@@ -31,7 +34,7 @@ def free_port() -> int:
 @pytest.fixture
 def two_node_cluster(tmp_path):
     port = free_port()
-    env = {**os.environ, "RAY_ADDRESS": ""}
+    env = CLUSTER_ENV
     temp_dir = f"/tmp/ray-2node-{port}"  # short: Ray's unix socket paths must stay under 108 bytes
     common = ["--num-cpus", "2", "--disable-usage-stats"]
     head = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--include-dashboard",
@@ -63,14 +66,14 @@ def test_run_on_two_nodes_places_models_by_resources(two_node_cluster, tmp_path)
     run = subprocess.run(
         [sys.executable, "-m", "annotate.cli", "run", "--stage", "all", "--shards", "0-1", "--input",
          str(SAMPLE_SHARDS), "--output", str(out), "--config", str(config), "--address", two_node_cluster],
-        capture_output=True, text=True, timeout=1200, cwd=REPO,
+        capture_output=True, text=True, timeout=1200, cwd=REPO, env=CLUSTER_ENV,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     probe = subprocess.run(
         [sys.executable, "-c", "import json, ray; ray.init(address='%s'); "
          "print(json.dumps({n['NodeID']: n['Resources'] for n in ray.nodes() if n['Alive']}))" % two_node_cluster],
-        capture_output=True, text=True, timeout=300, check=True,
+        capture_output=True, text=True, timeout=300, check=True, env=CLUSTER_ENV,
     )
     nodes = json.loads(probe.stdout.strip().splitlines()[-1])
     assert len(nodes) == 2
