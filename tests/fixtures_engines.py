@@ -47,9 +47,9 @@ def tiny_model_config(kind: str, path, **vllm_overrides):
 
 @pytest.fixture(scope="session")
 def tiny_model_paths() -> dict[str, Path]:
-    from annotate.models.tiny import tiny_path
+    from annotate.models.tiny import KINDS, tiny_path
 
-    return {kind: tiny_path(kind) for kind in ("text", "vlm")}
+    return {kind: tiny_path(kind) for kind in KINDS}
 
 
 @pytest.fixture(scope="session")
