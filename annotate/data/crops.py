@@ -4,7 +4,8 @@ and the full image with the region outlined and its mask tinted."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -17,8 +18,18 @@ from annotate.data.masks import box_bounds
 class RegionViews:
     crop: Image.Image  # RGB
     crop_mask: Image.Image  # mode "L", 0/255
-    highlighted: Image.Image  # RGB full image, region outlined and mask tinted
     crop_box: tuple[int, int, int, int]  # (x0, y0, x1, y1) in the full image, before any resize
+    _image: Image.Image = field(repr=False)
+    _mask: np.ndarray = field(repr=False)
+    _bbox_xywh: list = field(repr=False)
+    _cfg: CropConfig = field(repr=False)
+
+    @cached_property
+    def highlighted(self) -> Image.Image:
+        """RGB full image, region outlined and mask tinted. Built on first use: only prompts that
+        show the whole image need it, and building it was a third of the data plane's time."""
+        return _fit(highlight(self._image, self._mask, self._bbox_xywh, self._cfg), self._cfg.max_side,
+                    Image.Resampling.BICUBIC)
 
 
 def crop_box_for(mask: np.ndarray, bbox_xywh, width: int, height: int, cfg: CropConfig) -> tuple[int, int, int, int]:
@@ -56,12 +67,14 @@ def region_views(image: Image.Image, mask: np.ndarray, bbox_xywh, cfg: CropConfi
     x0, y0, x1, y1 = box
     crop = image.crop(box)
     crop_mask = Image.fromarray((mask[y0:y1, x0:x1].astype(np.uint8) * 255), "L")
-    highlighted = highlight(image, mask, bbox_xywh, cfg)
     return RegionViews(
         crop=_fit(crop, cfg.max_side, Image.Resampling.BICUBIC),
         crop_mask=_fit(crop_mask, cfg.max_side, Image.Resampling.NEAREST),  # stays 0/255
-        highlighted=_fit(highlighted, cfg.max_side, Image.Resampling.BICUBIC),
         crop_box=box,
+        _image=image,
+        _mask=mask,
+        _bbox_xywh=bbox_xywh,
+        _cfg=cfg,
     )
 
 
