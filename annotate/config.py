@@ -181,6 +181,12 @@ class RunConfig(_Section):
     stage_worker_cpus: float = Field(0.25, gt=0, description="CPUs per stage worker (prompts, crops)")
     stage_workers_per_replica: int = Field(2, ge=1, description="stage workers per model replica")
     rows_per_batch: int = Field(32, ge=1, description="images per block leaving the shard reader")
+    shards_in_flight: int | None = Field(
+        None, ge=1,
+        description="shards read at once (None: as many as the CPUs allow). Fewer means shards finish one "
+                    "after another, so less memory and less work lost if a run dies; enough must be in "
+                    "flight to keep the models busy",
+    )
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -265,7 +271,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path} not found (pipelines/ holds the bundled ones)")
     if overrides:
-        raw = _deep_merge(raw, overrides)
+        raw = deep_merge(raw, overrides)
     config = PipelineConfig.model_validate(raw)
     for stage in config.stages.values():
         prompt = Path(stage.prompt)
@@ -276,11 +282,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
     return config
 
 
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = value
     return out

@@ -10,8 +10,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
-from annotate.config import PipelineConfig, load_config
+from annotate.config import PipelineConfig, deep_merge, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "pipelines" / "tiny.yaml"
@@ -53,4 +54,14 @@ def copy_sample_shards(dest: Path, count: int) -> Path:
     sources = sorted(SAMPLE_SHARDS.glob("*.tar"))
     for i in range(count):
         shutil.copy(sources[i % len(sources)], dest / f"{i:05d}.tar")
+    return dest
+
+
+def tiny_variant(dest: Path, overrides: dict) -> Path:
+    """pipelines/tiny.yaml with `overrides` merged in, written to `dest` (prompt paths made absolute)."""
+    raw = deep_merge(yaml.safe_load(TINY.read_text()), overrides)
+    for stage in raw["stages"].values():
+        stage["prompt"] = str((TINY.parent / stage["prompt"]).resolve())
+    dest.write_text(yaml.safe_dump(raw, sort_keys=False))
+    load_config(dest)  # fail here, not in the subprocess, if the variant is invalid
     return dest

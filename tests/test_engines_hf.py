@@ -17,6 +17,7 @@ def hf_engines(tiny_model_paths):
     engines = {
         kind: HfEngine(ModelConfig(engine="hf", path=str(path), hf=HfArgs(dtype="float32", device="cpu", batch_size=4)))
         for kind, path in tiny_model_paths.items()
+        if kind in ("text", "vlm")  # the chat models; `sam` is a mask model with no tokenizer
     }
     yield engines
     for engine in engines.values():

@@ -14,11 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from fixtures_pipeline import TINY, copy_sample_shards
+from fixtures_pipeline import copy_sample_shards, tiny_variant
 from test_pipeline_run import input_region_ids, output_regions
 
 pytestmark = pytest.mark.slow
 SHARDS = 4
+# Small batches and one shard read at a time: shards then finish one after another, so a kill right
+# after the first one lands mid-run however fast the machine is (with 8-image batches, two shards
+# share each batch and all four were seen to finish within one 0.2 s poll).
+ONE_SHARD_AT_A_TIME = {"run": {"shards_in_flight": 1, "rows_per_batch": 2},
+                       "stages": {name: {"batch_size": 2} for name in ("object", "validate", "context", "merge")}}
 
 
 def final_lines(out: Path) -> list[dict]:
@@ -66,8 +71,9 @@ def kill_session(session: int) -> None:
 def test_sigkill_worker_and_driver_then_rerun(tmp_path):
     shards = copy_sample_shards(tmp_path / "in", SHARDS)
     out = tmp_path / "out"
+    config = tiny_variant(tmp_path / "tiny-one-shard-at-a-time.yaml", ONE_SHARD_AT_A_TIME)
     cmd = [sys.executable, "-m", "annotate.cli", "run", "--stage", "all", "--shards", f"0-{SHARDS - 1}",
-           "--input", str(shards), "--output", str(out), "--config", str(TINY)]
+           "--input", str(shards), "--output", str(out), "--config", str(config)]
     log = open(tmp_path / "run1.log", "w")
     # A new session, so that killing its process group takes the local Ray cluster down with the driver.
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
