@@ -155,11 +155,17 @@ def train_cmd(
     max_steps: int | None = typer.Option(None, "--max-steps", help="stop after this many optimizer steps"),
     resume: bool = typer.Option(False, "--resume", help="continue from the run's latest checkpoint"),
     text_cache: str | None = typer.Option(None, "--text-cache", help="embed-text output (default: train.text_embed_cache)"),
+    workers: int | None = typer.Option(None, "--workers", min=1, help="train on N Ray Train workers with DDP"),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster to train on (RUN and --data on shared storage)"),
+    gpu: bool = typer.Option(False, "--gpu", help="one GPU per Ray Train worker (NCCL); default CPU workers (gloo)"),
+    cpus_per_worker: float = typer.Option(1.0, "--cpus-per-worker", help="CPUs each Ray Train worker reserves"),
+    max_failures: int = typer.Option(0, "--max-failures", help="restart the workers this often, from the newest checkpoint"),
 ) -> None:
     """Train PixCLIP (L_CL + a*L_FC + b*L_LG) on pipeline output or on the synthetic benchmark."""
     from annotate.train.commands import run_train
 
-    typer.echo(run_train(output, data, synthetic, config, max_steps, resume, text_cache))
+    typer.echo(run_train(output, data, synthetic, config, max_steps, resume, text_cache,
+                         workers, address, gpu, cpus_per_worker, max_failures))
 
 
 @app.command("eval")

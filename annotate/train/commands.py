@@ -25,27 +25,38 @@ def train_config(config: str | None, synthetic: bool = False, **overrides) -> Tr
     return cfg.model_copy(update=updates) if updates else cfg
 
 
-def _cpu_threads() -> None:
-    # Small models on a small, shared CPU: extra intra-op threads mostly spin (measured 6x slower
-    # with 2 threads than 1 on a loaded 2-core box), so use half the cores.
+def cpu_threads(limit: int | None = None) -> None:
+    """Intra-op threads on a CPU: at most `limit`, by default half the cores.
+
+    Small models on a small, shared CPU: extra intra-op threads mostly spin (measured 6x slower with
+    2 threads than 1 on a loaded 2-core box).
+    """
     if not torch.cuda.is_available():
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), (os.cpu_count() or 2) // 2)))
+        limit = limit or max(1, (os.cpu_count() or 2) // 2)
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), limit)))
 
 
-def run_train(output, data=None, synthetic=False, config=None, max_steps=None, resume=False, text_cache=None) -> dict:
-    from annotate.train.trainer import train
-
+def run_train(output, data=None, synthetic=False, config=None, max_steps=None, resume=False, text_cache=None,
+              workers=None, address=None, gpu=False, cpus_per_worker=1.0, max_failures=0) -> dict:
+    """In this process, or (with `workers` or `address`) on Ray Train workers with DDP."""
     if not synthetic and not data:
         raise ValueError("give --data OUT (a pipeline output) or --synthetic")
-    _cpu_threads()
     cfg = train_config(config, synthetic, max_steps=max_steps)
+    if workers or address:
+        from annotate.train.distributed import train_on_ray
+
+        return train_on_ray(cfg, output, data, synthetic, max_steps, resume, text_cache, workers=workers or 1,
+                            use_gpu=gpu, cpus_per_worker=cpus_per_worker, address=address, max_failures=max_failures)
+    from annotate.train.trainer import train
+
+    cpu_threads()
     return train(cfg, output, data, synthetic, max_steps, resume, text_cache)
 
 
 def run_eval(checkpoint, data=None, synthetic=False, zero_shot=None, output=None) -> dict:
     from annotate.train.evaluate import evaluate, print_table
 
-    _cpu_threads()
+    cpu_threads()
     res = evaluate(checkpoint, data, synthetic, zero_shot, output)
     print(json.dumps(res, indent=2))
     print_table(res)
@@ -67,7 +78,7 @@ def run_ablation(output, max_steps: int | None = None, config: str | None = None
     from annotate.train.evaluate import evaluate
     from annotate.train.trainer import train
 
-    _cpu_threads()
+    cpu_threads()
     out = Path(output)
     base = train_config(config, synthetic=True, max_steps=max_steps, **overrides)
     lines = [

@@ -5,9 +5,10 @@ Checkpoints (RUN/checkpoints/step_XXXXXXX/) hold model.safetensors (weights) and
 `evaluate` can rebuild the model. Data randomness depends only on (seed, epoch, index) and the
 sampler can start mid-epoch, so `--resume` continues exactly where the run stopped.
 
-Distributed: under torchrun (WORLD_SIZE > 1) the model is wrapped in DDP, the sampler is sharded by
-rank, and the loss gathers features across ranks (open_clip's ClipLoss / gather_features).
-Multi-node launching through Ray Train is not implemented.
+Distributed: under torchrun (WORLD_SIZE > 1) or Ray Train (`distributed.py`, which sets up the process
+group itself) the model is wrapped in DDP, the sampler is sharded by rank, and the loss gathers
+features across ranks (open_clip's ClipLoss / gather_features). At the end the ranks check that
+their weights are still identical.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from annotate.pixclip.model import PixCLIP, build_pixclip
 from annotate.train.data import EpochSampler
 
 RUN_FILE = "run.json"
+RESULT_FILE = "train_result.json"  # the last call's final step and losses
 _print = functools.partial(print, flush=True)
 
 
@@ -86,11 +88,12 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model: PixCLIP, dataset, output: str | Path, device: str | None = None):
         self.cfg, self.dataset, self.output = cfg, dataset, Path(output)
         self.rank, self.world = _dist_info()
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        local_gpu = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if self.world > 1 else "cuda"
+        self.device = torch.device(device or (local_gpu if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device)
         self.ddp = self.model
         if self.world > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
+            ids = [self.device.index or 0] if self.device.type == "cuda" else None
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.loss_fn = PixCLIPLoss(cfg.alpha_fc, cfg.beta_lg, cfg.use_fc, cfg.use_lg, self.rank, self.world)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), betas=(0.9, 0.98), eps=1e-6)
@@ -173,7 +176,23 @@ class Trainer:
                     break
             if self.step_in_epoch >= self.steps_per_epoch:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.check_replicas_in_sync()
         return last
+
+    def check_replicas_in_sync(self) -> None:
+        """Every rank must hold the same weights after DDP training; a silent divergence (a rank that
+        skipped an all-reduce, a non-deterministic op outside DDP) would otherwise only show up as a
+        worse model."""
+        if self.world == 1:
+            return
+        with torch.no_grad():
+            flat = torch.cat([p.detach().double().flatten().cpu() for p in self.model.parameters()])
+            digest = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=flat.dtype)).sum()])
+        digests = [torch.zeros_like(digest) for _ in range(self.world)]
+        dist.all_gather_object(digests, digest)
+        spread = max(float((d - digests[0]).abs().max()) for d in digests)
+        if spread > 1e-6 * float(digests[0].abs().max() + 1):
+            raise RuntimeError(f"DDP replicas diverged: rank weight digests {[d.tolist() for d in digests]}")
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path | None:
@@ -216,6 +235,7 @@ def train(
     resume: bool = False,
     text_cache: str | Path | None = None,
     log=_print,
+    device: str | None = None,
 ) -> dict:
     """`annotate train`: on a pipeline output (with its text cache) or on the synthetic benchmark."""
     output = Path(output)
@@ -237,8 +257,11 @@ def train(
         dataset, text_dim = RegionDataset(data_dir, cache, cfg, "train"), cache.dim
         source = {"synthetic": False, "data_dir": str(data_dir), "text_cache": str(cache_path)}
     run_meta = {"config": cfg.model_dump(mode="json"), "text_dim": text_dim, **source}
-    (output / RUN_FILE).write_text(json.dumps(run_meta, indent=2))
-    trainer = Trainer(cfg, build_pixclip(cfg, text_dim), dataset, output)
+    trainer = Trainer(cfg, build_pixclip(cfg, text_dim), dataset, output, device)
+    if trainer.rank == 0:
+        (output / RUN_FILE).write_text(json.dumps(run_meta, indent=2))
+    else:
+        log = _silent
     ckpt = latest_checkpoint(output) if resume else None
     if resume and ckpt is None:
         log(f"--resume: no checkpoint under {output}, starting from scratch")
@@ -246,7 +269,14 @@ def train(
         trainer.load(ckpt)
         log(f"resumed from {ckpt} at step {trainer.step}")
     last = trainer.fit(max_steps or cfg.max_steps, log=log)
-    return {"step": trainer.step, "checkpoint": str(latest_checkpoint(output)), **last}
+    result = {"step": trainer.step, "world_size": trainer.world, "checkpoint": str(latest_checkpoint(output)), **last}
+    if trainer.rank == 0:
+        (output / RESULT_FILE).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _silent(*_args, **_kwargs) -> None:
+    """The log of ranks other than 0: one line per event, not one per rank."""
 
 
 SYNTHETIC_TRAIN_IMAGES = 4000

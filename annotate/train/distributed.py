@@ -1,0 +1,87 @@
+"""Multi-process and multi-node training through Ray Train's TorchTrainer (`annotate train --workers N`).
+
+Ray Train starts N workers (one per GPU, or one per CPU slot), sets up the torch process group
+(NCCL on GPUs, gloo on CPUs) and runs `train()` in each. From there the training loop is the same as
+under torchrun: `Trainer` sees an initialised process group, wraps the model in DDP, shards the
+sampler by rank, and the loss gathers features across ranks (open_clip). Only rank 0 writes
+checkpoints, into RUN, so on several nodes RUN and the data must be on storage every node mounts.
+
+Worker failures: with `max_failures > 0` Ray Train restarts the worker group, and the restarted
+workers resume from the newest checkpoint this job wrote (never from an older job's checkpoint unless
+`--resume` was given).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from annotate.config import RunConfig, TrainConfig
+from annotate.train.trainer import RESULT_FILE
+
+
+def _train_on_worker(job: dict) -> None:
+    """The function every Ray Train worker runs."""
+    import ray.train
+    import ray.train.torch
+
+    from annotate.train.commands import cpu_threads
+    from annotate.train.trainer import latest_checkpoint, train
+
+    cpu_threads(job["threads_per_worker"])
+    output = Path(job["output"])
+    ckpt = latest_checkpoint(output)
+    # A restart after a worker failure goes on from this job's own newest checkpoint.
+    restarted = ckpt is not None and ckpt.stat().st_mtime >= job["started_at"]
+    result = train(
+        TrainConfig.model_validate(job["cfg"]), output, job["data"], job["synthetic"], job["max_steps"],
+        resume=job["resume"] or restarted, text_cache=job["text_cache"],
+        device=str(ray.train.torch.get_device()),
+    )
+    ray.train.report({k: v for k, v in result.items() if isinstance(v, (int, float, str))})
+
+
+def train_on_ray(
+    cfg: TrainConfig,
+    output: str | Path,
+    data: str | Path | None = None,
+    synthetic: bool = False,
+    max_steps: int | None = None,
+    resume: bool = False,
+    text_cache: str | Path | None = None,
+    workers: int = 2,
+    use_gpu: bool = False,
+    cpus_per_worker: float = 1.0,
+    address: str | None = None,
+    max_failures: int = 0,
+) -> dict:
+    """Run `train()` on `workers` Ray Train workers; returns rank 0's final metrics."""
+    from ray.train import FailureConfig, ScalingConfig
+    from ray.train import RunConfig as RayRunConfig
+    from ray.train.torch import TorchTrainer
+
+    from annotate.executor.runner import ensure_ray
+
+    output = Path(output).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    ensure_ray(RunConfig(), address)
+    job = {
+        "cfg": cfg.model_dump(mode="json"), "output": str(output), "synthetic": synthetic, "max_steps": max_steps,
+        "data": str(Path(data).resolve()) if data else None, "resume": resume, "started_at": time.time(),
+        "text_cache": str(Path(text_cache).resolve()) if text_cache else None,
+        "threads_per_worker": max(1, int(cpus_per_worker)),
+    }
+    trainer = TorchTrainer(
+        _train_on_worker,
+        train_loop_config=job,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                     resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
+        run_config=RayRunConfig(name=f"pixclip-{output.name}", storage_path=str(output / "ray_train"),
+                                failure_config=FailureConfig(max_failures=max_failures)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"Ray Train failed: {result.error}")
+    # Ray Train keeps rank 0's metrics only with a Ray checkpoint; ours are in RUN, written by rank 0.
+    return json.loads((output / RESULT_FILE).read_text())
