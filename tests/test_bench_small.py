@@ -116,7 +116,30 @@ def test_train_overhead_small(tmp_path, capsys):
     assert res["loader_ms_per_batch_w0"] > 0 and res["encoder_ms_per_batch"] > 0
     assert json.loads((tmp_path / "train.json").read_text())["ratios"] == res["ratios"]
 
-@pytest.mark.parametrize("module", ["bench.data_plane", "bench.pipeline_overhead", "bench.memory_scale", "bench.train_overhead"])
+
+@pytest.mark.slow
+def test_prefix_cache_measure_small(vllm_vlm_engine):
+    """The prefix-cache bench's measurement on the tests' shared tiny VLM engine (its own cache size
+    and block size, so the rates are not the figure's; BENCHMARKS.md has the command for that)."""
+    from annotate.config import load_config
+    from bench.prefix_cache import ORDERS, context_requests, measure
+
+    cfg = load_config(REPO / "pipelines" / "tiny.yaml")
+    requests = context_requests(cfg, [0], REPO / "sample_data" / "grit", copies=2)
+    assert len({key for key, _ in requests}) == 8  # 4 images x 2 distinct copies
+    assert len({r.request_id for _, r in requests}) == len(requests)
+    res = measure(vllm_vlm_engine, requests, batch=4, rounds=1)
+    assert set(res["orders"]) == set(ORDERS) and res["winner"] in ORDERS
+    for o in res["orders"].values():
+        assert o["prompt_tokens"] > 0 and 0 <= o["cached_tokens"][0] <= o["prompt_tokens"]
+        assert o["hit_rate"] == o["cached_tokens"][0] / o["prompt_tokens"]
+    # the same requests either way, and an image's later regions share its first one's prefix
+    assert res["orders"]["grouped"]["prompt_tokens"] == res["orders"]["shuffled"]["prompt_tokens"]
+    assert res["orders"]["grouped"]["hit_rate"] > 0
+
+
+@pytest.mark.parametrize("module", ["bench.data_plane", "bench.pipeline_overhead", "bench.memory_scale", "bench.train_overhead",
+                                    "bench.prefix_cache"])
 def test_bench_help(module):
     import subprocess
     import sys

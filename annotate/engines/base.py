@@ -45,6 +45,7 @@ class ChatResult:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens served from the engine's prefix cache (vLLM)
     latency_s: float = 0.0
     error: str | None = None
     error_kind: ErrorKind | None = None

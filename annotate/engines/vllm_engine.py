@@ -161,7 +161,7 @@ class VllmEngine:
         completion = output.outputs[0] if output.outputs else None
         if completion is None:
             return error_result(request.request_id, "internal", "vLLM returned no completion", latency)
-        return finish(
+        result = finish(
             request.request_id,
             completion.text,
             completion.finish_reason,
@@ -171,6 +171,8 @@ class VllmEngine:
             completion_tokens=len(completion.token_ids or ()),
             latency_s=latency,
         )
+        result.cached_prompt_tokens = output.num_cached_tokens or 0
+        return result
 
     def close(self) -> None:
         """Shut the engine down and free its memory (best effort; the object is unusable after)."""

@@ -45,6 +45,9 @@ class StageMetrics:
             "longgrit_regions", description="regions processed by a stage, by outcome", tag_keys=("stage", "outcome")
         )
         self.tokens = metrics.Counter("longgrit_tokens", description="prompt+completion tokens", tag_keys=("stage",))
+        self.cached = metrics.Counter(
+            "longgrit_cached_prompt_tokens", description="prompt tokens served from vLLM's prefix cache", tag_keys=("stage",)
+        )
         self.latency = metrics.Histogram(
             "longgrit_request_latency_s",
             description="model request latency",
@@ -59,6 +62,8 @@ class StageMetrics:
                 self.regions.inc(value, tags={**self.tags, "outcome": outcome})
         if counts.prompt_tokens + counts.completion_tokens:
             self.tokens.inc(counts.prompt_tokens + counts.completion_tokens, tags=self.tags)
+        if counts.cached_prompt_tokens:
+            self.cached.inc(counts.cached_prompt_tokens, tags=self.tags)
         for latency in counts.latencies:
             self.latency.observe(latency, tags=self.tags)
 

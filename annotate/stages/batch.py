@@ -33,10 +33,12 @@ class StageCounts:
     retried: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prefix-cache hits (bench/prefix_cache.py)
     latencies: list[float] = field(default_factory=list)
 
     def add(self, other: "StageCounts") -> None:
-        for name in ("regions_in", "done", "rejected", "failed", "retried", "prompt_tokens", "completion_tokens"):
+        for name in ("regions_in", "done", "rejected", "failed", "retried", "prompt_tokens", "completion_tokens",
+                     "cached_prompt_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.latencies.extend(other.latencies)
 
@@ -77,6 +79,7 @@ def run_stage(
             region = ctx.region
             counts.prompt_tokens += result.prompt_tokens
             counts.completion_tokens += result.completion_tokens
+            counts.cached_prompt_tokens += result.cached_prompt_tokens
             counts.latencies.append(result.latency_s)
             stage.record_provenance(region, result)
             if result.ok:
