@@ -58,7 +58,7 @@ def write_pipeline_output(out: str | Path, side: int = 96, copies: int = 1) -> P
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from annotate.data.records import ARROW_SCHEMA, ImageRecord, RegionRecord, RleMask, image_record_to_row
+    from annotate.data.records import ImageRecord, RegionRecord, RleMask, arrow_schema, image_record_to_row
 
     out = Path(out)
     (out / "data").mkdir(parents=True, exist_ok=True)
@@ -96,5 +96,5 @@ def write_pipeline_output(out: str | Path, side: int = 96, copies: int = 1) -> P
                 image_key=key, shard="00000", width=w, height=h, caption=caption, image_bytes=jpeg, regions=regions
             )
             rows.append(image_record_to_row(record))
-    pq.write_table(pa.Table.from_pylist(rows, schema=ARROW_SCHEMA), out / "data" / "part-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema()), out / "data" / "part-00000.parquet")
     return out

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from annotate.data.masks import decode_rle
 from annotate.data.prepare import prepare_shard
-from annotate.data.records import ARROW_SCHEMA, row_to_image_record
+from annotate.data.records import arrow_schema, row_to_image_record
 from annotate.data.shards import find_shards
 from annotate.data.writer import status_counts, write_dataset_card, write_parquet_atomic
 
@@ -43,7 +43,7 @@ def test_write_stats_and_atomicity(written):
     assert stats.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert sorted(p.name for p in (out / "data").iterdir()) == ["00007.parquet"]  # no temp left
     table = pq.read_table(path)
-    assert table.schema.equals(ARROW_SCHEMA, check_metadata=False)
+    assert table.schema.equals(arrow_schema(), check_metadata=False)
     back = [row_to_image_record(r) for r in table.to_pylist()]
     assert [_rounded(r.model_dump()) for r in back] == [_rounded(r.model_dump()) for r in records]
 

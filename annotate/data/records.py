@@ -1,18 +1,21 @@
 """The output record: one row per image with its regions. Defined once, versioned.
 
-`ImageRecord`/`RegionRecord` (pydantic) are what the code builds; `FEATURES` (Hugging Face
-`datasets.Features`) is the file schema, and `ARROW_SCHEMA` is derived from it, so the Parquet files
+`ImageRecord`/`RegionRecord` (pydantic) are what the code builds; `features()` (Hugging Face
+`datasets.Features`) is the file schema, and `arrow_schema()` is derived from it, so the Parquet files
 carry the `huggingface` metadata that makes `datasets` decode `image` to PIL. Bump `SCHEMA_VERSION`
 on any change of fields; readers check it.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import functools
+from typing import TYPE_CHECKING, Literal
 
-import datasets
 import pyarrow as pa
 from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    import datasets
 
 SCHEMA_VERSION = "1.0"
 
@@ -77,49 +80,60 @@ class ImageRecord(BaseModel):
     schema_version: str = SCHEMA_VERSION
 
 
-_STAGE_PROV = {
-    "model": datasets.Value("string"),
-    "prompt_version": datasets.Value("string"),
-    "prompt_tokens": datasets.Value("int32"),
-    "completion_tokens": datasets.Value("int32"),
-}
+@functools.cache
+def features() -> "datasets.Features":
+    """The file schema as Hugging Face `datasets.Features`.
 
-REGION_FEATURES = {
-    "region_id": datasets.Value("string"),
-    "region_index": datasets.Value("int32"),
-    "phrase": datasets.Value("string"),
-    "bbox": datasets.List(datasets.Value("float32"), length=4),
-    "score": datasets.Value("float32"),
-    "mask": {"size": datasets.List(datasets.Value("int32"), length=2), "counts": datasets.Value("string")},
-    "mask_source": datasets.Value("string"),
-    "object_caption": datasets.Value("string"),
-    "validation": {"consistent": datasets.Value("bool"), "reason": datasets.Value("string")},
-    "context_caption": datasets.Value("string"),
-    "fine_caption": datasets.Value("string"),
-    "status": datasets.Value("string"),
-    "error": datasets.Value("string"),
-    "provenance": {stage: dict(_STAGE_PROV) for stage in ("object", "validate", "context", "merge")},
-}
+    Built on first use: importing `datasets` costs ~3.6 CPU-s, paid by every Ray worker process
+    that imports the data plane, and most of them (stage workers) never write a file.
+    """
+    import datasets
 
-FEATURES = datasets.Features(
-    {
-        "image": datasets.Image(),
-        "image_key": datasets.Value("string"),
-        "shard": datasets.Value("string"),
-        "width": datasets.Value("int32"),
-        "height": datasets.Value("int32"),
-        "caption": datasets.Value("string"),
-        "url": datasets.Value("string"),
-        "regions": datasets.List(REGION_FEATURES),
-        "schema_version": datasets.Value("string"),
+    stage_provenance = {
+        "model": datasets.Value("string"),
+        "prompt_version": datasets.Value("string"),
+        "prompt_tokens": datasets.Value("int32"),
+        "completion_tokens": datasets.Value("int32"),
     }
-)
+    region = {
+        "region_id": datasets.Value("string"),
+        "region_index": datasets.Value("int32"),
+        "phrase": datasets.Value("string"),
+        "bbox": datasets.List(datasets.Value("float32"), length=4),
+        "score": datasets.Value("float32"),
+        "mask": {"size": datasets.List(datasets.Value("int32"), length=2), "counts": datasets.Value("string")},
+        "mask_source": datasets.Value("string"),
+        "object_caption": datasets.Value("string"),
+        "validation": {"consistent": datasets.Value("bool"), "reason": datasets.Value("string")},
+        "context_caption": datasets.Value("string"),
+        "fine_caption": datasets.Value("string"),
+        "status": datasets.Value("string"),
+        "error": datasets.Value("string"),
+        "provenance": {stage: dict(stage_provenance) for stage in ("object", "validate", "context", "merge")},
+    }
+    return datasets.Features(
+        {
+            "image": datasets.Image(),
+            "image_key": datasets.Value("string"),
+            "shard": datasets.Value("string"),
+            "width": datasets.Value("int32"),
+            "height": datasets.Value("int32"),
+            "caption": datasets.Value("string"),
+            "url": datasets.Value("string"),
+            "regions": datasets.List(region),
+            "schema_version": datasets.Value("string"),
+        }
+    )
 
-ARROW_SCHEMA: pa.Schema = FEATURES.arrow_schema
+
+@functools.cache
+def arrow_schema() -> pa.Schema:
+    """The Arrow schema of every stored file, derived from `features()` (with its `huggingface` metadata)."""
+    return features().arrow_schema
 
 
 def image_record_to_row(record: ImageRecord) -> dict:
-    """The dict that `pa.Table.from_pylist(rows, schema=ARROW_SCHEMA)` takes."""
+    """The dict that `pa.Table.from_pylist(rows, schema=arrow_schema())` takes."""
     row = record.model_dump(by_alias=True, exclude={"image_bytes"})
     row["image"] = {"bytes": record.image_bytes, "path": f"{record.image_key}.jpg"} if record.image_bytes else None
     return row

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from annotate.data.records import ARROW_SCHEMA, FEATURES, SCHEMA_VERSION, ImageRecord, image_record_to_row
+from annotate.data.records import SCHEMA_VERSION, ImageRecord, arrow_schema, features, image_record_to_row
 
 ROWS_PER_BATCH = 64
 
@@ -96,13 +96,13 @@ class ShardWriter:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         self._tmp = Path(tmp_name)
         self._fh = os.fdopen(fd, "wb")
-        self._writer = pq.ParquetWriter(self._fh, ARROW_SCHEMA)
+        self._writer = pq.ParquetWriter(self._fh, arrow_schema())
 
     def _flush(self) -> None:
         if self._writer is None:
             self._open()
         if self._batch:
-            self._writer.write_table(pa.Table.from_pylist(self._batch, schema=ARROW_SCHEMA))
+            self._writer.write_table(pa.Table.from_pylist(self._batch, schema=arrow_schema()))
             self._batch = []
 
     def commit(self) -> WriteStats:
@@ -110,7 +110,7 @@ class ShardWriter:
             if self._writer is None or self._batch:
                 self._flush()
             if self.stats.rows == 0:  # an empty shard still gets a valid (empty) file
-                self._writer.write_table(pa.Table.from_pylist([], schema=ARROW_SCHEMA))
+                self._writer.write_table(pa.Table.from_pylist([], schema=arrow_schema()))
             self._writer.close()
             self._fh.flush()
             os.fsync(self._fh.fileno())
@@ -137,7 +137,7 @@ class ShardWriter:
 
 
 def write_parquet_atomic(records: Iterable[ImageRecord], path: Path) -> WriteStats:
-    """Stream records into `path` (ARROW_SCHEMA, so `datasets` decodes `image`), atomically."""
+    """Stream records into `path` (`arrow_schema()`, so `datasets` decodes `image`), atomically."""
     writer = ShardWriter(path)
     try:
         for record in records:
@@ -179,7 +179,7 @@ def write_dataset_card(out_dir: Path, **info) -> None:
     # feature YAML exactly in the form `load_dataset` reads back.
     import datasets
 
-    features_yaml = datasets.DatasetInfo(features=FEATURES)._to_yaml_dict()["features"]
+    features_yaml = datasets.DatasetInfo(features=features())._to_yaml_dict()["features"]
     front = {
         "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}],
         "dataset_info": {"features": features_yaml},
