@@ -271,7 +271,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path} not found (pipelines/ holds the bundled ones)")
     if overrides:
-        raw = deep_merge(raw, overrides)
+        raw = _deep_merge(raw, overrides)
     config = PipelineConfig.model_validate(raw)
     for stage in config.stages.values():
         prompt = Path(stage.prompt)
@@ -282,11 +282,11 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
     return config
 
 
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+            out[key] = _deep_merge(out[key], value)
         else:
             out[key] = value
     return out

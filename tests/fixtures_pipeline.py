@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from annotate.config import PipelineConfig, deep_merge, load_config
+from annotate.config import PipelineConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "pipelines" / "tiny.yaml"
@@ -58,10 +58,9 @@ def copy_sample_shards(dest: Path, count: int) -> Path:
 
 
 def tiny_variant(dest: Path, overrides: dict) -> Path:
-    """pipelines/tiny.yaml with `overrides` merged in, written to `dest` (prompt paths made absolute)."""
-    raw = deep_merge(yaml.safe_load(TINY.read_text()), overrides)
-    for stage in raw["stages"].values():
-        stage["prompt"] = str((TINY.parent / stage["prompt"]).resolve())
-    dest.write_text(yaml.safe_dump(raw, sort_keys=False))
-    load_config(dest)  # fail here, not in the subprocess, if the variant is invalid
+    """pipelines/tiny.yaml with `overrides` merged in, written to `dest` for a subprocess to load.
+
+    `load_config` merges, validates and makes the prompt paths absolute, so an invalid variant
+    fails here, not in the subprocess."""
+    dest.write_text(yaml.safe_dump(load_config(TINY, overrides).model_dump(mode="json"), sort_keys=False))
     return dest
