@@ -10,7 +10,7 @@ the batch.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from PIL import Image
 
@@ -37,9 +37,9 @@ class StageCounts:
     latencies: list[float] = field(default_factory=list)
 
     def add(self, other: "StageCounts") -> None:
-        for name in ("regions_in", "done", "rejected", "failed", "retried", "prompt_tokens", "completion_tokens",
-                     "cached_prompt_tokens"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for f in fields(self):  # every counter, so a new one cannot be left out of the sum
+            if f.name != "latencies":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
         self.latencies.extend(other.latencies)
 
 
