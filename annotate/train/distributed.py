@@ -23,7 +23,6 @@ from annotate.train.trainer import RESULT_FILE
 
 def _train_on_worker(job: dict) -> None:
     """The function every Ray Train worker runs."""
-    import ray.train
     import ray.train.torch
 
     from annotate.train.commands import cpu_threads
@@ -34,12 +33,13 @@ def _train_on_worker(job: dict) -> None:
     ckpt = latest_checkpoint(output)
     # A restart after a worker failure goes on from this job's own newest checkpoint.
     restarted = ckpt is not None and ckpt.stat().st_mtime >= job["started_at"]
-    result = train(
+    # Rank 0 writes the result to RUN (RESULT_FILE): Ray Train V2 drops metrics reported without a
+    # Ray checkpoint, so `ray.train.report` would carry nothing back to the driver.
+    train(
         TrainConfig.model_validate(job["cfg"]), output, job["data"], job["synthetic"], job["max_steps"],
         resume=job["resume"] or restarted, text_cache=job["text_cache"],
         device=str(ray.train.torch.get_device()),
     )
-    ray.train.report({k: v for k, v in result.items() if isinstance(v, (int, float, str))})
 
 
 def train_on_ray(
@@ -83,5 +83,4 @@ def train_on_ray(
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"Ray Train failed: {result.error}")
-    # Ray Train keeps rank 0's metrics only with a Ray checkpoint; ours are in RUN, written by rank 0.
     return json.loads((output / RESULT_FILE).read_text())
