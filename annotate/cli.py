@@ -67,6 +67,21 @@ def run(
 
 
 @app.command()
+def serve(
+    config: str = typer.Option("pipelines/tiny.yaml", "--config", help="pipeline YAML: its models are deployed"),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster (default: a local one, kept until Ctrl-C)"),
+    stop: bool = typer.Option(False, "--stop", help="stop this pipeline's model deployments instead"),
+) -> None:
+    """Start the pipeline's models as Ray Serve deployments that later runs reuse (or --stop them)."""
+    import json
+
+    from annotate.config import load_config
+    from annotate.executor.services import serve_models
+
+    typer.echo(json.dumps(serve_models(load_config(config), address, stop=stop), default=str))
+
+
+@app.command()
 def status(output: str = typer.Argument(..., help="the --output folder of a run")) -> None:
     """Per-shard and per-stage counts, rejection rate and tokens per region of a run."""
     from annotate.executor.report import print_status, status_report

@@ -88,8 +88,8 @@ class VllmArgs(_Section):
     )
     in_process: bool = Field(
         False,
-        description="run vLLM's engine core and worker inside the calling process (no extra processes, "
-        "no OpenMP core binding): starts much faster on small CPU machines; single-GPU/CPU only",
+        description="direct engine only (benchmarks, engine tests; not Serve deployments): run vLLM's engine "
+        "core and worker inside the calling process (no extra processes, no OpenMP core binding)",
     )
     extra: dict[str, Any] = Field(default_factory=dict, description="any other vllm.LLM argument")
 
@@ -122,6 +122,24 @@ class ResourceConfig(_Section):
     custom: dict[str, float] = Field(default_factory=dict)
 
 
+class ServingConfig(_Section):
+    """How a model is served on Ray Serve and how hard stage workers may push it."""
+
+    max_in_flight: int = Field(
+        64, ge=1,
+        description="requests in flight to this model from all stage workers together (split evenly "
+                    "between them); keep it above max_num_seqs x replicas so the engines always have work queued",
+    )
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="Serve's per-replica queue limit (None: max_in_flight)")
+    autoscaling: dict[str, Any] | None = Field(
+        None, description="Serve autoscaling_config (min_replicas, max_replicas, ...); None: resources.replicas fixed")
+    log_engine_metrics: bool = Field(True, description="export vLLM's engine metrics through Ray (dashboard)")
+    unavailable_timeout_s: float = Field(
+        1200.0, gt=0,
+        description="how long a stage waits for a dead replica to be replaced before failing its regions")
+
+
 class ModelConfig(_Section):
     engine: Literal["vllm", "openai", "hf"]
     path: str = Field(description="local path or model name as the engine understands it")
@@ -130,6 +148,7 @@ class ModelConfig(_Section):
     openai: OpenAIArgs = OpenAIArgs()
     hf: HfArgs = HfArgs()
     resources: ResourceConfig = ResourceConfig()
+    serving: ServingConfig = ServingConfig()
     reasoning: bool = Field(False, description="output holds <think>...</think> to split off")
 
 
@@ -151,6 +170,9 @@ class StageConfig(_Section):
     batch_size: int = Field(16, ge=1)
     max_attempts: int = Field(2, ge=1, description="tries per region on a retryable error")
     retry_temperature: float = Field(0.7, ge=0, description="retries sample at least this hot")
+    stage_class: str | None = Field(
+        None, description="module:Class of a Stage subclass to use instead of the built-in one (experiments, "
+                          "benchmarks); it must keep the stage's name")
 
 
 STAGE_ORDER = ("object", "validate", "context", "merge")
@@ -168,6 +190,7 @@ class SegmentConfig(_Section):
     replace_sources: list[str] = Field(default_factory=lambda: ["box", "grabcut"],
                                        description="data-plane mask sources that SAM replaces")
     resources: ResourceConfig = ResourceConfig()
+    serving: ServingConfig = ServingConfig(max_in_flight=8)
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -180,6 +203,15 @@ class RunConfig(_Section):
     reader_cpus: float = Field(1.0, gt=0, description="CPUs per shard-reading task (decode, masks)")
     stage_worker_cpus: float = Field(0.25, gt=0, description="CPUs per stage worker (prompts, crops)")
     stage_workers_per_replica: int = Field(2, ge=1, description="stage workers per model replica")
+    batches_in_flight: int = Field(
+        4, ge=1,
+        description="batches one stage worker works on at once: it starts the next batch while the slowest "
+                    "request of the last one is still generating")
+    serve_http_host: str = Field("127.0.0.1", description="bind address of Serve's HTTP proxy (OpenAI routes)")
+    serve_http_port: int = Field(8000, description="port of Serve's HTTP proxy")
+    openai_routes: bool = Field(
+        True, description="also serve each vLLM model's OpenAI-compatible route at /<app>/v1 for trying it by "
+                          "hand (one small ingress replica per model)")
     rows_per_batch: int = Field(32, ge=1, description="images per block leaving the shard reader")
     shards_in_flight: int | None = Field(
         None, ge=1,
@@ -257,6 +289,10 @@ class PipelineConfig(_Section):
     def fingerprint(self) -> str:
         """Stable hash of everything that changes a record; stored in each shard's manifest line."""
         payload = self.model_dump(mode="json", exclude={"run", "train"})
+        for model in payload["models"].values():  # how a model is served does not change what it writes
+            model.pop("serving", None)
+        if payload.get("segment"):
+            payload["segment"].pop("serving", None)
         for stage in payload["stages"].values():  # the prompt's text counts, not where the file lies
             prompt = Path(stage["prompt"])
             stage["prompt"] = hashlib.sha256(prompt.read_bytes()).hexdigest() if prompt.is_file() else stage["prompt"]

@@ -1,7 +1,8 @@
-"""Fixtures for the pipeline tests: one local Ray cluster and one set of model deployments per run.
+"""Fixtures for the pipeline tests: one local Ray cluster and one Serve application per model per run.
 
-The deployments (vLLM engines in Ray actors) are cached by the executor for the driver's Ray
-session, so every in-process `run_pipeline` call of the test run reuses the same loaded engines.
+The first `run_pipeline` of the test session deploys the tiny models on Ray Serve (Serve LLM); every
+later call finds them RUNNING under the same names and reuses them, as `annotate run` does against
+models started by `annotate serve`.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ def ray_session():
 
     ensure_ray(load_config(TINY).run)
     yield ray
-    from annotate.executor.deployments import shutdown_deployments
+    from ray import serve
 
-    shutdown_deployments()
+    serve.shutdown()
     ray.shutdown()
 
 

@@ -23,11 +23,11 @@ from rich.console import Console
 from annotate.config import PipelineConfig, RunConfig
 from annotate.data.shards import find_shards
 from annotate.data.writer import ShardWriter, write_dataset_card
-from annotate.executor.deployments import get_deployments
 from annotate.executor.layout import FINAL, MODEL_STAGE_PREFIXES, STAGE_IO, OutputLock, RunLayout
 from annotate.executor.progress import ProgressDisplay, ProgressTracker
 from annotate.executor.shard_io import ROW_SHARD, ROW_TOTAL, count_rows, row_to_record
 from annotate.executor.workers import SegmentWorker, StageWorker, finalize_record, read_shard
+from annotate.serving.apps import SEGMENT_MODEL, ensure_apps, needed_models, replica_info
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,8 @@ class RunSummary:
     shards_written: dict[str, dict] = field(default_factory=dict)
     shards_skipped: list[str] = field(default_factory=list)
     dashboard_url: str | None = None
-    replicas: list[dict] = field(default_factory=list)  # where each model replica runs (node, host, load time)
+    replicas: list[dict] = field(default_factory=list)  # where each model replica runs (app, node, pid)
+    models_deployed: list[str] = field(default_factory=list)  # models this run had to load (others were running)
     processing_s: float | None = None  # from all deployments ready to the end (bench/pipeline_overhead.py)
 
 
@@ -127,12 +128,10 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
         summary.dashboard_url = ensure_ray(cfg.run, address)
         if summary.dashboard_url:
             console.print(f"Ray dashboard: {summary.dashboard_url}")
-        deployments = get_deployments(
-            cfg.models, {cfg.stages[s].model for s in chain},
-            on_ready=lambda info: console.print(
-                f"model {info['model']} ready in {info['load_s']:.1f} s on {info['host']} (node {info['node'][:8]})"),
-        )
-        summary.replicas = [info for d in deployments.values() for info in d.replicas]
+        models = needed_models(cfg, chain)
+        apps = ensure_apps(models, cfg.run, on_event=console.print)
+        summary.models_deployed = [name for name, app in apps.items() if app.deployed_now]
+        summary.replicas = replica_info(apps)
         processing_started = time.perf_counter()
         tracker = ProgressTracker.remote()
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -141,24 +140,27 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
             fn_kwargs={"data": cfg.data, "layout_root": str(layout.root), "fingerprint": cfg.fingerprint(),
                        "rows_per_batch": cfg.run.rows_per_batch},
         )
-        if cfg.segment is not None and chain[0] == "object":
-            res = cfg.segment.resources
+        if SEGMENT_MODEL in apps:
             ds = ds.map_batches(
                 SegmentWorker, batch_size=cfg.segment.batch_images, batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=res.replicas), num_cpus=res.num_cpus, num_gpus=res.num_gpus,
-                resources=res.custom or None, accelerator_type=res.accelerator_type,
-                fn_constructor_kwargs={"segment": cfg.segment, "data": cfg.data},
+                compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=cfg.run.batches_in_flight),
+                num_cpus=cfg.run.stage_worker_cpus, max_concurrency=cfg.run.batches_in_flight,
+                fn_constructor_kwargs={"segment": cfg.segment, "app": apps[SEGMENT_MODEL], "data": cfg.data},
             )
+        workers = stage_worker_counts(cfg, chain)
         for name in chain:
             stage_cfg = cfg.stages[name]
-            deployment = deployments[stage_cfg.model]
+            model = cfg.models[stage_cfg.model]
+            # The model's in-flight cap is shared by every stage worker that calls it.
+            share = -(-model.serving.max_in_flight // sum(n for s, n in workers.items() if cfg.stages[s].model == stage_cfg.model))
             ds = ds.map_batches(
                 StageWorker, batch_size=stage_cfg.batch_size, batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(
-                    size=deployment.model.resources.replicas * cfg.run.stage_workers_per_replica),
-                num_cpus=cfg.run.stage_worker_cpus,
-                fn_constructor_kwargs={"stage_name": name, "stage": stage_cfg, "model_id": deployment.model_id,
-                                       "actors": deployment.actors, "data": cfg.data, "tracker": tracker},
+                compute=ray.data.ActorPoolStrategy(size=workers[name],
+                                                   max_tasks_in_flight_per_actor=cfg.run.batches_in_flight),
+                num_cpus=cfg.run.stage_worker_cpus, max_concurrency=cfg.run.batches_in_flight,
+                fn_constructor_kwargs={"stage_name": name, "stage": stage_cfg, "app": apps[stage_cfg.model],
+                                       "reasoning": model.reasoning, "max_in_flight": share, "data": cfg.data,
+                                       "tracker": tracker},
             )
         with ProgressDisplay(tracker, chain, len(items), console) as display:
             summary.shards_written = _write_outputs(ds, layout, output_name, cfg.fingerprint(), display)
@@ -176,13 +178,24 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
     return summary
 
 
+def stage_worker_counts(cfg: PipelineConfig, chain: tuple[str, ...]) -> dict[str, int]:
+    """Stage workers per stage: `run.stage_workers_per_replica` per replica of the stage's model (its
+    autoscaling maximum when it autoscales)."""
+    out = {}
+    for name in chain:
+        model = cfg.models[cfg.stages[name].model]
+        replicas = (model.serving.autoscaling or {}).get("max_replicas", model.resources.replicas)
+        out[name] = max(1, int(replicas)) * cfg.run.stage_workers_per_replica
+    return out
+
+
 def _write_run_record(layout: RunLayout, summary: RunSummary, cfg: PipelineConfig) -> None:
     """OUT/runs/TIME.json: what one invocation did and where its model replicas ran."""
     runs = layout.root / "runs"
     runs.mkdir(parents=True, exist_ok=True)
     record = {"stage": summary.stage, "config": cfg.fingerprint(), "pipeline": cfg.name,
               "shards_written": summary.shards_written, "shards_skipped": summary.shards_skipped,
-              "replicas": summary.replicas}
+              "replicas": summary.replicas, "models_deployed": summary.models_deployed}
     stamp = time.strftime("%Y%m%dT%H%M%S")
     (runs / f"{stamp}-{os.getpid()}.json").write_text(json.dumps(record, indent=2, sort_keys=True))
 

@@ -23,9 +23,10 @@ from annotate.executor.shard_io import (
     record_to_row,
     row_to_record,
 )
-from annotate.executor.deployments import DeploymentClient
-from annotate.stages import STAGE_CLASSES, PromptTemplate
-from annotate.stages.batch import run_stage
+from annotate.serving.apps import ModelApp
+from annotate.serving.client import ModelClient
+from annotate.stages import PromptTemplate, stage_class
+from annotate.stages.batch import run_stage_async
 from annotate.stages.segment import segment_records
 
 # The fields each stage writes, in chain order: a retry clears the failed stage's field and all later ones.
@@ -88,24 +89,31 @@ def read_shard(batch: pa.Table, *, data: DataConfig, layout_root: str, fingerpri
 
 
 class StageWorker:
-    """A Ray Data actor that runs one stage; the model lives in a deployment it calls by handle."""
+    """A Ray Data actor that runs one stage against its model's Serve deployment.
 
-    def __init__(self, stage_name: str, stage: StageConfig, model_id: str, actors: list, data: DataConfig, tracker):
-        self.stage = STAGE_CLASSES[stage_name](PromptTemplate.load(stage.prompt), stage.sampling, model_id)
+    `__call__` is a coroutine: Ray Data runs `run.batches_in_flight` batches on one worker at once,
+    and within a batch every region is its own request, so the next batch's requests are queued at the
+    engine while the last batch's slowest answer is still being generated.
+    """
+
+    def __init__(self, stage_name: str, stage: StageConfig, app: ModelApp, reasoning: bool, max_in_flight: int,
+                 data: DataConfig, tracker):
+        cls = stage_class(stage_name, stage.stage_class)
+        self.stage = cls(PromptTemplate.load(stage.prompt), stage.sampling, app.model_id)
         self.config = stage
         self.data = data
-        self.client = DeploymentClient(actors)
+        self.client = ModelClient(app, reasoning, max_in_flight)
         self.tracker = tracker
         self.metrics = StageMetrics(stage_name)
         self.needs_pixels = bool(self.stage.prompt.images)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    async def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         items = []
         for row in rows:
             record = row_to_record(row)
             items.append((record, decode_or_none(record, self.data) if self.needs_pixels else None))
-        counts = run_stage(
+        counts = await run_stage_async(
             self.stage, items, self.client.chat, self.data.crops, self.config.max_attempts, self.config.retry_temperature
         )
         self.metrics.record(counts)
@@ -114,19 +122,19 @@ class StageWorker:
 
 
 class SegmentWorker:
-    """A Ray Data actor running the optional segment stage; loads its SAM model once."""
+    """A Ray Data actor running the optional segment stage against the SAM deployment."""
 
-    def __init__(self, segment: SegmentConfig, data: DataConfig):
-        from annotate.engines.sam_engine import SamEngine
+    def __init__(self, segment: SegmentConfig, app: ModelApp, data: DataConfig):
+        from ray import serve
 
         self.config = segment
         self.data = data
-        self.engine = SamEngine(segment.path, segment.device)
+        self.handle = serve.get_deployment_handle(app.deployment_name, app.app_name)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    async def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         items = [(record, decode_or_none(record, self.data)) for record in map(row_to_record, rows)]
-        segment_records(self.engine, items, self.config)
+        await segment_records(self.handle.segment.remote, items, self.config)
         return pa.Table.from_pylist([record_to_row(record, row["shard_total"]) for (record, _), row in zip(items, rows)])
 
 

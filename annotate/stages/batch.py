@@ -1,7 +1,8 @@
 """Run one stage over a batch of image records: build requests, call the model, read the answers.
 
-Independent of Ray: `chat` is any callable that takes a list of requests and returns results in
-order (an engine's `chat`, or a Ray actor call wrapped by the executor). Retryable failures (cut
+Independent of Ray: `run_stage` takes any callable that maps a list of requests to results in order
+(an engine's `chat`); `run_stage_async` takes a coroutine function for one request (the executor's
+client of a Serve deployment). Retryable failures (cut
 output, unparsable JSON, timeouts) are asked again up to `max_attempts`; after that, and for
 non-retryable errors, the region is `failed` with the reason. A problem with one region never stops
 the batch.
@@ -9,7 +10,8 @@ the batch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, fields, replace
 
 from PIL import Image
@@ -20,6 +22,7 @@ from annotate.engines.base import ChatRequest, ChatResult
 from annotate.stages.base import RegionContext, Stage
 
 ChatFn = Callable[[list[ChatRequest]], list[ChatResult]]
+AsyncChatFn = Callable[[ChatRequest], Awaitable[ChatResult]]
 
 
 @dataclass
@@ -43,20 +46,8 @@ class StageCounts:
         self.latencies.extend(other.latencies)
 
 
-def run_stage(
-    stage: Stage,
-    items: list[tuple[ImageRecord, Image.Image | None]],
-    chat: ChatFn,
-    crops: CropConfig,
-    max_attempts: int,
-    retry_temperature: float = 0.7,
-) -> StageCounts:
-    """Apply `stage` in place to every region of `items` that it wants.
-
-    A retry at temperature 0 would repeat the same answer, so retries sample at
-    `retry_temperature` (at least) with a seed that depends on the attempt: still reproducible.
-    """
-    counts = StageCounts()
+def _requests(stage: Stage, items, crops: CropConfig, counts: StageCounts) -> list[tuple[RegionContext, ChatRequest]]:
+    """One request per region the stage wants; a region whose request cannot be built fails alone."""
     pending: list[tuple[RegionContext, ChatRequest]] = []
     for record, image in items:
         for region in record.regions:
@@ -69,36 +60,86 @@ def run_stage(
             except Exception as exc:  # a bad crop or a template error fails this region, not the batch
                 stage.fail(region, "input", f"{type(exc).__name__}: {exc}")
                 counts.failed += 1
+    return pending
 
+
+def _take(stage: Stage, ctx: RegionContext, request: ChatRequest, result: ChatResult, attempt: int,
+          max_attempts: int, retry_temperature: float, counts: StageCounts) -> ChatRequest | None:
+    """Apply one answer to its region; return the request to send again, or None when the region is settled."""
+    region = ctx.region
+    counts.prompt_tokens += result.prompt_tokens
+    counts.completion_tokens += result.completion_tokens
+    counts.cached_prompt_tokens += result.cached_prompt_tokens
+    counts.latencies.append(result.latency_s)
+    stage.record_provenance(region, result)
+    if result.ok:
+        problem = stage.apply(region, result)
+        if problem is None:
+            counts.done += 1
+            counts.rejected += region.status == "rejected"
+            return None
+        kind, message, retryable = "parse", problem, True
+    else:
+        kind, message, retryable = result.error_kind or "internal", result.error or "", result.retryable
+    if retryable and attempt < max_attempts:
+        counts.retried += 1
+        return _resampled(request, attempt, retry_temperature)
+    suffix = f" (after {attempt} attempts)" if attempt > 1 else ""
+    stage.fail(region, kind, message + suffix)
+    counts.failed += 1
+    return None
+
+
+def run_stage(
+    stage: Stage,
+    items: list[tuple[ImageRecord, Image.Image | None]],
+    chat: ChatFn,
+    crops: CropConfig,
+    max_attempts: int,
+    retry_temperature: float = 0.7,
+) -> StageCounts:
+    """Apply `stage` in place to every region of `items` that it wants, calling a batch engine
+    (`chat(requests) -> results`) once per round of attempts (the direct, in-process path).
+
+    A retry at temperature 0 would repeat the same answer, so retries sample at
+    `retry_temperature` (at least) with a seed that depends on the attempt: still reproducible.
+    """
+    counts = StageCounts()
+    pending = _requests(stage, items, crops, counts)
     for attempt in range(1, max_attempts + 1):
         if not pending:
             break
         results = chat([request for _, request in pending])
-        retry: list[tuple[RegionContext, ChatRequest]] = []
+        retry = []
         for (ctx, request), result in zip(pending, results, strict=True):
-            region = ctx.region
-            counts.prompt_tokens += result.prompt_tokens
-            counts.completion_tokens += result.completion_tokens
-            counts.cached_prompt_tokens += result.cached_prompt_tokens
-            counts.latencies.append(result.latency_s)
-            stage.record_provenance(region, result)
-            if result.ok:
-                problem = stage.apply(region, result)
-                if problem is None:
-                    counts.done += 1
-                    counts.rejected += region.status == "rejected"
-                    continue
-                kind, message, retryable = "parse", problem, True
-            else:
-                kind, message, retryable = result.error_kind or "internal", result.error or "", result.retryable
-            if retryable and attempt < max_attempts:
-                retry.append((ctx, _resampled(request, attempt, retry_temperature)))
-            else:
-                suffix = f" (after {attempt} attempts)" if attempt > 1 else ""
-                stage.fail(region, kind, message + suffix)
-                counts.failed += 1
-        counts.retried += len(retry)
+            again = _take(stage, ctx, request, result, attempt, max_attempts, retry_temperature, counts)
+            if again is not None:
+                retry.append((ctx, again))
         pending = retry
+    return counts
+
+
+async def run_stage_async(
+    stage: Stage,
+    items: list[tuple[ImageRecord, Image.Image | None]],
+    chat_one: AsyncChatFn,
+    crops: CropConfig,
+    max_attempts: int,
+    retry_temperature: float = 0.7,
+) -> StageCounts:
+    """The same as `run_stage`, one request per region in flight at once (`await chat_one(request)`):
+    each region goes on to its next attempt as soon as its own answer is back, never waiting for the
+    slowest region of the batch. Used by the executor against a served model."""
+    counts = StageCounts()
+
+    async def settle(ctx: RegionContext, request: ChatRequest) -> None:
+        for attempt in range(1, max_attempts + 1):
+            result = await chat_one(request)
+            request = _take(stage, ctx, request, result, attempt, max_attempts, retry_temperature, counts)
+            if request is None:
+                return
+
+    await asyncio.gather(*(settle(ctx, request) for ctx, request in _requests(stage, items, crops, counts)))
     return counts
 
 

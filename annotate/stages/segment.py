@@ -4,8 +4,12 @@ box or a GrabCut guess; a SAM mask replaces it only when it is plausible, else t
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+import numpy as np
 
 from PIL import Image
 
@@ -15,6 +19,9 @@ from annotate.data.records import ImageRecord
 
 log = logging.getLogger(__name__)
 
+# (image, [[x1, y1, x2, y2], ...]) -> one (bool HxW mask, score) per box
+SegmentFn = Callable[[Image.Image, list[list[float]]], Awaitable[list[tuple[np.ndarray, float]]]]
+
 
 @dataclass
 class SegmentCounts:
@@ -23,22 +30,25 @@ class SegmentCounts:
     kept: int = 0  # SAM's mask was refused (too small) or SAM failed on the image
 
 
-def segment_records(engine, items: list[tuple[ImageRecord, Image.Image | None]], cfg: SegmentConfig) -> SegmentCounts:
-    """Replace masks in place; `engine` is a `SamEngine` (anything with its `segment`)."""
+async def segment_records(segment: SegmentFn, items: list[tuple[ImageRecord, Image.Image | None]],
+                          cfg: SegmentConfig) -> SegmentCounts:
+    """Replace masks in place. `segment(image, boxes)` is awaited once per image, all images at once
+    (the SAM deployment's `segment`, or an engine's wrapped in a coroutine)."""
     counts = SegmentCounts()
-    for record, image in items:
+
+    async def one(record: ImageRecord, image: Image.Image | None) -> None:
         regions = [r for r in record.regions
                    if r.status == "pending" and r.mask is not None and r.mask_source in cfg.replace_sources]
         if image is None or not regions:
-            continue
+            return
         counts.regions_in += len(regions)
         boxes = [[r.bbox[0], r.bbox[1], r.bbox[0] + r.bbox[2], r.bbox[1] + r.bbox[3]] for r in regions]
         try:
-            results = engine.segment(image, boxes)
+            results = await segment(image, boxes)
         except Exception as exc:  # the data-plane masks stay; one image never stops the batch
             log.warning("segment failed on %s: %s: %s", record.image_key, type(exc).__name__, exc)
             counts.kept += len(regions)
-            continue
+            return
         for region, (mask, _score) in zip(regions, results, strict=True):
             inside = box_mask(region.bbox, record.height, record.width)
             mask = mask & inside  # a box prompt's object lies in its box
@@ -48,4 +58,6 @@ def segment_records(engine, items: list[tuple[ImageRecord, Image.Image | None]],
                 continue
             region.mask, region.mask_source = encode_rle(mask), "sam"
             counts.replaced += 1
+
+    await asyncio.gather(*(one(record, image) for record, image in items))
     return counts

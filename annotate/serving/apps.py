@@ -1,0 +1,290 @@
+"""`models:` entries -> Ray Serve applications: build, start (or find running), stop.
+
+One application per model, named `longgrit-<model>-<fingerprint>`, where the fingerprint covers
+every setting that changes the deployment. A run that finds an application of that name already
+RUNNING uses it instead of loading the model again (`annotate serve` starts them ahead of runs), and
+two stages that name one model share it.
+
+vLLM models go through Ray Serve LLM (`LLMConfig` -> `LLMServer`): vLLM's async engine, one
+placement group per replica with a bundle per tensor/pipeline-parallel worker (GPU, accelerator
+type), replicas or autoscaling from the config. `hf` and SAM models are plain deployments
+(`servers.py`) that reserve what their `resources` declare.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+from annotate.config import ModelConfig, PipelineConfig, RunConfig, SegmentConfig
+
+log = logging.getLogger(__name__)
+
+APP_PREFIX = "longgrit-"
+SEGMENT_MODEL = "segment"  # the name the optional SAM model is served under
+# Grammar backend that can forbid free whitespace in JSON (a random model otherwise emits whitespace
+# until max_tokens); the same setting the direct engine uses.
+STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
+IMAGE_AFFINITY_ROUTER = "annotate.serving.routing:ImageAffinityRouter"
+
+
+@dataclass(frozen=True)
+class ModelApp:
+    """One model as a Serve application: its name, the deployment stages call, and its kind."""
+
+    model_name: str
+    app_name: str
+    deployment_name: str
+    kind: str  # "llm" (Serve LLM), "hf", "sam"
+    max_in_flight: int
+    unavailable_timeout_s: float
+    model_id: str  # what provenance records: the paper's model name, else the path
+    deployed_now: bool = False  # set by ensure_apps: False when a running deployment was reused
+
+
+def fingerprint(model: ModelConfig | SegmentConfig) -> str:
+    """Hash of the settings that change the deployment (not the client-side in-flight cap)."""
+    dumped = model.model_dump(mode="json")
+    dumped.get("serving", {}).pop("max_in_flight", None)
+    dumped.get("serving", {}).pop("unavailable_timeout_s", None)
+    return hashlib.sha256(repr(sorted(_flatten(dumped))).encode()).hexdigest()[:10]
+
+
+def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
+    if isinstance(value, dict):
+        return [item for key, v in value.items() for item in _flatten(v, f"{prefix}.{key}")]
+    return [(prefix, repr(value))]
+
+
+def model_app(name: str, model: ModelConfig | SegmentConfig) -> ModelApp:
+    kind = "sam" if isinstance(model, SegmentConfig) else ("llm" if model.engine == "vllm" else model.engine)
+    if kind == "openai":
+        raise ValueError(f"model {name!r} uses the openai engine: it is a server outside the cluster, not a deployment")
+    app = f"{APP_PREFIX}{name}-{fingerprint(model)}"
+    # Serve LLM names its deployment LLMServer:<model_id> (with or without the OpenAI ingress).
+    deployment = f"LLMServer:{name}" if kind == "llm" else f"{name}-{kind}"
+    return ModelApp(model_name=name, app_name=app, deployment_name=deployment, kind=kind,
+                    max_in_flight=model.serving.max_in_flight,
+                    unavailable_timeout_s=model.serving.unavailable_timeout_s,
+                    model_id=model.paper_model or model.path)
+
+
+# ------------------------------------------------------------------------------- vLLM (Serve LLM)
+def engine_kwargs(model: ModelConfig) -> dict[str, Any]:
+    """vLLM engine arguments for Serve LLM (engine and OpenAI-frontend arguments in one dict)."""
+    args = model.vllm
+    kwargs: dict[str, Any] = {
+        "tensor_parallel_size": args.tensor_parallel_size,
+        "pipeline_parallel_size": args.pipeline_parallel_size,
+        "dtype": args.dtype,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "trust_remote_code": args.trust_remote_code,
+        "limit_mm_per_prompt": dict(args.limit_mm_per_prompt),
+        "enable_prefix_caching": args.enable_prefix_caching,
+        "enforce_eager": args.enforce_eager,
+        "seed": args.seed,
+        "structured_outputs_config": dict(STRUCTURED_OUTPUTS),
+        "enable_prompt_tokens_details": True,  # cached prompt tokens counted per request
+    }
+    if args.max_model_len is not None:
+        kwargs["max_model_len"] = args.max_model_len
+    if args.max_num_seqs is not None:
+        kwargs["max_num_seqs"] = args.max_num_seqs
+    kwargs.update(args.extra)
+    return kwargs
+
+
+def placement_group_config(model: ModelConfig) -> dict[str, Any]:
+    """A bundle per tensor/pipeline-parallel worker: one GPU each on GPU models (Serve LLM adds the
+    accelerator type to each bundle); CPU models get one CPU bundle for their single worker."""
+    res = model.resources
+    workers = model.vllm.tensor_parallel_size * model.vllm.pipeline_parallel_size
+    if res.num_gpus > 0:
+        if res.num_gpus != workers:
+            raise ValueError(f"{model.path}: resources.num_gpus={res.num_gpus} but tensor x pipeline parallel "
+                             f"= {workers}; a vLLM replica takes one GPU per worker")
+        bundle: dict[str, float] = {"GPU": 1, "CPU": max(res.num_cpus / workers, 1)}
+    else:
+        if workers != 1:
+            raise ValueError(f"{model.path}: tensor/pipeline parallelism needs GPUs (resources.num_gpus)")
+        bundle = {"CPU": res.num_cpus}
+    bundle.update(res.custom)
+    return {"bundle_per_worker": bundle, "strategy": "STRICT_PACK"}
+
+
+def deployment_config(model: ModelConfig | SegmentConfig, replica_cpus: float = 0) -> dict[str, Any]:
+    serving, res = model.serving, model.resources
+    config: dict[str, Any] = {
+        "max_ongoing_requests": serving.max_ongoing_requests or serving.max_in_flight,
+        "ray_actor_options": {"num_cpus": replica_cpus},
+        "health_check_period_s": 10,
+        "health_check_timeout_s": 30,
+    }
+    if serving.autoscaling:
+        config["autoscaling_config"] = dict(serving.autoscaling)
+    else:
+        config["num_replicas"] = res.replicas
+    if serving.autoscaling or res.replicas > 1:
+        # Serve LLM's prefix-aware router looks at text only; an image's regions share the image, so
+        # send them to one replica and its prefix cache holds the image's tokens.
+        config["request_router_config"] = {"request_router_class": IMAGE_AFFINITY_ROUTER}
+    return config
+
+
+def llm_config(name: str, model: ModelConfig):
+    from ray.serve.llm import LLMConfig
+
+    from annotate.engines.factory import resolve_model_path
+
+    env: dict[str, str] = {}
+    if model.vllm.kv_cache_space_gib is not None:  # read by CPU builds only
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(model.vllm.kv_cache_space_gib)))
+    return LLMConfig(
+        model_loading_config={"model_id": name, "model_source": resolve_model_path(model.path)},
+        engine_kwargs=engine_kwargs(model),
+        accelerator_type=model.resources.accelerator_type if model.resources.num_gpus > 0 else None,
+        placement_group_config=placement_group_config(model),
+        # The replica actor itself holds no device: the engine's workers run in the placement group.
+        deployment_config=deployment_config(model, replica_cpus=0),
+        runtime_env={"env_vars": env} if env else None,
+        log_engine_metrics=model.serving.log_engine_metrics,
+    )
+
+
+def deployment_options(name: str, model: ModelConfig | SegmentConfig) -> dict[str, Any]:
+    """The Serve options one model's deployment gets (what the placement test checks, no GPU needed)."""
+    app = model_app(name, model)
+    if app.kind == "llm":
+        from ray.serve.llm.deployment import LLMServer
+
+        return LLMServer.get_deployment_options(llm_config(name, model))
+    res = model.resources
+    actor: dict[str, Any] = {"num_cpus": res.num_cpus, "num_gpus": res.num_gpus}
+    if res.accelerator_type and res.num_gpus > 0:
+        actor["accelerator_type"] = res.accelerator_type
+    if res.custom:
+        actor["resources"] = dict(res.custom)
+    options = deployment_config(model)
+    options["ray_actor_options"] = actor
+    options["name"] = app.deployment_name
+    return options
+
+
+def build_app(name: str, model: ModelConfig | SegmentConfig, run: RunConfig):
+    """The Serve application of one model (not yet deployed)."""
+    app = model_app(name, model)
+    if app.kind == "llm":
+        from ray.serve.llm import build_llm_deployment, build_openai_app
+
+        config = llm_config(name, model)
+        if run.openai_routes:
+            # Ingress + LLMServer: POST /<app>/v1/chat/completions works for a person with curl.
+            return build_openai_app({"llm_configs": [config]})
+        return build_llm_deployment(config)
+    from ray import serve
+
+    from annotate.serving.servers import HfChatServer, SamServer
+
+    cls = SamServer if app.kind == "sam" else HfChatServer
+    options = deployment_options(name, model)
+    return serve.deployment(cls).options(**options).bind(model)
+
+
+# --------------------------------------------------------------------------- start, find, stop
+def needed_models(cfg: PipelineConfig, stages: tuple[str, ...] | None = None) -> dict[str, ModelConfig | SegmentConfig]:
+    """The models the given stages use (all stages when None), plus SAM when the chain starts at object."""
+    stages = tuple(cfg.stages) if stages is None else stages
+    out: dict[str, ModelConfig | SegmentConfig] = {
+        cfg.stages[s].model: cfg.models[cfg.stages[s].model] for s in stages if s in cfg.stages}
+    if cfg.segment is not None and "object" in stages:
+        out[SEGMENT_MODEL] = cfg.segment
+    return out
+
+
+def running_apps() -> dict[str, str]:
+    """Our applications on the cluster and their status (RUNNING, DEPLOYING, DEPLOY_FAILED...)."""
+    from ray import serve
+
+    return {name: str(getattr(app.status, "value", app.status))
+            for name, app in serve.status().applications.items() if name.startswith(APP_PREFIX)}
+
+
+def start_serve(run: RunConfig) -> None:
+    """Start Serve on the cluster (no-op when it runs); its HTTP proxy binds to run.serve_http_host."""
+    from ray import serve
+
+    serve.start(http_options={"host": run.serve_http_host, "port": run.serve_http_port})
+
+
+def ensure_apps(models: dict[str, ModelConfig | SegmentConfig], run: RunConfig,
+                on_event: Callable[[str], None] = log.info, timeout_s: float = 3600) -> dict[str, ModelApp]:
+    """Deploy the models that are not running yet (all at once, so they load in parallel) and wait
+    until every one is RUNNING. Returns each model's `ModelApp` (`deployed_now` False: found running)."""
+    from ray import serve
+    from ray.serve.api import RunTarget  # run_many's argument type (DeveloperAPI)
+
+    start_serve(run)
+    apps = {name: model_app(name, model) for name, model in models.items()}
+    status = running_apps()
+    targets = []
+    for name, app in apps.items():
+        if status.get(app.app_name) in ("RUNNING", "DEPLOYING"):
+            on_event(f"model {name}: using running deployment {app.app_name}")
+            continue
+        on_event(f"model {name}: deploying {app.app_name}")
+        apps[name] = replace(app, deployed_now=True)
+        targets.append(RunTarget(target=build_app(name, models[name], run), name=app.app_name,
+                                 route_prefix=f"/{app.app_name}" if app.kind == "llm" and run.openai_routes else None))
+    if targets:
+        serve.run_many(targets, wait_for_applications_running=False)
+    started = time.monotonic()
+    waiting = {app.app_name: name for app in apps.values() for name in [app.model_name]}
+    while waiting:
+        status = running_apps()
+        for app_name, name in list(waiting.items()):
+            state = status.get(app_name)
+            if state == "RUNNING":
+                on_event(f"model {name} ready ({time.monotonic() - started:.0f} s)")
+                del waiting[app_name]
+            elif state in ("DEPLOY_FAILED", "UNHEALTHY") and time.monotonic() - started > 5:
+                message = serve.status().applications[app_name].message
+                raise RuntimeError(
+                    f"model {name!r} failed to deploy ({state}): {message[-2000:]}\nCheck its `path` and engine "
+                    "arguments in the pipeline file; replica logs are in the Ray dashboard (Serve tab) or "
+                    "/tmp/ray/session_latest/logs/serve/.")
+        if waiting and time.monotonic() - started > timeout_s:
+            raise TimeoutError(f"models not ready after {timeout_s:.0f} s: {', '.join(waiting.values())}")
+        if waiting:
+            time.sleep(2)
+    return apps
+
+
+def stop_apps(models: dict[str, ModelConfig | SegmentConfig] | None = None) -> list[str]:
+    """Delete the applications of `models` (all of ours when None); returns the names deleted."""
+    from ray import serve
+
+    running = running_apps()
+    names = sorted(running) if models is None else [
+        model_app(n, m).app_name for n, m in models.items() if model_app(n, m).app_name in running]
+    for name in names:
+        serve.delete(name)
+    return names
+
+
+def replica_info(apps: dict[str, ModelApp]) -> list[dict]:
+    """Where each model's replicas run (node, pid, state), from Ray's state API."""
+    from ray.util.state import list_actors
+
+    out = []
+    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
+    for app in apps.values():
+        prefix = f"SERVE_REPLICA::{app.app_name}#"
+        for actor in actors:
+            name = actor.name or ""
+            if name.startswith(prefix):
+                out.append({"model": app.model_name, "app": app.app_name, "replica": name[len("SERVE_REPLICA::"):],
+                            "node": actor.node_id, "pid": actor.pid, "class": actor.class_name})
+    return out

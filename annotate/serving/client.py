@@ -1,0 +1,145 @@
+"""Calling a model deployment from a stage worker: one async request per region.
+
+`ModelClient.chat(request)` sends one `ChatRequest` to the model's Serve deployment and returns its
+`ChatResult`, never raising for one bad request. Many calls run at once (the stage worker gathers a
+batch's regions, and works on several batches), bounded by the model's `serving.max_in_flight`
+share, so the engine's scheduler always has requests queued and a long answer holds back nothing.
+
+A replica that dies takes its requests with it: Serve replaces the replica and the client sends the
+lost requests again, waiting up to `serving.unavailable_timeout_s`, without spending one of the
+stage's attempts (the request was never answered). Nothing is lost or counted twice: the result of
+a request is taken from exactly one response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+from annotate.engines.base import ChatRequest, ChatResult
+from annotate.engines.messages import InvalidMessageError, to_vllm_messages
+from annotate.engines.postprocess import error_result, finish
+from annotate.serving.apps import ModelApp
+
+log = logging.getLogger(__name__)
+
+# vLLM's OpenAI layer reports a dead engine as a 5xx whose message names it; Serve then replaces the replica.
+_ENGINE_GONE = ("EngineDeadError", "EngineCore", "engine is dead", "Engine loop", "died")
+
+
+class ReplicaUnavailable(Exception):
+    """The replica holding a request went away; the request may be sent again."""
+
+
+def completion_request(model_name: str, request: ChatRequest):
+    """Our neutral request -> Serve LLM's `ChatCompletionRequest` (images stay PIL: no JPEG round trip)."""
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
+    s = request.sampling
+    kwargs: dict[str, Any] = dict(
+        model=model_name,
+        messages=to_vllm_messages(request.messages),
+        max_tokens=s.max_tokens,
+        min_tokens=min(s.min_tokens, s.max_tokens),
+        temperature=s.temperature,
+        top_p=s.top_p,
+        ignore_eos=s.ignore_eos,
+        seed=s.seed,
+        stop=list(s.stop) or None,
+        # Unique per send (a resend must not collide with a request vLLM still holds); the part before
+        # the last ':' is the image, which the image-affinity router reads.
+        request_id=f"{request.request_id or 'req'}|{uuid.uuid4().hex[:8]}",
+    )
+    if request.json_schema is not None:
+        kwargs["response_format"] = {"type": "json_schema",
+                                     "json_schema": {"name": "answer", "schema": request.json_schema}}
+    return ChatCompletionRequest(**kwargs)
+
+
+def result_from_response(request: ChatRequest, response: Any, reasoning_model: bool, latency: float) -> ChatResult:
+    """A Serve LLM response (`ChatCompletionResponse` or `ErrorResponse`) -> `ChatResult`."""
+    error = getattr(response, "error", None)
+    if error is not None and not hasattr(response, "choices"):
+        code = int(getattr(error, "code", 500) or 500)
+        message = f"{getattr(error, 'type', 'error')}: {getattr(error, 'message', '')}"[:500]
+        if code >= 500 and any(s in message for s in _ENGINE_GONE):
+            raise ReplicaUnavailable(message)
+        kind = "invalid_input" if code in (400, 413, 422) else ("http" if code >= 500 or code in (408, 429) else "rejected")
+        return error_result(request.request_id, kind, f"HTTP {code}: {message}", latency)
+    choice = response.choices[0]
+    usage = response.usage
+    result = finish(request.request_id, choice.message.content or "", choice.finish_reason,
+                    json_schema=request.json_schema, reasoning_model=reasoning_model,
+                    prompt_tokens=usage.prompt_tokens if usage else 0,
+                    completion_tokens=usage.completion_tokens if usage else 0, latency_s=latency,
+                    reasoning=getattr(choice.message, "reasoning", None) or None)
+    details = getattr(usage, "prompt_tokens_details", None) if usage else None
+    result.cached_prompt_tokens = int(getattr(details, "cached_tokens", 0) or 0)
+    return result
+
+
+def _unavailable_errors() -> tuple[type[BaseException], ...]:
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    return (ActorDiedError, ActorUnavailableError, RayActorError, BackPressureError, DeploymentUnavailableError,
+            ReplicaUnavailable)
+
+
+class ModelClient:
+    """A stage worker's handle on one model deployment."""
+
+    def __init__(self, app: ModelApp, reasoning: bool, max_in_flight: int):
+        from ray import serve
+
+        self.app = app
+        self.reasoning = reasoning
+        self.max_in_flight = max(1, max_in_flight)
+        self.handle = serve.get_deployment_handle(app.deployment_name, app.app_name)
+        self._semaphore: asyncio.Semaphore | None = None
+        self._unavailable = _unavailable_errors()
+        self.resent = 0  # requests sent again after their replica died
+
+    @property
+    def semaphore(self) -> asyncio.Semaphore:
+        if self._semaphore is None:  # bound to the event loop of the first call
+            self._semaphore = asyncio.Semaphore(self.max_in_flight)
+        return self._semaphore
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        deadline = time.monotonic() + self.app.unavailable_timeout_s
+        delay = 1.0
+        async with self.semaphore:
+            while True:
+                started = time.perf_counter()
+                try:
+                    return await self._send(request, started)
+                except InvalidMessageError as exc:
+                    return error_result(request.request_id, "invalid_input", f"invalid messages: {exc}")
+                except self._unavailable as exc:
+                    if time.monotonic() + delay > deadline:
+                        return error_result(request.request_id, "engine_dead",
+                                            f"model {self.app.model_name} unavailable for "
+                                            f"{self.app.unavailable_timeout_s:.0f} s: {type(exc).__name__}: {exc}"[:500])
+                    self.resent += 1
+                    log.warning("model %s: replica unavailable (%s); sending %s again in %.0f s",
+                                self.app.model_name, type(exc).__name__, request.request_id, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+                except Exception as exc:  # noqa: BLE001 - one request's failure is its own result
+                    return error_result(request.request_id, "internal", f"{type(exc).__name__}: {str(exc)[:500]}",
+                                        time.perf_counter() - started)
+
+    async def _send(self, request: ChatRequest, started: float) -> ChatResult:
+        if self.app.kind == "hf":
+            return await self.handle.chat.remote(request)
+        payload = completion_request(self.app.model_name, request)
+        response = None
+        async for item in self.handle.options(stream=True).chat.remote(payload):
+            response = item
+        if response is None:
+            return error_result(request.request_id, "internal", "the deployment returned nothing")
+        return result_from_response(request, response, self.reasoning, time.perf_counter() - started)
