@@ -6,8 +6,8 @@ copied into each pipeline output folder so the run skips it), and both end with 
 files written:
 
 * pipeline: `run_pipeline(cfg, ..., stage="all")`, timed by `RunSummary.processing_s` (from every
-  model deployment ready to the end of the run: no Ray start, no model load). The first call loads
-  the deployments; later calls in the same driver reuse them.
+  model deployment ready to the end of the run: no Ray start, no model load). The first call deploys
+  the models on Serve; later calls find them running and reuse them.
 * direct: `build_engine` for both models of the pipeline file in this process, then for each stage
   in chain order `run_stage(stage, records[i:i+batch_size], engine.chat, ...)` over the stored
   records (decoded images for the VLM stages, as a stage worker does), then `finalize_record` and
@@ -95,6 +95,15 @@ class TreeCpu:
         return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
+ENGINE_PROCESS_PREFIXES = ("VLLM::",)  # vLLM's engine core and GPU/CPU workers name themselves so
+
+
+def outside_engine_cpu(by_process: dict[str, float]) -> float:
+    """CPU seconds of every process but vLLM's engine core and workers: what the pipeline itself costs
+    (driver, Ray, readers, stage workers, Serve replicas with their tokenizer and image processor)."""
+    return sum(v for k, v in by_process.items() if not k.startswith(ENGINE_PROCESS_PREFIXES))
+
+
 def _process_label(proc) -> str:
     import os as _os
 
@@ -102,6 +111,8 @@ def _process_label(proc) -> str:
         return "driver (bench process)"
     name = proc.name()
     cmd = " ".join(proc.cmdline()[:3])
+    if name.startswith("VLLM::") or cmd.startswith("VLLM::"):
+        return "VLLM::EngineCore"
     if name.startswith("ray::") or cmd.startswith("ray::"):
         return (name if name.startswith("ray::") else cmd).split()[0]
     for key in ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "runtime_env", "agent"):
@@ -199,7 +210,7 @@ def run(shards: int = 8, rounds: int = 2, config: str | Path = REPO / "pipelines
 
     from annotate.config import load_config
     from annotate.engines.factory import build_engine
-    from annotate.executor.deployments import shutdown_deployments
+    from ray import serve
     from annotate.executor.runner import ensure_ray, run_pipeline
     from bench.shards import make_shards
 
@@ -215,7 +226,11 @@ def run(shards: int = 8, rounds: int = 2, config: str | Path = REPO / "pipelines
         prepare_s = time.perf_counter() - t
 
         t = time.perf_counter()
-        engines = {name: build_engine(cfg.models[name]) for name in sorted({s.model for s in cfg.stages.values()})}
+        # The direct side is the in-process engine (one process, no Serve): the only place besides the
+        # engine tests that still builds `VllmEngine` itself.
+        engines = {name: build_engine(cfg.models[name].model_copy(update={
+            "vllm": cfg.models[name].vllm.model_copy(update={"in_process": True})}))
+            for name in sorted({s.model for s in cfg.stages.values()})}
         direct_load_s = time.perf_counter() - t
         t = time.perf_counter()
         ensure_ray(cfg.run)
@@ -237,8 +252,11 @@ def run(shards: int = 8, rounds: int = 2, config: str | Path = REPO / "pipelines
                 summary = run_pipeline(cfg, work / "input", out, ids, stage="all", console=console)
             wall = time.perf_counter() - t
             assert len(summary.shards_written) == shards, summary.shards_written
+            by_process = tree.by_process()
+            regions = sum(v["regions"] for v in summary.shards_written.values())
             pipeline.append({"seconds": summary.processing_s, "wall_seconds": wall, "cpu_seconds": tree.seconds,
-                             "cpu_by_process": tree.by_process(),
+                             "cpu_by_process": by_process,
+                             "cpu_seconds_per_region_outside_engine": outside_engine_cpu(by_process) / max(regions, 1),
                              "completion_tokens": sum(v["completion_tokens"] for v in summary.shards_written.values()),
                              "prompt_tokens": sum(v["prompt_tokens"] for v in summary.shards_written.values()),
                              "status": {k: sum(v[k] for v in summary.shards_written.values())
@@ -249,7 +267,7 @@ def run(shards: int = 8, rounds: int = 2, config: str | Path = REPO / "pipelines
             console.print(f"round {r}: direct {d['seconds']:.2f} s (model {d['model_seconds']:.2f} s)")
         for e in engines.values():
             e.close()
-        shutdown_deployments()
+        serve.shutdown()
         ray.shutdown()
     finally:
         if own_tmp is not None:
@@ -268,6 +286,8 @@ def run(shards: int = 8, rounds: int = 2, config: str | Path = REPO / "pipelines
         "pipeline_seconds": p_med, "direct_seconds": d_med, "direct_model_seconds": m_med,
         "ratio": p_med / d_med, "ratio_per_round": [p["seconds"] / d["seconds"] for p, d in zip(pipeline, direct)],
         "pipeline_cpu_seconds": pc_med, "direct_cpu_seconds": dc_med, "cpu_ratio": pc_med / dc_med,
+        "cpu_seconds_per_region_outside_engine": statistics.median(
+            p["cpu_seconds_per_region_outside_engine"] for p in pipeline),
         "worker_niceness": worker_niceness, "warmup_seconds": warmup_s,
         "target": 1.25, "loadavg_1m": os.getloadavg()[0],
     }
@@ -290,6 +310,8 @@ def print_table(res: dict) -> None:
     print(f"ratio pipeline / direct = {res['ratio']:.3f} (per round: "
           f"{', '.join(f'{x:.3f}' for x in res['ratio_per_round'])}); target <= {res['target']}")
     print(f"CPU seconds pipeline / direct = {res['cpu_ratio']:.3f} (Ray worker niceness {res['worker_niceness']})")
+    print(f"pipeline CPU-s per region outside vLLM's engine processes = "
+          f"{res['cpu_seconds_per_region_outside_engine']:.3f}")
     for i, p in enumerate(res["pipeline"]):
         top = ", ".join(f"{k} {v:.1f}" for k, v in list(p.get("cpu_by_process", {}).items())[:10])
         print(f"pipeline round {i} CPU-s by process: {top}")

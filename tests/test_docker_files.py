@@ -85,7 +85,7 @@ def test_gpu_dockerfile_matches_the_pins():
     assert from_image(instrs) == f"vllm/vllm-openai:v{vllm_pin()}"
     assert args == {"VLLM_VERSION": vllm_pin(), "RAY_VERSION": ray_pin(), "UV_VERSION": uv_pin()}
     runs = " ".join(rest for instr, rest in instrs if instr == "RUN")
-    assert '"ray[data,default]==${RAY_VERSION}"' in runs and '".[gpu]"' in runs
+    assert '"ray[data,default,serve]==${RAY_VERSION}"' in runs and '".[gpu]"' in runs
     assert ("ENTRYPOINT", "[]") in instrs, "the vLLM image's `vllm serve` entrypoint is reset for Ray"
 
 

@@ -78,3 +78,23 @@ def test_every_stage_mode_reads_the_previous_output():
     for stage, (source, _, chain) in STAGE_IO.items():
         assert source == "prepare" or source in outputs, stage
         assert all(name in STAGE_ORDER for name in chain)
+
+
+def test_stage_class_override_must_be_a_stage_of_that_name():
+    from annotate.stages import stage_class
+    from annotate.stages.merge import MergeStage
+
+    assert stage_class("merge") is MergeStage
+    assert stage_class("merge", "annotate.stages.merge:MergeStage") is MergeStage
+    with pytest.raises(ValueError, match="named 'object'"):
+        stage_class("object", "annotate.stages.merge:MergeStage")
+
+
+def test_serving_settings_do_not_change_the_records_fingerprint():
+    cfg = load_config(REPO / "pipelines" / "tiny.yaml")
+    other = cfg.model_copy(deep=True)
+    other.models["llm"].serving.max_in_flight = 3
+    other.models["llm"].serving.autoscaling = {"min_replicas": 1, "max_replicas": 4}
+    assert other.fingerprint() == cfg.fingerprint()
+    other.models["llm"].vllm.max_model_len = 1024
+    assert other.fingerprint() != cfg.fingerprint()

@@ -1,6 +1,8 @@
 """A real two-node Ray cluster on this machine (`ray start --head` + `ray start --address`, on
-127.0.0.1), `annotate run --address` on it, models pinned to nodes by the custom resources that the
-pipeline file declares — the way a 76B model is pinned to the 8-GPU nodes of a real cluster."""
+127.0.0.1). `annotate serve --address` deploys the models, pinned to nodes by the custom resources
+that the pipeline file declares (the way a 76B model is pinned to the 8-GPU nodes of a real cluster);
+`annotate run --address` then uses those running deployments without loading a model;
+`annotate serve --stop` takes them down."""
 
 from __future__ import annotations
 
@@ -63,12 +65,17 @@ def test_run_on_two_nodes_places_models_by_resources(two_node_cluster, tmp_path)
     config.write_text(yaml.safe_dump(raw))
     out = tmp_path / "out"
 
-    run = subprocess.run(
-        [sys.executable, "-m", "annotate.cli", "run", "--stage", "all", "--shards", "0-1", "--input",
-         str(SAMPLE_SHARDS), "--output", str(out), "--config", str(config), "--address", two_node_cluster],
-        capture_output=True, text=True, timeout=1200, cwd=REPO, env=CLUSTER_ENV,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    def annotate(*args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, "-m", "annotate.cli", *args, "--config", str(config),
+                               "--address", two_node_cluster],
+                              capture_output=True, text=True, timeout=timeout, cwd=REPO, env=CLUSTER_ENV)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc
+
+    served = json.loads(annotate("serve").stdout.strip().splitlines()[-1])
+    assert sorted(served["deployed"]) == ["llm", "vlm"]
+    assert json.loads(annotate("serve", timeout=300).stdout.strip().splitlines()[-1])["deployed"] == []  # already up
+    annotate("run", "--stage", "all", "--shards", "0-1", "--input", str(SAMPLE_SHARDS), "--output", str(out))
 
     probe = subprocess.run(
         [sys.executable, "-c", "import json, ray; ray.init(address='%s'); "
@@ -78,9 +85,15 @@ def test_run_on_two_nodes_places_models_by_resources(two_node_cluster, tmp_path)
     nodes = json.loads(probe.stdout.strip().splitlines()[-1])
     assert len(nodes) == 2
     (record_path,) = (out / "runs").glob("*.json")
-    replicas = {r["model"]: r["node"] for r in json.loads(record_path.read_text())["replicas"]}
+    record = json.loads(record_path.read_text())
+    assert record["models_deployed"] == []  # the run used the deployments `annotate serve` started
+    assert {(r["model"], r["pid"]) for r in record["replicas"]} == {(r["model"], r["pid"]) for r in served["replicas"]}
+    replicas = {r["model"]: r["node"] for r in record["replicas"]}
     assert replicas["vlm"] != replicas["llm"], "both models ran on one node"
     assert "node_a" in nodes[replicas["vlm"]] and "node_b" in nodes[replicas["llm"]]
 
     seen = Counter(r["region_id"] for r in output_regions(out))
     assert seen == input_region_ids(SAMPLE_SHARDS, [0, 1])
+
+    stopped = json.loads(annotate("serve", "--stop", timeout=300).stdout.strip().splitlines()[-1])
+    assert sorted(stopped["stopped"]) == sorted(served["apps"].values())

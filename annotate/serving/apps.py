@@ -213,10 +213,12 @@ def running_apps() -> dict[str, str]:
 
 
 def start_serve(run: RunConfig) -> None:
-    """Start Serve on the cluster (no-op when it runs); its HTTP proxy binds to run.serve_http_host."""
+    """Start Serve on the cluster (no-op when it runs). Stages call deployments by handle, so the HTTP
+    proxy exists only for the OpenAI routes: on the head node, bound to run.serve_http_host."""
     from ray import serve
 
-    serve.start(http_options={"host": run.serve_http_host, "port": run.serve_http_port})
+    serve.start(proxy_location="HeadOnly" if run.openai_routes else "Disabled",
+                http_options={"host": run.serve_http_host, "port": run.serve_http_port})
 
 
 def ensure_apps(models: dict[str, ModelConfig | SegmentConfig], run: RunConfig,

@@ -42,7 +42,7 @@ def completion_request(model_name: str, request: ChatRequest):
     kwargs: dict[str, Any] = dict(
         model=model_name,
         messages=to_vllm_messages(request.messages),
-        max_tokens=s.max_tokens,
+        max_completion_tokens=s.max_tokens,
         min_tokens=min(s.min_tokens, s.max_tokens),
         temperature=s.temperature,
         top_p=s.top_p,
@@ -119,7 +119,10 @@ class ModelClient:
                     return await self._send(request, started)
                 except InvalidMessageError as exc:
                     return error_result(request.request_id, "invalid_input", f"invalid messages: {exc}")
-                except self._unavailable as exc:
+                except Exception as exc:  # noqa: BLE001 - one request's failure is its own result
+                    if not self._replica_gone(exc):
+                        return error_result(request.request_id, "internal", f"{type(exc).__name__}: {str(exc)[:500]}",
+                                            time.perf_counter() - started)
                     if time.monotonic() + delay > deadline:
                         return error_result(request.request_id, "engine_dead",
                                             f"model {self.app.model_name} unavailable for "
@@ -128,10 +131,12 @@ class ModelClient:
                     log.warning("model %s: replica unavailable (%s); sending %s again in %.0f s",
                                 self.app.model_name, type(exc).__name__, request.request_id, delay)
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 30.0)
-                except Exception as exc:  # noqa: BLE001 - one request's failure is its own result
-                    return error_result(request.request_id, "internal", f"{type(exc).__name__}: {str(exc)[:500]}",
-                                        time.perf_counter() - started)
+                    delay = min(delay * 2, 10.0)
+
+    def _replica_gone(self, exc: BaseException) -> bool:
+        """The replica (or its engine) died under the request: Serve replaces it, so send it again.
+        An engine that dies mid-request surfaces as vLLM's EngineDeadError wrapped in a task error."""
+        return isinstance(exc, self._unavailable) or any(s in f"{type(exc).__name__}: {exc}" for s in _ENGINE_GONE)
 
     async def _send(self, request: ChatRequest, started: float) -> ChatResult:
         if self.app.kind == "hf":

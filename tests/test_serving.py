@@ -1,0 +1,176 @@
+"""Models as Serve deployments, without starting one: the production file's placement (TP x PP GPU
+bundles with the accelerator type, hf models' GPUs), the image-affine router's choice, and the
+conversion between our requests and Serve LLM's OpenAI types (the real pydantic classes)."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from annotate.config import SamplingConfig, load_config
+from annotate.engines.base import ChatRequest
+from fixtures_pipeline import REPO
+
+LONGGRIT = REPO / "pipelines" / "longgrit.yaml"
+
+
+def test_production_models_get_a_gpu_bundle_per_parallel_worker(ray_session):
+    """Serve LLM needs the Ray runtime context to build its options (no GPU is used or needed)."""
+    from annotate.serving.apps import deployment_options, model_app, needed_models
+
+    cfg = load_config(LONGGRIT)
+    models = needed_models(cfg)
+    assert set(models) == {"internvl2_76b", "qwen2_72b", "griffon_g", "deepseek_r1_70b"}
+    checked = 0
+    for name, model in models.items():
+        options = deployment_options(name, model)
+        res = model.resources
+        if model.engine == "vllm":
+            workers = model.vllm.tensor_parallel_size * model.vllm.pipeline_parallel_size
+            bundles = options["placement_group_bundles"]
+            assert len(bundles) == workers == res.num_gpus, (name, bundles)
+            for bundle in bundles:
+                assert bundle["GPU"] == 1, (name, bundle)
+                assert bundle[f"accelerator_type:{res.accelerator_type}"] > 0, (name, bundle)
+            assert options["placement_group_strategy"] == "STRICT_PACK"  # a replica never spans nodes
+            assert options["ray_actor_options"]["num_cpus"] == 0  # the replica holds no device itself
+            assert options.get("ray_actor_options", {}).get("num_gpus", 0) == 0
+            checked += 1
+        else:  # hf: a plain deployment that reserves the GPUs it declares
+            actor = options["ray_actor_options"]
+            assert actor["num_gpus"] == res.num_gpus == 2 and actor["accelerator_type"] == res.accelerator_type
+            assert options["name"] == model_app(name, model).deployment_name
+        assert options["num_replicas"] == res.replicas
+        router = options.get("request_router_config") or {}
+        if res.replicas > 1:
+            assert router["request_router_class"].endswith("ImageAffinityRouter"), name
+    assert checked == 3
+
+
+def test_parallel_size_and_gpus_must_agree():
+    from annotate.serving.apps import placement_group_config
+
+    model = load_config(LONGGRIT).models["qwen2_72b"].model_copy(deep=True)
+    model.resources.num_gpus = 2
+    with pytest.raises(ValueError, match="one GPU per worker"):
+        placement_group_config(model)
+
+
+def test_app_names_change_with_deployment_settings_only():
+    from annotate.serving.apps import model_app
+
+    model = load_config(REPO / "pipelines" / "tiny.yaml").models["llm"]
+    same = model.model_copy(deep=True)
+    same.serving.max_in_flight = 7  # a client-side cap: the running deployment still fits
+    other = model.model_copy(deep=True)
+    other.vllm.max_num_seqs = 4
+    assert model_app("llm", model).app_name == model_app("llm", same).app_name
+    assert model_app("llm", model).app_name != model_app("llm", other).app_name
+
+
+def test_image_affinity_keeps_an_image_on_one_replica():
+    from annotate.serving.routing import image_key, rank_replicas
+
+    class Req:
+        def __init__(self, request_id):
+            self.request_id = request_id
+
+    assert image_key(Req("00000:abc:3|1f2e")) == "00000:abc" == image_key(Req("00000:abc:0|99aa"))
+    assert image_key(Req("")) is None and image_key(object()) is None
+    replicas = [f"r{i}" for i in range(4)]
+    firsts = {rank_replicas(f"00000:img{i}", replicas)[0] for i in range(200)}
+    assert firsts == set(replicas)  # images spread over every replica
+    for i in range(50):
+        key = f"00001:img{i}"
+        order = rank_replicas(key, replicas)
+        assert sorted(order) == replicas and order == rank_replicas(key, list(reversed(replicas)))
+        # a replica leaving moves only its own images
+        if order[0] != "r3":
+            assert rank_replicas(key, replicas[:3])[0] == order[0]
+
+
+def test_request_conversion_keeps_sampling_schema_images_and_region():
+    from annotate.serving.client import completion_request
+
+    schema = {"type": "object", "properties": {"consistent": {"type": "boolean"}}, "required": ["consistent"]}
+    image = Image.new("RGB", (8, 6), (1, 2, 3))
+    request = ChatRequest(
+        messages=[{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "hi"}]}],
+        sampling=SamplingConfig(max_tokens=40, min_tokens=50, temperature=0.3, seed=5, stop=["END"]),
+        json_schema=schema, request_id="00000:k1:2")
+    a, b = completion_request("llm", request), completion_request("llm", request)
+    assert a.model == "llm" and a.max_completion_tokens == 40 and a.min_tokens == 40 and a.temperature == 0.3
+    assert a.seed == 5 and a.stop == ["END"]
+    assert a.response_format.json_schema.json_schema == schema
+    assert a.request_id.startswith("00000:k1:2|") and a.request_id != b.request_id  # a resend never collides
+    part = a.messages[0]["content"][0]
+    assert part["type"] == "image_pil" and part["image_pil"].size == (8, 6)
+
+
+def test_responses_become_results():
+    from ray.serve.llm.openai_api_models import ChatCompletionResponse, ErrorResponse
+
+    from annotate.serving.client import ReplicaUnavailable, result_from_response
+
+    request = ChatRequest(messages=[{"role": "user", "content": "x"}], request_id="s:k:0")
+    response = ChatCompletionResponse.model_validate({
+        "id": "c", "model": "llm", "created": 0, "object": "chat.completion",
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant", "content": "thinking</think> a red cup"}}],
+        "usage": {"prompt_tokens": 30, "completion_tokens": 9, "total_tokens": 39,
+                  "prompt_tokens_details": {"cached_tokens": 16}}})
+    result = result_from_response(request, response, reasoning_model=True, latency=0.5)
+    assert result.ok and result.text == "a red cup" and result.reasoning == "thinking"
+    assert (result.prompt_tokens, result.completion_tokens, result.cached_prompt_tokens) == (30, 9, 16)
+
+    too_long = ErrorResponse.model_validate({"error": {"message": "prompt too long", "type": "BadRequestError", "code": 400}})
+    bad = result_from_response(request, too_long, reasoning_model=False, latency=0.1)
+    assert bad.error_kind == "invalid_input" and not bad.retryable and "prompt too long" in bad.error
+    dead = ErrorResponse.model_validate({"error": {"message": "EngineDeadError: EngineCore died", "type": "InternalServerError",
+                                                   "code": 500}})
+    with pytest.raises(ReplicaUnavailable):
+        result_from_response(request, dead, reasoning_model=False, latency=0.1)
+
+
+class _WhoAnswers:
+    """A model-free deployment that says which replica took a request (for the router test only:
+    routing does not depend on what the replica computes)."""
+
+    def __init__(self):
+        import uuid
+
+        self.name = uuid.uuid4().hex
+
+    async def chat(self, request) -> str:
+        return self.name
+
+
+@pytest.mark.slow
+def test_image_affinity_router_in_serve(ray_session):
+    """Two replicas behind the router: all regions of an image land on one replica, images spread."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ray import serve
+
+    from annotate.config import RunConfig
+    from annotate.serving.apps import IMAGE_AFFINITY_ROUTER, start_serve
+
+    start_serve(RunConfig(openai_routes=False))
+    app = serve.deployment(_WhoAnswers).options(
+        num_replicas=2, request_router_config={"request_router_class": IMAGE_AFFINITY_ROUTER}).bind()
+    handle = serve.run(app, name="router-test", route_prefix=None)
+    try:
+        async def send():
+            calls = [(image, handle.chat.remote(SimpleNamespace(request_id=f"00000:img{image}:{region}|n{region}")))
+                     for image in range(12) for region in range(4)]
+            return [(image, await response) for image, response in calls]
+
+        answers = asyncio.run(send())
+        by_image: dict[int, set[str]] = {}
+        for image, replica in answers:
+            by_image.setdefault(image, set()).add(replica)
+        assert all(len(replicas) == 1 for replicas in by_image.values()), by_image
+        assert len(set().union(*by_image.values())) == 2  # both replicas took images
+    finally:
+        serve.delete("router-test")
