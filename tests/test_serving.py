@@ -174,3 +174,17 @@ def test_image_affinity_router_in_serve(ray_session):
         assert len(set().union(*by_image.values())) == 2  # both replicas took images
     finally:
         serve.delete("router-test")
+
+
+@pytest.mark.parametrize("openai_routes", [False, True])
+def test_stage_workers_find_the_llm_deployment_with_or_without_the_openai_route(ray_session, openai_routes):
+    from ray.serve._private.build_app import build_app as flatten
+
+    from annotate.serving.apps import build_app, model_app
+
+    cfg = load_config(REPO / "pipelines" / "tiny.yaml")
+    cfg.run.openai_routes = openai_routes
+    built = flatten(build_app("llm", cfg.models["llm"], cfg.run), name="unused")
+    names = {d.name for d in built.deployments}
+    assert model_app("llm", cfg.models["llm"]).deployment_name in names
+    assert ("OpenAiIngress" in names) == openai_routes
