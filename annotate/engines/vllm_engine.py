@@ -19,11 +19,11 @@ log = logging.getLogger(__name__)
 _NO_WHITESPACE_BACKENDS = ("xgrammar", "guidance")
 
 
-def llm_kwargs(model: ModelConfig, model_path: str) -> dict[str, Any]:
-    """The `vllm.LLM(...)` arguments for `model` (pure: no environment changes, no vLLM import)."""
+def engine_args(model: ModelConfig) -> dict[str, Any]:
+    """vLLM engine arguments from the config (pure: no vLLM import), shared by the in-process engine
+    here and the Serve LLM deployments (`annotate.serving.apps`); `vllm.extra` wins over the rest."""
     args = model.vllm
     kwargs: dict[str, Any] = {
-        "model": model_path,
         "tensor_parallel_size": args.tensor_parallel_size,
         "pipeline_parallel_size": args.pipeline_parallel_size,
         "dtype": args.dtype,
@@ -37,13 +37,19 @@ def llm_kwargs(model: ModelConfig, model_path: str) -> dict[str, Any]:
         # until max_tokens. Needs an explicit backend that supports it.
         "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
     }
-    if args.in_process:
-        kwargs["distributed_executor_backend"] = "uni"
     if args.max_model_len is not None:
         kwargs["max_model_len"] = args.max_model_len
     if args.max_num_seqs is not None:
         kwargs["max_num_seqs"] = args.max_num_seqs
-    kwargs.update(args.extra)  # anything in `extra` wins, structured_outputs_config included
+    return kwargs
+
+
+def llm_kwargs(model: ModelConfig, model_path: str) -> dict[str, Any]:
+    """The `vllm.LLM(...)` arguments for `model` (pure: no environment changes, no vLLM import)."""
+    kwargs: dict[str, Any] = {"model": model_path, **engine_args(model)}
+    if model.vllm.in_process:
+        kwargs["distributed_executor_backend"] = "uni"
+    kwargs.update(model.vllm.extra)  # anything in `extra` wins, structured_outputs_config included
     return kwargs
 
 

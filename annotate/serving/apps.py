@@ -25,9 +25,6 @@ log = logging.getLogger(__name__)
 
 APP_PREFIX = "longgrit-"
 SEGMENT_MODEL = "segment"  # the name the optional SAM model is served under
-# Grammar backend that can forbid free whitespace in JSON (a random model otherwise emits whitespace
-# until max_tokens); the same setting the direct engine uses.
-STRUCTURED_OUTPUTS = {"backend": "xgrammar", "disable_any_whitespace": True}
 IMAGE_AFFINITY_ROUTER = "annotate.serving.routing:ImageAffinityRouter"
 
 
@@ -74,27 +71,11 @@ def model_app(name: str, model: ModelConfig | SegmentConfig) -> ModelApp:
 
 # ------------------------------------------------------------------------------- vLLM (Serve LLM)
 def engine_kwargs(model: ModelConfig) -> dict[str, Any]:
-    """vLLM engine arguments for Serve LLM (engine and OpenAI-frontend arguments in one dict)."""
-    args = model.vllm
-    kwargs: dict[str, Any] = {
-        "tensor_parallel_size": args.tensor_parallel_size,
-        "pipeline_parallel_size": args.pipeline_parallel_size,
-        "dtype": args.dtype,
-        "gpu_memory_utilization": args.gpu_memory_utilization,
-        "trust_remote_code": args.trust_remote_code,
-        "limit_mm_per_prompt": dict(args.limit_mm_per_prompt),
-        "enable_prefix_caching": args.enable_prefix_caching,
-        "enforce_eager": args.enforce_eager,
-        "seed": args.seed,
-        "structured_outputs_config": dict(STRUCTURED_OUTPUTS),
-        "enable_prompt_tokens_details": True,  # cached prompt tokens counted per request
-    }
-    if args.max_model_len is not None:
-        kwargs["max_model_len"] = args.max_model_len
-    if args.max_num_seqs is not None:
-        kwargs["max_num_seqs"] = args.max_num_seqs
-    kwargs.update(args.extra)
-    return kwargs
+    """vLLM engine arguments for Serve LLM (engine and OpenAI-frontend arguments in one dict): the
+    in-process engine's, plus per-request cached-token counts; `vllm.extra` wins."""
+    from annotate.engines.vllm_engine import engine_args
+
+    return {**engine_args(model), "enable_prompt_tokens_details": True, **model.vllm.extra}
 
 
 def placement_group_config(model: ModelConfig) -> dict[str, Any]:
