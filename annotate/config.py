@@ -125,13 +125,14 @@ class ResourceConfig(_Section):
 class ServingConfig(_Section):
     """How a model is served on Ray Serve and how hard stage workers may push it."""
 
-    max_in_flight: int = Field(
-        64, ge=1,
+    max_in_flight: int | None = Field(
+        None, ge=1,
         description="requests in flight to this model from all stage workers together (split evenly "
-                    "between them); keep it above max_num_seqs x replicas so the engines always have work queued",
+                    "between them). None: 2 x max_num_seqs (vLLM's default 256 when unset; hf: batch_size) x "
+                    "replicas, so a full batch runs on every replica and as many wait behind it",
     )
     max_ongoing_requests: int | None = Field(
-        None, ge=1, description="Serve's per-replica queue limit (None: max_in_flight)")
+        None, ge=1, description="Serve's per-replica queue limit (None: the in-flight cap's share per replica)")
     autoscaling: dict[str, Any] | None = Field(
         None, description="Serve autoscaling_config (min_replicas, max_replicas, ...); None: resources.replicas fixed")
     log_engine_metrics: bool = Field(True, description="export vLLM's engine metrics through Ray (dashboard)")

@@ -27,7 +27,7 @@ from annotate.executor.layout import FINAL, MODEL_STAGE_PREFIXES, STAGE_IO, Outp
 from annotate.executor.progress import ProgressDisplay, ProgressTracker
 from annotate.executor.shard_io import ROW_SHARD, ROW_TOTAL, count_rows, row_to_record
 from annotate.executor.workers import SegmentWorker, StageWorker, finalize_record, read_shard
-from annotate.serving.apps import SEGMENT_MODEL, ensure_apps, needed_models, replica_info
+from annotate.serving.apps import SEGMENT_MODEL, ensure_apps, needed_models, replica_info, replicas
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,8 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
             stage_cfg = cfg.stages[name]
             model = cfg.models[stage_cfg.model]
             # The model's in-flight cap is shared by every stage worker that calls it.
-            share = -(-model.serving.max_in_flight // sum(n for s, n in workers.items() if cfg.stages[s].model == stage_cfg.model))
+            app = apps[stage_cfg.model]
+            share = -(-app.max_in_flight // sum(n for s, n in workers.items() if cfg.stages[s].model == stage_cfg.model))
             ds = ds.map_batches(
                 StageWorker, batch_size=stage_cfg.batch_size, batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=workers[name],
@@ -181,12 +182,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
 def stage_worker_counts(cfg: PipelineConfig, chain: tuple[str, ...]) -> dict[str, int]:
     """Stage workers per stage: `run.stage_workers_per_replica` per replica of the stage's model (its
     autoscaling maximum when it autoscales)."""
-    out = {}
-    for name in chain:
-        model = cfg.models[cfg.stages[name].model]
-        replicas = (model.serving.autoscaling or {}).get("max_replicas", model.resources.replicas)
-        out[name] = max(1, int(replicas)) * cfg.run.stage_workers_per_replica
-    return out
+    return {name: replicas(cfg.models[cfg.stages[name].model]) * cfg.run.stage_workers_per_replica for name in chain}
 
 
 def _write_run_record(layout: RunLayout, summary: RunSummary, cfg: PipelineConfig) -> None:

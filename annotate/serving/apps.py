@@ -56,6 +56,25 @@ def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
     return [(prefix, repr(value))]
 
 
+def replicas(model: ModelConfig | SegmentConfig) -> int:
+    """Replicas a model runs on: fixed, or its autoscaling maximum."""
+    return max(1, int((model.serving.autoscaling or {}).get("max_replicas", model.resources.replicas)))
+
+
+def in_flight_cap(model: ModelConfig | SegmentConfig) -> int:
+    """Requests in flight to a model from all stage workers: the configured cap, else twice what its
+    replicas run at once, so that every engine has a full batch running and a full batch queued."""
+    if model.serving.max_in_flight:
+        return model.serving.max_in_flight
+    if isinstance(model, SegmentConfig):
+        per_replica = model.batch_images
+    elif model.engine == "hf":
+        per_replica = model.hf.batch_size
+    else:
+        per_replica = model.vllm.max_num_seqs or 256  # vLLM's default on GPUs
+    return 2 * per_replica * replicas(model)
+
+
 def model_app(name: str, model: ModelConfig | SegmentConfig) -> ModelApp:
     kind = "sam" if isinstance(model, SegmentConfig) else ("llm" if model.engine == "vllm" else model.engine)
     if kind == "openai":
@@ -64,7 +83,7 @@ def model_app(name: str, model: ModelConfig | SegmentConfig) -> ModelApp:
     # Serve LLM names its deployment LLMServer:<model_id> (with or without the OpenAI ingress).
     deployment = f"LLMServer:{name}" if kind == "llm" else f"{name}-{kind}"
     return ModelApp(model_name=name, app_name=app, deployment_name=deployment, kind=kind,
-                    max_in_flight=model.serving.max_in_flight,
+                    max_in_flight=in_flight_cap(model),
                     unavailable_timeout_s=model.serving.unavailable_timeout_s,
                     model_id=model.paper_model or model.path)
 
@@ -99,7 +118,7 @@ def placement_group_config(model: ModelConfig) -> dict[str, Any]:
 def deployment_config(model: ModelConfig | SegmentConfig, replica_cpus: float = 0) -> dict[str, Any]:
     serving, res = model.serving, model.resources
     config: dict[str, Any] = {
-        "max_ongoing_requests": serving.max_ongoing_requests or serving.max_in_flight,
+        "max_ongoing_requests": serving.max_ongoing_requests or -(-in_flight_cap(model) // replicas(model)),
         "ray_actor_options": {"num_cpus": replica_cpus},
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
