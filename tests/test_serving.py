@@ -132,19 +132,6 @@ def test_responses_become_results():
         result_from_response(request, dead, reasoning_model=False, latency=0.1)
 
 
-class _WhoAnswers:
-    """A model-free deployment that says which replica took a request (for the router test only:
-    routing does not depend on what the replica computes)."""
-
-    def __init__(self):
-        import uuid
-
-        self.name = uuid.uuid4().hex
-
-    async def chat(self, request) -> str:
-        return self.name
-
-
 @pytest.mark.slow
 def test_image_affinity_router_in_serve(ray_session):
     """Two replicas behind the router: all regions of an image land on one replica, images spread."""
@@ -156,9 +143,22 @@ def test_image_affinity_router_in_serve(ray_session):
     from annotate.config import RunConfig
     from annotate.serving.apps import IMAGE_AFFINITY_ROUTER, start_serve
 
+    class WhoAnswers:
+        """A model-free deployment that says which replica took a request (routing does not depend on
+        what the replica computes). Defined here so that Serve pickles it by value."""
+
+        def __init__(self):
+            import uuid
+
+            self.name = uuid.uuid4().hex
+
+        async def chat(self, request) -> str:
+            return self.name
+
     start_serve(RunConfig(openai_routes=False))
-    app = serve.deployment(_WhoAnswers).options(
-        num_replicas=2, request_router_config={"request_router_class": IMAGE_AFFINITY_ROUTER}).bind()
+    app = serve.deployment(WhoAnswers).options(
+        num_replicas=2, max_ongoing_requests=64,  # as our deployments: the queue never overflows here
+        request_router_config={"request_router_class": IMAGE_AFFINITY_ROUTER}).bind()
     handle = serve.run(app, name="router-test", route_prefix=None)
     try:
         async def send():

@@ -277,16 +277,23 @@ def stop_apps(models: dict[str, ModelConfig | SegmentConfig] | None = None) -> l
 
 
 def replica_info(apps: dict[str, ModelApp]) -> list[dict]:
-    """Where each model's replicas run (node, pid, state), from Ray's state API."""
-    from ray.util.state import list_actors
+    """Where each model's live replicas run (node, pid). Read from the GCS's actor table, which needs no
+    dashboard (Ray's state API does, and clusters may run without one); bookkeeping only, so a
+    failure to read it is logged, never raised."""
+    from ray._private.state import actors as actor_table  # GCS actor table (ray.util.state needs the dashboard)
 
+    try:
+        table = actor_table()
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not read the actor table for the run record: %s", exc)
+        return []
     out = []
-    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000)
     for app in apps.values():
         prefix = f"SERVE_REPLICA::{app.app_name}#"
-        for actor in actors:
-            name = actor.name or ""
-            if name.startswith(prefix):
+        for actor in table.values():
+            name = actor.get("Name") or ""
+            if name.startswith(prefix) and actor.get("State") == "ALIVE":
                 out.append({"model": app.model_name, "app": app.app_name, "replica": name[len("SERVE_REPLICA::"):],
-                            "node": actor.node_id, "pid": actor.pid, "class": actor.class_name})
+                            "node": (actor.get("Address") or {}).get("NodeID"), "pid": actor.get("Pid"),
+                            "class": actor.get("ActorClassName")})
     return out

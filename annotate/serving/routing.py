@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 import mmh3
-from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 
 def image_key(request: Any) -> str | None:
@@ -28,7 +28,11 @@ def rank_replicas(key: str, replica_ids: list[str]) -> list[str]:
     return sorted(replica_ids, key=lambda rid: mmh3.hash64(f"{key}|{rid}", signed=False)[0], reverse=True)
 
 
-class ImageAffinityRouter(FIFOMixin, RequestRouter):
+class ImageAffinityRouter(RequestRouter):
+    """No FIFOMixin: with it, the replica chosen for one request is handed to whichever request is
+    first in the queue, which breaks the image -> replica match; the base class hands it to the
+    request it was chosen for."""
+
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if not candidate_replicas:
