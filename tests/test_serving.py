@@ -76,6 +76,7 @@ def test_image_affinity_keeps_an_image_on_one_replica():
             self.request_id = request_id
 
     assert image_key(Req("00000:abc:3|1f2e")) == "00000:abc" == image_key(Req("00000:abc:0|99aa"))
+    assert image_key({"request_id": "00000:abc:1|77"}) == "00000:abc"  # the payload stage workers send
     assert image_key(Req("")) is None and image_key(object()) is None
     replicas = [f"r{i}" for i in range(4)]
     firsts = {rank_replicas(f"00000:img{i}", replicas)[0] for i in range(200)}
@@ -90,6 +91,8 @@ def test_image_affinity_keeps_an_image_on_one_replica():
 
 
 def test_request_conversion_keeps_sampling_schema_images_and_region():
+    from ray.serve.llm.openai_api_models import ChatCompletionRequest
+
     from annotate.serving.client import completion_request
 
     schema = {"type": "object", "properties": {"consistent": {"type": "boolean"}}, "required": ["consistent"]}
@@ -98,7 +101,10 @@ def test_request_conversion_keeps_sampling_schema_images_and_region():
         messages=[{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "hi"}]}],
         sampling=SamplingConfig(max_tokens=40, min_tokens=50, temperature=0.3, seed=5, stop=["END"]),
         json_schema=schema, request_id="00000:k1:2")
-    a, b = completion_request("llm", request), completion_request("llm", request)
+    payload = completion_request("llm", request)
+    assert "vllm" not in type(payload).__module__  # a plain dict: stage workers never import vLLM
+    # What the replica builds from it (llm_server.StageLLMServer.chat_payload): the real class accepts it.
+    a, b = ChatCompletionRequest(**payload), ChatCompletionRequest(**completion_request("llm", request))
     assert a.model == "llm" and a.max_completion_tokens == 40 and a.min_tokens == 40 and a.temperature == 0.3
     assert a.seed == 5 and a.stop == ["END"]
     assert a.response_format.json_schema.json_schema == schema
@@ -110,7 +116,11 @@ def test_request_conversion_keeps_sampling_schema_images_and_region():
 def test_responses_become_results():
     from ray.serve.llm.openai_api_models import ChatCompletionResponse, ErrorResponse
 
-    from annotate.serving.client import ReplicaUnavailable, result_from_response
+    from annotate.serving.client import ReplicaUnavailable, result_from_summary
+    from annotate.serving.llm_server import response_summary
+
+    def result_from_response(request, response, reasoning_model, latency):
+        return result_from_summary(request, response_summary(response), reasoning_model, latency)
 
     request = ChatRequest(messages=[{"role": "user", "content": "x"}], request_id="s:k:0")
     response = ChatCompletionResponse.model_validate({

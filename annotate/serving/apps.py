@@ -80,8 +80,9 @@ def model_app(name: str, model: ModelConfig | SegmentConfig) -> ModelApp:
     if kind == "openai":
         raise ValueError(f"model {name!r} uses the openai engine: it is a server outside the cluster, not a deployment")
     app = f"{APP_PREFIX}{name}-{fingerprint(model)}"
-    # Serve LLM names its deployment LLMServer:<model_id> (with or without the OpenAI ingress).
-    deployment = f"LLMServer:{name}" if kind == "llm" else f"{name}-{kind}"
+    # Serve LLM names its deployment <server class>:<model_id> (with or without the OpenAI ingress);
+    # the class is llm_server.StageLLMServer (not imported here: it imports vLLM).
+    deployment = f"StageLLMServer:{name}" if kind == "llm" else f"{name}-{kind}"
     return ModelApp(model_name=name, app_name=app, deployment_name=deployment, kind=kind,
                     max_in_flight=in_flight_cap(model),
                     unavailable_timeout_s=model.serving.unavailable_timeout_s,
@@ -138,6 +139,7 @@ def llm_config(name: str, model: ModelConfig):
     from ray.serve.llm import LLMConfig
 
     from annotate.engines.factory import resolve_model_path
+    from annotate.serving.llm_server import StageLLMServer
 
     env: dict[str, str] = {}
     if model.vllm.kv_cache_space_gib is not None:  # read by CPU builds only
@@ -151,6 +153,7 @@ def llm_config(name: str, model: ModelConfig):
         deployment_config=deployment_config(model, replica_cpus=0),
         runtime_env={"env_vars": env} if env else None,
         log_engine_metrics=model.serving.log_engine_metrics,
+        server_cls=StageLLMServer,  # LLMServer + chat_payload(dict): stage workers never import vLLM
     )
 
 

@@ -34,12 +34,11 @@ class ReplicaUnavailable(Exception):
     """The replica holding a request went away; the request may be sent again."""
 
 
-def completion_request(model_name: str, request: ChatRequest):
-    """Our neutral request -> Serve LLM's `ChatCompletionRequest` (images stay PIL: no JPEG round trip)."""
-    from ray.serve.llm.openai_api_models import ChatCompletionRequest
-
+def completion_request(model_name: str, request: ChatRequest) -> dict[str, Any]:
+    """Our neutral request -> the fields of Serve LLM's `ChatCompletionRequest`, as a plain dict (the
+    replica builds the object: see `llm_server.py`). Images stay PIL: no JPEG round trip."""
     s = request.sampling
-    kwargs: dict[str, Any] = dict(
+    payload: dict[str, Any] = dict(
         model=model_name,
         messages=to_vllm_messages(request.messages),
         max_completion_tokens=s.max_tokens,
@@ -54,30 +53,26 @@ def completion_request(model_name: str, request: ChatRequest):
         request_id=f"{request.request_id or 'req'}|{uuid.uuid4().hex[:8]}",
     )
     if request.json_schema is not None:
-        kwargs["response_format"] = {"type": "json_schema",
-                                     "json_schema": {"name": "answer", "schema": request.json_schema}}
-    return ChatCompletionRequest(**kwargs)
+        payload["response_format"] = {"type": "json_schema",
+                                      "json_schema": {"name": "answer", "schema": request.json_schema}}
+    return payload
 
 
-def result_from_response(request: ChatRequest, response: Any, reasoning_model: bool, latency: float) -> ChatResult:
-    """A Serve LLM response (`ChatCompletionResponse` or `ErrorResponse`) -> `ChatResult`."""
-    error = getattr(response, "error", None)
-    if error is not None and not hasattr(response, "choices"):
-        code = int(getattr(error, "code", 500) or 500)
-        message = f"{getattr(error, 'type', 'error')}: {getattr(error, 'message', '')}"[:500]
+def result_from_summary(request: ChatRequest, summary: dict[str, Any], reasoning_model: bool, latency: float) -> ChatResult:
+    """The replica's answer (`llm_server.response_summary`) -> `ChatResult`."""
+    error = summary.get("error")
+    if error is not None:
+        code = int(error.get("code") or 500)
+        message = f"{error.get('type', 'error')}: {error.get('message', '')}"[:500]
         if code >= 500 and any(s in message for s in _ENGINE_GONE):
             raise ReplicaUnavailable(message)
         kind = "invalid_input" if code in (400, 413, 422) else ("http" if code >= 500 or code in (408, 429) else "rejected")
         return error_result(request.request_id, kind, f"HTTP {code}: {message}", latency)
-    choice = response.choices[0]
-    usage = response.usage
-    result = finish(request.request_id, choice.message.content or "", choice.finish_reason,
+    result = finish(request.request_id, summary["text"], summary["finish_reason"],
                     json_schema=request.json_schema, reasoning_model=reasoning_model,
-                    prompt_tokens=usage.prompt_tokens if usage else 0,
-                    completion_tokens=usage.completion_tokens if usage else 0, latency_s=latency,
-                    reasoning=getattr(choice.message, "reasoning", None) or None)
-    details = getattr(usage, "prompt_tokens_details", None) if usage else None
-    result.cached_prompt_tokens = int(getattr(details, "cached_tokens", 0) or 0)
+                    prompt_tokens=summary["prompt_tokens"], completion_tokens=summary["completion_tokens"],
+                    latency_s=latency, reasoning=summary.get("reasoning"))
+    result.cached_prompt_tokens = summary.get("cached_tokens", 0)
     return result
 
 
@@ -141,10 +136,5 @@ class ModelClient:
     async def _send(self, request: ChatRequest, started: float) -> ChatResult:
         if self.app.kind == "hf":
             return await self.handle.chat.remote(request)
-        payload = completion_request(self.app.model_name, request)
-        response = None
-        async for item in self.handle.options(stream=True).chat.remote(payload):
-            response = item
-        if response is None:
-            return error_result(request.request_id, "internal", "the deployment returned nothing")
-        return result_from_response(request, response, self.reasoning, time.perf_counter() - started)
+        summary = await self.handle.chat_payload.remote(completion_request(self.app.model_name, request))
+        return result_from_summary(request, summary, self.reasoning, time.perf_counter() - started)

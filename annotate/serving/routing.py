@@ -18,7 +18,7 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 
 def image_key(request: Any) -> str | None:
     """The image part of a request id, or None (then any replica will do)."""
-    request_id = getattr(request, "request_id", None) or ""
+    request_id = (request.get("request_id") if isinstance(request, dict) else getattr(request, "request_id", None)) or ""
     region = request_id.split("|", 1)[0]
     return region.rsplit(":", 1)[0] if ":" in region else None
 
