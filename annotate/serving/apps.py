@@ -14,6 +14,7 @@ type), replicas or autoscaling from the config. `hf` and SAM models are plain de
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -47,13 +48,7 @@ def fingerprint(model: ModelConfig | SegmentConfig) -> str:
     dumped = model.model_dump(mode="json")
     dumped.get("serving", {}).pop("max_in_flight", None)
     dumped.get("serving", {}).pop("unavailable_timeout_s", None)
-    return hashlib.sha256(repr(sorted(_flatten(dumped))).encode()).hexdigest()[:10]
-
-
-def _flatten(value: Any, prefix: str = "") -> list[tuple[str, str]]:
-    if isinstance(value, dict):
-        return [item for key, v in value.items() for item in _flatten(v, f"{prefix}.{key}")]
-    return [(prefix, repr(value))]
+    return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:10]
 
 
 def replicas(model: ModelConfig | SegmentConfig) -> int:
@@ -246,7 +241,7 @@ def ensure_apps(models: dict[str, ModelConfig | SegmentConfig], run: RunConfig,
     if targets:
         serve.run_many(targets, wait_for_applications_running=False)
     started = time.monotonic()
-    waiting = {app.app_name: name for app in apps.values() for name in [app.model_name]}
+    waiting = {app.app_name: app.model_name for app in apps.values()}
     while waiting:
         status = running_apps()
         for app_name, name in list(waiting.items()):
@@ -273,7 +268,7 @@ def stop_apps(models: dict[str, ModelConfig | SegmentConfig] | None = None) -> l
 
     running = running_apps()
     names = sorted(running) if models is None else [
-        model_app(n, m).app_name for n, m in models.items() if model_app(n, m).app_name in running]
+        app for app in (model_app(n, m).app_name for n, m in models.items()) if app in running]
     for name in names:
         serve.delete(name)
     return names
