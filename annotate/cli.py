@@ -15,11 +15,13 @@ app.add_typer(models_app, name="models")
 
 @models_app.command("make-tiny")
 def make_tiny(
-    out_dir: str = typer.Argument(..., help="folder that receives text/ and vlm/"),
+    out_dir: str = typer.Argument(..., help="folder that receives one folder per tiny model"),
     force: bool = typer.Option(False, "--force", help="rebuild even when already built"),
 ) -> None:
-    """Build the tiny random-weight models (a Qwen2 text model and a LLaVA VLM), no network."""
-    from annotate.models.tiny import build_all
+    """Build the tiny random-weight models, no network: the CPU pipeline's (a Qwen2 text model, a LLaVA
+    VLM, SAM) and replicas of the paper's architectures (InternVL2, Qwen2-Instruct, R1-distill Llama,
+    a Griffon-style LLaVA-code-base model)."""
+    from annotate.models.registry import build_all
 
     for kind, path in build_all(out_dir, force=force).items():
         typer.echo(f"{kind}\t{path}")

@@ -47,7 +47,7 @@ def tiny_model_config(kind: str, path, **vllm_overrides):
 
 @pytest.fixture(scope="session")
 def tiny_model_paths() -> dict[str, Path]:
-    from annotate.models.tiny import KINDS, tiny_path
+    from annotate.models.registry import KINDS, tiny_path
 
     return {kind: tiny_path(kind) for kind in KINDS}
 

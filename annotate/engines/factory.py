@@ -11,16 +11,18 @@ TINY_PREFIX = "tiny:"
 
 
 def resolve_model_path(path: str) -> str:
-    """``tiny:vlm`` / ``tiny:text`` -> the cached tiny model's directory (built on first use, under
-    $LONGGRIT_CACHE_DIR, default ~/.cache/longgrit); a local path with ``~`` is expanded; anything
-    else (a hub name, an absolute path) is returned as it is."""
+    """``tiny:KIND`` -> the cached tiny model's directory (built on first use, under
+    $LONGGRIT_CACHE_DIR, default ~/.cache/longgrit), ``tiny:KIND/sub`` -> a folder inside it (e.g. the
+    Griffon-style model's ``code``); a local path with ``~`` is expanded; anything else (a hub name,
+    an absolute path) is returned as it is."""
     if path.startswith(TINY_PREFIX):
-        from annotate.models.tiny import KINDS, tiny_path
+        from annotate.models.registry import KINDS, tiny_path
 
-        kind = path[len(TINY_PREFIX):]
+        kind, _, inside = path[len(TINY_PREFIX):].partition("/")
         if kind not in KINDS:
             raise ValueError(f"unknown tiny model {path!r}; known: {', '.join(TINY_PREFIX + k for k in KINDS)}")
-        return str(tiny_path(kind))  # type: ignore[arg-type]
+        base = tiny_path(kind)
+        return str(base / inside) if inside else str(base)
     if path.startswith("~"):
         return str(Path(path).expanduser())
     return path
@@ -40,4 +42,8 @@ def build_engine(model: ModelConfig) -> Engine:
         from annotate.engines.hf_engine import HfEngine
 
         return HfEngine(model)
+    if model.engine == "llava":
+        from annotate.engines.llava_engine import LlavaEngine
+
+        return LlavaEngine(model)
     raise ValueError(f"unknown engine {model.engine!r}")

@@ -1,6 +1,6 @@
 """Tiny random-weight models for CPU runs and tests: built locally, deterministic, no network.
 
-Two models, each a few MB:
+The CPU pipeline's two models, each a few MB (registry.py names every tiny model and caches builds):
   * ``text``: a Qwen2-style causal LM (``Qwen2ForCausalLM``). Its tokenizer knows ``<think>`` and
     ``</think>`` (as ordinary added tokens, kept when decoding), so it can stand in for a reasoning
     model as well.
@@ -11,25 +11,13 @@ Two models, each a few MB:
 The tokenizers are byte-level BPE trained with the ``tokenizers`` library on a few hundred words
 (plus JSON punctuation and digits), so every string is encodable and structured (JSON) output can be
 produced. Attention heads are 64 wide (hidden 128, 2 heads): vLLM's CPU attention refuses smaller.
-
-A built model directory holds ``tiny_recipe.json``; a directory whose recipe matches is reused.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Iterable
 
-TinyKind = Literal["text", "vlm", "sam"]
-KINDS: tuple[TinyKind, ...] = ("text", "vlm", "sam")
-
-# Bump when anything below changes what gets written: cached builds with another version are rebuilt.
-RECIPE_VERSION = 3
-RECIPE_FILE = "tiny_recipe.json"
 SEED = 1234
 
 HIDDEN = 128
@@ -40,7 +28,7 @@ MAX_POSITIONS = 4096
 VOCAB_SIZE = 640  # BPE target; 256 byte symbols + merges + special tokens
 
 # Weights wider than the usual 0.02, so that the output depends on the context (with 0.02 a random
-# model repeats one token, e.g. "\n\n\n..."); see _shape_output_head for the output layer.
+# model repeats one token, e.g. "\n\n\n..."); see shape_output_head for the output layer.
 INIT_RANGE = 0.2
 HEAD_STD = 0.1
 EOS_AFTER_STOP = 40.0  # EOS output row: this * HEAD_STD along the "." embedding
@@ -106,40 +94,107 @@ def _corpus() -> list[str]:
 
 
 def build_tokenizer(with_image_token: bool):
-    """A byte-level BPE tokenizer (transformers fast tokenizer) with the chat template set."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    """The text and VLM models' tokenizer: ChatML markers, ``<think>``/``</think>`` kept in decoding."""
+    return build_bpe_tokenizer(special=[EOS, IM_START, IM_END] + ([IMAGE_TOKEN] if with_image_token else []),
+                               added=[THINK_OPEN, THINK_CLOSE], chat_template=CHAT_TEMPLATE, eos=EOS, pad=EOS,
+                               model_max_length=MAX_POSITIONS)
+
+
+def build_bpe_tokenizer(
+    *,
+    special: list[str],
+    added: Iterable[str] = (),
+    chat_template: str | None,
+    eos: str,
+    bos: str | None = None,
+    pad: str | None = None,
+    add_bos: bool = False,
+    model_max_length: int = 4096,
+    extra_special: Iterable[str] = (),
+):
+    """A byte-level BPE tokenizer trained on ``_corpus()``, for every tiny model: ``special`` tokens
+    first (ids 0..), then the merges, then ``added`` tokens that are *not* special (kept when
+    decoding, e.g. ``<think>``); ``extra_special`` are added
+    special tokens after the merges. ``add_bos``: a post-processor puts ``bos`` in front of every
+    encoding, as Llama 3's tokenizers do (chat templates then carry ``bos_token`` themselves and vLLM
+    encodes rendered chats without special tokens)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    special = [EOS, IM_START, IM_END] + ([IMAGE_TOKEN] if with_image_token else [])
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
-        special_tokens=special,
+        special_tokens=list(special),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
-    # Reasoning markers: added tokens that are *not* special, so decoding keeps them (as Qwen3 does).
-    tok.add_tokens([AddedToken(THINK_OPEN, special=False, normalized=False),
-                    AddedToken(THINK_CLOSE, special=False, normalized=False)])
-    kwargs = dict(
+    extra_special = list(extra_special)
+    if extra_special:
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in extra_special])
+    added = list(added)
+    if added:
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in added])
+    if add_bos:
+        assert bos is not None
+        bos_id = tok.token_to_id(bos)
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
+        )
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token=EOS,
-        pad_token=EOS,
-        bos_token=None,
+        eos_token=eos,
+        bos_token=bos,
+        pad_token=pad,
         unk_token=None,
         padding_side="left",
-        model_max_length=MAX_POSITIONS,
+        model_max_length=model_max_length,
+        clean_up_tokenization_spaces=False,
     )
-    fast = PreTrainedTokenizerFast(**kwargs)
-    if with_image_token:
-        fast.add_special_tokens({"additional_special_tokens": [IM_START, IM_END, IMAGE_TOKEN]})
-    else:
-        fast.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
-    fast.chat_template = CHAT_TEMPLATE
+    others = [t for t in list(special) + extra_special if t not in (eos, bos, pad)]
+    if others:
+        fast.add_special_tokens({"additional_special_tokens": others})
+    if chat_template is not None:
+        fast.chat_template = chat_template
     return fast
+
+
+def shape_output_head(model, tokenizer, stop: str, *, along: dict[str, tuple[str, float]] | None = None) -> None:
+    """Make a random model's greedy output look like text: output rows of whitespace-only, added
+    (special or not: chat markers, ``<think>``...) and partial-UTF-8 tokens are zeroed (their logit is
+    0 while the best of the others is well above), and the ``stop`` row (end of turn) points along the
+    embedding of "." so that generations tend to end after a full stop (a few to a few dozen tokens)
+    instead of at once or never. Each ``along`` entry ``token: (anchor, gain)`` is kept and points
+    that token's row along the embedding of ``anchor`` instead (so it tends to follow ``anchor``)."""
+    import torch
+
+    along = dict(along or {})
+    head = model.get_output_embeddings().weight
+    embed = model.get_input_embeddings().weight
+    ids = tokenizer.convert_tokens_to_ids
+    stop_id = ids(stop)
+    keep = {ids(t) for t in along}
+    added = set(tokenizer.added_tokens_decoder) | set(tokenizer.all_special_ids)
+    muted = []
+    for i in range(head.shape[0]):
+        if i >= len(tokenizer) or (i in added and i not in keep):
+            muted.append(i)
+            continue
+        if i in keep:
+            continue
+        piece = tokenizer.decode([i])
+        if not piece.strip() or "\ufffd" in piece or any(ord(c) < 32 for c in piece):
+            muted.append(i)
+    with torch.no_grad():
+        head.normal_(0.0, HEAD_STD)
+        head[muted] = 0.0
+        dot = embed[ids(".")]
+        head[stop_id] = dot / dot.norm() * HEAD_STD * EOS_AFTER_STOP
+        for token, (anchor, gain) in along.items():
+            vec = embed[ids(anchor)]
+            head[ids(token)] = vec / vec.norm() * HEAD_STD * gain
 
 
 def _qwen2_config(tokenizer):
@@ -164,33 +219,6 @@ def _qwen2_config(tokenizer):
     )
 
 
-def _shape_output_head(model, tokenizer) -> None:
-    """Make a random model's greedy output look like text: output rows of whitespace-only, special,
-    reasoning-marker and partial-UTF-8 tokens are zeroed (their logit is 0 while the best of the
-    others is well above), and the EOS row points along the embedding of "." so that generations
-    tend to end after a full stop (a few to a few dozen tokens) instead of at once or never."""
-    import torch
-
-    head = model.get_output_embeddings().weight
-    embed = model.get_input_embeddings().weight
-    eos = tokenizer.convert_tokens_to_ids(EOS)
-    markers = {tokenizer.convert_tokens_to_ids(t) for t in (THINK_OPEN, THINK_CLOSE)}
-    special = set(tokenizer.all_special_ids) | markers
-    muted = []
-    for i in range(head.shape[0]):
-        if i >= len(tokenizer) or i in special:
-            muted.append(i)
-            continue
-        piece = tokenizer.decode([i])
-        if not piece.strip() or "\ufffd" in piece or any(ord(c) < 32 for c in piece):
-            muted.append(i)
-    with torch.no_grad():
-        head.normal_(0.0, HEAD_STD)
-        head[muted] = 0.0
-        dot = embed[tokenizer.convert_tokens_to_ids(".")]
-        head[eos] = dot / dot.norm() * HEAD_STD * EOS_AFTER_STOP
-
-
 def _set_generation_config(model, tokenizer) -> None:
     eos = [tokenizer.convert_tokens_to_ids(EOS), tokenizer.convert_tokens_to_ids(IM_END)]
     model.generation_config.eos_token_id = eos
@@ -206,7 +234,7 @@ def _build_text(out: Path) -> None:
     torch.manual_seed(SEED)
     tokenizer = build_tokenizer(with_image_token=False)
     model = Qwen2ForCausalLM(_qwen2_config(tokenizer)).eval()
-    _shape_output_head(model, tokenizer)
+    shape_output_head(model, tokenizer, EOS)
     _set_generation_config(model, tokenizer)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -243,7 +271,7 @@ def _build_vlm(out: Path) -> None:
         tie_word_embeddings=False,
     )
     model = LlavaForConditionalGeneration(config).eval()
-    _shape_output_head(model, tokenizer)
+    shape_output_head(model, tokenizer, EOS)
     _set_generation_config(model, tokenizer)
     model.save_pretrained(out)
     image_processor = CLIPImageProcessor(
@@ -309,59 +337,4 @@ def _rename_vision_tower_keys(out: Path) -> None:
         save_file(renamed, str(path), metadata={"format": "pt"})
 
 
-_BUILDERS = {"text": _build_text, "vlm": _build_vlm, "sam": _build_sam}
-
-
-def _recipe(kind: TinyKind) -> dict:
-    return {"kind": kind, "version": RECIPE_VERSION, "seed": SEED}
-
-
-def is_built(path: str | Path, kind: TinyKind) -> bool:
-    recipe = Path(path) / RECIPE_FILE
-    try:
-        return json.loads(recipe.read_text()) == _recipe(kind)
-    except (OSError, ValueError):
-        return False
-
-
-def build_tiny(kind: TinyKind, out_dir: str | Path, force: bool = False) -> Path:
-    """Build the tiny model ``kind`` into ``out_dir`` (skipped when already built with this recipe).
-
-    Written to a temporary sibling directory and renamed into place, so a concurrent or interrupted
-    build never leaves a half-written model behind a valid recipe file.
-    """
-    if kind not in _BUILDERS:
-        raise ValueError(f"unknown tiny model {kind!r}; known: {', '.join(KINDS)}")
-    out = Path(out_dir).expanduser().resolve()
-    if not force and is_built(out, kind):
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        _BUILDERS[kind](tmp)
-        (tmp / RECIPE_FILE).write_text(json.dumps(_recipe(kind)))
-        if out.exists():
-            if not force and is_built(out, kind):  # another process won the race
-                return out
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
-
-
-def cache_dir() -> Path:
-    """Where tiny models are cached: $LONGGRIT_CACHE_DIR, default ~/.cache/longgrit."""
-    return Path(os.environ.get("LONGGRIT_CACHE_DIR") or "~/.cache/longgrit").expanduser()
-
-
-def tiny_path(kind: TinyKind, root: str | Path | None = None) -> Path:
-    """Path of the cached tiny model ``kind``, building it on first use."""
-    base = Path(root) if root is not None else cache_dir()
-    return build_tiny(kind, base / "tiny" / f"{kind}-v{RECIPE_VERSION}")
-
-
-def build_all(out_dir: str | Path, force: bool = False) -> dict[str, Path]:
-    out = Path(out_dir)
-    return {kind: build_tiny(kind, out / kind, force=force) for kind in KINDS}
+BUILDERS = {"text": _build_text, "vlm": _build_vlm, "sam": _build_sam}
