@@ -108,8 +108,28 @@ class OpenAIArgs(_Section):
 class HfArgs(_Section):
     trust_remote_code: bool = False
     dtype: str = "auto"
-    device: str = "auto"
+    device: str = Field(
+        "auto", description="auto: spread the model over the replica's GPUs (device_map) when it has any, else cpu")
     batch_size: int = Field(8, ge=1)
+
+
+class LlavaArgs(_Section):
+    """A model published in the LLaVA code base (Griffon-G: `griffon`, LLaVA: `llava`): its own package
+    registers the model classes; prompts come from its conversation templates. The package follows
+    LLaVA's layout: `<package>.conversation.conv_templates`, `<package>.mm_utils.tokenizer_image_token`,
+    `<package>.constants.IMAGE_TOKEN_INDEX`."""
+
+    code_path: str | None = Field(None, description="folder holding the package (the repository checkout); "
+                                                    "None: the package is installed in the replica's environment")
+    package: str = Field(description="the package to import, e.g. griffon")
+    model_class: str = Field(description="module:Class of the causal LM, e.g. griffon.model:GriffonGemma2ForCausalLM")
+    conversation: str = Field(description="key of conv_templates, e.g. gemma_instruct")
+    vision_tower: str | None = Field(
+        None, description="local CLIP folder replacing the config's mm_vision_tower (None: the config's, a relative "
+                          "one looked up in the model folder)")
+    square_images: bool = Field(True, description="resize images to the processor's square first, as Griffon does")
+    dtype: str = "auto"
+    device: str = Field("auto", description="auto: spread over the replica's GPUs (device_map) when it has any")
 
 
 class ResourceConfig(_Section):
@@ -142,15 +162,35 @@ class ServingConfig(_Section):
 
 
 class ModelConfig(_Section):
-    engine: Literal["vllm", "openai", "hf"]
+    engine: Literal["vllm", "openai", "hf", "llava"]
     path: str = Field(description="local path or model name as the engine understands it")
     paper_model: str | None = Field(None, description="the model the paper used for this role")
     vllm: VllmArgs = VllmArgs()
     openai: OpenAIArgs = OpenAIArgs()
     hf: HfArgs = HfArgs()
+    llava: LlavaArgs | None = None
     resources: ResourceConfig = ResourceConfig()
     serving: ServingConfig = ServingConfig()
     reasoning: bool = Field(False, description="output holds <think>...</think> to split off")
+    runtime_env: dict[str, Any] | None = Field(
+        None, description="Ray runtime environment of the model's replicas, for a model whose pins conflict with ours "
+                          "(e.g. Griffon-G's): a prebuilt one only, `py_executable` (a Python with the model's pins, Ray "
+                          "and this project installed), `conda` (an existing env's name) or `image_uri`, plus `env_vars`")
+
+    @model_validator(mode="after")
+    def _engine_settings(self) -> "ModelConfig":
+        if self.engine == "llava" and self.llava is None:
+            raise ValueError("engine llava needs a `llava:` section (package, model_class, conversation)")
+        env = self.runtime_env or {}
+        unknown = set(env) - PREBUILT_RUNTIME_ENV_KEYS
+        if unknown or not isinstance(env.get("conda", ""), str):
+            raise ValueError(f"runtime_env may only name a prebuilt environment ({', '.join(sorted(PREBUILT_RUNTIME_ENV_KEYS))}; "
+                             f"conda as an env name): installing packages when a replica starts ({', '.join(sorted(unknown)) or 'conda spec'}) "
+                             "is slow, unpinned and fails on nodes without network")
+        return self
+
+
+PREBUILT_RUNTIME_ENV_KEYS = frozenset({"py_executable", "conda", "image_uri", "env_vars"})
 
 
 # --------------------------------------------------------------------------------------- stages
@@ -162,6 +202,11 @@ class SamplingConfig(_Section):
     ignore_eos: bool = False
     seed: int | None = 0
     stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int | str] = Field(
+        default_factory=list,
+        description="tokens that end generation besides the model's EOS, as ids or as token strings that the "
+                    "engine looks up in the model's own tokenizer (e.g. Llama-3's <|eot_id|> for InternVL2-Llama3, "
+                    "as its serving code passes: its generation_config is not trusted)")
 
 
 class StageConfig(_Section):
@@ -214,6 +259,10 @@ class RunConfig(_Section):
         True, description="also serve each vLLM model's OpenAI-compatible route at /<app>/v1 for trying it by "
                           "hand (one small ingress replica per model)")
     rows_per_batch: int = Field(32, ge=1, description="images per block leaving the shard reader")
+    budget_phrase_words: int = Field(
+        32, ge=1, description="longest GRIT phrase assumed by the load-time token-budget check (stages/budget.py)")
+    budget_caption_words: int = Field(
+        160, ge=1, description="longest image caption assumed by the load-time token-budget check")
     shards_in_flight: int | None = Field(
         None, ge=1,
         description="shards read at once (None: as many as the CPUs allow). Fewer means shards finish one "

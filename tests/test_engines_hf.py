@@ -78,3 +78,15 @@ def test_json_schema_parse_only(hf_engines):
     (r,) = hf_engines["text"].chat([req])
     # no constrained decoding in transformers: a random model's text is not JSON
     assert r.error_kind in ("parse", "length")
+
+
+def test_stop_token_ids(hf_engines):
+    """A stop token (id or token string of the model's tokenizer) ends the output like EOS."""
+    engine = hf_engines["text"]
+    free = engine.chat([text("a", "Describe a red car.", max_tokens=10, min_tokens=10, ignore_eos=True)])[0]
+    ids = engine.tokenizer(free.text, add_special_tokens=False)["input_ids"]
+    token = engine.tokenizer.convert_ids_to_tokens(ids[3])
+    stopped = engine.chat([text("b", "Describe a red car.", max_tokens=10, min_tokens=0, stop_token_ids=[token])])[0]
+    assert stopped.ok and stopped.completion_tokens <= ids.index(ids[3]) + 1 < 10, (free, stopped)
+    bad = engine.chat([text("c", "x", stop_token_ids=["no-such-token"])])[0]
+    assert bad.error_kind == "invalid_input"

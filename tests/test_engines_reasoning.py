@@ -19,8 +19,11 @@ def test_split_closing_tag_only():
     assert split_reasoning("the car is red\n</think>\nA red car.") == ("the car is red", "A red car.", None)
 
 
-def test_split_no_tags_is_plain_answer():
-    assert split_reasoning("  A red car. ") == (None, "A red car.", None)
+def test_split_without_closing_tag_is_unfinished():
+    # R1-distill templates open <think> in the prompt: an output that stops normally without ever
+    # writing </think> is reasoning that did not finish, never an answer (it used to be stored).
+    reasoning, answer, error = split_reasoning("  the car is red, so the caption is a red car. ")
+    assert answer == "" and error and reasoning == "the car is red, so the caption is a red car."
 
 
 def test_split_cut_inside_reasoning_is_an_error():
@@ -32,13 +35,28 @@ def test_split_empty_reasoning():
     assert split_reasoning("<think></think>ok") == ("", "ok", None)
 
 
-def test_finish_reasoning_cut_never_a_caption():
-    r = finish("r", "<think>still thinking", "length", json_schema=None, reasoning_model=True, completion_tokens=9)
-    assert r.error_kind == "reasoning_cut" and r.text == "" and r.reasoning == "still thinking"
-    # opening tag in the prompt, cut by max_tokens before any tag: also a reasoning cut
-    r = finish("r", "still thinking", "length", json_schema=None, reasoning_model=True)
-    assert r.error_kind == "reasoning_cut" and r.text == ""
-    assert r.retryable
+@pytest.mark.parametrize("text", ["<think>a</think>", "a</think>   ", "a</think>b<think>c", "a</think>b</think>c"])
+def test_split_answer_missing_or_holding_tags(text):
+    reasoning, answer, error = split_reasoning(text)
+    assert answer == "" and error
+
+
+@pytest.mark.parametrize("finish_reason", ["stop", "length"])
+@pytest.mark.parametrize("text", ["still thinking", "<think>still thinking", "<think>still thinking</think>"])
+def test_finish_unfinished_reasoning_never_a_caption(text, finish_reason):
+    r = finish("r", text, finish_reason, json_schema=None, reasoning_model=True, completion_tokens=9)
+    assert r.error_kind == "unfinished_reasoning" and r.text == "" and r.reasoning == "still thinking"
+    assert r.retryable and not r.ok
+
+
+def test_finish_checks_a_server_side_reasoning_field():
+    # a server's reasoning parser puts an unclosed block wholly into `reasoning`, leaving no content
+    r = finish("r", "", "stop", json_schema=None, reasoning_model=True, reasoning="still thinking")
+    assert r.error_kind == "unfinished_reasoning" and r.text == ""
+    r = finish("r", "more </think> text", "stop", json_schema=None, reasoning_model=True, reasoning="x")
+    assert r.error_kind == "unfinished_reasoning"
+    r = finish("r", " A red car. ", "stop", json_schema=None, reasoning_model=True, reasoning="look")
+    assert r.ok and r.text == "A red car." and r.reasoning == "look"
 
 
 def test_finish_reasoning_then_json():

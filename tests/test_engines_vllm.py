@@ -136,7 +136,7 @@ def test_reasoning_model_cut(vllm_text_engine):
         (r,) = engine.chat([text_request("Think first.", max_tokens=8, ignore_eos=True)])
     finally:
         engine.config = saved
-    assert r.error_kind == "reasoning_cut" and r.text == "" and r.reasoning
+    assert r.error_kind == "unfinished_reasoning" and r.text == "" and r.reasoning
 
 
 def test_engine_args_from_config(tiny_model_paths):
@@ -151,3 +151,23 @@ def test_engine_args_from_config(tiny_model_paths):
     assert kw["enable_prefix_caching"] is True and kw["enforce_eager"] is True and kw["max_num_seqs"] == 4
     assert kw["limit_mm_per_prompt"] == {"image": 1} and kw["seed"] == 0 and kw["swap_space"] == 0
     assert kw["structured_outputs_config"] == {"backend": "guidance"}
+
+
+def test_stop_token_ids_as_id_or_token_string(vllm_text_engine):
+    """`sampling.stop_token_ids` ends generation at the first such token; a token string is looked up in
+    the model's own tokenizer (one pipeline file for a checkpoint and its tiny replica)."""
+    from annotate.engines.vllm_engine import to_sampling_params
+
+    engine = vllm_text_engine
+    free = SamplingConfig(max_tokens=16, min_tokens=16, ignore_eos=True)
+    (out,) = engine.llm.chat([[{"role": "user", "content": "Describe a red car."}]],
+                             to_sampling_params(free, None), use_tqdm=False)
+    ids = list(out.outputs[0].token_ids)
+    stop_at = ids.index(ids[5]) + 1  # its first occurrence ends the output
+    token = engine.llm.get_tokenizer().convert_ids_to_tokens(ids[5])
+    for stop in (ids[5], token):
+        (r,) = engine.chat([text_request("Describe a red car.", max_tokens=16, min_tokens=0,
+                                         stop_token_ids=[stop], seed=0)])
+        assert r.ok and r.finish_reason == "stop" and r.completion_tokens == stop_at, (stop, r)
+    (bad,) = engine.chat([text_request("x", stop_token_ids=["no-such-token"])])
+    assert bad.error_kind == "invalid_input" and "no-such-token" in bad.error

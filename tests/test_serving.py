@@ -36,9 +36,10 @@ def test_production_models_get_a_gpu_bundle_per_parallel_worker(ray_session):
             assert options["ray_actor_options"]["num_cpus"] == 0  # the replica holds no device itself
             assert options.get("ray_actor_options", {}).get("num_gpus", 0) == 0
             checked += 1
-        else:  # hf: a plain deployment that reserves the GPUs it declares
+        else:  # llava (Griffon-G): a plain deployment that reserves the GPUs it declares, in its own environment
             actor = options["ray_actor_options"]
             assert actor["num_gpus"] == res.num_gpus == 2 and actor["accelerator_type"] == res.accelerator_type
+            assert model.engine == "llava" and actor["runtime_env"] == {"py_executable": "/opt/envs/griffon/bin/python"}
             assert options["name"] == model_app(name, model).deployment_name
         assert options["num_replicas"] == res.replicas
         router = options.get("request_router_config") or {}

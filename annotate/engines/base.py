@@ -10,7 +10,7 @@ as a `ChatResult` with `error` set, and the caller (a stage) decides what to do.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Callable, Literal, Protocol
 
 from annotate.config import SamplingConfig
 
@@ -19,14 +19,14 @@ ErrorKind = Literal[
     "http",  # transport or server error (retryable when the status says so)
     "length",  # cut by max_tokens (finish_reason == "length")
     "parse",  # structured output did not parse against its schema
-    "reasoning_cut",  # a reasoning model stopped before closing </think>
+    "unfinished_reasoning",  # a reasoning model's output without a finished </think> block and answer
     "invalid_input",  # the model's processor rejected the input (not retryable)
     "rejected",  # the server refused the request: HTTP 4xx other than 400/408/413/422/429 (not retryable)
     "engine_dead",  # the engine itself is gone: the actor must be replaced
     "internal",  # anything else
 ]
 
-RETRYABLE_ERRORS: frozenset[str] = frozenset({"timeout", "http", "length", "parse", "reasoning_cut"})
+RETRYABLE_ERRORS: frozenset[str] = frozenset({"timeout", "http", "length", "parse", "unfinished_reasoning"})
 
 
 @dataclass
@@ -58,6 +58,18 @@ class ChatResult:
     @property
     def retryable(self) -> bool:
         return self.error_kind in RETRYABLE_ERRORS
+
+
+def stop_token_ids(tokens: list[int | str], token_id: Callable[[str], int | None]) -> list[int]:
+    """Stop tokens as ids: ids stay, token strings are looked up in the model's own tokenizer (so one
+    pipeline file serves a checkpoint and its tiny replica, whose ids differ)."""
+    ids = []
+    for token in tokens:
+        found = token if isinstance(token, int) else token_id(token)
+        if found is None:
+            raise ValueError(f"stop token {token!r} is not a token of this model's tokenizer")
+        ids.append(int(found))
+    return ids
 
 
 class EngineDeadError(RuntimeError):

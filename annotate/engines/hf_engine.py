@@ -13,8 +13,9 @@ import time
 from typing import Any
 
 from annotate.config import ModelConfig, SamplingConfig
-from annotate.engines.base import ChatRequest, ChatResult
+from annotate.engines.base import ChatRequest, ChatResult, stop_token_ids
 from annotate.engines.messages import InvalidMessageError, to_hf_messages
+from annotate.engines.placement import load_placement, torch_dtype
 from annotate.engines.postprocess import error_result, finish
 
 log = logging.getLogger(__name__)
@@ -28,18 +29,8 @@ def _as_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def _torch_dtype(name: str):
-    import torch
-
-    if name == "auto":
-        return "auto"
-    aliases = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-    return getattr(torch, aliases.get(name, name))
-
-
 class HfEngine:
     def __init__(self, model: ModelConfig, model_path: str | None = None):
-        import torch
         from transformers import AutoConfig
 
         from annotate.engines.factory import resolve_model_path
@@ -50,13 +41,12 @@ class HfEngine:
         self.model_path = model_path or resolve_model_path(model.path)
         trust = self.args.trust_remote_code
         started = time.perf_counter()
-        if self.args.device == "auto":
-            self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        else:
-            self.device = self.args.device
+        self.placement, self.device = load_placement(self.args.device)
         hf_config = AutoConfig.from_pretrained(self.model_path, trust_remote_code=trust)
         self.processor, self.tokenizer = self._load_processor(trust)
-        self.model = self._load_model(hf_config, trust).to(self.device).eval()
+        self.model = self._load_model(hf_config, trust).eval()
+        if not self.placement:
+            self.model.to(self.device)
         self.multimodal = self.processor is not None and hasattr(self.processor, "image_processor")
         self.startup_s = time.perf_counter() - started
         log.info("transformers model %s up in %.1f s on %s", self.model_id, self.startup_s, self.device)
@@ -88,7 +78,7 @@ class HfEngine:
         if "AutoModelForCausalLM" in auto_map and "AutoModelForImageTextToText" not in auto_map:
             vision = False  # remote-code VLMs (e.g. Griffon-G) often register as causal LMs only
         order = [AutoModelForImageTextToText, AutoModelForCausalLM] if vision else [AutoModelForCausalLM, AutoModelForImageTextToText]
-        kwargs = {"trust_remote_code": trust, "dtype": _torch_dtype(self.args.dtype)}
+        kwargs = {"trust_remote_code": trust, "dtype": torch_dtype(self.args.dtype), **self.placement}
         errors = []
         for auto in order:
             try:
@@ -143,23 +133,35 @@ class HfEngine:
                                   completion_tokens=n_completion, latency_s=latency)))
         return out
 
-    def _generate(self, sampling: SamplingConfig, chunk) -> list[tuple[str, str, int, int]]:
-        import torch
-
+    def _inputs(self, chunk):
+        """The chat template and the processor over a chunk of (index, messages, images): model inputs."""
         use_processor = self.processor is not None and getattr(self.processor, "chat_template", None)
         templater = self.processor if use_processor else self.tokenizer
         conversations = [_as_parts(m) if use_processor else m for _, m, _ in chunk]
         prompts = [templater.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
         images = [img for _, _, imgs in chunk for img in imgs]
         if self.processor is not None and images:
-            inputs = self.processor(text=prompts, images=images, padding=True, return_tensors="pt")
-        else:
-            inputs = self.tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
-        inputs = inputs.to(self.device)
+            return self.processor(text=prompts, images=images, padding=True, return_tensors="pt")
+        return self.tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+
+    def count_prompt_tokens(self, messages: list[dict[str, Any]]) -> int:
+        """Prompt length as the model sees it (template applied, image tokens expanded by the processor)."""
+        converted, images = to_hf_messages(messages)
+        return int(self._inputs([(0, converted, images)])["input_ids"].shape[1])
+
+    @property
+    def max_model_len(self) -> int | None:
+        return getattr(self.model.config.get_text_config(), "max_position_embeddings", None)
+
+    def _generate(self, sampling: SamplingConfig, chunk) -> list[tuple[str, str, int, int]]:
+        import torch
+
+        inputs = self._inputs(chunk).to(self.device)
         model_dtype = getattr(self.model, "dtype", None)
         if "pixel_values" in inputs and model_dtype is not None and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(model_dtype)
         eos_ids = self._eos_ids()
+        eos_ids += [i for i in stop_token_ids(sampling.stop_token_ids, self.token_id) if i not in eos_ids]
         max_new = sampling.max_tokens
         gen_kwargs: dict[str, Any] = dict(
             max_new_tokens=max_new,
@@ -200,6 +202,9 @@ class HfEngine:
             n_prompt = int(attention[row].sum()) if attention is not None else prompt_len
             results.append((text, finish_reason, n_prompt, n))
         return results
+
+    def token_id(self, token: str) -> int | None:
+        return self.tokenizer.convert_tokens_to_ids(token) if token in self.tokenizer.get_vocab() else None
 
     def _eos_ids(self) -> list[int]:
         ids = getattr(self.model.generation_config, "eos_token_id", None)

@@ -106,6 +106,10 @@ class OpenAIEngine:
             body["min_tokens"] = min(s.min_tokens, s.max_tokens)
         if s.ignore_eos:
             body["ignore_eos"] = True
+        if s.stop_token_ids:
+            if any(isinstance(t, str) for t in s.stop_token_ids):
+                raise InvalidMessageError("the openai engine has no tokenizer to look stop tokens up: give ids")
+            body["stop_token_ids"] = list(s.stop_token_ids)
         if request.json_schema is not None:
             body["response_format"] = {
                 "type": "json_schema",

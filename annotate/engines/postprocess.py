@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 from annotate.engines.base import ChatResult
-from annotate.engines.reasoning import THINK_CLOSE, split_reasoning
+from annotate.engines.reasoning import check_answer, split_reasoning
 
 
 def finish(
@@ -36,14 +36,13 @@ def finish(
         latency_s=latency_s,
         reasoning=reasoning,
     )
-    if reasoning_model and reasoning is None:
-        thought, answer, error = split_reasoning(text)
-        if error is None and finish_reason == "length" and THINK_CLOSE not in text:
-            # The opening tag was in the prompt and the budget ran out before </think>.
-            thought, answer, error = text.strip(), "", f"cut by max_tokens before {THINK_CLOSE}"
+    if reasoning_model:
+        # The backend's own split (a server-side reasoning parser) is checked by the same rule.
+        thought, answer, error = split_reasoning(text) if reasoning is None else check_answer(reasoning, text.strip())
         if error is not None:
+            cut = " (cut by max_tokens)" if finish_reason == "length" else ""
             result.reasoning, result.text = thought, ""
-            result.error, result.error_kind = f"reasoning cut: {error}", "reasoning_cut"
+            result.error, result.error_kind = f"unfinished reasoning: {error}{cut}", "unfinished_reasoning"
             return result
         result.reasoning, result.text = thought, answer
     if finish_reason == "length":

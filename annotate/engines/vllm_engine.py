@@ -6,10 +6,10 @@ import logging
 import math
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 from annotate.config import ModelConfig, SamplingConfig
-from annotate.engines.base import ChatRequest, ChatResult, EngineDeadError
+from annotate.engines.base import ChatRequest, ChatResult, EngineDeadError, stop_token_ids
 from annotate.engines.messages import InvalidMessageError, to_vllm_messages
 from annotate.engines.postprocess import error_result, finish
 
@@ -64,7 +64,9 @@ def _engine_dead_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
-def to_sampling_params(sampling: SamplingConfig, json_schema: dict[str, Any] | None):
+def to_sampling_params(sampling: SamplingConfig, json_schema: dict[str, Any] | None,
+                       token_id: Callable[[str], int | None] = lambda _: None):
+    """vLLM's SamplingParams; `token_id` looks stop tokens given as strings up in the model's tokenizer."""
     from vllm import SamplingParams
 
     kwargs: dict[str, Any] = dict(
@@ -75,6 +77,7 @@ def to_sampling_params(sampling: SamplingConfig, json_schema: dict[str, Any] | N
         ignore_eos=sampling.ignore_eos,
         seed=sampling.seed,
         stop=list(sampling.stop) or None,
+        stop_token_ids=stop_token_ids(sampling.stop_token_ids, token_id) or None,
     )
     if json_schema is not None:
         from vllm.sampling_params import StructuredOutputsParams
@@ -111,6 +114,7 @@ class VllmEngine:
         self.startup_s = time.perf_counter() - started
         log.info("vLLM engine for %s up in %.1f s", self.model_id, self.startup_s)
         self._closed = False
+        self._token_ids: dict[str, int | None] = {}
 
     # ---------------------------------------------------------------------------------- serving
     def chat(self, requests: list[ChatRequest]) -> list[ChatResult]:
@@ -121,7 +125,7 @@ class VllmEngine:
         for i, req in enumerate(requests):
             try:
                 messages = to_vllm_messages(req.messages)
-                params = to_sampling_params(req.sampling, req.json_schema)
+                params = to_sampling_params(req.sampling, req.json_schema, self._token_id)
             except InvalidMessageError as exc:
                 results[i] = error_result(req.request_id, "invalid_input", f"invalid messages: {exc}")
                 continue
@@ -133,6 +137,11 @@ class VllmEngine:
             for i, result in self._run(requests, batch):
                 results[i] = result
         return [r for r in results if r is not None]
+
+    def _token_id(self, token: str) -> int | None:
+        if token not in self._token_ids:  # the vocabulary is a fresh dict per call: look each token up once
+            self._token_ids[token] = self.llm.get_tokenizer().get_vocab().get(token)
+        return self._token_ids[token]
 
     def _run(self, requests, batch):
         """Generate for `batch`; if vLLM rejects the batch (one bad request makes `LLM.chat` raise),

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 APP_PREFIX = "longgrit-"
 SEGMENT_MODEL = "segment"  # the name the optional SAM model is served under
 IMAGE_AFFINITY_ROUTER = "annotate.serving.routing:ImageAffinityRouter"
+CHAT_SERVER_KINDS = ("hf", "llava")  # engines served by servers.ChatServer (one request per call)
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class ModelApp:
     model_name: str
     app_name: str
     deployment_name: str
-    kind: str  # "llm" (Serve LLM), "hf", "sam"
+    kind: str  # "llm" (Serve LLM), "hf", "llava" (CHAT_SERVER_KINDS: servers.ChatServer), "sam"
     max_in_flight: int
     unavailable_timeout_s: float
     model_id: str  # what provenance records: the paper's model name, else the path
@@ -65,6 +66,8 @@ def in_flight_cap(model: ModelConfig | SegmentConfig) -> int:
         per_replica = model.batch_images
     elif model.engine == "hf":
         per_replica = model.hf.batch_size
+    elif model.engine == "llava":
+        per_replica = 1  # one prompt at a time (llava_engine)
     else:
         per_replica = model.vllm.max_num_seqs or 256  # vLLM's default on GPUs
     return 2 * per_replica * replicas(model)
@@ -139,6 +142,7 @@ def llm_config(name: str, model: ModelConfig):
     env: dict[str, str] = {}
     if model.vllm.kv_cache_space_gib is not None:  # read by CPU builds only
         env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(model.vllm.kv_cache_space_gib)))
+    runtime_env = runtime_env_of(model, env)
     return LLMConfig(
         model_loading_config={"model_id": name, "model_source": resolve_model_path(model.path)},
         engine_kwargs=engine_kwargs(model),
@@ -146,10 +150,19 @@ def llm_config(name: str, model: ModelConfig):
         placement_group_config=placement_group_config(model),
         # The replica actor itself holds no device: the engine's workers run in the placement group.
         deployment_config=deployment_config(model, replica_cpus=0),
-        runtime_env={"env_vars": env} if env else None,
+        runtime_env=runtime_env,
         log_engine_metrics=model.serving.log_engine_metrics,
         server_cls=StageLLMServer,  # LLMServer + chat_payload(dict): stage workers never import vLLM
     )
+
+
+def runtime_env_of(model: ModelConfig | SegmentConfig, env_vars: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """The replicas' Ray runtime environment: the model's prebuilt one (if any) plus `env_vars`."""
+    runtime_env = dict(getattr(model, "runtime_env", None) or {})
+    merged = {**(env_vars or {}), **runtime_env.get("env_vars", {})}
+    if merged:
+        runtime_env["env_vars"] = merged
+    return runtime_env or None
 
 
 def deployment_options(name: str, model: ModelConfig | SegmentConfig) -> dict[str, Any]:
@@ -165,6 +178,8 @@ def deployment_options(name: str, model: ModelConfig | SegmentConfig) -> dict[st
         actor["accelerator_type"] = res.accelerator_type
     if res.custom:
         actor["resources"] = dict(res.custom)
+    if runtime_env := runtime_env_of(model):
+        actor["runtime_env"] = runtime_env
     options = deployment_config(model)
     options["ray_actor_options"] = actor
     options["name"] = app.deployment_name
@@ -184,9 +199,9 @@ def build_app(name: str, model: ModelConfig | SegmentConfig, run: RunConfig):
         return build_llm_deployment(config)
     from ray import serve
 
-    from annotate.serving.servers import HfChatServer, SamServer
+    from annotate.serving.servers import ChatServer, SamServer
 
-    cls = SamServer if app.kind == "sam" else HfChatServer
+    cls = SamServer if app.kind == "sam" else ChatServer
     options = deployment_options(name, model)
     return serve.deployment(cls).options(**options).bind(model)
 

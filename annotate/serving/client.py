@@ -22,7 +22,7 @@ from typing import Any
 from annotate.engines.base import ChatRequest, ChatResult
 from annotate.engines.messages import InvalidMessageError, to_vllm_messages
 from annotate.engines.postprocess import error_result, finish
-from annotate.serving.apps import ModelApp
+from annotate.serving.apps import CHAT_SERVER_KINDS, ModelApp
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ def completion_request(model_name: str, request: ChatRequest) -> dict[str, Any]:
         ignore_eos=s.ignore_eos,
         seed=s.seed,
         stop=list(s.stop) or None,
+        stop_token_ids=list(s.stop_token_ids) or None,
         # Unique per send (a resend must not collide with a request vLLM still holds); the part before
         # the last ':' is the image, which the image-affinity router reads.
         request_id=f"{request.request_id or 'req'}|{uuid.uuid4().hex[:8]}",
@@ -133,8 +134,22 @@ class ModelClient:
         An engine that dies mid-request surfaces as vLLM's EngineDeadError wrapped in a task error."""
         return isinstance(exc, self._unavailable) or any(s in f"{type(exc).__name__}: {exc}" for s in _ENGINE_GONE)
 
+    async def count_tokens(self, request: ChatRequest) -> dict[str, Any]:
+        """The deployment's own count of a request's prompt: {"count", "max_model_len"} or {"error"}."""
+        if self.app.kind in CHAT_SERVER_KINDS:
+            return await self.handle.count_tokens.remote({"messages": request.messages})
+        return await self.handle.count_tokens.remote({"model": self.app.model_name,
+                                                      "messages": to_vllm_messages(request.messages)})
+
+    async def token_id(self, token: str) -> int:
+        """A stop token's id in the model's tokenizer; ValueError when it is not one of its tokens."""
+        answer = await self.handle.token_id.remote(self.app.model_name, token)
+        if "error" in answer:
+            raise ValueError(answer["error"]["message"])
+        return answer["id"]
+
     async def _send(self, request: ChatRequest, started: float) -> ChatResult:
-        if self.app.kind == "hf":
+        if self.app.kind in CHAT_SERVER_KINDS:
             return await self.handle.chat.remote(request)
         summary = await self.handle.chat_payload.remote(completion_request(self.app.model_name, request))
         return result_from_summary(request, summary, self.reasoning, time.perf_counter() - started)

@@ -26,7 +26,8 @@ def response_summary(response: Any) -> dict[str, Any]:
     details = getattr(usage, "prompt_tokens_details", None) if usage else None
     return {
         "text": choice.message.content or "",
-        "reasoning": getattr(choice.message, "reasoning", None) or None,
+        # None: no reasoning parser ran (the raw text holds the tags); "" is a parser's empty block.
+        "reasoning": getattr(choice.message, "reasoning", None),
         "finish_reason": choice.finish_reason,
         "prompt_tokens": usage.prompt_tokens if usage else 0,
         "completion_tokens": usage.completion_tokens if usage else 0,
@@ -34,16 +35,77 @@ def response_summary(response: Any) -> dict[str, Any]:
     }
 
 
+def _error(code: int, message: str) -> dict[str, Any]:
+    return {"error": {"code": code, "type": "BadRequestError" if code < 500 else "InternalError", "message": message}}
+
+
+async def _last(stream) -> Any:
+    response = None
+    async for item in await stream:
+        response = item
+    if isinstance(response, list):  # batched output: the last item is the full response
+        response = response[-1]
+    return response
+
+
 class StageLLMServer(LLMServer):
+    async def _start_engine(self):
+        await super()._start_engine()
+        # Ray 2.60's engine looks vLLM's tokenization service up as `state.openai_serving_tokenization`;
+        # vLLM 0.32 names it `state.serving_tokenization`, so Serve LLM's `tokenize` answers "not
+        # supported". Hand the service over (count_tokens below needs it).
+        engine = self.engine
+        if getattr(engine, "_oai_serving_tokenization", False) is None:
+            engine._oai_serving_tokenization = getattr(getattr(engine, "_app_state", None), "serving_tokenization", None)
+
     async def chat_payload(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """One non-streaming chat request given as `ChatCompletionRequest` fields."""
+        """One non-streaming chat request given as `ChatCompletionRequest` fields. Stop tokens given as
+        strings are looked up in this model's tokenizer first."""
         from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
-        response = None
-        async for item in await self.chat(ChatCompletionRequest(**payload)):
-            response = item
-        if isinstance(response, list):  # batched output: the last item is the full response
-            response = response[-1]
+        tokens = payload.get("stop_token_ids") or []
+        if any(isinstance(t, str) for t in tokens):
+            try:
+                payload = {**payload, "stop_token_ids": [await self._token_id(payload["model"], t) for t in tokens]}
+            except ValueError as exc:
+                return _error(400, str(exc))
+        response = await _last(self.chat(ChatCompletionRequest(**payload)))
         if response is None:
-            return {"error": {"code": 500, "type": "InternalError", "message": "the engine returned nothing"}}
+            return _error(500, "the engine returned nothing")
         return response_summary(response)
+
+    async def token_id(self, model: str, token: str) -> dict[str, Any]:
+        """{"id"} of a stop token in this model's tokenizer, or {"error"} (the load-time check asks)."""
+        try:
+            return {"id": await self._token_id(model, token)}
+        except ValueError as exc:
+            return _error(400, str(exc))
+
+    async def _token_id(self, model: str, token: int | str) -> int:
+        """A stop token as this model's id: a string must be exactly one token of its tokenizer."""
+        if isinstance(token, int):
+            return token
+        cache = self.__dict__.setdefault("_token_ids", {})
+        if token not in cache:
+            count = await self.count_tokens({"model": model, "prompt": token})
+            cache[token] = count.get("tokens", [])
+        ids = cache[token]
+        if len(ids) != 1:
+            raise ValueError(f"stop token {token!r} is {len(ids)} tokens of {model}'s tokenizer, not one")
+        return ids[0]
+
+    async def count_tokens(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """vLLM's own tokenization of a chat (`messages`, images expanded by the model's processor, the
+        chat template applied) or a plain `prompt`: {"count", "tokens", "max_model_len"} or {"error"}.
+        The token-budget check at load time sends each stage's worst-case prompt here."""
+        from vllm.entrypoints.serve.tokenize.protocol import TokenizeChatRequest, TokenizeCompletionRequest
+
+        if "messages" in payload:
+            request = TokenizeChatRequest(model=payload["model"], messages=payload["messages"], add_generation_prompt=True)
+        else:
+            request = TokenizeCompletionRequest(model=payload["model"], prompt=payload["prompt"], add_special_tokens=False)
+        response = await _last(self.tokenize(request))
+        error = getattr(response, "error", None)
+        if response is None or (error is not None and not hasattr(response, "count")):
+            return _error(int(getattr(error, "code", 500) or 500), str(getattr(error, "message", "tokenize failed")))
+        return {"count": response.count, "tokens": list(response.tokens), "max_model_len": response.max_model_len}

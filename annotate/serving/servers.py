@@ -1,5 +1,5 @@
 """Plain Serve deployments for the models Serve LLM does not hold: transformers chat models (`hf`
-engine) and segment-anything. Each replica loads its model once; requests arrive one per region
+engine), models of the LLaVA code base (`llava` engine, e.g. Griffon-G) and segment-anything. Each replica loads its model once; requests arrive one per region
 (or image) and `serve.batch` groups the ones that arrive together into one forward pass, which is
 what the engines are fast at. The engine call runs in a thread so the replica keeps accepting.
 """
@@ -14,14 +14,15 @@ from annotate.config import ModelConfig, SegmentConfig
 from annotate.engines.base import ChatRequest, ChatResult, EngineDeadError
 
 
-class HfChatServer:
-    """An `hf` engine behind Serve: `chat(request) -> ChatResult`."""
+class ChatServer:
+    """An `hf` or `llava` engine behind Serve: `chat(request) -> ChatResult`; `count_tokens` and
+    `token_id` answer the token-budget check at load time with the model's own tokenizer."""
 
     def __init__(self, model: ModelConfig):
-        from annotate.engines.hf_engine import HfEngine
+        from annotate.engines.factory import build_engine
 
-        self.engine = HfEngine(model)
-        self.chat_batch.set_max_batch_size(model.hf.batch_size)
+        self.engine = build_engine(model)
+        self.chat_batch.set_max_batch_size(model.hf.batch_size if model.engine == "hf" else 1)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def chat_batch(self, requests: list[ChatRequest]) -> list[ChatResult]:
@@ -29,6 +30,22 @@ class HfChatServer:
 
     async def chat(self, request: ChatRequest) -> ChatResult:
         return await self.chat_batch(request)
+
+    async def count_tokens(self, payload: dict) -> dict:
+        """{"count", "max_model_len"} for neutral `messages` (the load-time token-budget check), or {"error"}."""
+        try:
+            count = await asyncio.to_thread(self.engine.count_prompt_tokens, payload["messages"])
+        except ValueError as exc:
+            return {"error": {"code": 400, "type": "BadRequestError", "message": str(exc)}}
+        return {"count": count, "max_model_len": self.engine.max_model_len}
+
+    async def token_id(self, model: str, token: str) -> dict:
+        """{"id"} of a stop token in the model's tokenizer, or {"error"}."""
+        found = self.engine.token_id(token)
+        if found is None:
+            return {"error": {"code": 400, "type": "BadRequestError",
+                              "message": f"stop token {token!r} is not a token of {model}'s tokenizer"}}
+        return {"id": found}
 
     def check_health(self) -> None:
         if self.engine.model is None:
