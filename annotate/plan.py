@@ -10,7 +10,10 @@
   spent tokens on it) or the throughput file's defaults (rejection rate assumed there);
 * tok/s per replica, per model and GPU type: the throughput file (pipelines/throughput.yaml), whose
   numbers are estimates derived from datasheets, with the arithmetic written next to them;
-* GPUs per replica: the pipeline file (`resources.num_gpus`, else tensor x pipeline parallel).
+* GPUs per replica: the pipeline file (`resources.num_gpus`, else tensor x pipeline parallel);
+* with `--from-run`, each stage's worst-case prompt as the run's models counted it at load time
+  (stages/budget.py, kept in OUT/runs/*.json) is shown against the context, and stands in for the
+  mean prompt of a stage that no region of that run reached.
 
 Everything the estimate rests on is printed with it.
 """
@@ -44,6 +47,7 @@ class StagePlan:
     decode_tok_s: float
     gpu_hours: float
     tokens_from: str
+    budget: dict | None = None  # the load-time token budget of the measured run (worst-case prompt)
 
 
 @dataclass
@@ -106,6 +110,7 @@ def measure_run(output_dir: str | Path) -> dict[str, Any]:
     judged = status["ok"] + status["rejected"]
     return {
         "path": str(output_dir),
+        "budgets": load_time_budgets(output_dir),
         "regions": sum(status.values()),
         "status": status,
         "rejection_rate": status["rejected"] / judged if judged else None,
@@ -114,6 +119,17 @@ def measure_run(output_dir: str | Path) -> dict[str, Any]:
                        "completion_tokens": completion[s] / reached[s] if reached[s] else 0.0,
                        "models": sorted(models[s])} for s in STAGE_ORDER},
     }
+
+
+def load_time_budgets(output_dir: str | Path) -> dict[str, dict]:
+    """The newest run record's token budgets per stage (empty for runs older than the check)."""
+    import json
+
+    for record in sorted(Path(output_dir).glob("runs/*.json"), reverse=True):
+        budgets = json.loads(record.read_text()).get("token_budgets")
+        if budgets:
+            return {b["stage"]: b for b in budgets}
+    return {}
 
 
 def gpus_per_replica(model: ModelConfig) -> int:
@@ -145,9 +161,12 @@ def make_plan(cfg: PipelineConfig, regions: int, gpu: str | None = None, through
         row_name, row = _model_row(table, key, model)
         if gpu not in row:
             raise ValueError(f"the throughput table has no {gpu} figures for {row_name}")
+        budget = (measured or {}).get("budgets", {}).get(stage)
         if measured is not None:
             m = measured["stages"][stage]
             reach, pt, ct, src = m["reach"], m["prompt_tokens"], m["completion_tokens"], "run"
+            if not m["regions"] and budget:  # no region reached it: the load-time worst case, an upper bound
+                pt, src = float(budget["prompt_tokens"]), "run (prompt: load-time worst case)"
         else:
             d = table["default_tokens"][stage]
             reach, pt, ct, src = float(table["default_reach"][stage]), float(d["prompt"]), float(d["completion"]), "default"
@@ -156,7 +175,7 @@ def make_plan(cfg: PipelineConfig, regions: int, gpu: str | None = None, through
         gpr = gpus_per_replica(model)
         seconds_per_replica = n * (pt / prefill + ct / decode)
         plan.stages.append(StagePlan(stage, key, gpu, gpr, model.resources.replicas, n, reach, pt, ct, prefill, decode,
-                                     seconds_per_replica * gpr / 3600, src))
+                                     seconds_per_replica * gpr / 3600, src, budget))
     g = table["gpus"][gpu]
     plan.assumptions = [
         f"throughput per replica: {DEFAULT_THROUGHPUT.name if throughput is None else 'the given table'}; ESTIMATES derived "
@@ -209,6 +228,12 @@ def print_plan(plan: Plan, console=None) -> None:
     console.print("wall-clock hours per deployment with the pipeline file's replicas: "
                   + ", ".join(f"{m} {h:,.1f} h" for m, h in walls.items())
                   + f" (streamed, the run takes about as long as the slowest: {slowest})")
+    budgets = [s.budget for s in plan.stages if s.budget]
+    if budgets:
+        console.print("token budgets, counted by the run's models at load time (worst-case prompt + max_tokens "
+                      "vs max_model_len): " + "; ".join(
+                          f"{b['stage']} {b['prompt_tokens']:,} + {b['max_tokens']:,} vs {b['max_model_len'] or '?'}"
+                          for b in budgets))
     console.print("[bold]Assumptions[/bold]")
     for a in plan.assumptions:
         console.print(f"  - {a}")

@@ -100,6 +100,36 @@ def test_manifest_has_counts_checksum_and_config(tiny_run_all, tiny_config):
         assert entry == {**entry, **summary.shards_written[shard]}
 
 
+def test_token_budgets_are_counted_by_the_models_at_load_time(tiny_run_all):
+    out, summary = tiny_run_all
+    budgets = {b["stage"]: b for b in summary.token_budgets}
+    assert set(budgets) == {"object", "validate", "context", "merge"}
+    for budget in budgets.values():
+        assert 0 < budget["prompt_tokens"] and budget["prompt_tokens"] + budget["max_tokens"] <= budget["max_model_len"] == 2048
+    # images: the object prompt sends the crop and its mask, merge sends none
+    assert budgets["object"]["worst_image"] and not budgets["merge"]["worst_image"]
+    # the merge prompt holds both earlier captions at their longest: it grows with their max_tokens
+    assert budgets["merge"]["prompt_tokens"] > budgets["object"]["max_tokens"] + budgets["context"]["max_tokens"]
+    record = json.loads(max((out / "runs").glob("*.json")).read_text())
+    assert record["token_budgets"] == summary.token_budgets
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"stages": {"merge": {"sampling": {"max_tokens": 2040}}}}, r"merge \(llm\).*does not fit"),
+    ({"stages": {"object": {"sampling": {"stop_token_ids": ["<no-such-token>"]}}}}, "<no-such-token>"),
+])
+def test_a_stage_that_cannot_fit_stops_the_run_before_any_shard(tiny_run_all, tmp_path, overrides, message):
+    """Sampling settings leave the deployments as they are (same app names): the running models count."""
+    from annotate.config import load_config
+    from annotate.executor.runner import run_pipeline
+    from annotate.stages.budget import BudgetError
+    from fixtures_pipeline import TINY
+
+    with pytest.raises(BudgetError, match=message):
+        run_pipeline(load_config(TINY, overrides), SAMPLE_SHARDS, tmp_path, [0], stage="all")
+    assert not list(tmp_path.glob("data/*.parquet")) and not (tmp_path / "stages" / "prepare").exists()
+
+
 def test_rerun_skips_finished_shards(tiny_run_all, tiny_config):
     from annotate.executor.runner import run_pipeline
 

@@ -93,3 +93,23 @@ def test_cli_prints_table_and_assumptions():
     result = CliRunner().invoke(app, ["plan", "--regions", "1000", "--config", str(LONGGRIT), "--gpu", "H200"])
     assert result.exit_code == 0, result.output
     assert "GPU-hours" in result.output and "Assumptions" in result.output and "merge" in result.output
+
+
+def test_load_time_budgets_from_the_run_record(cfg, tmp_path):
+    """`--from-run` shows the token budgets the run's models counted at load time (stages/budget.py),
+    and takes the worst-case prompt for a stage that no region of the run reached."""
+    import json
+
+    regions = [_region(0, "rejected", {"object": (100, 10), "validate": (50, 5)})]
+    record = ImageRecord(image_key="k", shard="00000", width=4, height=4, caption="a dog", regions=regions)
+    write_parquet_atomic([record], tmp_path / "data" / "00000.parquet")
+    budgets = [{"stage": s, "model": "m", "prompt_tokens": p, "max_tokens": 64, "max_model_len": 4096, "worst_image": ""}
+               for s, p in (("object", 900), ("validate", 300), ("context", 700), ("merge", 500))]
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "20260101T000000-1.json").write_text(json.dumps({"token_budgets": []}))
+    (tmp_path / "runs" / "20260102T000000-1.json").write_text(json.dumps({"token_budgets": budgets}))
+    plan = make_plan(cfg, 1000, measured=measure_run(tmp_path))
+    by_stage = {s.stage: s for s in plan.stages}
+    assert by_stage["object"].prompt_tokens == 100 and by_stage["object"].tokens_from == "run"  # measured mean
+    assert by_stage["merge"].prompt_tokens == 500 and "worst case" in by_stage["merge"].tokens_from
+    assert by_stage["context"].budget["max_model_len"] == 4096

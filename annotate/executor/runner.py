@@ -8,6 +8,7 @@ and appends its manifest line), so a run that dies loses only the shards in flig
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -27,7 +28,9 @@ from annotate.executor.layout import FINAL, MODEL_STAGE_PREFIXES, STAGE_IO, Outp
 from annotate.executor.progress import ProgressDisplay, ProgressTracker
 from annotate.executor.shard_io import ROW_SHARD, ROW_TOTAL, count_rows, row_to_record
 from annotate.executor.workers import SegmentWorker, StageWorker, finalize_record, read_shard
-from annotate.serving.apps import SEGMENT_MODEL, ensure_apps, needed_models, replica_info, replicas
+from annotate.serving.apps import SEGMENT_MODEL, ModelApp, ensure_apps, needed_models, replica_info, replicas
+from annotate.serving.client import ModelClient
+from annotate.stages.budget import StageBudget, check_budgets
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class RunSummary:
     replicas: list[dict] = field(default_factory=list)  # where each model replica runs (app, node, pid)
     models_deployed: list[str] = field(default_factory=list)  # models this run had to load (others were running)
     processing_s: float | None = None  # from all deployments ready to the end (bench/pipeline_overhead.py)
+    token_budgets: list[dict] = field(default_factory=list)  # each stage's worst case, counted at load time
 
 
 def ensure_ray(run: RunConfig, address: str | None = None) -> str | None:
@@ -132,6 +136,10 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
         apps = ensure_apps(models, cfg.run, on_event=console.print)
         summary.models_deployed = [name for name, app in apps.items() if app.deployed_now]
         summary.replicas = replica_info(apps)
+        budgets = check_token_budgets(cfg, apps, chain)
+        summary.token_budgets = [b.as_dict() for b in budgets]
+        for budget in budgets:
+            console.print(f"token budget: {budget.describe()}")
         processing_started = time.perf_counter()
         tracker = ProgressTracker.remote()
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -179,6 +187,15 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
     return summary
 
 
+def check_token_budgets(cfg: PipelineConfig, apps: dict[str, ModelApp], chain: tuple[str, ...]) -> list[StageBudget]:
+    """Each stage's worst-case prompt, counted by its model's deployment; BudgetError when one does not
+    fit or names an unknown stop token (stages/budget.py)."""
+    clients = {name: ModelClient(apps[name], reasoning=False, max_in_flight=8)
+               for name in {cfg.stages[stage].model for stage in chain}}
+    return asyncio.run(check_budgets(cfg, chain, {n: c.count_tokens for n, c in clients.items()},
+                                     {n: c.token_id for n, c in clients.items()}))
+
+
 def stage_worker_counts(cfg: PipelineConfig, chain: tuple[str, ...]) -> dict[str, int]:
     """Stage workers per stage: `run.stage_workers_per_replica` per replica of the stage's model (its
     autoscaling maximum when it autoscales)."""
@@ -191,7 +208,8 @@ def _write_run_record(layout: RunLayout, summary: RunSummary, cfg: PipelineConfi
     runs.mkdir(parents=True, exist_ok=True)
     record = {"stage": summary.stage, "config": cfg.fingerprint(), "pipeline": cfg.name,
               "shards_written": summary.shards_written, "shards_skipped": summary.shards_skipped,
-              "replicas": summary.replicas, "models_deployed": summary.models_deployed}
+              "replicas": summary.replicas, "models_deployed": summary.models_deployed,
+              "token_budgets": summary.token_budgets}
     stamp = time.strftime("%Y%m%dT%H%M%S")
     (runs / f"{stamp}-{os.getpid()}.json").write_text(json.dumps(record, indent=2, sort_keys=True))
 
