@@ -28,7 +28,7 @@ from annotate.engines.base import ChatRequest
 from annotate.stages import PromptTemplate, RegionContext, stage_class
 
 ASPECT_RATIOS = (1.0, 2.0, 0.5, 3.0, 1 / 3, 5.0, 0.2)  # width / height
-FILLER = "detailed "  # one token in the tokenizers we know; a caption of N tokens is about N of these
+FILLER = "the "  # one token in every tokenizer we know (the tiny ones too): a caption of N tokens is about N of these
 
 # (messages) -> {"count", "max_model_len"} or {"error"}, and (token) -> id, both answered by the model
 Counter = Callable[[ChatRequest], Awaitable[dict]]
