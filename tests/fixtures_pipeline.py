@@ -17,6 +17,7 @@ from annotate.config import PipelineConfig, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "pipelines" / "tiny.yaml"
+PAPER_TINY = REPO / "pipelines" / "paper-tiny.yaml"
 SAMPLE_SHARDS = REPO / "sample_data" / "grit"
 
 
@@ -58,10 +59,11 @@ def copy_sample_shards(dest: Path, count: int) -> Path:
     return dest
 
 
-def tiny_variant(dest: Path, overrides: dict) -> Path:
-    """pipelines/tiny.yaml with `overrides` merged in, written to `dest` for a subprocess to load.
+def tiny_variant(dest: Path, overrides: dict, base: Path = TINY) -> Path:
+    """pipelines/tiny.yaml (or `base`) with `overrides` merged in, written to `dest` for a subprocess
+    to load.
 
     `load_config` merges, validates and makes the prompt paths absolute, so an invalid variant
     fails here, not in the subprocess."""
-    dest.write_text(yaml.safe_dump(load_config(TINY, overrides).model_dump(mode="json"), sort_keys=False))
+    dest.write_text(yaml.safe_dump(load_config(base, overrides).model_dump(mode="json"), sort_keys=False))
     return dest

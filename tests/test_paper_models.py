@@ -1,0 +1,160 @@
+"""The paper's four architectures as tiny replicas: pipelines/paper-tiny.yaml keeps to
+pipelines/longgrit.yaml, the replicas have the production architectures and chat-template formats,
+and `annotate run --config pipelines/paper-tiny.yaml` finishes on the sample shards with InternVL2,
+Qwen2-Instruct and R1-distill replicas in vLLM and the Griffon-style replica in the llava engine
+(a Serve deployment in a runtime environment of its own)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from annotate.config import load_config
+from fixtures_pipeline import PAPER_TINY, REPO, SAMPLE_SHARDS, tiny_variant
+from test_pipeline_run import STATUSES, input_region_ids, output_regions
+
+LONGGRIT = REPO / "pipelines" / "longgrit.yaml"
+
+# What may differ between the production file and its tiny replica: where things are, what a replica
+# reserves, batch sizes, and the engine settings for parallelism, memory, dtype and eager mode.
+MAY_DIFFER = {
+    "": {"name", "run"},
+    "model": {"path", "resources", "runtime_env"},  # runtime_env: the path of a prebuilt environment
+    "model.vllm": {"tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization", "kv_cache_space_gib",
+                   "max_num_seqs", "dtype", "enforce_eager", "in_process"},
+    "model.hf": {"device", "dtype", "batch_size"},
+    "model.llava": {"code_path", "vision_tower", "device", "dtype"},
+    "stage": {"batch_size"},
+}
+TINY_KIND = {"internvl2_76b": "internvl2", "qwen2_72b": "qwen2_instruct", "griffon_g": "griffon", "deepseek_r1_70b": "r1_llama"}
+
+
+def _without(section: dict, keys: set[str]) -> dict:
+    return {k: v for k, v in section.items() if k not in keys}
+
+
+def comparable(path: Path) -> dict:
+    dumped = load_config(path).model_dump(mode="json")
+    out = _without(dumped, MAY_DIFFER[""])
+    out["models"] = {}
+    for name, model in dumped["models"].items():
+        model = _without(model, MAY_DIFFER["model"])
+        for engine in ("vllm", "hf", "llava"):
+            if model.get(engine) is not None:
+                model[engine] = _without(model[engine], MAY_DIFFER[f"model.{engine}"])
+        out["models"][name] = model
+    out["stages"] = {name: _without(stage, MAY_DIFFER["stage"]) for name, stage in dumped["stages"].items()}
+    return out
+
+
+def test_paper_tiny_keeps_to_the_production_file():
+    production, tiny = comparable(LONGGRIT), comparable(PAPER_TINY)
+    assert tiny == production  # engines, prompts, sampling, reasoning, image limits, trust_remote_code...
+    tiny_cfg = load_config(PAPER_TINY)
+    assert {name: m.path for name, m in tiny_cfg.models.items()} == {n: f"tiny:{k}" for n, k in TINY_KIND.items()}
+
+
+def test_a_drift_is_caught(tmp_path):
+    drifted = tiny_variant(tmp_path / "drifted.yaml", {"models": {"deepseek_r1_70b": {"reasoning": False}}}, base=PAPER_TINY)
+    assert comparable(drifted) != comparable(LONGGRIT)
+
+
+def test_tiny_replicas_have_the_production_architectures(tiny_model_paths):
+    from transformers import AutoTokenizer
+    from vllm.renderers.hf import _detect_content_format  # how vLLM classifies a chat template
+
+    def config(kind):
+        return json.loads((tiny_model_paths[kind] / "config.json").read_text())
+
+    internvl = config("internvl2")
+    assert internvl["model_type"] == "internvl_chat" and internvl["architectures"] == ["InternVLChatModel"]
+    assert internvl["llm_config"]["architectures"] == ["LlamaForCausalLM"] and "auto_map" in internvl
+    assert config("qwen2_instruct")["architectures"] == ["Qwen2ForCausalLM"]
+    r1 = config("r1_llama")
+    assert r1["architectures"] == ["LlamaForCausalLM"] and r1["max_position_embeddings"] >= 8192
+    assert config("griffon")["model_type"] == "gemma2_Griffon"
+    for kind in ("internvl2", "qwen2_instruct", "r1_llama"):
+        template = AutoTokenizer.from_pretrained(tiny_model_paths[kind], trust_remote_code=True).chat_template
+        assert _detect_content_format(template, default="openai") == "string", kind  # as the real models'
+    # the CPU pipeline's own VLM loops over content parts: vLLM's other code path
+    assert _detect_content_format(AutoTokenizer.from_pretrained(tiny_model_paths["vlm"]).chat_template,
+                                  default="string") == "openai"
+    r1_tok = AutoTokenizer.from_pretrained(tiny_model_paths["r1_llama"])
+    prompt = r1_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<think>\n")  # the template opens the reasoning block itself
+
+
+@pytest.fixture(scope="module")
+def paper_run(tmp_path_factory):
+    """`annotate run --config paper-tiny.yaml` in its own process and Ray cluster. The Griffon-style
+    model's replicas get a prebuilt environment: a Python launcher that notes its pid, then runs ours."""
+    tmp = tmp_path_factory.mktemp("paper-run")
+    marker = tmp / "griffon-env-pids"
+    launcher = tmp / "griffon-python"
+    launcher.write_text(f"#!/bin/sh\necho $$ >> {marker}\nexec {sys.executable} \"$@\"\n")
+    launcher.chmod(0o755)
+    config = tiny_variant(tmp / "paper-tiny.yaml", {"models": {"griffon_g": {"runtime_env": {"py_executable": str(launcher)}}}},
+                          base=PAPER_TINY)
+    out = tmp / "out"
+    cmd = [sys.executable, "-m", "annotate.cli", "run", "--stage", "all", "--shards", "0-1", "--input", str(SAMPLE_SHARDS),
+           "--output", str(out), "--config", str(config)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=2400, cwd=tmp)
+    return run, out, marker
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2700)
+def test_paper_tiny_runs_end_to_end(paper_run):
+    run, out, marker = paper_run
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    regions = output_regions(out)
+    assert Counter(r["region_id"] for r in regions) == input_region_ids(SAMPLE_SHARDS, [0, 1])  # every region once
+    cfg = load_config(PAPER_TINY)
+    paper = {stage: cfg.models[cfg.stages[stage].model].paper_model for stage in cfg.stages}
+    statuses = Counter()
+    for region in regions:
+        statuses[region["status"]] += 1
+        assert region["status"] in STATUSES and (region["status"] == "ok" or region["error"]), region
+        for field in ("object_caption", "context_caption", "fine_caption"):
+            assert not re.search(r"</?think>", region[field] or ""), (field, region)
+        if region["status"] == "ok":
+            for stage in ("object", "validate", "context", "merge"):
+                assert region["provenance"][stage]["model"] == paper[stage], (stage, region["provenance"])
+    assert statuses["ok"] >= 1, statuses  # at least one region through the R1-style merge
+    record = json.loads(max((out / "runs").glob("*.json")).read_text())
+    # the Griffon-style replica ran in its own runtime environment (the launcher's pid is the replica's)
+    griffon = [r for r in record["replicas"] if r["model"] == "griffon_g"]
+    assert griffon and {str(r["pid"]) for r in griffon} <= set(marker.read_text().split())
+    # the load-time token budget of every stage, counted by its model's own deployment
+    budgets = {b["stage"]: b for b in record["token_budgets"]}
+    assert set(budgets) == {"object", "validate", "context", "merge"}
+    for stage, budget in budgets.items():
+        assert 0 < budget["prompt_tokens"] and budget["prompt_tokens"] + budget["max_tokens"] <= budget["max_model_len"]
+    assert budgets["object"]["worst_image"] and budgets["merge"]["worst_image"] == ""
+    # `annotate plan --from-run` shows the same counts
+    from typer.testing import CliRunner
+
+    from annotate.cli import app
+
+    plan = CliRunner().invoke(app, ["plan", "--regions", "1000", "--config", str(LONGGRIT), "--from-run", str(out)])
+    assert plan.exit_code == 0, plan.output
+    flat = " ".join(plan.output.split())
+    for stage, budget in budgets.items():
+        assert f"{stage} {budget['prompt_tokens']:,} + {budget['max_tokens']:,} vs {budget['max_model_len']}" in flat
+
+
+def test_the_vllm_alternative_for_the_context_stage_is_one_line():
+    """Griffon-G's documented alternative: the context stage on InternVL2 (served by vLLM), changed in
+    the stage's `model:` line alone; the Griffon deployment is then not started at all."""
+    from annotate.serving.apps import needed_models
+
+    for path in (LONGGRIT, PAPER_TINY):
+        assert "model: internvl2_76b" in path.read_text().split("context:", 1)[1].split("merge:", 1)[0]
+        cfg = load_config(path, {"stages": {"context": {"model": "internvl2_76b"}}})
+        assert set(needed_models(cfg)) == {"internvl2_76b", "qwen2_72b", "deepseek_r1_70b"}
