@@ -224,13 +224,18 @@ class RunConfig(_Section):
 
 # ---------------------------------------------------------------------------------------- train
 class TrainConfig(_Section):
-    vision_model: str = Field("vit_base_patch16_224", description="timm model name")
-    vision_checkpoint: str | None = None
+    # The paper (Table 9) fine-tunes EVA02-CLIP ViT-B/16: an open_clip model, its projection kept.
+    vision_source: Literal["open_clip", "timm"] = Field(
+        "open_clip", description="open_clip: a CLIP model (projection + temperature kept); timm: a bare ViT"
+    )
+    vision_model: str = Field("EVA02-B-16", description="open_clip model name (or a timm name with vision_source=timm)")
+    vision_checkpoint: str | None = Field(None, description="local weights; open_clip: a CLIP or vision-tower state dict")
+    adaptor_checkpoint: str | None = Field(None, description="trained text adaptor weights (e.g. LLM2CLIP's)")
     vision_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="extra timm.create_model args (patch_size, depth...) for small models"
     )
-    image_size: int = 224
-    embed_dim: int = 512
+    image_size: int = Field(224, description="must be the open_clip model's own resolution (336 for *-336)")
+    embed_dim: int = Field(512, description="joint space width of a timm tower; an open_clip model brings its own")
     text_encoder: str | None = Field(None, description="local HF model dir for embed-text")
     text_pooling: Literal["mean", "cls", "last"] = "mean"
     text_embed_cache: str | None = None

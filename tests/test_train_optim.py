@@ -17,8 +17,10 @@ def test_param_groups_follow_the_paper(tiny_train_cfg):
     assert groups["mask_conv"]["param_names"] == ["visual.patch_embed.mask_proj.weight"]
     assert groups["mask_conv"]["lr"] == 1e-5 and groups["mask_conv"]["weight_decay"] == 1e-2
     for name, g in groups.items():
-        if name != "mask_conv":
-            assert g["lr"] == 1e-7  # adaptor defaults to lr_other (the paper's "other layers")
+        if name.startswith("other"):
+            assert g["lr"] == 1e-7  # the paper's "other layers"
+        if name.startswith("adaptor"):
+            assert g["lr"] == 1e-5  # a random adaptor (none loaded) must move: lr_mask_conv
         assert g["weight_decay"] == (0.0 if name.endswith("no_decay") else 1e-2)
     no_decay = {n for g in groups.values() if g["weight_decay"] == 0 for n in g["param_names"]}
     decay = {n for g in groups.values() if g["weight_decay"] > 0 for n in g["param_names"]}
@@ -27,6 +29,9 @@ def test_param_groups_follow_the_paper(tiny_train_cfg):
     assert {"visual.pos_embed", "visual.cls_token", "visual_proj.weight", "visual.blocks.0.attn.qkv.weight"} <= decay
     every = {n for n, p in model.named_parameters()}
     assert decay | no_decay == every and not decay & no_decay
+    # a trained adaptor (LLM2CLIP's) is fine-tuned like the other layers
+    trained = {g["name"]: g["lr"] for g in param_groups(model, cfg.model_copy(update={"adaptor_checkpoint": "a.pt"}))}
+    assert trained["adaptor"] == trained["adaptor_no_decay"] == 1e-7
     # the adaptor gets its own lr when configured
     cfg2 = cfg.model_copy(update={"lr_adaptor": 3e-4})
     assert {g["name"]: g["lr"] for g in param_groups(model, cfg2)}["adaptor"] == 3e-4

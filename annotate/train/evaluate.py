@@ -33,11 +33,12 @@ def load_run(path: str | Path) -> tuple[PixCLIP, TrainConfig, dict]:
     path = Path(path)
     run = path if (path / RUN_FILE).exists() else path.parent.parent
     meta = json.loads((run / RUN_FILE).read_text())
-    cfg = TrainConfig(**meta["config"])
+    # Runs recorded before open_clip towers existed used a timm ViT.
+    cfg = TrainConfig(**{"vision_source": "timm", **meta["config"]})
     ckpt = path if (path / "model.safetensors").exists() else latest_checkpoint(run)
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint under {run}")
-    model = build_pixclip(cfg.model_copy(update={"vision_checkpoint": None}), meta["text_dim"])
+    model = build_pixclip(cfg.model_copy(update={"vision_checkpoint": None, "adaptor_checkpoint": None}), meta["text_dim"])
     model.load_state_dict(load_file(ckpt / "model.safetensors"))
     return model.eval(), cfg, meta
 

@@ -37,12 +37,16 @@ _print = functools.partial(print, flush=True)
 
 
 def param_groups(model: PixCLIP, cfg: TrainConfig) -> list[dict]:
-    """Mask conv at lr_mask_conv, adaptor at lr_adaptor (default lr_other), the rest at lr_other.
+    """Mask conv at lr_mask_conv, adaptor at lr_adaptor, the rest at lr_other.
+
+    lr_adaptor unset: lr_other when a trained adaptor is loaded (the paper inherits LLM2CLIP's), else
+    lr_mask_conv, since a random adaptor at the paper's 1e-7 would stay random.
 
     Weight decay applies to weight matrices/kernels/embeddings only: not to biases, norm gains or the
     temperature (open_clip's rule: parameters with fewer than 2 dims, plus logit_scale).
     """
-    lrs = {"mask_conv": cfg.lr_mask_conv, "adaptor": cfg.lr_adaptor or cfg.lr_other, "other": cfg.lr_other}
+    adaptor = cfg.lr_adaptor or (cfg.lr_other if cfg.adaptor_checkpoint else cfg.lr_mask_conv)
+    lrs = {"mask_conv": cfg.lr_mask_conv, "adaptor": adaptor, "other": cfg.lr_other}
     buckets: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
