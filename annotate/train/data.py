@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import heapq
 import io
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,13 @@ class EpochSampler(Sampler):
     With `groups` (one id per sample, e.g. its image), groups are shuffled and their samples kept
     together, so a batch holds several regions of the same image: negatives that only the mask can
     tell apart. Yields (epoch, index) so the dataset can seed its own draws from them.
+
+    Under DDP every rank must run the same number of steps, or the ranks' collectives stop matching
+    (gloo: "collective mismatch"; NCCL: a hang). Groups of real data are uneven (1 to dozens of
+    regions per image), so groups are dealt greedily to the least-loaded rank and every rank's epoch
+    is cut to `epoch_length`, a bound every rank reaches in every epoch: greedy dealing keeps
+    max - min load <= the largest group g, hence min >= (n - (world - 1) * g) / world. It depends on
+    (n, g, world) only, so all ranks agree without communicating, and it is the same every epoch.
     """
 
     def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1, groups=None):
@@ -135,21 +143,39 @@ class EpochSampler(Sampler):
             for i, g in enumerate(groups):
                 by_group.setdefault(g, []).append(i)
             self.members = list(by_group.values())
+        largest = max((len(m) for m in self.members), default=1)
+        self.epoch_length = max(n - (world_size - 1) * largest, 0) // world_size
         self.epoch, self.start = 0, 0
+        self._cache: tuple[int, list[int]] | None = None
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
-    def _indices(self) -> list[int]:
+    def shard(self, epoch: int, rank: int) -> list[int]:
+        """Rank `rank`'s samples of `epoch`, cut to `epoch_length`."""
         units = self.members or [[i] for i in range(self.n)]
         order = list(range(len(units)))
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             order = torch.randperm(len(units), generator=g).tolist()
-        return [i for u in order[self.rank :: self.world_size] for i in units[u]]
+        if self.world_size == 1:
+            return [i for u in order for i in units[u]][: self.epoch_length]
+        loads = [(0, r) for r in range(self.world_size)]  # a heap of (samples so far, rank)
+        mine: list[int] = []
+        for u in order:
+            load, r = heapq.heappop(loads)
+            if r == rank:
+                mine.extend(units[u])
+            heapq.heappush(loads, (load + len(units[u]), r))
+        return mine[: self.epoch_length]
+
+    def _indices(self) -> list[int]:
+        if self._cache is None or self._cache[0] != self.epoch:
+            self._cache = (self.epoch, self.shard(self.epoch, self.rank))
+        return self._cache[1]
 
     def __iter__(self):
         return iter([(self.epoch, i) for i in self._indices()[self.start :]])
 
     def __len__(self) -> int:
-        return max(len(self._indices()) - self.start, 0)
+        return max(self.epoch_length - self.start, 0)

@@ -106,6 +106,7 @@ class Trainer:
         self.steps_per_epoch = len(self.sampler) // (cfg.batch_size * cfg.grad_accum_steps)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(dataset)} samples is less than one batch of {cfg.batch_size}")
+        self.check_ranks_agree()
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(min(cfg.warmup_steps, self.total_steps), self.total_steps)
@@ -182,6 +183,17 @@ class Trainer:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.check_replicas_in_sync()
         return last
+
+    def check_ranks_agree(self) -> None:
+        """Fail fast, with the numbers, when ranks would run different step counts (they would
+        otherwise deadlock or mismatch collectives mid-epoch): e.g. ranks that see different data."""
+        if self.world == 1:
+            return
+        mine = (len(self.dataset), self.steps_per_epoch)
+        every = [None] * self.world
+        dist.all_gather_object(every, mine)
+        if len(set(every)) > 1:
+            raise RuntimeError(f"ranks disagree on (samples, steps per epoch): {every}")
 
     def check_replicas_in_sync(self) -> None:
         """Every rank must hold the same weights after DDP training; a silent divergence (a rank that
