@@ -259,6 +259,10 @@ class TrainConfig(_Section):
     crop_margin: float = Field(0.05, ge=0, description="L_FC crop: margin around the mask's tight box")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="held-out regions, chosen by region-id hash")
     full_image_ratio: float = 0.1
+    skip_mask_sources: list[str] = Field(
+        default_factory=lambda: ["box", "none"],
+        description="regions whose mask_source is listed are not trained on (box: a box-fallback mask, not a shape)",
+    )
     group_by_image: bool = Field(True, description="batch an image's regions together (mask-only negatives)")
     short_text_ratio: float = 0.3
     logit_scale_init: float = 4.0652

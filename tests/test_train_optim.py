@@ -42,3 +42,16 @@ def test_warmup_then_cosine():
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4) == 1.0 and f(8) == pytest.approx(0.5) and f(12) == pytest.approx(0.0, abs=1e-12)
     assert f(6) == pytest.approx(0.5 * (1 + math.cos(math.pi * 2 / 8)))
+
+
+def test_trainer_clamps_logit_scale_after_each_step(tiny_train_cfg, tmp_path):
+    """Started above ln(100), the temperature is brought back to ln(100) by the in-place clamp after
+    the optimizer step (the forward pass no longer clamps, so it keeps its gradient)."""
+    from annotate.train.synthetic import SyntheticDataset
+    from annotate.train.trainer import Trainer
+
+    cfg = tiny_train_cfg.model_copy(update={"logit_scale_init": math.log(150.0), "max_steps": 1})
+    trainer = Trainer(cfg, build_pixclip(cfg, text_dim=64), SyntheticDataset(cfg, n_images=4, seed=1), tmp_path, device="cpu")
+    trainer.fit(1, log=lambda _: None)
+    assert trainer.step == 1
+    assert float(trainer.model.logit_scale.detach()) == pytest.approx(math.log(100.0))

@@ -12,6 +12,7 @@ import glob
 import hashlib
 import heapq
 import io
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +30,14 @@ def in_eval_split(region_id: str, fraction: float) -> bool:
     return h / 2**64 < fraction
 
 
-def choose_text(rng: np.random.Generator, region_id: str, image_key: str, cache: TextCache, cfg) -> tuple[str, bool]:
-    """(cache key, is_full): 10% whole image + its caption, else a short text or the fine caption."""
+def choose_text(
+    rng: np.random.Generator, region_id: str, image_key: str, cache: TextCache, cfg, full_prob: float | None = None
+) -> tuple[str, bool]:
+    """(cache key, is_full): whole image + its caption with probability `full_prob` (default
+    cfg.full_image_ratio), else a short text or the fine caption."""
     image_k = text_key("image", image_key)
-    if rng.random() < cfg.full_image_ratio and image_k in cache:
+    full_prob = cfg.full_image_ratio if full_prob is None else full_prob
+    if rng.random() < full_prob and image_k in cache:
         return image_k, True
     if rng.random() < cfg.short_text_ratio:
         short = [k for k in (text_key("object", region_id), text_key("phrase", region_id)) if k in cache]
@@ -78,24 +83,47 @@ def load_rows(data_dir: str | Path, cache_dir: str | None = None):
 
 
 class RegionDataset(Dataset):
-    """Regions with status "ok", a fine caption, a mask and a cached text, in the requested split."""
+    """Regions with status "ok", a fine caption, a mask and a cached text, in the requested split.
+
+    Regions whose `mask_source` is in cfg.skip_mask_sources (default: box fallbacks) are left out:
+    a box is not the region's shape, and training on it teaches the mask branch the wrong thing.
+    Full-image samples: per (epoch, image) at most one of the image's regions may become one (with
+    probability full_image_ratio x its region count, so the overall share stays full_image_ratio);
+    two would be identical positives in the same batch, since batches group an image's regions.
+    """
 
     def __init__(self, data_dir: str | Path, cache: TextCache, cfg, split: str = "train", cache_dir: str | None = None):
         self.rows = load_rows(data_dir, cache_dir)
         self.cache, self.cfg, self.train = cache, cfg, split == "train"
         self.refs: list[RegionRef] = []
+        skip = set(getattr(cfg, "skip_mask_sources", ()))
         meta = self.rows.select_columns(["image_key", "regions", "image"])
         for i, row in enumerate(meta):
             if not row["image"]:
                 continue
             for r in row["regions"] or []:
                 usable = r["status"] == "ok" and r["fine_caption"] and r["mask"] and r["mask"]["counts"]
+                usable = usable and r.get("mask_source") not in skip
                 if usable and text_key("fine", r["region_id"]) in cache:
                     if in_eval_split(r["region_id"], cfg.eval_fraction) != self.train:
                         self.refs.append(RegionRef(i, r["region_id"], row["image_key"], dict(r["mask"])))
 
+        # each region's (position, count) among its image's regions in this split
+        counts, seen = Counter(ref.row for ref in self.refs), Counter()
+        self.siblings: list[tuple[int, int]] = []
+        for ref in self.refs:
+            self.siblings.append((seen[ref.row], counts[ref.row]))
+            seen[ref.row] += 1
+
     def __len__(self) -> int:
         return len(self.refs)
+
+    def full_prob(self, epoch: int, idx: int) -> float:
+        """Probability that sample idx is drawn as the full-image sample: only for its image's one
+        designated region of this epoch (seeded by (seed, epoch, image row))."""
+        k, n = self.siblings[idx]
+        chosen = int(np.random.default_rng([self.cfg.seed, epoch, self.refs[idx].row, 7]).integers(n))
+        return min(1.0, self.cfg.full_image_ratio * n) if k == chosen else 0.0
 
     def text_id(self, idx: int) -> str:
         return f"fine:{self.refs[idx].region_id}"
@@ -114,7 +142,7 @@ class RegionDataset(Dataset):
             mask = np.asarray(Image.fromarray(mask).resize(image.shape[1::-1], Image.NEAREST))
         if self.train:
             rng = np.random.default_rng([self.cfg.seed, epoch, idx])
-            key_, full = choose_text(rng, ref.region_id, ref.image_key, self.cache, self.cfg)
+            key_, full = choose_text(rng, ref.region_id, ref.image_key, self.cache, self.cfg, self.full_prob(epoch, idx))
         else:
             key_, full = text_key("fine", ref.region_id), False
         return make_sample(image, mask, self.cache.get(key_), full, self.cfg)

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from annotate.config import TrainConfig
-from annotate.pixclip.loss import PixCLIPLoss, patch_coverage, region_pool
+from annotate.pixclip.loss import PixCLIPLoss, clamp_logit_scale, patch_coverage, region_pool
 from annotate.pixclip.model import PixCLIP, build_pixclip
 from annotate.train.data import EpochSampler
 
@@ -166,6 +166,7 @@ class Trainer:
                 if micro % accum:
                     continue
                 self.optimizer.step()
+                clamp_logit_scale(self.model.logit_scale)
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
