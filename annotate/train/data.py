@@ -24,9 +24,10 @@ from annotate.pixclip.transforms import decode_rle, prepare_views
 from annotate.train.text_cache import TextCache, text_key
 
 
-def in_eval_split(region_id: str, fraction: float) -> bool:
-    """Deterministic held-out split: the region id's hash, so it is stable across runs and machines."""
-    h = int.from_bytes(hashlib.sha1(region_id.encode()).digest()[:8], "big")
+def in_eval_split(image_key: str, fraction: float) -> bool:
+    """Deterministic held-out split by image (a hash of its key, stable across runs and machines):
+    splitting by region would train on the other regions of every evaluation image."""
+    h = int.from_bytes(hashlib.sha1(image_key.encode()).digest()[:8], "big")
     return h / 2**64 < fraction
 
 
@@ -62,6 +63,7 @@ class RegionRef:
     region_id: str
     image_key: str
     rle: dict
+    caption: str = ""
 
 
 def _decode_image(payload: dict) -> np.ndarray:
@@ -99,14 +101,13 @@ class RegionDataset(Dataset):
         skip = set(getattr(cfg, "skip_mask_sources", ()))
         meta = self.rows.select_columns(["image_key", "regions", "image"])
         for i, row in enumerate(meta):
-            if not row["image"]:
+            if not row["image"] or in_eval_split(row["image_key"], cfg.eval_fraction) == self.train:
                 continue
             for r in row["regions"] or []:
                 usable = r["status"] == "ok" and r["fine_caption"] and r["mask"] and r["mask"]["counts"]
                 usable = usable and r.get("mask_source") not in skip
                 if usable and text_key("fine", r["region_id"]) in cache:
-                    if in_eval_split(r["region_id"], cfg.eval_fraction) != self.train:
-                        self.refs.append(RegionRef(i, r["region_id"], row["image_key"], dict(r["mask"])))
+                    self.refs.append(RegionRef(i, r["region_id"], row["image_key"], dict(r["mask"]), r["fine_caption"]))
 
         # each region's (position, count) among its image's regions in this split
         counts, seen = Counter(ref.row for ref in self.refs), Counter()
@@ -126,7 +127,8 @@ class RegionDataset(Dataset):
         return min(1.0, self.cfg.full_image_ratio * n) if k == chosen else 0.0
 
     def text_id(self, idx: int) -> str:
-        return f"fine:{self.refs[idx].region_id}"
+        """The evaluated text itself: two regions with the same caption are one retrieval item."""
+        return self.refs[idx].caption
 
     def group(self, idx: int) -> int:
         return self.refs[idx].row
