@@ -125,3 +125,9 @@ def _view(image: np.ndarray, mask: np.ndarray, window: tuple[int, int, int, int]
     img = torch.from_numpy(np.ascontiguousarray(image[y0:y1, x0:x1])).permute(2, 0, 1).float() / 255.0
     msk = torch.from_numpy(np.ascontiguousarray(mask[y0:y1, x0:x1]))[None].float()
     return resize_pair(img, msk, size)
+
+
+def full_view(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Only the inference view (I, M) (normalised image, mask in [0, 1]): what evaluation needs."""
+    img, msk = _view(np.asarray(image, dtype=np.uint8), mask, full_window(mask), size)
+    return normalize_image(img), msk
