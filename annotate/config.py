@@ -237,6 +237,12 @@ class TrainConfig(_Section):
     image_size: int = Field(224, description="must be the open_clip model's own resolution (336 for *-336)")
     embed_dim: int = Field(512, description="joint space width of a timm tower; an open_clip model brings its own")
     text_encoder: str | None = Field(None, description="local HF model dir for embed-text")
+    text_encoder_type: Literal["hf", "llm2vec"] = Field(
+        "hf", description="llm2vec: bidirectional Llama-family decoder, mean pooling over the text (LLM2CLIP)"
+    )
+    text_lora: list[str] = Field(default_factory=list, description="LoRA adapter dirs merged in order (LLM2Vec)")
+    text_instruction: str = Field("", description="instruction prefix, attended to but not pooled (llm2vec)")
+    text_template: str = Field("{text}", description="prompt around the text (llm2vec), e.g. Llama-3's user turn")
     text_pooling: Literal["mean", "cls", "last"] = "mean"
     text_embed_cache: str | None = None
     adaptor_layers: int = 4

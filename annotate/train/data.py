@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from annotate.pixclip.transforms import decode_rle, prepare_views
-from annotate.train.text_cache import TextCache, text_key
+from annotate.train.text_cache import TextCache
 
 
 def in_eval_split(image_key: str, fraction: float) -> bool:
@@ -31,20 +31,17 @@ def in_eval_split(image_key: str, fraction: float) -> bool:
     return h / 2**64 < fraction
 
 
-def choose_text(
-    rng: np.random.Generator, region_id: str, image_key: str, cache: TextCache, cfg, full_prob: float | None = None
-) -> tuple[str, bool]:
-    """(cache key, is_full): whole image + its caption with probability `full_prob` (default
-    cfg.full_image_ratio), else a short text or the fine caption."""
-    image_k = text_key("image", image_key)
+def choose_text(rng: np.random.Generator, ref: "RegionRef", cache: TextCache, cfg, full_prob: float | None = None) -> tuple[str, bool]:
+    """(text, is_full): the whole image + its caption with probability `full_prob` (default
+    cfg.full_image_ratio), else a short text (object caption or phrase) or the fine caption."""
     full_prob = cfg.full_image_ratio if full_prob is None else full_prob
-    if rng.random() < full_prob and image_k in cache:
-        return image_k, True
+    if rng.random() < full_prob and ref.image_caption and ref.image_caption in cache:
+        return ref.image_caption, True
     if rng.random() < cfg.short_text_ratio:
-        short = [k for k in (text_key("object", region_id), text_key("phrase", region_id)) if k in cache]
+        short = [t for t in ref.short if t in cache]
         if short:
             return short[int(rng.integers(len(short)))], False
-    return text_key("fine", region_id), False
+    return ref.caption, False
 
 
 def make_sample(image: np.ndarray, mask: np.ndarray, text: np.ndarray, full: bool, cfg) -> dict:
@@ -63,7 +60,9 @@ class RegionRef:
     region_id: str
     image_key: str
     rle: dict
-    caption: str = ""
+    caption: str = ""  # the fine caption
+    short: tuple[str, ...] = ()  # object caption, phrase
+    image_caption: str = ""
 
 
 def _decode_image(payload: dict) -> np.ndarray:
@@ -99,15 +98,17 @@ class RegionDataset(Dataset):
         self.cache, self.cfg, self.train = cache, cfg, split == "train"
         self.refs: list[RegionRef] = []
         skip = set(getattr(cfg, "skip_mask_sources", ()))
-        meta = self.rows.select_columns(["image_key", "regions", "image"])
+        meta = self.rows.select_columns(["image_key", "caption", "regions", "image"])
         for i, row in enumerate(meta):
             if not row["image"] or in_eval_split(row["image_key"], cfg.eval_fraction) == self.train:
                 continue
             for r in row["regions"] or []:
                 usable = r["status"] == "ok" and r["fine_caption"] and r["mask"] and r["mask"]["counts"]
                 usable = usable and r.get("mask_source") not in skip
-                if usable and text_key("fine", r["region_id"]) in cache:
-                    self.refs.append(RegionRef(i, r["region_id"], row["image_key"], dict(r["mask"]), r["fine_caption"]))
+                if usable and r["fine_caption"] in cache:
+                    short = tuple(t for t in (r.get("object_caption"), r.get("phrase")) if t)
+                    self.refs.append(RegionRef(i, r["region_id"], row["image_key"], dict(r["mask"]),
+                                               r["fine_caption"], short, row.get("caption") or ""))
 
         # each region's (position, count) among its image's regions in this split
         counts, seen = Counter(ref.row for ref in self.refs), Counter()
@@ -144,10 +145,10 @@ class RegionDataset(Dataset):
             mask = np.asarray(Image.fromarray(mask).resize(image.shape[1::-1], Image.NEAREST))
         if self.train:
             rng = np.random.default_rng([self.cfg.seed, epoch, idx])
-            key_, full = choose_text(rng, ref.region_id, ref.image_key, self.cache, self.cfg, self.full_prob(epoch, idx))
+            text, full = choose_text(rng, ref, self.cache, self.cfg, self.full_prob(epoch, idx))
         else:
-            key_, full = text_key("fine", ref.region_id), False
-        return make_sample(image, mask, self.cache.get(key_), full, self.cfg)
+            text, full = ref.caption, False
+        return make_sample(image, mask, self.cache.get(text), full, self.cfg)
 
 
 class EpochSampler(Sampler):

@@ -120,8 +120,6 @@ def text_encoder_for(cfg, meta: dict) -> TextFn:
         from annotate.train.synthetic import BagOfWordsEncoder
 
         return BagOfWordsEncoder(seed=cfg.seed)
-    if not cfg.text_encoder:
-        raise ValueError("train.text_encoder is not set: the benchmark texts need the run's frozen text encoder")
-    from annotate.train.text_cache import HFTextEncoder
+    from annotate.train.text_cache import make_text_encoder
 
-    return HFTextEncoder(cfg.text_encoder, cfg.text_pooling, cfg.text_max_length)
+    return make_text_encoder(cfg)

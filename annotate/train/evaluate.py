@@ -194,10 +194,10 @@ def evaluate(
         res = retrieval_metrics(*embed_pairs(model, ds), ids) if len(ds) else {}
         res.update({"chance_r1": chance_r1(ids) if ids else 0.0, "n_regions": len(ds)})
     if zero_shot_json:
-        from annotate.train.text_cache import HFTextEncoder
+        from annotate.train.text_cache import make_text_encoder
 
         items, classes, template = load_zero_shot_json(zero_shot_json)
-        encoder = HFTextEncoder(cfg.text_encoder, cfg.text_pooling, cfg.text_max_length)
+        encoder = make_text_encoder(cfg)
         res.update(zero_shot(model, items, classes, encoder([template.format(c) for c in classes]), cfg.image_size))
     out = Path(output) if output else Path(checkpoint) / "eval.json"
     if out.parent.exists():
