@@ -245,6 +245,9 @@ class TrainConfig(_Section):
     text_template: str = Field("{text}", description="prompt around the text (llm2vec), e.g. Llama-3's user turn")
     text_pooling: Literal["mean", "cls", "last"] = "mean"
     text_embed_cache: str | None = None
+    adaptor_kind: Literal["mlp", "llm2clip"] = Field(
+        "mlp", description="llm2clip: LLM2CLIP's residual adaptor (adaptor_layers blocks), loadable from its checkpoint"
+    )
     adaptor_layers: int = 4
     adaptor_hidden: int = 2048
     text_max_length: int = 512

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 open_clip = pytest.importorskip("open_clip")
 
 
-def _checkpoint(name: str, path) -> torch.nn.Module:
+def _checkpoint(name: str, path=None) -> torch.nn.Module:
     """A random open_clip model whose projection is scaled up so embeddings are O(1) (EVA02's random
     head gives ~1e-3, which would make any 1e-5 comparison vacuous); its vision state dict + logit_scale
     saved as an open_clip checkpoint (`visual.*` keys)."""
@@ -21,8 +22,9 @@ def _checkpoint(name: str, path) -> torch.nn.Module:
         for key, p in ref.visual.named_parameters():
             if key in ("proj", "trunk.head.weight"):
                 p.normal_(0, p.shape[-1] ** -0.5 if key == "proj" else 0.2)
-    state = {k: v for k, v in ref.state_dict().items() if k.startswith("visual.") or k == "logit_scale"}
-    torch.save(state, path)
+    if path is not None:
+        state = {k: v for k, v in ref.state_dict().items() if k.startswith("visual.") or k == "logit_scale"}
+        torch.save(state, path)
     return ref
 
 
@@ -105,3 +107,64 @@ def test_production_default_is_eva02_clip(tmp_path):
     assert (cfg.vision_source, cfg.vision_model, cfg.image_size) == ("open_clip", "EVA02-B-16", 224)
     with pytest.raises(ValueError, match="336 px"):
         build_pixclip(cfg.model_copy(update={"vision_model": "EVA02-L-14-336"}), text_dim=8)
+
+
+# timm's EVA filter renames EVA-CLIP keys this way; inverted here to write an LLM2CLIP-format file.
+_TO_EVA_CLIP = [("mlp.fc1_g", "mlp.w1"), ("mlp.fc1_x", "mlp.w2"), ("mlp.fc2", "mlp.w3"), ("mlp.norm", "mlp.ffn_ln"),
+                ("attn.norm", "attn.inner_attn_ln"), ("attn.q_proj.bias", "attn.q_bias"), ("attn.v_proj.bias", "attn.v_bias")]
+
+
+def _eva_clip_name(key: str) -> str:
+    for timm_name, eva_name in _TO_EVA_CLIP:
+        key = key.replace(timm_name, eva_name)
+    return "visual." + key
+
+
+def test_llm2clip_checkpoint_loads_vision_tower_and_adaptor(tmp_path):
+    """An LLM2CLIP release (EVA-CLIP key names for the EVA02 tower, `text.text_adaptor.*` for its
+    residual adaptor over LLM2Vec features): the image side equals open_clip's EVA02 with those
+    weights, and the adaptor computes LLM2CLIP's x + W2 gelu(W1 LN(x)) blocks, LN, Linear."""
+    from annotate.pixclip import from_open_clip
+    from annotate.train.trainer import param_groups
+
+    ref = _checkpoint("EVA02-B-16")
+    state = {_eva_clip_name(k): v for k, v in ref.visual.trunk.state_dict().items()}
+    assert "visual.blocks.0.mlp.w1.weight" in state and "visual.blocks.0.attn.q_bias" in state
+    g = torch.Generator().manual_seed(3)
+    text_dim, blocks = 24, 2
+    for b in range(blocks):
+        state[f"text.text_adaptor.{b}.ln.weight"] = 1 + 0.1 * torch.randn(text_dim, generator=g)
+        state[f"text.text_adaptor.{b}.ln.bias"] = 0.1 * torch.randn(text_dim, generator=g)
+        for i, shape in ((0, (2 * text_dim, text_dim)), (3, (text_dim, 2 * text_dim))):
+            state[f"text.text_adaptor.{b}.fn.{i}.weight"] = 0.2 * torch.randn(*shape, generator=g)
+            state[f"text.text_adaptor.{b}.fn.{i}.bias"] = 0.1 * torch.randn(shape[0], generator=g)
+    state[f"text.text_adaptor.{blocks}.weight"] = torch.ones(text_dim)
+    state[f"text.text_adaptor.{blocks}.bias"] = torch.zeros(text_dim)
+    state[f"text.text_adaptor.{blocks + 1}.weight"] = 0.2 * torch.randn(512, text_dim, generator=g)
+    state[f"text.text_adaptor.{blocks + 1}.bias"] = torch.zeros(512)
+    state["logit_scale"] = torch.tensor(4.5)
+    torch.save(state, tmp_path / "llm2clip.pt")
+
+    model = from_open_clip("EVA02-B-16", str(tmp_path / "llm2clip.pt"), text_dim=text_dim, adaptor_layers=blocks,
+                           adaptor_kind="llm2clip").eval()
+    image = torch.randn(1, 3, 224, 224, generator=g)
+    with torch.no_grad():
+        want = ref.encode_image(image)
+        assert (model.encode_image(image, torch.rand(1, 1, 224, 224), normalize=False) - want).abs().max() <= 1e-5
+        x = torch.randn(3, text_dim, generator=g)
+        h = x
+        for b in range(blocks):
+            p = {n: state[f"text.text_adaptor.{b}.{n}"] for n in ("ln.weight", "ln.bias", "fn.0.weight", "fn.0.bias", "fn.3.weight", "fn.3.bias")}
+            z = F.layer_norm(h, (text_dim,), p["ln.weight"], p["ln.bias"])
+            h = h + F.linear(F.gelu(F.linear(z, p["fn.0.weight"], p["fn.0.bias"])), p["fn.3.weight"], p["fn.3.bias"])
+        h = F.linear(F.layer_norm(h, (text_dim,)), state[f"text.text_adaptor.{blocks + 1}.weight"], state[f"text.text_adaptor.{blocks + 1}.bias"])
+        torch.testing.assert_close(model.encode_text(x, normalize=False), h, rtol=1e-5, atol=1e-5)
+    assert float(model.logit_scale.detach()) == pytest.approx(4.5) and model.adaptor_pretrained
+    # the inherited adaptor is fine-tuned like the other layers (the paper's 1e-7)
+    from annotate.train.synthetic import synthetic_config
+
+    cfg = synthetic_config(lr_mask_conv=1e-5, lr_other=1e-7, lr_adaptor=None)
+    assert {g_["name"]: g_["lr"] for g_ in param_groups(model, cfg)}["adaptor"] == 1e-7
+    # the same file into the default MLP adaptor is refused with the hint
+    with pytest.raises(ValueError, match="adaptor_kind"):
+        from_open_clip("EVA02-B-16", str(tmp_path / "llm2clip.pt"), text_dim=text_dim, adaptor_layers=blocks)

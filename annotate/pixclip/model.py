@@ -82,6 +82,25 @@ def adaptor_mlp(text_dim: int, hidden: int, embed_dim: int, layers: int) -> nn.S
     return nn.Sequential(*mods)
 
 
+class ResidualBlock(nn.Module):
+    """x + MLP(LN(x)), width x2: one block of LLM2CLIP's text adaptor. Attribute names and the
+    Sequential indices (fn.0, fn.3) follow LLM2CLIP's checkpoint keys so its adaptor loads as is."""
+
+    def __init__(self, dim: int, expansion: int = 2):
+        super().__init__()
+        # Dropout(0) only keeps the second Linear at index 3, where the checkpoint has it.
+        self.fn = nn.Sequential(nn.Linear(dim, expansion * dim), nn.GELU(), nn.Dropout(0.0), nn.Linear(expansion * dim, dim))
+        self.ln = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fn(self.ln(x))
+
+
+def llm2clip_adaptor(text_dim: int, embed_dim: int, blocks: int = 4) -> nn.Sequential:
+    """LLM2CLIP's adaptor from LLM2Vec features (4096 for Llama-3-8B) into the CLIP space."""
+    return nn.Sequential(*[ResidualBlock(text_dim) for _ in range(blocks)], nn.LayerNorm(text_dim), nn.Linear(text_dim, embed_dim))
+
+
 class PixCLIP(nn.Module):
     """Mask-conditioned image tower + trainable text adaptor over cached frozen text features."""
 
@@ -94,6 +113,7 @@ class PixCLIP(nn.Module):
         adaptor_hidden: int = 2048,
         logit_scale_init: float = 4.0652,
         visual_proj: nn.Module | None = None,
+        adaptor_kind: str = "mlp",
     ):
         """`visual_proj`: the tower's pretrained projection (pooled width -> embed_dim); random if None."""
         super().__init__()
@@ -116,9 +136,13 @@ class PixCLIP(nn.Module):
         self.visual = vision
         self.visual_proj = visual_proj if visual_proj is not None else nn.Linear(width, embed_dim, bias=False)
         embed_dim = self.visual_proj.weight.shape[0]
-        self.text_adaptor = adaptor_mlp(text_dim, adaptor_hidden, embed_dim, adaptor_layers)
+        if adaptor_kind == "llm2clip":
+            self.text_adaptor = llm2clip_adaptor(text_dim, embed_dim, adaptor_layers)
+        else:
+            self.text_adaptor = adaptor_mlp(text_dim, adaptor_hidden, embed_dim, adaptor_layers)
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
         self.text_dim = text_dim
+        self.adaptor_pretrained = False
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -199,6 +223,7 @@ def build_pixclip(cfg: Any, text_dim: int) -> PixCLIP:
             adaptor_layers=cfg.adaptor_layers,
             adaptor_hidden=cfg.adaptor_hidden,
             adaptor_checkpoint=getattr(cfg, "adaptor_checkpoint", None),
+            adaptor_kind=getattr(cfg, "adaptor_kind", "mlp"),
         )
     vision = create_vision(cfg.vision_model, cfg.image_size, cfg.vision_checkpoint, **cfg.vision_kwargs)
     return PixCLIP(

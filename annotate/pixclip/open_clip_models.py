@@ -7,6 +7,12 @@ download: `pretrained=None`), loads a local checkpoint, and hands the vision tow
 and its `logit_scale` to `PixCLIP`. Because the mask conv starts at zero, at init
 `encode_image(image, mask, normalize=False)` equals open_clip's `encode_image(image)` for any mask.
 
+LLM2CLIP releases (EVA-CLIP code base) use EVA-CLIP's own key names for the vision tower
+(`visual.blocks.N.mlp.w1`...); they are converted with timm's EVA checkpoint filter (the one timm
+uses for its EVA02-CLIP weights) into the open_clip EVA02 trunk. Their trained text adaptor
+(`text.text_adaptor.*`, LLM2CLIP's residual MLP over LLM2Vec features) loads into
+`adaptor_kind="llm2clip"`, and PixCLIP then starts from LLM2CLIP's full alignment.
+
 Towers: open_clip's own `VisionTransformer` (ViT-B-16, ViT-L-14, ...) keeps its `proj` matrix as
 `visual_proj`; the EVA02 models are a timm Eva trunk whose classifier head *is* the CLIP projection
 (`timm_proj: null` in their configs), so that head becomes `visual_proj`. Models with attentional or
@@ -36,26 +42,50 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def split_open_clip_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
-    """(vision tower state, logit_scale) from a full open_clip checkpoint (`visual.*` keys) or from a
-    state dict of the vision tower alone (no prefix)."""
+    """(vision tower state, logit_scale) from a full open_clip / EVA-CLIP checkpoint (`visual.*`
+    keys) or from a state dict of the vision tower alone (no prefix)."""
     if any(k.startswith("visual.") for k in state):
         visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
         return visual, state.get("logit_scale")
     return dict(state), state.get("logit_scale")
 
 
-def open_clip_visual(model_name: str, checkpoint: str | Path | None = None) -> tuple[nn.Module, torch.Tensor | None]:
-    """open_clip's vision tower for `model_name` (weights from `checkpoint`, else random) and the
-    checkpoint's logit_scale. The text tower is built by open_clip and then dropped: PixCLIP's text
-    side is the adaptor over cached LLM features."""
+ADAPTOR_PREFIX = "text.text_adaptor."  # LLM2CLIP's adaptor inside its CLIP checkpoint
+
+
+def adaptor_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The text adaptor's weights: LLM2CLIP's `text.text_adaptor.*` or ours `text_adaptor.*` (or bare)."""
+    for prefix in (ADAPTOR_PREFIX, "text_adaptor."):
+        found = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if found:
+            return found
+    return dict(state)
+
+
+def _eva_clip_to_timm(state: dict[str, torch.Tensor], trunk: nn.Module) -> dict[str, torch.Tensor]:
+    """EVA-CLIP key names (LLM2CLIP, EVA-CLIP releases) -> timm Eva names, by timm's own filter."""
+    from timm.models.eva import Eva, checkpoint_filter_fn
+
+    if not isinstance(trunk, Eva) or any(k.startswith("trunk.") for k in state):
+        return state
+    return {"trunk." + k: v for k, v in checkpoint_filter_fn(state, trunk).items()}
+
+
+def open_clip_visual(model_name: str, checkpoint: str | Path | None = None) -> tuple[nn.Module, torch.Tensor | None, dict]:
+    """open_clip's vision tower for `model_name` (weights from `checkpoint`, else random), the
+    checkpoint's logit_scale and its whole state dict (for the adaptor). The text tower is built by
+    open_clip and then dropped: PixCLIP's text side is the adaptor over cached LLM features."""
     import open_clip
 
     if open_clip.get_model_config(model_name) is None:
         raise ValueError(f"unknown open_clip model {model_name!r}; known: {open_clip.list_models()[:8]}...")
     clip = open_clip.create_model(model_name, pretrained=None)
-    visual, scale = clip.visual, None
+    visual, scale, full = clip.visual, None, {}
     if checkpoint:
-        state, scale = split_open_clip_state(read_state_dict(checkpoint))
+        full = read_state_dict(checkpoint)
+        state, scale = split_open_clip_state(full)
+        if getattr(visual, "trunk", None) is not None:
+            state = _eva_clip_to_timm(state, visual.trunk)
         missing, unexpected = visual.load_state_dict(state, strict=False)
         if missing or unexpected:
             raise ValueError(
@@ -63,7 +93,7 @@ def open_clip_visual(model_name: str, checkpoint: str | Path | None = None) -> t
                 f"missing={missing[:5]} unexpected={unexpected[:5]}"
             )
     del clip
-    return visual, scale
+    return visual, scale, full
 
 
 def detach_projection(visual: nn.Module) -> tuple[nn.Module, nn.Module | None]:
@@ -97,11 +127,13 @@ def from_open_clip(
     adaptor_layers: int = 4,
     adaptor_hidden: int = 2048,
     adaptor_checkpoint: str | Path | None = None,
+    adaptor_kind: str = "mlp",
 ) -> PixCLIP:
-    """PixCLIP on open_clip's `model_name` with the weights of a local `checkpoint`, projection and
-    temperature kept. `adaptor_checkpoint` (a state dict of `text_adaptor` keys, with or without that
-    prefix) loads a trained text adaptor; otherwise the adaptor starts random."""
-    visual, scale = open_clip_visual(model_name, checkpoint)
+    """PixCLIP on open_clip's `model_name` with the weights of a local `checkpoint` (open_clip or
+    EVA-CLIP/LLM2CLIP format), projection and temperature kept. A text adaptor is loaded from
+    `adaptor_checkpoint`, or from `checkpoint` itself when it holds one (LLM2CLIP's
+    `text.text_adaptor.*`); otherwise the adaptor starts random."""
+    visual, scale, full = open_clip_visual(model_name, checkpoint)
     tower, proj = detach_projection(visual)
     model = PixCLIP(
         tower,
@@ -109,14 +141,21 @@ def from_open_clip(
         adaptor_layers=adaptor_layers,
         adaptor_hidden=adaptor_hidden,
         visual_proj=proj,
+        adaptor_kind=adaptor_kind,
     )
     if scale is not None:
         with torch.no_grad():
             model.logit_scale.copy_(scale.reshape(()))
-    if adaptor_checkpoint:
-        state = read_state_dict(adaptor_checkpoint)
-        state = {k.removeprefix("text_adaptor."): v for k, v in state.items()}
-        model.text_adaptor.load_state_dict(state)
+    source = read_state_dict(adaptor_checkpoint) if adaptor_checkpoint else None
+    if source is None and any(k.startswith(ADAPTOR_PREFIX) for k in full):
+        source = full
+    model.adaptor_pretrained = source is not None  # the trainer then fine-tunes it at lr_other
+    if source is not None:
+        try:
+            model.text_adaptor.load_state_dict(adaptor_state(source))
+        except RuntimeError as e:
+            raise ValueError(f"text adaptor weights do not fit adaptor_kind={adaptor_kind!r} "
+                             f"(LLM2CLIP's adaptor needs adaptor_kind: llm2clip): {e}") from e
     return model
 
 

@@ -45,7 +45,8 @@ def param_groups(model: PixCLIP, cfg: TrainConfig) -> list[dict]:
     Weight decay applies to weight matrices/kernels/embeddings only: not to biases, norm gains or the
     temperature (open_clip's rule: parameters with fewer than 2 dims, plus logit_scale).
     """
-    adaptor = cfg.lr_adaptor or (cfg.lr_other if cfg.adaptor_checkpoint else cfg.lr_mask_conv)
+    trained = cfg.adaptor_checkpoint or getattr(model, "adaptor_pretrained", False)
+    adaptor = cfg.lr_adaptor or (cfg.lr_other if trained else cfg.lr_mask_conv)
     lrs = {"mask_conv": cfg.lr_mask_conv, "adaptor": adaptor, "other": cfg.lr_other}
     buckets: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
