@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from annotate.config import TrainConfig
 from annotate.pixclip.model import PixCLIP, build_pixclip
-from annotate.pixclip.transforms import decode_rle, prepare_views
+from annotate.pixclip.transforms import decode_rle, prepare_views, to_model_input
 
 SYNTHETIC_EVAL_IMAGES = 100
 
@@ -54,8 +54,9 @@ def embed_pairs(model: PixCLIP, dataset, batch_size: int = 64, mask_fill: float 
     dev = model_device(model)
     imgs, txts = [], []
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        mask = batch["mask"] if mask_fill is None else torch.full_like(batch["mask"], mask_fill)
-        imgs.append(model.encode_image(batch["image"].to(dev), mask.to(dev)))
+        image, mask = to_model_input(batch["image"].to(dev), batch["mask"].to(dev))
+        mask = mask if mask_fill is None else torch.full_like(mask, mask_fill)
+        imgs.append(model.encode_image(image, mask))
         txts.append(model.encode_text(batch["text"].to(dev)))
     return torch.cat(imgs), torch.cat(txts)
 

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 from annotate.config import TrainConfig
 from annotate.pixclip.loss import PixCLIPLoss, clamp_logit_scale, patch_coverage, region_pool
 from annotate.pixclip.model import PixCLIP, build_pixclip
+from annotate.pixclip.transforms import to_model_input
 from annotate.train.data import EpochSampler
 
 RUN_FILE = "run.json"
@@ -121,12 +122,13 @@ class Trainer:
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """Main (I, M), crop (I', M') and all-ones-mask (I, 1) passes, batched into one forward."""
         cfg = self.cfg
-        image, mask = batch["image"], batch["mask"]
+        image, mask = to_model_input(batch["image"], batch["mask"])  # uint8 from the loader -> floats here
         n = image.shape[0]
         images, masks = [image], [mask]
         if cfg.use_fc:
-            images.append(batch["crop_image"])
-            masks.append(batch["crop_mask"])
+            crop_image, crop_mask = to_model_input(batch["crop_image"], batch["crop_mask"])
+            images.append(crop_image)
+            masks.append(crop_mask)
         if cfg.use_lg:
             images.append(image)
             masks.append(torch.ones_like(mask))
