@@ -83,8 +83,9 @@ def test_two_gloo_ranks_train_on_uneven_pipeline_output(tmp_path, tiny_train_cfg
     write_text_cache(entries, lambda ts: np.random.default_rng(len(ts)).standard_normal((len(ts), 16)), tmp_path / "cache")
     # 12 regions, largest image 3: epoch_length (12 - 3) // 2 = 4 per rank = 2 steps of 2; 6 steps = 3 epochs.
     # Seed 1: dealing images round-robin (the old sampler) gives rank 0 5 regions and rank 1 7 in epoch 0.
-    cfg = tiny_train_cfg.model_copy(update={"seed": 1, "eval_fraction": 0.0, "batch_size": 2, "max_steps": 6,
-                                            "checkpoint_every": 100, "warmup_steps": 1, "num_workers": 0})
+    # skip_mask_sources []: keep each image's box-fallback region too, so the images hold 1, 2, 3 regions.
+    cfg = tiny_train_cfg.model_copy(update={"seed": 1, "eval_fraction": 0.0, "skip_mask_sources": [], "batch_size": 2,
+                                            "max_steps": 6, "checkpoint_every": 100, "warmup_steps": 1, "num_workers": 0})
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_rank_main, nprocs=WORLD, join=True, args=(
