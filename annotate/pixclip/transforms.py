@@ -1,12 +1,13 @@
 """Joint image/mask transforms: whatever geometry touches the image touches the mask identically.
 
-Image and mask are stacked into one 4-channel tensor and transformed together. The full view is
-CLIP's preprocessing (shortest side resized, square centre crop), as EVA02-CLIP / LLM2CLIP were
-trained with, instead of squashing the image to a square. One deviation: when the centre square
+Image and mask are cut with the same window and resized by the same filter onto the same grid.
+The full view is CLIP's preprocessing (shortest side resized, square centre crop), as EVA02-CLIP /
+LLM2CLIP were trained with, instead of squashing the image to a square. One deviation: when the centre square
 would keep less than half of the region's mask, the square window slides along the long side to
 centre on the region (same scale as CLIP's, only the offset differs), so the text never describes
 something cut out of the picture. The crop view (I', M') is a square window around the mask's box,
 so it is not distorted either. No horizontal flip (it would contradict "left"/"right" in captions).
+Views come out as uint8 from the loader (`raw=True`); `to_model_input` makes the model's floats.
 """
 
 from __future__ import annotations
