@@ -192,11 +192,14 @@ def eval_cmd(
     synthetic: bool = typer.Option(False, "--synthetic", help="evaluate on the synthetic benchmark"),
     zero_shot: str | None = typer.Option(None, "--zero-shot", help="zero-shot classification JSON (see evaluate.py)"),
     output: str | None = typer.Option(None, "--output", help="results JSON (default RUN/eval.json)"),
+    task: str | None = typer.Option(None, "--task", help="a paper benchmark: imagenet-s, coco-instances, refcoco, "
+                                    "refcoco+, refcocog, flickr30k, coco-retrieval, sharegpt4v, urban1k, docci"),
+    bench_dir: str | None = typer.Option(None, "--bench-dir", help="the benchmark's local copy, in its published layout"),
 ) -> None:
-    """Mask<->text retrieval R@1/5/10 and zero-shot region classification; prints JSON and a table."""
+    """Mask<->text retrieval R@1/5/10, zero-shot region classification, or one paper benchmark (--task)."""
     from annotate.train.commands import run_eval
 
-    run_eval(checkpoint, data, synthetic, zero_shot, output)
+    run_eval(checkpoint, data, synthetic, zero_shot, output, task, bench_dir)
 
 
 @app.command("embed-text")

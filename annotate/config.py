@@ -273,16 +273,30 @@ class RunConfig(_Section):
 
 # ---------------------------------------------------------------------------------------- train
 class TrainConfig(_Section):
-    vision_model: str = Field("vit_base_patch16_224", description="timm model name")
-    vision_checkpoint: str | None = None
+    # The paper (Table 9) fine-tunes EVA02-CLIP ViT-B/16: an open_clip model, its projection kept.
+    vision_source: Literal["open_clip", "timm"] = Field(
+        "open_clip", description="open_clip: a CLIP model (projection + temperature kept); timm: a bare ViT"
+    )
+    vision_model: str = Field("EVA02-B-16", description="open_clip model name (or a timm name with vision_source=timm)")
+    vision_checkpoint: str | None = Field(None, description="local weights; open_clip: a CLIP or vision-tower state dict")
+    adaptor_checkpoint: str | None = Field(None, description="trained text adaptor weights (e.g. LLM2CLIP's)")
     vision_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="extra timm.create_model args (patch_size, depth...) for small models"
     )
-    image_size: int = 224
-    embed_dim: int = 512
+    image_size: int = Field(224, description="must be the open_clip model's own resolution (336 for *-336)")
+    embed_dim: int = Field(512, description="joint space width of a timm tower; an open_clip model brings its own")
     text_encoder: str | None = Field(None, description="local HF model dir for embed-text")
+    text_encoder_type: Literal["hf", "llm2vec"] = Field(
+        "hf", description="llm2vec: bidirectional Llama-family decoder, mean pooling over the text (LLM2CLIP)"
+    )
+    text_lora: list[str] = Field(default_factory=list, description="LoRA adapter dirs merged in order (LLM2Vec)")
+    text_instruction: str = Field("", description="instruction prefix, attended to but not pooled (llm2vec)")
+    text_template: str = Field("{text}", description="prompt around the text (llm2vec), e.g. Llama-3's user turn")
     text_pooling: Literal["mean", "cls", "last"] = "mean"
     text_embed_cache: str | None = None
+    adaptor_kind: Literal["mlp", "llm2clip"] = Field(
+        "mlp", description="llm2clip: LLM2CLIP's residual adaptor (adaptor_layers blocks), loadable from its checkpoint"
+    )
     adaptor_layers: int = 4
     adaptor_hidden: int = 2048
     text_max_length: int = 512
@@ -303,6 +317,10 @@ class TrainConfig(_Section):
     crop_margin: float = Field(0.05, ge=0, description="L_FC crop: margin around the mask's tight box")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="held-out regions, chosen by region-id hash")
     full_image_ratio: float = 0.1
+    skip_mask_sources: list[str] = Field(
+        default_factory=lambda: ["box", "none"],
+        description="regions whose mask_source is listed are not trained on (box: a box-fallback mask, not a shape)",
+    )
     group_by_image: bool = Field(True, description="batch an image's regions together (mask-only negatives)")
     short_text_ratio: float = 0.3
     logit_scale_init: float = 4.0652

@@ -53,8 +53,12 @@ def _photo(key: str, side: int) -> tuple[np.ndarray, list[np.ndarray]]:
     return img, masks
 
 
-def write_pipeline_output(out: str | Path, side: int = 96, copies: int = 1) -> Path:
-    """Write OUT/data/part-00000.parquet; copy 0 uses the bare photo names as image keys."""
+def write_pipeline_output(out: str | Path, side: int = 96, copies: int = 1, uneven: bool = False) -> Path:
+    """Write OUT/data/part-00000.parquet; copy 0 uses the bare photo names as image keys.
+
+    `uneven`: image number k keeps only its first 1 + k % 3 "ok" regions (1, 2, 3, 1, ...), as real
+    pipeline output has, and its last kept region is a box-fallback mask (mask_source "box").
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -72,9 +76,10 @@ def write_pipeline_output(out: str | Path, side: int = 96, copies: int = 1) -> P
         photos[name] = (img.shape, _jpeg(img), [_rle(m) for m in masks], boxes)
     rows = []
     for copy in range(copies):
-        for name, (caption, phrases) in SPECS.items():
+        for j, (name, (caption, phrases)) in enumerate(SPECS.items()):
             (h, w, _), jpeg, rles, boxes = photos[name]
             key = name if copy == 0 else f"{name}_{copy}"
+            keep = 1 + (copy * len(SPECS) + j) % 3 if uneven else len(phrases)
             regions = [
                 RegionRecord(
                     region_id=f"{key}-{i}",
@@ -82,12 +87,12 @@ def write_pipeline_output(out: str | Path, side: int = 96, copies: int = 1) -> P
                     phrase=phrase,
                     bbox=box,
                     mask=RleMask(**rle),
-                    mask_source="given",
+                    mask_source="box" if uneven and i == keep - 1 else "given",
                     object_caption=f"the {phrase}",
                     fine_caption=f"The {phrase} in the photo of {caption}, region number {i}.",
                     status="ok",
                 )
-                for i, (phrase, rle, box) in enumerate(zip(phrases, rles, boxes))
+                for i, (phrase, rle, box) in enumerate(zip(phrases[:keep], rles, boxes))
             ]
             regions.append(
                 RegionRecord(region_id=f"{key}-9", region_index=9, phrase="nothing", bbox=[0, 0, 4, 4], status="rejected")

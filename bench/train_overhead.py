@@ -74,21 +74,19 @@ def build_data(work: Path, cfg, side: int, copies: int, encoder_dir: str) -> dic
     return {"data_dir": data, "cache": cache, "dataset": dataset, "embed_text_s": embed_s}
 
 
-def held_batch(dataset, cfg, data_dir: Path) -> tuple[dict, list[str], list[str]]:
-    """One real batch (collated), with the cache keys and captions its samples drew."""
+def held_batch(dataset, cfg, data_dir: Path) -> tuple[dict, list[str]]:
+    """One real batch (collated), with the texts its samples drew (the text cache's keys)."""
     from torch.utils.data import default_collate
 
     from annotate.train.data import choose_text
-    from annotate.train.text_cache import iter_region_texts
 
     idxs = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(12345))[: cfg.batch_size].tolist()
     batch = default_collate([dataset[(0, i)] for i in idxs])
-    keys = []
+    texts = []
     for i in idxs:  # the draw RegionDataset.__getitem__ made for (epoch 0, i)
-        ref = dataset.refs[i]
-        keys.append(choose_text(np.random.default_rng([cfg.seed, 0, i]), ref.region_id, ref.image_key, dataset.cache, cfg)[0])
-    texts = dict(iter_region_texts(data_dir))
-    return batch, keys, [texts[k] for k in keys]
+        rng = np.random.default_rng([cfg.seed, 0, i])
+        texts.append(choose_text(rng, dataset.refs[i], dataset.cache, cfg, dataset.full_prob(0, i))[0])
+    return batch, texts
 
 
 class StepClock:
@@ -172,10 +170,10 @@ def run(steps: int = 20, rounds: int = 3, warmup: int = 3, side: int = 384, smal
         built = build_data(work, cfg, side, copies, encoder_dir)
         dataset, cache = built["dataset"], built["cache"]
         trainer = Trainer(cfg, build_pixclip(cfg, cache.dim), dataset, work / "run")
-        batch, keys, captions = held_batch(dataset, cfg, built["data_dir"])
+        batch, captions = held_batch(dataset, cfg, built["data_dir"])
         batch = {k: v.to(trainer.device) for k, v in batch.items()}
         encoder = HFTextEncoder(encoder_dir, "mean", cfg.text_max_length, device=str(trainer.device))
-        from_cache = lambda: torch.from_numpy(np.stack([cache.get(k) for k in keys])).to(trainer.device)  # noqa: E731
+        from_cache = lambda: torch.from_numpy(np.stack([cache.get(t) for t in captions])).to(trainer.device)  # noqa: E731
         from_encoder = lambda: torch.from_numpy(encoder(captions)).to(trainer.device)  # noqa: E731
         clock = StepClock(trainer.optimizer, warmup)
         n = steps + 1  # n optimizer steps give n - 1 intervals; the first `warmup` are dropped

@@ -37,13 +37,28 @@ def test_each_term_matches_hand_computation():
     assert float(out["total"]) == pytest.approx(expected, rel=1e-6)
 
 
-def test_branches_switch_off_and_scale_is_clamped():
+def test_branches_switch_off_and_scale_is_not_clamped_in_forward():
     torch.manual_seed(0)
     main, text, crop, local = (torch.randn(3, 5) for _ in range(4))
-    out = PixCLIPLoss(use_fc=False, use_lg=False)(main, text, torch.tensor(10.0), crop=crop, local=local)
+    log_scale = torch.tensor(math.log(150.0), requires_grad=True)
+    out = PixCLIPLoss(use_fc=False, use_lg=False)(main, text, log_scale, crop=crop, local=local)
     assert set(out) == {"cl", "total"} and torch.equal(out["cl"], out["total"])
-    # exp(10) is clamped to CLIP's 100
-    assert float(out["cl"]) == pytest.approx(_info_nce_by_hand(main, text, 100.0), rel=1e-4)
+    # above CLIP's 100 the forward uses the value as is, and the temperature still gets a gradient
+    assert float(out["cl"]) == pytest.approx(_info_nce_by_hand(main, text, 150.0), rel=1e-4)
+    out["total"].backward()
+    assert log_scale.grad is not None and float(log_scale.grad.abs()) > 0
+
+
+def test_clamp_in_place_after_step():
+    """open_clip's rule: the parameter itself is clamped to [0, ln 100] after the optimizer step."""
+    from annotate.pixclip.loss import clamp_logit_scale
+
+    p = torch.nn.Parameter(torch.tensor(math.log(150.0)))
+    clamp_logit_scale(p)
+    assert float(p) == pytest.approx(math.log(100.0)) and p.requires_grad
+    q = torch.nn.Parameter(torch.tensor(-0.5))
+    clamp_logit_scale(q)
+    assert float(q) == 0.0
 
 
 def test_region_pool_by_hand_with_fallback():

@@ -8,18 +8,42 @@ import torch
 from typer.testing import CliRunner
 
 from annotate.cli import app
-from annotate.train.text_cache import EMB_FILE, HFTextEncoder, TextCache, iter_region_texts, write_text_cache
+from annotate.train.text_cache import EMB_FILE, HFTextEncoder, TextCache, iter_region_texts, text_hash, write_text_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_cache_is_fp16_memmap_keyed_by_region(tmp_path):
+def test_cache_is_fp16_memmap_keyed_by_text(tmp_path):
     entries = [("fine:r1", "a red cup"), ("phrase:r1", "cup"), ("fine:r2", "a red cup"), ("image:i1", "a table")]
     cache = write_text_cache(entries, lambda ts: np.array([[len(t), 1.0 / 3] for t in ts]), tmp_path)
-    assert (tmp_path / EMB_FILE).stat().st_size == 4 * 2 * 2  # 4 rows x 2 dims x fp16
+    assert (tmp_path / EMB_FILE).stat().st_size == 3 * 2 * 2  # 3 distinct texts x 2 dims x fp16
     assert isinstance(cache.matrix, np.memmap) and cache.matrix.dtype == np.float16
-    assert cache.get("fine:r1").tolist() == cache.get("fine:r2").tolist() == [9.0, np.float16(1 / 3)]
-    assert "phrase:r1" in cache and "phrase:r2" not in cache and len(cache) == 4
+    assert cache.get("a red cup").tolist() == [9.0, np.float16(1 / 3)]
+    assert "cup" in cache and "a blue cup" not in cache and len(cache) == 3
+    assert cache.keys == [text_hash(t) for t in ("a red cup", "cup", "a table")]
+
+
+def test_new_captions_never_get_old_features(pipeline_out, tmp_path, tiny_train_cfg):
+    """A re-run that rewrites a caption: the region's new text is not in the old cache, so the region
+    is left out (region-keyed, it was paired with the old caption's features)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from annotate.train.data import RegionDataset
+
+    write_text_cache(list(iter_region_texts(pipeline_out)), lambda ts: np.ones((len(ts), 4)), tmp_path / "cache")
+    rerun = tmp_path / "rerun"
+    (rerun / "data").mkdir(parents=True)
+    table = pq.read_table(pipeline_out / "data" / "part-00000.parquet")
+    rows = table.to_pylist()
+    changed = rows[0]["regions"][0]
+    changed["fine_caption"] = "A completely different caption."
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), rerun / "data" / "part-00000.parquet")
+    cfg = tiny_train_cfg.model_copy(update={"eval_fraction": 0.0})
+    ds = RegionDataset(rerun, TextCache(tmp_path / "cache"), cfg, "train", cache_dir=str(tmp_path / "hf"))
+    ids = {r.region_id for r in ds.refs}
+    assert changed["region_id"] not in ids and len(ids) == 8
+    assert all(ds.cache.get(r.caption) is not None for r in ds.refs)
 
 
 def test_embed_text_with_minilm(pipeline_out, minilm_dir, tmp_path):
@@ -29,12 +53,13 @@ def test_embed_text_with_minilm(pipeline_out, minilm_dir, tmp_path):
     assert result.exit_code == 0, result.output
     cache = TextCache(tmp_path / "cache")
     keys = dict(iter_region_texts(pipeline_out))
-    assert set(cache.keys) == set(keys) and cache.dim == 384
-    assert "fine:astronaut-0" in cache and "image:coffee" in cache and "fine:astronaut-9" not in cache  # rejected
+    assert set(cache.keys) == {text_hash(t) for t in keys.values()} and cache.dim == 384
+    assert keys["fine:astronaut-0"] in cache and keys["image:coffee"] in cache
+    assert "fine:astronaut-9" not in keys  # the rejected region has no text to cache
     direct = HFTextEncoder(str(minilm_dir))([keys["fine:coffee-1"]])[0]
-    np.testing.assert_allclose(cache.get("fine:coffee-1"), direct, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(cache.get(keys["fine:coffee-1"]), direct, rtol=2e-3, atol=2e-3)
     # real encoder: a caption is closer to its own short text than to another image's
-    e = {k: cache.get(k) / np.linalg.norm(cache.get(k)) for k in ("fine:chelsea-0", "object:chelsea-0", "object:coffee-0")}
+    e = {k: cache.get(keys[k]) / np.linalg.norm(cache.get(keys[k])) for k in ("fine:chelsea-0", "object:chelsea-0", "object:coffee-0")}
     assert e["fine:chelsea-0"] @ e["object:chelsea-0"] > e["fine:chelsea-0"] @ e["object:coffee-0"]
 
 

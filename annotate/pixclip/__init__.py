@@ -1,16 +1,19 @@
 """PixCLIP model library: model, loss and transforms. Importable without the trainer."""
 
 from annotate.pixclip.loss import PixCLIPLoss, patch_coverage, region_pool
-from annotate.pixclip.model import MaskPatchEmbed, PixCLIP, build_pixclip, create_vision
+from annotate.pixclip.model import MaskConv, MaskPatchEmbed, PixCLIP, build_pixclip, create_vision
+from annotate.pixclip.open_clip_models import from_open_clip
 from annotate.pixclip.transforms import decode_rle, prepare_views
 
 __all__ = [
+    "MaskConv",
     "MaskPatchEmbed",
     "PixCLIP",
     "PixCLIPLoss",
     "build_pixclip",
     "create_vision",
     "decode_rle",
+    "from_open_clip",
     "patch_coverage",
     "prepare_views",
     "region_pool",

@@ -2,10 +2,15 @@
 
 Every term is the symmetric InfoNCE of eq. 3, computed by open_clip's `ClipLoss`, which also does
 the cross-rank feature gather (`open_clip.loss.gather_features`) when world_size > 1. One learnable
-temperature (CLIP's log-scale `logit_scale`) is shared by the three terms.
+temperature (CLIP's log-scale `logit_scale`) is shared by the three terms. It is not clamped here:
+a clamp in the forward pass has zero gradient above the bound, so the temperature could never come
+back; like open_clip, the trainer clamps the parameter in place after each optimizer step
+(`clamp_logit_scale`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +18,12 @@ from open_clip.loss import ClipLoss
 from torch import nn
 
 MAX_LOGIT_SCALE = 100.0  # CLIP's clamp on exp(logit_scale)
+
+
+@torch.no_grad()
+def clamp_logit_scale(logit_scale: torch.Tensor) -> None:
+    """In place, after an optimizer step: 0 <= logit_scale <= ln(100), as open_clip's training loop does."""
+    logit_scale.clamp_(0, math.log(MAX_LOGIT_SCALE))
 
 
 def patch_coverage(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -68,7 +79,7 @@ class PixCLIPLoss(nn.Module):
         crop: torch.Tensor | None = None,
         local: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        scale = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        scale = logit_scale.exp()
         out = {"cl": self.pair(main, text, scale)}
         total = out["cl"]
         if self.use_fc and crop is not None:

@@ -1,9 +1,14 @@
-"""PixCLIP: a timm ViT with a parallel, zero-initialised mask patch embedding, plus a text adaptor.
+"""PixCLIP: a ViT with a parallel, zero-initialised mask patch embedding, plus a text adaptor.
 
 F = Enc(Conv_I(I) + Conv_M(M) + P)  (paper eq. 1). The mask branch is spliced in by wrapping the ViT's
-own `patch_embed`, so the rest of timm's forward (position embedding, blocks, norm, pooling) is
-reused unchanged for any timm ViT family (VisionTransformer, Eva/EVA02). The image and the mask
-travel as one 4-channel tensor, which keeps the wrapper stateless.
+own patch embedding, so the rest of the tower's forward (position embedding, blocks, norm, pooling) is
+reused unchanged. Two tower kinds are supported:
+- timm ViTs (VisionTransformer, Eva/EVA02; open_clip's EVA02 models are a timm trunk): `patch_embed`
+  is wrapped by `MaskPatchEmbed`;
+- open_clip's own `VisionTransformer` (ViT-B-16, ViT-L-14...): `conv1` is wrapped by `MaskConv`.
+The image and the mask travel as one 4-channel tensor, which keeps the wrappers stateless.
+`visual_proj` maps pooled features to the joint space; `from_open_clip` (open_clip_models.py) fills it
+with the pretrained CLIP projection.
 """
 
 from __future__ import annotations
@@ -47,6 +52,25 @@ class MaskPatchEmbed(nn.Module):
         return out + m.to(out.dtype)
 
 
+class MaskConv(nn.Module):
+    """open_clip `VisionTransformer.conv1` plus the zero-initialised mask conv, NCHW in and out."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.image_conv = conv
+        self.mask_proj = nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride, bias=False)
+        nn.init.zeros_(self.mask_proj.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.image_conv(x[:, :3])
+        return out + self.mask_proj((x[:, 3:4] - MASK_MEAN) / MASK_STD).to(out.dtype)
+
+
+def is_open_clip_vit(vision: nn.Module) -> bool:
+    """open_clip's own VisionTransformer (conv1 + class_embedding), as opposed to a timm model."""
+    return hasattr(vision, "conv1") and hasattr(vision, "class_embedding")
+
+
 def adaptor_mlp(text_dim: int, hidden: int, embed_dim: int, layers: int) -> nn.Sequential:
     """LLM2CLIP-style projector from the frozen text encoder's space into the joint space."""
     mods: list[nn.Module] = [nn.LayerNorm(text_dim)]
@@ -56,6 +80,25 @@ def adaptor_mlp(text_dim: int, hidden: int, embed_dim: int, layers: int) -> nn.S
         width = hidden
     mods.append(nn.Linear(width, embed_dim))
     return nn.Sequential(*mods)
+
+
+class ResidualBlock(nn.Module):
+    """x + MLP(LN(x)), width x2: one block of LLM2CLIP's text adaptor. Attribute names and the
+    Sequential indices (fn.0, fn.3) follow LLM2CLIP's checkpoint keys so its adaptor loads as is."""
+
+    def __init__(self, dim: int, expansion: int = 2):
+        super().__init__()
+        # Dropout(0) only keeps the second Linear at index 3, where the checkpoint has it.
+        self.fn = nn.Sequential(nn.Linear(dim, expansion * dim), nn.GELU(), nn.Dropout(0.0), nn.Linear(expansion * dim, dim))
+        self.ln = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fn(self.ln(x))
+
+
+def llm2clip_adaptor(text_dim: int, embed_dim: int, blocks: int = 4) -> nn.Sequential:
+    """LLM2CLIP's adaptor from LLM2Vec features (4096 for Llama-3-8B) into the CLIP space."""
+    return nn.Sequential(*[ResidualBlock(text_dim) for _ in range(blocks)], nn.LayerNorm(text_dim), nn.Linear(text_dim, embed_dim))
 
 
 class PixCLIP(nn.Module):
@@ -69,30 +112,63 @@ class PixCLIP(nn.Module):
         adaptor_layers: int = 4,
         adaptor_hidden: int = 2048,
         logit_scale_init: float = 4.0652,
+        visual_proj: nn.Module | None = None,
+        adaptor_kind: str = "mlp",
     ):
+        """`visual_proj`: the tower's pretrained projection (pooled width -> embed_dim); random if None."""
         super().__init__()
-        vision.patch_embed = MaskPatchEmbed(vision.patch_embed)
+        self.open_clip_vit = is_open_clip_vit(vision)
+        if self.open_clip_vit:
+            if getattr(vision, "attn_pool", None) is not None:
+                raise ValueError("open_clip towers with attentional pooling are not supported")
+            vision.conv1 = MaskConv(vision.conv1)
+            vision.output_tokens = True  # forward returns (pooled, ln_post'd patch tokens)
+            width = vision.ln_post.normalized_shape[0]
+            if vision.proj is not None:  # the CLIP projection becomes visual_proj (same weights)
+                if visual_proj is None:
+                    visual_proj = nn.Linear(width, vision.proj.shape[1], bias=False)
+                    with torch.no_grad():
+                        visual_proj.weight.copy_(vision.proj.T)
+                vision.proj = None
+        else:
+            vision.patch_embed = MaskPatchEmbed(vision.patch_embed)
+            width = vision.num_features
         self.visual = vision
-        self.visual_proj = nn.Linear(vision.num_features, embed_dim, bias=False)
-        self.text_adaptor = adaptor_mlp(text_dim, adaptor_hidden, embed_dim, adaptor_layers)
+        self.visual_proj = visual_proj if visual_proj is not None else nn.Linear(width, embed_dim, bias=False)
+        embed_dim = self.visual_proj.weight.shape[0]
+        if adaptor_kind == "llm2clip":
+            self.text_adaptor = llm2clip_adaptor(text_dim, embed_dim, adaptor_layers)
+        else:
+            self.text_adaptor = adaptor_mlp(text_dim, adaptor_hidden, embed_dim, adaptor_layers)
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
         self.text_dim = text_dim
+        self.adaptor_pretrained = False
 
     @property
     def num_prefix_tokens(self) -> int:
         return int(getattr(self.visual, "num_prefix_tokens", 0))
 
     @property
+    def mask_conv(self) -> nn.Conv2d:
+        return self.visual.conv1.mask_proj if self.open_clip_vit else self.visual.patch_embed.mask_proj
+
+    @property
     def grid_size(self) -> tuple[int, int]:
+        if self.open_clip_vit:
+            return tuple(self.visual.grid_size)
         return tuple(self.visual.patch_embed.grid_size)
 
     @property
     def patch_size(self) -> int:
-        return int(self.visual.patch_embed.image_embed.proj.kernel_size[0])
+        return int(self.mask_conv.kernel_size[0])
 
     def forward_visual(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled embedding (B, E), projected, and dense patch tokens (B, P, C), not yet projected."""
-        tokens = self.visual.forward_features(torch.cat([image, mask.to(image.dtype)], dim=1))
+        x = torch.cat([image, mask.to(image.dtype)], dim=1)
+        if self.open_clip_vit:
+            pooled, tokens = self.visual(x)  # tokens: patch tokens only, after ln_post
+            return self.visual_proj(pooled), tokens
+        tokens = self.visual.forward_features(x)
         pooled = self.visual.forward_head(tokens, pre_logits=True)
         return self.visual_proj(pooled), tokens[:, self.num_prefix_tokens :]
 
@@ -134,6 +210,21 @@ def create_vision(
 
 def build_pixclip(cfg: Any, text_dim: int) -> PixCLIP:
     """Build from a `TrainConfig` (duck-typed, so this library does not import the app config)."""
+    if getattr(cfg, "vision_source", "timm") == "open_clip":
+        from annotate.pixclip.open_clip_models import from_open_clip, open_clip_image_size
+
+        native = open_clip_image_size(cfg.vision_model)
+        if cfg.image_size != native:
+            raise ValueError(f"{cfg.vision_model} takes {native} px images; set train.image_size: {native}")
+        return from_open_clip(
+            cfg.vision_model,
+            cfg.vision_checkpoint,
+            text_dim=text_dim,
+            adaptor_layers=cfg.adaptor_layers,
+            adaptor_hidden=cfg.adaptor_hidden,
+            adaptor_checkpoint=getattr(cfg, "adaptor_checkpoint", None),
+            adaptor_kind=getattr(cfg, "adaptor_kind", "mlp"),
+        )
     vision = create_vision(cfg.vision_model, cfg.image_size, cfg.vision_checkpoint, **cfg.vision_kwargs)
     return PixCLIP(
         vision,

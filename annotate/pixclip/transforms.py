@@ -1,15 +1,19 @@
 """Joint image/mask transforms: whatever geometry touches the image touches the mask identically.
 
-Image and mask are stacked into one 4-channel tensor and resized together. Images are resized to a
-square (no centre crop: a crop could cut the referred region out of the picture) and no horizontal
-flip is applied (it would contradict "left"/"right" in the captions).
+Image and mask are cut with the same window and resized by the same filter onto the same grid.
+The full view is CLIP's preprocessing (shortest side resized, square centre crop), as EVA02-CLIP /
+LLM2CLIP were trained with, instead of squashing the image to a square. One deviation: when the centre square
+would keep less than half of the region's mask, the square window slides along the long side to
+centre on the region (same scale as CLIP's, only the offset differs), so the text never describes
+something cut out of the picture. The crop view (I', M') is a square window around the mask's box,
+so it is not distorted either. No horizontal flip (it would contradict "left"/"right" in captions).
+Views come out as uint8 from the loader (`raw=True`); `to_model_input` makes the model's floats.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
 _MEAN = torch.tensor(OPENAI_DATASET_MEAN).view(3, 1, 1)
@@ -43,11 +47,74 @@ def mask_box(mask: np.ndarray, margin: float = 0.0, min_side: int = 4) -> tuple[
     )
 
 
-def resize_pair(image: torch.Tensor, mask: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(3, H, W) float image in [0, 1] and (1, H, W) mask -> both (.., size, size), one interpolation."""
-    x = torch.cat([image, mask.to(image.dtype)], dim=0)[None]
-    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0]
-    return x[:3].clamp(0, 1), x[3:].clamp(0, 1)
+def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's Resize(size) + CenterCrop(size) on a uint8 (H, W, 3) image and a bool (H, W) mask,
+    jointly: the same centre square of both, resized by the same filter. Returns uint8 tensors
+    (3, size, size) and (1, size, size) (mask 0..255: edge pixels get fractional coverage);
+    `to_model_input` turns them into the model's floats, on the model's device.
+
+    The centre crop is taken first (in source pixels) and then resized, which is the same geometry as
+    resize-then-crop and cheaper. OpenCV on uint8: area averaging when shrinking (antialiased, like
+    CLIP's), bilinear when enlarging (small regions' crops). Against the float
+    `F.interpolate(antialias=True)` of a stacked 4-channel tensor this cut the loader's CPU per sample
+    several-fold (bench/train_loader.py, BENCHMARKS.md).
+    """
+    import cv2
+
+    h, w = mask.shape
+    side = min(h, w)
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    img = np.ascontiguousarray(image[y0 : y0 + side, x0 : x0 + side])
+    msk = np.asarray(mask[y0 : y0 + side, x0 : x0 + side], dtype=bool).view(np.uint8) * np.uint8(255)
+    interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+    img = cv2.resize(img, (size, size), interpolation=interp)
+    msk = cv2.resize(msk, (size, size), interpolation=interp)
+    return torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(msk)[None]
+
+
+def to_model_input(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 views (loader output) -> normalised float image and [0, 1] mask, on their device (the
+    GPU, in training: four times less to copy, and no float work on the loader's cores). Float
+    inputs are returned as they are."""
+    if image.dtype == torch.uint8:
+        mean, std = _MEAN.to(image.device), _STD.to(image.device)
+        image = (image.float() / 255.0 - mean) / std
+    if mask.dtype == torch.uint8:
+        mask = mask.float() / 255.0
+    return image, mask
+
+
+def _slide(lo: int, hi: int, side: int, limit: int) -> int:
+    """Start of a `side`-long window centred on [lo, hi), kept inside [0, limit)."""
+    return int(min(max((lo + hi) // 2 - side // 2, 0), max(limit - side, 0)))
+
+
+def full_window(mask: np.ndarray, keep: float = 0.5) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of the square the full view shows: CLIP's centre square, or the same square
+    slid along the long side onto the region when the centre square keeps < `keep` of the mask."""
+    h, w = mask.shape
+    side = min(h, w)
+    if h == w:
+        return 0, 0, w, h
+    long_axis = 0 if w > h else 1  # 0: slide along x
+    profile = mask.sum(axis=long_axis)  # mask pixels per column (w > h) or per row
+    total = float(profile.sum())
+    start = (len(profile) - side) // 2
+    if total > 0 and profile[start : start + side].sum() < keep * total:
+        x0, y0, x1, y1 = mask_box(mask)
+        lo, hi = (x0, x1) if long_axis == 0 else (y0, y1)
+        start = _slide(lo, hi, side, len(profile))
+    return (start, 0, start + side, h) if long_axis == 0 else (0, start, w, start + side)
+
+
+def crop_window(mask: np.ndarray, margin: float) -> tuple[int, int, int, int]:
+    """The mask's box grown by `margin`, widened to a square (inside the image where it fits)."""
+    h, w = mask.shape
+    x0, y0, x1, y1 = mask_box(mask, margin)
+    side = max(x1 - x0, y1 - y0)
+    sx, sy = min(side, w), min(side, h)
+    x0, y0 = _slide(x0, x1, sx, w), _slide(y0, y1, sy, h)
+    return x0, y0, x0 + sx, y0 + sy
 
 
 def normalize_image(image: torch.Tensor) -> torch.Tensor:
@@ -56,21 +123,31 @@ def normalize_image(image: torch.Tensor) -> torch.Tensor:
 
 
 def prepare_views(
-    image: np.ndarray, mask: np.ndarray, size: int, crop_margin: float = 0.05
+    image: np.ndarray, mask: np.ndarray, size: int, crop_margin: float = 0.05, raw: bool = False
 ) -> dict[str, torch.Tensor]:
-    """The model inputs of one sample: (I, M) resized, and (I', M') the crop tightly around the mask.
+    """The model inputs of one sample: (I, M) as CLIP sees the image, and (I', M') the square crop
+    around the mask.
 
-    `image` is uint8 (H, W, 3), `mask` bool (H, W). Image tensors are normalised; masks are in [0, 1]
-    (the model applies the mask normalisation itself).
+    `image` is uint8 (H, W, 3), `mask` bool (H, W). By default image tensors are normalised and masks
+    in [0, 1] (the model applies the mask normalisation itself); `raw=True` returns the uint8 views
+    for `to_model_input` to convert later (what the training loader does).
     """
-    img = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float() / 255.0
-    msk = torch.from_numpy(np.ascontiguousarray(mask))[None].float()
-    full_img, full_mask = resize_pair(img, msk, size)
-    x0, y0, x1, y1 = mask_box(mask, crop_margin)
-    crop_img, crop_mask = resize_pair(img[:, y0:y1, x0:x1], msk[:, y0:y1, x0:x1], size)
-    return {
-        "image": normalize_image(full_img),
-        "mask": full_mask,
-        "crop_image": normalize_image(crop_img),
-        "crop_mask": crop_mask,
-    }
+    image = np.asarray(image, dtype=np.uint8)
+    views = {}
+    for name, window in (("", full_window(mask)), ("crop_", crop_window(mask, crop_margin))):
+        img, msk = _view(image, mask, window, size)
+        if not raw:
+            img, msk = to_model_input(img, msk)
+        views[name + "image"], views[name + "mask"] = img, msk
+    return views
+
+
+def _view(image: np.ndarray, mask: np.ndarray, window: tuple[int, int, int, int], size: int):
+    """Cut the window out of the uint8 / bool arrays, then CLIP-resize it (only kept pixels are touched)."""
+    x0, y0, x1, y1 = window
+    return resize_pair(image[y0:y1, x0:x1], mask[y0:y1, x0:x1], size)
+
+
+def full_view(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Only the inference view (I, M) (normalised image, mask in [0, 1]): what evaluation needs."""
+    return to_model_input(*_view(np.asarray(image, dtype=np.uint8), mask, full_window(mask), size))

@@ -53,11 +53,16 @@ def run_train(output, data=None, synthetic=False, config=None, max_steps=None, r
     return train(cfg, output, data, synthetic, max_steps, resume, text_cache)
 
 
-def run_eval(checkpoint, data=None, synthetic=False, zero_shot=None, output=None) -> dict:
-    from annotate.train.evaluate import evaluate, print_table
+def run_eval(checkpoint, data=None, synthetic=False, zero_shot=None, output=None, task=None, bench_dir=None) -> dict:
+    from annotate.train.evaluate import evaluate, evaluate_task, print_table
 
     cpu_threads()
-    res = evaluate(checkpoint, data, synthetic, zero_shot, output)
+    if task:
+        if not bench_dir:
+            raise ValueError("--task needs --bench-dir (the benchmark's local copy)")
+        res = evaluate_task(checkpoint, task, bench_dir, output)
+    else:
+        res = evaluate(checkpoint, data, synthetic, zero_shot, output)
     print(json.dumps(res, indent=2))
     print_table(res)
     return res

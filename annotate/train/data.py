@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import heapq
 import io
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,32 +21,34 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from annotate.pixclip.transforms import decode_rle, prepare_views
-from annotate.train.text_cache import TextCache, text_key
+from annotate.train.text_cache import TextCache
 
 
-def in_eval_split(region_id: str, fraction: float) -> bool:
-    """Deterministic held-out split: the region id's hash, so it is stable across runs and machines."""
-    h = int.from_bytes(hashlib.sha1(region_id.encode()).digest()[:8], "big")
+def in_eval_split(image_key: str, fraction: float) -> bool:
+    """Deterministic held-out split by image (a hash of its key, stable across runs and machines):
+    splitting by region would train on the other regions of every evaluation image."""
+    h = int.from_bytes(hashlib.sha1(image_key.encode()).digest()[:8], "big")
     return h / 2**64 < fraction
 
 
-def choose_text(rng: np.random.Generator, region_id: str, image_key: str, cache: TextCache, cfg) -> tuple[str, bool]:
-    """(cache key, is_full): 10% whole image + its caption, else a short text or the fine caption."""
-    image_k = text_key("image", image_key)
-    if rng.random() < cfg.full_image_ratio and image_k in cache:
-        return image_k, True
+def choose_text(rng: np.random.Generator, ref: "RegionRef", cache: TextCache, cfg, full_prob: float | None = None) -> tuple[str, bool]:
+    """(text, is_full): the whole image + its caption with probability `full_prob` (default
+    cfg.full_image_ratio), else a short text (object caption or phrase) or the fine caption."""
+    full_prob = cfg.full_image_ratio if full_prob is None else full_prob
+    if rng.random() < full_prob and ref.image_caption and ref.image_caption in cache:
+        return ref.image_caption, True
     if rng.random() < cfg.short_text_ratio:
-        short = [k for k in (text_key("object", region_id), text_key("phrase", region_id)) if k in cache]
+        short = [t for t in ref.short if t in cache]
         if short:
             return short[int(rng.integers(len(short)))], False
-    return text_key("fine", region_id), False
+    return ref.caption, False
 
 
 def make_sample(image: np.ndarray, mask: np.ndarray, text: np.ndarray, full: bool, cfg) -> dict:
     """Tensors for one sample; a full-image sample uses the all-ones mask (and its crop is the image)."""
     if full:
         mask = np.ones(image.shape[:2], dtype=bool)
-    views = prepare_views(image, mask, cfg.image_size, cfg.crop_margin)
+    views = prepare_views(image, mask, cfg.image_size, cfg.crop_margin, raw=True)  # uint8; see to_model_input
     views["text"] = torch.from_numpy(np.asarray(text, dtype=np.float32))
     views["full"] = torch.tensor(full)
     return views
@@ -56,13 +60,29 @@ class RegionRef:
     region_id: str
     image_key: str
     rle: dict
+    caption: str = ""  # the fine caption
+    short: tuple[str, ...] = ()  # object caption, phrase
+    image_caption: str = ""
 
 
 def _decode_image(payload: dict) -> np.ndarray:
+    """Image bytes -> uint8 RGB array, EXIF-rotated (bbox and masks are in rotated pixels).
+
+    OpenCV's decoder first (it applies the EXIF orientation itself, and took ~0.5 ms less than PIL
+    per 384 px JPEG, same pixels: bench/train_loader.py); PIL for formats OpenCV cannot read, copying
+    only when there is something to do (`exif_transpose` / `convert` copy even when idle).
+    """
+    import cv2
+
+    bgr = cv2.imdecode(np.frombuffer(payload["bytes"], np.uint8), cv2.IMREAD_COLOR)
+    if bgr is not None:
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
     from PIL import Image, ImageOps
 
-    with Image.open(io.BytesIO(payload["bytes"])) as im:  # bbox/masks are in EXIF-rotated pixels
-        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    with Image.open(io.BytesIO(payload["bytes"])) as im:
+        if im.getexif().get(0x0112, 1) != 1:  # Orientation tag
+            im = ImageOps.exif_transpose(im)
+        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
 
 
 def load_rows(data_dir: str | Path, cache_dir: str | None = None):
@@ -77,27 +97,53 @@ def load_rows(data_dir: str | Path, cache_dir: str | None = None):
 
 
 class RegionDataset(Dataset):
-    """Regions with status "ok", a fine caption, a mask and a cached text, in the requested split."""
+    """Regions with status "ok", a fine caption, a mask and a cached text, in the requested split.
+
+    Regions whose `mask_source` is in cfg.skip_mask_sources (default: box fallbacks) are left out:
+    a box is not the region's shape, and training on it teaches the mask branch the wrong thing.
+    Full-image samples: per (epoch, image) at most one of the image's regions may become one (with
+    probability full_image_ratio x its region count, so the overall share stays full_image_ratio);
+    two would be identical positives in the same batch, since batches group an image's regions.
+    """
 
     def __init__(self, data_dir: str | Path, cache: TextCache, cfg, split: str = "train", cache_dir: str | None = None):
         self.rows = load_rows(data_dir, cache_dir)
+        self.images = self.rows.select_columns(["image"])  # per sample: read the image cell, not the regions
         self.cache, self.cfg, self.train = cache, cfg, split == "train"
         self.refs: list[RegionRef] = []
-        meta = self.rows.select_columns(["image_key", "regions", "image"])
+        skip = set(getattr(cfg, "skip_mask_sources", ()))
+        meta = self.rows.select_columns(["image_key", "caption", "regions", "image"])
         for i, row in enumerate(meta):
-            if not row["image"]:
+            if not row["image"] or in_eval_split(row["image_key"], cfg.eval_fraction) == self.train:
                 continue
             for r in row["regions"] or []:
                 usable = r["status"] == "ok" and r["fine_caption"] and r["mask"] and r["mask"]["counts"]
-                if usable and text_key("fine", r["region_id"]) in cache:
-                    if in_eval_split(r["region_id"], cfg.eval_fraction) != self.train:
-                        self.refs.append(RegionRef(i, r["region_id"], row["image_key"], dict(r["mask"])))
+                usable = usable and r.get("mask_source") not in skip
+                if usable and r["fine_caption"] in cache:
+                    short = tuple(t for t in (r.get("object_caption"), r.get("phrase")) if t)
+                    self.refs.append(RegionRef(i, r["region_id"], row["image_key"], dict(r["mask"]),
+                                               r["fine_caption"], short, row.get("caption") or ""))
+
+        # each region's (position, count) among its image's regions in this split
+        counts, seen = Counter(ref.row for ref in self.refs), Counter()
+        self.siblings: list[tuple[int, int]] = []
+        for ref in self.refs:
+            self.siblings.append((seen[ref.row], counts[ref.row]))
+            seen[ref.row] += 1
 
     def __len__(self) -> int:
         return len(self.refs)
 
+    def full_prob(self, epoch: int, idx: int) -> float:
+        """Probability that sample idx is drawn as the full-image sample: only for its image's one
+        designated region of this epoch (seeded by (seed, epoch, image row))."""
+        k, n = self.siblings[idx]
+        chosen = int(np.random.default_rng([self.cfg.seed, epoch, self.refs[idx].row, 7]).integers(n))
+        return min(1.0, self.cfg.full_image_ratio * n) if k == chosen else 0.0
+
     def text_id(self, idx: int) -> str:
-        return f"fine:{self.refs[idx].region_id}"
+        """The evaluated text itself: two regions with the same caption are one retrieval item."""
+        return self.refs[idx].caption
 
     def group(self, idx: int) -> int:
         return self.refs[idx].row
@@ -105,7 +151,7 @@ class RegionDataset(Dataset):
     def __getitem__(self, key) -> dict:
         epoch, idx = key if isinstance(key, tuple) else (0, key)
         ref = self.refs[idx]
-        image = _decode_image(self.rows[ref.row]["image"])
+        image = _decode_image(self.images[ref.row]["image"])
         mask = decode_rle(ref.rle)
         if mask.shape != image.shape[:2]:  # defensive: RLE made at another resolution
             from PIL import Image
@@ -113,10 +159,10 @@ class RegionDataset(Dataset):
             mask = np.asarray(Image.fromarray(mask).resize(image.shape[1::-1], Image.NEAREST))
         if self.train:
             rng = np.random.default_rng([self.cfg.seed, epoch, idx])
-            key_, full = choose_text(rng, ref.region_id, ref.image_key, self.cache, self.cfg)
+            text, full = choose_text(rng, ref, self.cache, self.cfg, self.full_prob(epoch, idx))
         else:
-            key_, full = text_key("fine", ref.region_id), False
-        return make_sample(image, mask, self.cache.get(key_), full, self.cfg)
+            text, full = ref.caption, False
+        return make_sample(image, mask, self.cache.get(text), full, self.cfg)
 
 
 class EpochSampler(Sampler):
@@ -125,6 +171,13 @@ class EpochSampler(Sampler):
     With `groups` (one id per sample, e.g. its image), groups are shuffled and their samples kept
     together, so a batch holds several regions of the same image: negatives that only the mask can
     tell apart. Yields (epoch, index) so the dataset can seed its own draws from them.
+
+    Under DDP every rank must run the same number of steps, or the ranks' collectives stop matching
+    (gloo: "collective mismatch"; NCCL: a hang). Groups of real data are uneven (1 to dozens of
+    regions per image), so groups are dealt greedily to the least-loaded rank and every rank's epoch
+    is cut to `epoch_length`, a bound every rank reaches in every epoch: greedy dealing keeps
+    max - min load <= the largest group g, hence min >= (n - (world - 1) * g) / world. It depends on
+    (n, g, world) only, so all ranks agree without communicating, and it is the same every epoch.
     """
 
     def __init__(self, n: int, seed: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1, groups=None):
@@ -135,21 +188,39 @@ class EpochSampler(Sampler):
             for i, g in enumerate(groups):
                 by_group.setdefault(g, []).append(i)
             self.members = list(by_group.values())
+        largest = max((len(m) for m in self.members), default=1)
+        self.epoch_length = max(n - (world_size - 1) * largest, 0) // world_size
         self.epoch, self.start = 0, 0
+        self._cache: tuple[int, list[int]] | None = None
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
-    def _indices(self) -> list[int]:
+    def shard(self, epoch: int, rank: int) -> list[int]:
+        """Rank `rank`'s samples of `epoch`, cut to `epoch_length`."""
         units = self.members or [[i] for i in range(self.n)]
         order = list(range(len(units)))
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
             order = torch.randperm(len(units), generator=g).tolist()
-        return [i for u in order[self.rank :: self.world_size] for i in units[u]]
+        if self.world_size == 1:
+            return [i for u in order for i in units[u]][: self.epoch_length]
+        loads = [(0, r) for r in range(self.world_size)]  # a heap of (samples so far, rank)
+        mine: list[int] = []
+        for u in order:
+            load, r = heapq.heappop(loads)
+            if r == rank:
+                mine.extend(units[u])
+            heapq.heappush(loads, (load + len(units[u]), r))
+        return mine[: self.epoch_length]
+
+    def _indices(self) -> list[int]:
+        if self._cache is None or self._cache[0] != self.epoch:
+            self._cache = (self.epoch, self.shard(self.epoch, self.rank))
+        return self._cache[1]
 
     def __iter__(self):
         return iter([(self.epoch, i) for i in self._indices()[self.start :]])
 
     def __len__(self) -> int:
-        return max(len(self._indices()) - self.start, 0)
+        return max(self.epoch_length - self.start, 0)

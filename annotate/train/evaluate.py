@@ -1,7 +1,7 @@
 """PixCLIP evaluation: mask<->text retrieval (R@1/5/10) and zero-shot region classification.
 
-Retrieval counts a hit when the retrieved item carries the same text id as the query's (identical
-texts cannot be told apart, so they are treated as one). Held-out data: regions whose id hashes into
+Retrieval treats identical texts as one item (see `retrieval_metrics`) and ranks in chunks on the
+model's device (`chunked_topk`). Held-out data: the regions of images whose key hashes into
 `eval_fraction` (see data.in_eval_split), or a freshly generated synthetic set (seed 2).
 
 Zero-shot JSON format (paths relative to the JSON file):
@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from annotate.config import TrainConfig
 from annotate.pixclip.model import PixCLIP, build_pixclip
-from annotate.pixclip.transforms import decode_rle, prepare_views
+from annotate.pixclip.transforms import decode_rle, prepare_views, to_model_input
 
 SYNTHETIC_EVAL_IMAGES = 100
 
@@ -33,54 +33,99 @@ def load_run(path: str | Path) -> tuple[PixCLIP, TrainConfig, dict]:
     path = Path(path)
     run = path if (path / RUN_FILE).exists() else path.parent.parent
     meta = json.loads((run / RUN_FILE).read_text())
-    cfg = TrainConfig(**meta["config"])
+    # Runs recorded before open_clip towers existed used a timm ViT.
+    cfg = TrainConfig(**{"vision_source": "timm", **meta["config"]})
     ckpt = path if (path / "model.safetensors").exists() else latest_checkpoint(run)
     if ckpt is None:
         raise FileNotFoundError(f"no checkpoint under {run}")
-    model = build_pixclip(cfg.model_copy(update={"vision_checkpoint": None}), meta["text_dim"])
+    model = build_pixclip(cfg.model_copy(update={"vision_checkpoint": None, "adaptor_checkpoint": None}), meta["text_dim"])
     model.load_state_dict(load_file(ckpt / "model.safetensors"))
     return model.eval(), cfg, meta
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def embed_pairs(model: PixCLIP, dataset, batch_size: int = 64, mask_fill: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised (mask-conditioned image, text) embeddings; `mask_fill` replaces every mask (0: zeroed)."""
+    """Normalised (mask-conditioned image, text) embeddings on the model's device; `mask_fill`
+    replaces every mask (0: zeroed)."""
+    dev = model_device(model)
     imgs, txts = [], []
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        mask = batch["mask"] if mask_fill is None else torch.full_like(batch["mask"], mask_fill)
-        imgs.append(model.encode_image(batch["image"], mask))
-        txts.append(model.encode_text(batch["text"]))
+        image, mask = to_model_input(batch["image"].to(dev), batch["mask"].to(dev))
+        mask = mask if mask_fill is None else torch.full_like(mask, mask_fill)
+        imgs.append(model.encode_image(image, mask))
+        txts.append(model.encode_text(batch["text"].to(dev)))
     return torch.cat(imgs), torch.cat(txts)
 
 
-def retrieval_metrics(img: torch.Tensor, txt: torch.Tensor, ids: list[str], ks=(1, 5, 10)) -> dict[str, float]:
-    """M2T (each mask ranks all texts) and T2M recall@k; a hit is any top-k item with the same id."""
+@torch.no_grad()
+def chunked_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, chunk: int = 4096) -> torch.Tensor:
+    """Indices (Q, k) of the k most similar gallery rows for every query, by dot product.
+
+    Computed on the tensors' device in chunk x chunk blocks of the similarity, merging a running
+    top-k, so memory is bounded by the chunk whatever Q and G are (75k regions as one N x N float
+    matrix would be 22 GB).
+    """
+    k = min(k, gallery.shape[0])
+    out = []
+    for q0 in range(0, queries.shape[0], chunk):
+        q = queries[q0 : q0 + chunk]
+        best_v = torch.full((q.shape[0], 0), float("-inf"), device=q.device, dtype=q.dtype)
+        best_i = torch.zeros((q.shape[0], 0), device=q.device, dtype=torch.long)
+        for g0 in range(0, gallery.shape[0], chunk):
+            sim = q @ gallery[g0 : g0 + chunk].T
+            v, i = sim.topk(min(k, sim.shape[1]), dim=1)
+            best_v, pos = torch.cat([best_v, v], 1).topk(min(k, best_v.shape[1] + v.shape[1]), dim=1)
+            best_i = torch.cat([best_i, i + g0], 1).gather(1, pos)
+        out.append(best_i)
+    return torch.cat(out)
+
+
+def retrieval_metrics(
+    img: torch.Tensor, txt: torch.Tensor, ids: list[str], ks=(1, 5, 10), chunk: int = 4096
+) -> dict[str, float]:
+    """M2T and T2M recall@k for pairs (img[i], txt[i]) whose text identity is ids[i].
+
+    Identical texts are one item: the text gallery holds each distinct text once (its first
+    embedding), M2T asks whether a mask's own text is in its top k, and each distinct text is one
+    T2M query, hit when any of its masks is in the top k (multi-positive, like COCO's 5 captions).
+    """
     codes = {t: i for i, t in enumerate(dict.fromkeys(ids))}
-    lab = torch.tensor([codes[t] for t in ids])
-    sim = img @ txt.T
+    lab = torch.tensor([codes[t] for t in ids], device=img.device)
+    firsts: dict[str, int] = {}
+    for i, t in enumerate(ids):
+        firsts.setdefault(t, i)
+    first = torch.tensor(list(firsts.values()), device=img.device)
+    texts = txt[first]
+    kmax = max(ks)
+    m2t = chunked_topk(img, texts, kmax, chunk)  # (N, k) distinct-text codes
+    t2m = lab[chunked_topk(texts, img, kmax, chunk)]  # (U, k) codes of the retrieved masks
+    own = torch.arange(len(codes), device=img.device)
     out = {}
-    for name, s in (("m2t", sim), ("t2m", sim.T)):
-        order = s.argsort(dim=1, descending=True)
-        same = lab[order] == lab[:, None]
-        for k in ks:
-            out[f"{name}_r{k}"] = float(same[:, :k].any(dim=1).float().mean())
+    for k in ks:
+        out[f"m2t_r{k}"] = float((m2t[:, :k] == lab[:, None]).any(dim=1).float().mean())
+        out[f"t2m_r{k}"] = float((t2m[:, :k] == own[:, None]).any(dim=1).float().mean())
+    out["n_texts"] = len(codes)
     return out
 
 
 def chance_r1(ids: list[str]) -> float:
-    """Expected R@1 of a random ranking: the share of items that carry the query's text id."""
-    _, inverse, counts = np.unique(np.array(ids), return_inverse=True, return_counts=True)
-    return float(np.mean(counts[inverse]) / len(ids))
+    """Expected M2T R@1 of a random ranking: one distinct text in the gallery is right."""
+    return 1.0 / len(set(ids))
 
 
 @torch.no_grad()
 def zero_shot(model: PixCLIP, items: list[tuple[np.ndarray, np.ndarray, str]], classes: list[str], class_feats: np.ndarray, image_size: int) -> dict[str, float]:
     """Top-1/top-5 accuracy of classifying (image, mask) pairs by their nearest class-text embedding."""
-    text = model.encode_text(torch.from_numpy(np.asarray(class_feats, dtype=np.float32)))
-    labels = torch.tensor([classes.index(lbl) for _, _, lbl in items])
+    dev = model_device(model)
+    text = model.encode_text(torch.from_numpy(np.asarray(class_feats, dtype=np.float32)).to(dev))
+    labels = torch.tensor([classes.index(lbl) for _, _, lbl in items], device=dev)
     views = [prepare_views(img, msk, image_size) for img, msk, _ in items]
-    emb = model.encode_image(torch.stack([v["image"] for v in views]), torch.stack([v["mask"] for v in views]))
-    top = (emb @ text.T).topk(min(5, len(classes)), dim=1).indices
+    emb = model.encode_image(torch.stack([v["image"] for v in views]).to(dev), torch.stack([v["mask"] for v in views]).to(dev))
+    top = chunked_topk(emb, text, 5)
     return {
         "zs_top1": float((top[:, 0] == labels).float().mean()),
         "zs_top5": float((top == labels[:, None]).any(dim=1).float().mean()),
@@ -116,9 +161,10 @@ def _synthetic_eval(model: PixCLIP, cfg: TrainConfig) -> dict:
     enc = BagOfWordsEncoder(seed=cfg.seed)
     whole = ds.whole_images()
     views = [prepare_views(img, np.ones(img.shape[:2], bool), cfg.image_size) for img, _ in whole]
+    dev = model_device(model)
     with torch.no_grad():
-        wi = model.encode_image(torch.stack([v["image"] for v in views]), torch.stack([v["mask"] for v in views]))
-        wt = model.encode_text(torch.from_numpy(enc([c for _, c in whole])))
+        wi = model.encode_image(torch.stack([v["image"] for v in views]).to(dev), torch.stack([v["mask"] for v in views]).to(dev))
+        wt = model.encode_text(torch.from_numpy(enc([c for _, c in whole])).to(dev))
     full = retrieval_metrics(wi, wt, [c for _, c in whole])
     res.update({"i2t_r1": full["m2t_r1"], "t2i_r1": full["t2m_r1"]})
     classes = [f"{c} {s}" for c in COLORS for s in SHAPES]
@@ -137,6 +183,7 @@ def evaluate(
 ) -> dict:
     """`annotate eval`: metrics as a dict, also written to OUTPUT (default RUN/eval.json)."""
     model, cfg, meta = load_run(checkpoint)
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     if synthetic or (data_dir is None and meta.get("synthetic")):
         res = _synthetic_eval(model, cfg)
     else:
@@ -148,10 +195,10 @@ def evaluate(
         res = retrieval_metrics(*embed_pairs(model, ds), ids) if len(ds) else {}
         res.update({"chance_r1": chance_r1(ids) if ids else 0.0, "n_regions": len(ds)})
     if zero_shot_json:
-        from annotate.train.text_cache import HFTextEncoder
+        from annotate.train.text_cache import make_text_encoder
 
         items, classes, template = load_zero_shot_json(zero_shot_json)
-        encoder = HFTextEncoder(cfg.text_encoder, cfg.text_pooling, cfg.text_max_length)
+        encoder = make_text_encoder(cfg)
         res.update(zero_shot(model, items, classes, encoder([template.format(c) for c in classes]), cfg.image_size))
     out = Path(output) if output else Path(checkpoint) / "eval.json"
     if out.parent.exists():
@@ -169,3 +216,18 @@ def print_table(results: dict, title: str = "PixCLIP eval") -> None:
     for k, v in results.items():
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     Console(stderr=True).print(table)
+
+
+def evaluate_task(checkpoint: str | Path, task: str, bench_dir: str | Path, output: str | Path | None = None) -> dict:
+    """`annotate eval --task NAME --bench-dir PATH`: one benchmark (benchmarks.READERS), JSON out
+    (default RUN/eval-NAME.json)."""
+    from annotate.train.benchmarks import read_task
+    from annotate.train.eval_tasks import run_task, text_encoder_for
+
+    model, cfg, meta = load_run(checkpoint)
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+    res = run_task(model, read_task(task, bench_dir), text_encoder_for(cfg, meta), cfg.image_size)
+    out = Path(output) if output else Path(checkpoint) / f"eval-{task}.json"
+    if out.parent.exists():
+        out.write_text(json.dumps(res, indent=2))
+    return res

@@ -133,6 +133,7 @@ def synthetic_config(**overrides) -> TrainConfig:
     are far above the paper's fine-tuning values because nothing is pretrained here.
     """
     base = dict(
+        vision_source="timm",
         vision_model="vit_base_patch16_224",
         vision_kwargs=dict(patch_size=8, embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0),
         image_size=32,

@@ -2,14 +2,17 @@
 
 Layout of a cache folder:
   embeddings.f16  raw float16 matrix (count, dim), row i for keys[i]  (np.memmap)
-  keys.json       {"keys": [...], "dim": D, "encoder": ..., "pooling": ...}
-Keys are "<kind>:<id>": kind is fine | object | phrase (region id) or image (image key, whole-image
-caption). Identical texts are encoded once.
+  keys.json       {"keys": [...], "key": "sha1(text)", "dim": D, "encoder": ..., "pooling": ...}
+The cache is keyed by the text itself (the SHA-1 of its UTF-8 bytes), never by a region id: a
+pipeline re-run with new captions looks up the new texts, which are either in the cache or missing
+(the region is then skipped), so features of an old caption can never be paired with a new region.
+Identical texts are stored and encoded once.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -18,19 +21,27 @@ import numpy as np
 
 EMB_FILE = "embeddings.f16"
 KEYS_FILE = "keys.json"
+KEY_KIND = "sha1(text)"
 REGION_KINDS = ("fine", "object", "phrase")
 
 
 def text_key(kind: str, ident: str) -> str:
+    """Label of a text in `iter_region_texts` (kind and region id / image key); not a cache key."""
     return f"{kind}:{ident}"
 
 
+def text_hash(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()
+
+
 class TextCache:
-    """Read side: key -> float32 vector, backed by a read-only memmap (opened lazily, per process)."""
+    """Read side: text -> float32 vector, backed by a read-only memmap (opened lazily, per process)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         meta = json.loads((self.path / KEYS_FILE).read_text())
+        if meta.get("key") != KEY_KIND:
+            raise ValueError(f"{self.path} is a region-keyed text cache from an older version: rebuild it with `annotate embed-text`")
         self.keys: list[str] = meta["keys"]
         self.dim: int = meta["dim"]
         self.meta = {k: v for k, v in meta.items() if k != "keys"}
@@ -43,51 +54,50 @@ class TextCache:
             self._mm = np.memmap(self.path / EMB_FILE, dtype=np.float16, mode="r", shape=(len(self.keys), self.dim))
         return self._mm
 
-    def __contains__(self, key: str) -> bool:
-        return key in self.row
+    def __contains__(self, text: str) -> bool:
+        return text_hash(text) in self.row
 
     def __len__(self) -> int:
         return len(self.keys)
 
-    def get(self, key: str) -> np.ndarray:
-        return np.asarray(self.matrix[self.row[key]], dtype=np.float32)
+    def get(self, text: str) -> np.ndarray:
+        return np.asarray(self.matrix[self.row[text_hash(text)]], dtype=np.float32)
 
     def __getstate__(self) -> dict:  # DataLoader workers re-open the memmap themselves
         return {**self.__dict__, "_mm": None}
 
 
 def write_text_cache(
-    entries: Iterable[tuple[str, str]],
+    entries: Iterable[str | tuple[str, str]],
     encode: Callable[[list[str]], np.ndarray],
     out: str | Path,
     batch_size: int = 64,
     meta: dict | None = None,
 ) -> TextCache:
-    """Encode (key, text) pairs with `encode` (texts -> (n, D) array) into a cache folder."""
+    """Encode texts (or (label, text) pairs, as `iter_region_texts` yields) with `encode` (texts ->
+    (n, D) array) into a cache folder keyed by text hash, one row per distinct text."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    keys, texts = [], []
-    for key, text in entries:
-        keys.append(key)
-        texts.append(text)
-    if len(set(keys)) != len(keys):
-        raise ValueError("duplicate text-cache keys")
-    unique = list(dict.fromkeys(texts))
-    slot = {t: i for i, t in enumerate(unique)}
-    vecs = [np.asarray(encode(unique[i : i + batch_size]), dtype=np.float32) for i in range(0, len(unique), batch_size)]
-    dim = vecs[0].shape[1] if vecs else 0
-    table = np.concatenate(vecs) if vecs else np.zeros((0, dim), np.float32)
-    mm = np.memmap(out / EMB_FILE, dtype=np.float16, mode="w+", shape=(max(len(keys), 1), max(dim, 1)))
-    for i, t in enumerate(texts):
-        mm[i] = table[slot[t]]
+    unique = list(dict.fromkeys(e if isinstance(e, str) else e[1] for e in entries))
+    mm = None
+    dim = 0
+    for i in range(0, len(unique), batch_size):
+        vecs = np.asarray(encode(unique[i : i + batch_size]), dtype=np.float32)
+        if mm is None:
+            dim = vecs.shape[1]
+            mm = np.memmap(out / EMB_FILE, dtype=np.float16, mode="w+", shape=(len(unique), dim))
+        mm[i : i + len(vecs)] = vecs
+    if mm is None:
+        mm = np.memmap(out / EMB_FILE, dtype=np.float16, mode="w+", shape=(1, 1))
     mm.flush()
     del mm
-    (out / KEYS_FILE).write_text(json.dumps({"keys": keys, "dim": int(dim), **(meta or {})}))
+    keys = [text_hash(t) for t in unique]
+    (out / KEYS_FILE).write_text(json.dumps({"keys": keys, "key": KEY_KIND, "dim": int(dim), **(meta or {})}))
     return TextCache(out)
 
 
 def iter_region_texts(data_dir: str | Path) -> Iterator[tuple[str, str]]:
-    """Every trainable text of a pipeline output (OUT/data/*.parquet), as (cache key, text)."""
+    """Every trainable text of a pipeline output (OUT/data/*.parquet), as (label, text)."""
     import pyarrow.parquet as pq
 
     for file in sorted(glob.glob(str(Path(data_dir) / "data" / "*.parquet"))):
@@ -135,10 +145,24 @@ class HFTextEncoder:
         return pooled.cpu().numpy()
 
 
+def make_text_encoder(cfg):
+    """The frozen text encoder of a `TrainConfig`: LLM2Vec (bidirectional Llama, LoRA merged, mean
+    pooling over the text after `text_instruction`) or any local Hugging Face model."""
+    if not cfg.text_encoder:
+        raise ValueError("train.text_encoder is not set: give a local Hugging Face model dir")
+    if cfg.text_encoder_type == "llm2vec":
+        from annotate.train.llm2vec import LLM2VecEncoder
+
+        return LLM2VecEncoder.from_pretrained(cfg.text_encoder, cfg.text_lora, instruction=cfg.text_instruction,
+                                              template=cfg.text_template, max_length=cfg.text_max_length)
+    return HFTextEncoder(cfg.text_encoder, cfg.text_pooling, cfg.text_max_length)
+
+
 def embed_text(data_dir: str | Path, output: str | Path, cfg, batch_size: int = 32) -> TextCache:
     """`annotate embed-text`: encode all captions of a pipeline output with `cfg.text_encoder`."""
     if not cfg.text_encoder:
         raise ValueError("train.text_encoder is not set: give a local Hugging Face model dir")
-    encoder = HFTextEncoder(cfg.text_encoder, cfg.text_pooling, cfg.text_max_length)
-    meta = {"encoder": str(cfg.text_encoder), "pooling": cfg.text_pooling}
+    encoder = make_text_encoder(cfg)
+    meta = {"encoder": str(cfg.text_encoder), "type": cfg.text_encoder_type, "pooling": cfg.text_pooling,
+            "lora": list(cfg.text_lora), "instruction": cfg.text_instruction}
     return write_text_cache(iter_region_texts(data_dir), encoder, output, batch_size, meta)

@@ -27,8 +27,9 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from annotate.config import TrainConfig
-from annotate.pixclip.loss import PixCLIPLoss, patch_coverage, region_pool
+from annotate.pixclip.loss import PixCLIPLoss, clamp_logit_scale, patch_coverage, region_pool
 from annotate.pixclip.model import PixCLIP, build_pixclip
+from annotate.pixclip.transforms import to_model_input
 from annotate.train.data import EpochSampler
 
 RUN_FILE = "run.json"
@@ -37,12 +38,17 @@ _print = functools.partial(print, flush=True)
 
 
 def param_groups(model: PixCLIP, cfg: TrainConfig) -> list[dict]:
-    """Mask conv at lr_mask_conv, adaptor at lr_adaptor (default lr_other), the rest at lr_other.
+    """Mask conv at lr_mask_conv, adaptor at lr_adaptor, the rest at lr_other.
+
+    lr_adaptor unset: lr_other when a trained adaptor is loaded (the paper inherits LLM2CLIP's), else
+    lr_mask_conv, since a random adaptor at the paper's 1e-7 would stay random.
 
     Weight decay applies to weight matrices/kernels/embeddings only: not to biases, norm gains or the
     temperature (open_clip's rule: parameters with fewer than 2 dims, plus logit_scale).
     """
-    lrs = {"mask_conv": cfg.lr_mask_conv, "adaptor": cfg.lr_adaptor or cfg.lr_other, "other": cfg.lr_other}
+    trained = cfg.adaptor_checkpoint or getattr(model, "adaptor_pretrained", False)
+    adaptor = cfg.lr_adaptor or (cfg.lr_other if trained else cfg.lr_mask_conv)
+    lrs = {"mask_conv": cfg.lr_mask_conv, "adaptor": adaptor, "other": cfg.lr_other}
     buckets: dict[tuple[str, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -102,6 +108,7 @@ class Trainer:
         self.steps_per_epoch = len(self.sampler) // (cfg.batch_size * cfg.grad_accum_steps)
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(dataset)} samples is less than one batch of {cfg.batch_size}")
+        self.check_ranks_agree()
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, warmup_cosine(min(cfg.warmup_steps, self.total_steps), self.total_steps)
@@ -115,12 +122,13 @@ class Trainer:
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
         """Main (I, M), crop (I', M') and all-ones-mask (I, 1) passes, batched into one forward."""
         cfg = self.cfg
-        image, mask = batch["image"], batch["mask"]
+        image, mask = to_model_input(batch["image"], batch["mask"])  # uint8 from the loader -> floats here
         n = image.shape[0]
         images, masks = [image], [mask]
         if cfg.use_fc:
-            images.append(batch["crop_image"])
-            masks.append(batch["crop_mask"])
+            crop_image, crop_mask = to_model_input(batch["crop_image"], batch["crop_mask"])
+            images.append(crop_image)
+            masks.append(crop_mask)
         if cfg.use_lg:
             images.append(image)
             masks.append(torch.ones_like(mask))
@@ -161,6 +169,7 @@ class Trainer:
                 if micro % accum:
                     continue
                 self.optimizer.step()
+                clamp_logit_scale(self.model.logit_scale)
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
@@ -178,6 +187,17 @@ class Trainer:
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.check_replicas_in_sync()
         return last
+
+    def check_ranks_agree(self) -> None:
+        """Fail fast, with the numbers, when ranks would run different step counts (they would
+        otherwise deadlock or mismatch collectives mid-epoch): e.g. ranks that see different data."""
+        if self.world == 1:
+            return
+        mine = (len(self.dataset), self.steps_per_epoch)
+        every = [None] * self.world
+        dist.all_gather_object(every, mine)
+        if len(set(every)) > 1:
+            raise RuntimeError(f"ranks disagree on (samples, steps per epoch): {every}")
 
     def check_replicas_in_sync(self) -> None:
         """Every rank must hold the same weights after DDP training; a silent divergence (a rank that
