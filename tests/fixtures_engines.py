@@ -56,7 +56,9 @@ def tiny_model_paths() -> dict[str, Path]:
 def vllm_text_engine(tiny_model_paths):
     from annotate.engines.vllm_engine import VllmEngine
 
-    engine = VllmEngine(tiny_model_config("text", tiny_model_paths["text"]))
+    # Prefills of more than 64 tokens are split over engine steps (chunked prefill), as long prompts are
+    # on a loaded GPU engine: test_seeded_random_sampling_with_chunked_prefill needs it.
+    engine = VllmEngine(tiny_model_config("text", tiny_model_paths["text"], extra={"max_num_batched_tokens": 64}))
     yield engine
     engine.close()
 

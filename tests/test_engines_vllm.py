@@ -171,3 +171,16 @@ def test_stop_token_ids_as_id_or_token_string(vllm_text_engine):
         assert r.ok and r.finish_reason == "stop" and r.completion_tokens == stop_at, (stop, r)
     (bad,) = engine.chat([text_request("x", stop_token_ids=["no-such-token"])])
     assert bad.error_kind == "invalid_input" and "no-such-token" in bad.error
+
+
+def test_seeded_random_sampling_with_chunked_prefill(vllm_text_engine):
+    """A seeded request sampled at a temperature (the stages' retries) whose prompt is prefilled over
+    several steps: vLLM's CPU worker used to die on it ("CPU Generator does not use offset"), failing
+    every request on the engine. Here the engine's step budget is 64 tokens."""
+    long = " ".join(["a red car on the road near a tree"] * 30)  # about 300 tokens: 5 prefill steps
+    requests = [text_request(long + f" {i}", f"r{i}", temperature=0.7, seed=0, max_tokens=8) for i in range(3)]
+    results = vllm_text_engine.chat(requests)
+    for r in results:
+        _generated(r)
+        assert r.prompt_tokens > 256
+    _generated(vllm_text_engine.chat([text_request("Still alive?", "after")])[0])

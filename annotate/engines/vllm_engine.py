@@ -64,6 +64,20 @@ def _engine_dead_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+def platform_seed(seed: int | None, temperature: float) -> int | None:
+    """The seed a request may carry on this platform (called where vLLM is loaded: this process, or
+    the Serve replica). vLLM 0.32's CPU worker rewinds a seeded request's torch.Generator with
+    `set_offset` whenever that request's prefill is split over engine steps (chunked prefill); CPU
+    generators have no offset, so the whole engine dies ("CPU Generator does not use offset") and every
+    request on it fails. On a CPU, random sampling therefore goes unseeded (not reproducible run to
+    run); greedy sampling needs no seed, and GPU generators keep theirs."""
+    if seed is None or temperature == 0:
+        return seed
+    from vllm.platforms import current_platform
+
+    return None if current_platform.is_cpu() else seed
+
+
 def to_sampling_params(sampling: SamplingConfig, json_schema: dict[str, Any] | None,
                        token_id: Callable[[str], int | None] = lambda _: None):
     """vLLM's SamplingParams; `token_id` looks stop tokens given as strings up in the model's tokenizer."""
@@ -75,7 +89,7 @@ def to_sampling_params(sampling: SamplingConfig, json_schema: dict[str, Any] | N
         max_tokens=sampling.max_tokens,
         min_tokens=min(sampling.min_tokens, sampling.max_tokens),
         ignore_eos=sampling.ignore_eos,
-        seed=sampling.seed,
+        seed=platform_seed(sampling.seed, sampling.temperature),
         stop=list(sampling.stop) or None,
         stop_token_ids=stop_token_ids(sampling.stop_token_ids, token_id) or None,
     )

@@ -63,6 +63,9 @@ class StageLLMServer(LLMServer):
         strings are looked up in this model's tokenizer first."""
         from ray.serve.llm.openai_api_models import ChatCompletionRequest
 
+        from annotate.engines.vllm_engine import platform_seed
+
+        payload = {**payload, "seed": platform_seed(payload.get("seed"), payload.get("temperature", 1.0))}
         tokens = payload.get("stop_token_ids") or []
         if any(isinstance(t, str) for t in tokens):
             try:
