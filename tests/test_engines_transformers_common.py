@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from annotate.engines.placement import load_placement
+from annotate.engines.transformers_common import load_placement
 
 
 def test_auto_spreads_over_the_replicas_gpus(monkeypatch):

@@ -13,9 +13,16 @@ import time
 from typing import Any
 
 from annotate.config import ModelConfig, SamplingConfig
-from annotate.engines.base import ChatRequest, ChatResult, stop_token_ids
+from annotate.engines.base import ChatRequest, ChatResult
 from annotate.engines.messages import InvalidMessageError, to_hf_messages
-from annotate.engines.placement import load_placement, torch_dtype
+from annotate.engines.transformers_common import (
+    end_ids,
+    generate_kwargs,
+    load_placement,
+    read_generated,
+    token_id,
+    torch_dtype,
+)
 from annotate.engines.postprocess import error_result, finish
 
 log = logging.getLogger(__name__)
@@ -160,58 +167,21 @@ class HfEngine:
         model_dtype = getattr(self.model, "dtype", None)
         if "pixel_values" in inputs and model_dtype is not None and inputs["pixel_values"].is_floating_point():
             inputs["pixel_values"] = inputs["pixel_values"].to(model_dtype)
-        eos_ids = self._eos_ids()
-        eos_ids += [i for i in stop_token_ids(sampling.stop_token_ids, self.token_id) if i not in eos_ids]
-        max_new = sampling.max_tokens
-        gen_kwargs: dict[str, Any] = dict(
-            max_new_tokens=max_new,
-            min_new_tokens=max_new if sampling.ignore_eos else min(sampling.min_tokens, max_new),
-            do_sample=sampling.temperature > 0,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=eos_ids or None,
-        )
-        if sampling.temperature > 0:
-            gen_kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
-        if sampling.stop:
-            gen_kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
+        ends = end_ids(self.model, self.tokenizer, sampling)
+        gen_kwargs = generate_kwargs(sampling, ends, self.tokenizer)
         with torch.inference_mode():
             output = self.model.generate(**inputs, **gen_kwargs)
         prompt_len = inputs["input_ids"].shape[1]
         attention = inputs.get("attention_mask")
         results = []
         for row in range(len(chunk)):
-            new = output[row, prompt_len:].tolist()
-            n = len(new)
-            for pos, tok in enumerate(new):
-                if tok in eos_ids:
-                    n = pos + 1
-                    break
-            tokens = new[:n]
-            ended = bool(tokens) and tokens[-1] in eos_ids
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            finish_reason = "stop"
-            if not ended and n >= max_new:
-                finish_reason = "length"
-                if sampling.stop and any(text.endswith(s) or s in text for s in sampling.stop):
-                    finish_reason = "stop"
-            for s in sampling.stop:  # vLLM and OpenAI drop the stop string; do the same
-                if s in text:
-                    text = text[: text.index(s)]
+            text, finish_reason, n = read_generated(output[row, prompt_len:].tolist(), ends, self.tokenizer, sampling)
             n_prompt = int(attention[row].sum()) if attention is not None else prompt_len
             results.append((text, finish_reason, n_prompt, n))
         return results
 
     def token_id(self, token: str) -> int | None:
-        return self.tokenizer.convert_tokens_to_ids(token) if token in self.tokenizer.get_vocab() else None
-
-    def _eos_ids(self) -> list[int]:
-        ids = getattr(self.model.generation_config, "eos_token_id", None)
-        if ids is None:
-            ids = self.tokenizer.eos_token_id
-        ids = [ids] if isinstance(ids, int) else list(ids or [])
-        return [int(i) for i in ids]
+        return token_id(self.tokenizer, token)
 
     def close(self) -> None:
         self.model = None

@@ -23,9 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from annotate.config import ModelConfig, SamplingConfig
-from annotate.engines.base import ChatRequest, ChatResult, stop_token_ids
+from annotate.engines.base import ChatRequest, ChatResult
 from annotate.engines.messages import InvalidMessageError, to_hf_messages
-from annotate.engines.placement import load_placement, torch_dtype
+from annotate.engines.transformers_common import (
+    end_ids,
+    generate_kwargs,
+    load_placement,
+    read_generated,
+    token_id,
+    torch_dtype,
+)
 from annotate.engines.postprocess import error_result, finish
 
 log = logging.getLogger(__name__)
@@ -139,39 +146,19 @@ class LlavaEngine:
 
         ids = self.tokenizer_image_token(prompt, self.tokenizer, self.image_token_index, return_tensors="pt")
         ids = ids.unsqueeze(0).to(self.device)
-        eos = self._eos_ids()
-        eos += [i for i in stop_token_ids(sampling.stop_token_ids, self.token_id) if i not in eos]
-        kwargs: dict[str, Any] = dict(
-            max_new_tokens=sampling.max_tokens,
-            min_new_tokens=sampling.max_tokens if sampling.ignore_eos else min(sampling.min_tokens, sampling.max_tokens),
-            do_sample=sampling.temperature > 0, eos_token_id=eos, pad_token_id=self.tokenizer.pad_token_id,
-            use_cache=True)
-        if sampling.temperature > 0:
-            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
-        if sampling.stop:
-            kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
+        ends = end_ids(self.model, self.tokenizer, sampling)
+        kwargs = {**generate_kwargs(sampling, ends, self.tokenizer), "use_cache": True}
         with torch.inference_mode():
             out = self.model.generate(ids, images=self._pixels(images) if images else None, **kwargs)
         new = out[0].tolist()
         if len(new) > ids.shape[1] and new[: ids.shape[1]] == ids[0].tolist():
             new = new[ids.shape[1]:]  # older LLaVA code returns the prompt too
-        n = next((i + 1 for i, tok in enumerate(new) if tok in eos), len(new))
-        tokens = new[:n]
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        stopped = bool(tokens) and tokens[-1] in eos or any(s in text for s in sampling.stop)
-        for s in sampling.stop:  # vLLM drops the stop string; do the same
-            text = text.split(s, 1)[0]
+        text, finish_reason, n = read_generated(new, ends, self.tokenizer, sampling)
         n_prompt = ids.shape[1] - len(images) + len(images) * self.vision.num_patches
-        return text, "stop" if stopped or n < sampling.max_tokens else "length", n_prompt, n
+        return text, finish_reason, n_prompt, n
 
     def token_id(self, token: str) -> int | None:
-        return self.tokenizer.convert_tokens_to_ids(token) if token in self.tokenizer.get_vocab() else None
-
-    def _eos_ids(self) -> list[int]:
-        ids = getattr(self.model.generation_config, "eos_token_id", None) or self.tokenizer.eos_token_id
-        return [int(i) for i in ([ids] if isinstance(ids, int) else ids)]
+        return token_id(self.tokenizer, token)
 
     def close(self) -> None:
         self.model = None

@@ -1,8 +1,12 @@
-"""Where a transformers model's weights go on a replica: the one rule for the `hf` and `llava` engines."""
+"""What the `hf` and `llava` engines share (both generate with transformers): where a model's weights
+go on a replica, which tokens end a generation, `generate`'s arguments, and reading its output."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from annotate.config import SamplingConfig
+from annotate.engines.base import stop_token_ids
 
 
 def load_placement(device: str) -> tuple[dict[str, Any], str]:
@@ -30,3 +34,50 @@ def torch_dtype(name: str):
         return "auto"
     aliases = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
     return getattr(torch, aliases.get(name, name))
+
+
+# --------------------------------------------------------------------------------- generation
+def token_id(tokenizer, token: str) -> int | None:
+    """A token string's id in `tokenizer`, or None when it is not one of its tokens."""
+    return tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
+
+
+def end_ids(model, tokenizer, sampling: SamplingConfig) -> list[int]:
+    """Token ids that end a generation: the model's EOS (generation_config, else the tokenizer's) and
+    the stage's stop tokens (ids, or strings looked up in the tokenizer)."""
+    ids = getattr(model.generation_config, "eos_token_id", None)
+    if ids is None:
+        ids = tokenizer.eos_token_id
+    ids = [int(i) for i in ([ids] if isinstance(ids, int) else list(ids or []))]
+    return ids + [i for i in stop_token_ids(sampling.stop_token_ids, lambda t: token_id(tokenizer, t)) if i not in ids]
+
+
+def generate_kwargs(sampling: SamplingConfig, ends: list[int], tokenizer) -> dict[str, Any]:
+    """transformers `generate` arguments for `sampling` (and the seed set, as vLLM's per-request seed)."""
+    import torch
+
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=sampling.max_tokens,
+        min_new_tokens=sampling.max_tokens if sampling.ignore_eos else min(sampling.min_tokens, sampling.max_tokens),
+        do_sample=sampling.temperature > 0, pad_token_id=tokenizer.pad_token_id, eos_token_id=ends or None)
+    if sampling.temperature > 0:
+        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
+    if sampling.stop:
+        kwargs.update(stop_strings=list(sampling.stop), tokenizer=tokenizer)
+    if sampling.seed is not None:
+        torch.manual_seed(sampling.seed)
+    return kwargs
+
+
+def read_generated(new_tokens: list[int], ends: list[int], tokenizer, sampling: SamplingConfig) -> tuple[str, str, int]:
+    """One row of generated ids -> (text, finish_reason, completion tokens), as vLLM reports them: the
+    output stops at the first end token; a stop string and what follows are dropped; `length` when
+    the budget ran out before an end token or stop string."""
+    n = next((pos + 1 for pos, tok in enumerate(new_tokens) if tok in ends), len(new_tokens))
+    tokens = new_tokens[:n]
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    ended = bool(tokens) and tokens[-1] in ends
+    stopped = any(s in text for s in sampling.stop)
+    for s in sampling.stop:
+        text = text.split(s, 1)[0]
+    return text, "length" if not (ended or stopped) and n >= sampling.max_tokens else "stop", n
