@@ -161,12 +161,13 @@ def build_bpe_tokenizer(
     return fast
 
 
-def shape_output_head(model, tokenizer, stop: str, *, along: dict[str, tuple[str, float]] | None = None) -> None:
+def shape_output_head(model, tokenizer, stop: str, *, along: dict[str, tuple[str, float]] | None = None,
+                      stop_gain: float = EOS_AFTER_STOP) -> None:
     """Make a random model's greedy output look like text: output rows of whitespace-only, added
     (special or not: chat markers, ``<think>``...) and partial-UTF-8 tokens are zeroed (their logit is
     0 while the best of the others is well above), and the ``stop`` row (end of turn) points along the
     embedding of "." so that generations tend to end after a full stop (a few to a few dozen tokens)
-    instead of at once or never. Each ``along`` entry ``token: (anchor, gain)`` is kept and points
+    instead of at once or never (``stop_gain`` sets how strongly). Each ``along`` entry ``token: (anchor, gain)`` is kept and points
     that token's row along the embedding of ``anchor`` instead (so it tends to follow ``anchor``)."""
     import torch
 
@@ -191,7 +192,7 @@ def shape_output_head(model, tokenizer, stop: str, *, along: dict[str, tuple[str
         head.normal_(0.0, HEAD_STD)
         head[muted] = 0.0
         dot = embed[ids(".")]
-        head[stop_id] = dot / dot.norm() * HEAD_STD * EOS_AFTER_STOP
+        head[stop_id] = dot / dot.norm() * HEAD_STD * stop_gain
         for token, (anchor, gain) in along.items():
             vec = embed[ids(anchor)]
             head[ids(token)] = vec / vec.norm() * HEAD_STD * gain
