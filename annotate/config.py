@@ -82,6 +82,10 @@ class VllmArgs(_Section):
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     max_num_seqs: int | None = None
+    enable_chunked_prefill: bool | None = Field(
+        None, description="None: vLLM's default (on). CPU engines: false keeps seeded sampling reproducible, since "
+                          "vLLM 0.32's CPU worker cannot rewind a seeded request across a split prefill (with it on, "
+                          "random sampling there goes unseeded: engines/vllm_engine.platform_seed)")
     seed: int = 0
     kv_cache_space_gib: float | None = Field(
         None, description="CPU builds only: sets VLLM_CPU_KVCACHE_SPACE before the engine starts"

@@ -27,7 +27,8 @@ MAY_DIFFER = {
     "": {"name", "run"},
     "model": {"path", "resources", "runtime_env"},  # runtime_env: the path of a prebuilt environment
     "model.vllm": {"tensor_parallel_size", "pipeline_parallel_size", "gpu_memory_utilization", "kv_cache_space_gib",
-                   "max_num_seqs", "dtype", "enforce_eager", "in_process"},
+                   "max_num_seqs", "dtype", "enforce_eager", "in_process",
+                   "enable_chunked_prefill"},  # scheduling/memory: CPU engines turn it off (config.py says why)
     "model.hf": {"device", "dtype", "batch_size"},
     "model.llava": {"code_path", "vision_tower", "device", "dtype"},
     "stage": {"batch_size"},

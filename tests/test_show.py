@@ -331,7 +331,8 @@ def test_gallery_in_headless_chromium(built, gallery, tmp_path):
     assert n == 1
     check_page = page.with_name("check-" + page.name)  # next to the page, so relative image paths resolve
     check_page.write_text(text.replace("</body>", f"<script>{CHECK_SCRIPT}</script>\n</body>"), encoding="utf-8")
-    r = _chromium(["--virtual-time-budget=15000", "--dump-dom", check_page.as_uri()], tmp_path)
+    # 60 s of virtual time: under CI's load the images' decode outran 15 s once (the script never ran)
+    r = _chromium(["--virtual-time-budget=60000", "--dump-dom", check_page.as_uri()], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     m = re.search(r'<pre id="check">(.*?)</pre>', r.stdout, re.S)
     assert m, "the check script did not finish: " + r.stdout[-2000:]

@@ -41,6 +41,8 @@ def engine_args(model: ModelConfig) -> dict[str, Any]:
         kwargs["max_model_len"] = args.max_model_len
     if args.max_num_seqs is not None:
         kwargs["max_num_seqs"] = args.max_num_seqs
+    if args.enable_chunked_prefill is not None:
+        kwargs["enable_chunked_prefill"] = args.enable_chunked_prefill
     return kwargs
 
 
@@ -64,14 +66,16 @@ def _engine_dead_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
-def platform_seed(seed: int | None, temperature: float) -> int | None:
+def platform_seed(seed: int | None, temperature: float, chunked_prefill: bool) -> int | None:
     """The seed a request may carry on this platform (called where vLLM is loaded: this process, or
     the Serve replica). vLLM 0.32's CPU worker rewinds a seeded request's torch.Generator with
     `set_offset` whenever that request's prefill is split over engine steps (chunked prefill); CPU
     generators have no offset, so the whole engine dies ("CPU Generator does not use offset") and every
-    request on it fails. On a CPU, random sampling therefore goes unseeded (not reproducible run to
-    run); greedy sampling needs no seed, and GPU generators keep theirs."""
-    if seed is None or temperature == 0:
+    request on it fails. On a CPU engine with chunked prefill on, random sampling therefore goes
+    unseeded (not reproducible run to run); with it off (`vllm.enable_chunked_prefill: false`, as the
+    CPU pipeline files set) no prefill is split and seeds stay. Greedy sampling needs no seed, and GPU
+    generators keep theirs."""
+    if seed is None or temperature == 0 or not chunked_prefill:
         return seed
     from vllm.platforms import current_platform
 
@@ -79,7 +83,7 @@ def platform_seed(seed: int | None, temperature: float) -> int | None:
 
 
 def to_sampling_params(sampling: SamplingConfig, json_schema: dict[str, Any] | None,
-                       token_id: Callable[[str], int | None] = lambda _: None):
+                       token_id: Callable[[str], int | None] = lambda _: None, chunked_prefill: bool = True):
     """vLLM's SamplingParams; `token_id` looks stop tokens given as strings up in the model's tokenizer."""
     from vllm import SamplingParams
 
@@ -89,7 +93,7 @@ def to_sampling_params(sampling: SamplingConfig, json_schema: dict[str, Any] | N
         max_tokens=sampling.max_tokens,
         min_tokens=min(sampling.min_tokens, sampling.max_tokens),
         ignore_eos=sampling.ignore_eos,
-        seed=platform_seed(sampling.seed, sampling.temperature),
+        seed=platform_seed(sampling.seed, sampling.temperature, chunked_prefill),
         stop=list(sampling.stop) or None,
         stop_token_ids=stop_token_ids(sampling.stop_token_ids, token_id) or None,
     )
@@ -129,6 +133,7 @@ class VllmEngine:
         log.info("vLLM engine for %s up in %.1f s", self.model_id, self.startup_s)
         self._closed = False
         self._token_ids: dict[str, int | None] = {}
+        self._chunked_prefill = bool(self.llm.llm_engine.vllm_config.scheduler_config.enable_chunked_prefill)
 
     # ---------------------------------------------------------------------------------- serving
     def chat(self, requests: list[ChatRequest]) -> list[ChatResult]:
@@ -139,7 +144,7 @@ class VllmEngine:
         for i, req in enumerate(requests):
             try:
                 messages = to_vllm_messages(req.messages)
-                params = to_sampling_params(req.sampling, req.json_schema, self._token_id)
+                params = to_sampling_params(req.sampling, req.json_schema, self._token_id, self._chunked_prefill)
             except InvalidMessageError as exc:
                 results[i] = error_result(req.request_id, "invalid_input", f"invalid messages: {exc}")
                 continue

@@ -65,7 +65,10 @@ class StageLLMServer(LLMServer):
 
         from annotate.engines.vllm_engine import platform_seed
 
-        payload = {**payload, "seed": platform_seed(payload.get("seed"), payload.get("temperature", 1.0))}
+        # The deployment's own engine arguments (LLMServer keeps its LLMConfig as _llm_config); vLLM's
+        # default for chunked prefill is on.
+        chunked = self._llm_config.engine_kwargs.get("enable_chunked_prefill", True) is not False
+        payload = {**payload, "seed": platform_seed(payload.get("seed"), payload.get("temperature", 1.0), chunked)}
         tokens = payload.get("stop_token_ids") or []
         if any(isinstance(t, str) for t in tokens):
             try:
