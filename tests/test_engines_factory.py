@@ -96,6 +96,7 @@ def test_engine_dead_is_raised():
     engine = VllmEngine.__new__(VllmEngine)  # error mapping only: no engine start
     engine.config = ModelConfig(engine="vllm", path="m")
     engine.model_id, engine.llm, engine._closed, engine._dead_types = "m", DyingLLM(), False, _engine_dead_types()
+    engine._chunked_prefill, engine._token_ids = False, {}
     with pytest.raises(EngineDeadError):
         engine.chat([ChatRequest(messages=[{"role": "user", "content": "hi"}])])
     with pytest.raises(EngineDeadError):  # and it stays dead
