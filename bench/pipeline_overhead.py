@@ -124,7 +124,7 @@ def _process_label(proc) -> str:
 def _prepare(cfg, input_dir: Path, ids: list[int], root: Path) -> None:
     from annotate.data.shards import find_shards
     from annotate.executor.layout import RunLayout
-    from annotate.executor.workers import prepare_output
+    from annotate.executor.reader import prepare_output
 
     layout = RunLayout(root=root)
     for ref in find_shards(input_dir, ids, cfg.data.shard_format):

@@ -27,7 +27,8 @@ from annotate.data.writer import ShardWriter, write_dataset_card
 from annotate.executor.layout import FINAL, MODEL_STAGE_PREFIXES, STAGE_IO, OutputLock, RunLayout
 from annotate.executor.progress import ProgressDisplay, ProgressTracker
 from annotate.executor.shard_io import ROW_SHARD, ROW_TOTAL, count_rows, row_to_record
-from annotate.executor.workers import SegmentWorker, StageWorker, finalize_record, read_shard
+from annotate.executor.reader import read_shard
+from annotate.executor.workers import SegmentWorker, StageWorker, finalize_record
 from annotate.serving.apps import SEGMENT_MODEL, ModelApp, ensure_apps, needed_models, replica_info, replicas
 from annotate.serving.client import ModelClient
 from annotate.stages.budget import StageBudget, check_budgets
