@@ -170,7 +170,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
                 num_cpus=cfg.run.stage_worker_cpus, max_concurrency=cfg.run.batches_in_flight,
                 fn_constructor_kwargs={"stage_name": name, "stage": stage_cfg, "app": apps[stage_cfg.model],
                                        "reasoning": model.reasoning, "max_in_flight": share, "data": cfg.data,
-                                       "tracker": tracker},
+                                       "tracker": tracker, "cache_root": str(layout.cache_root)},
             )
         with ProgressDisplay(tracker, chain, len(items), console) as display:
             summary.shards_written = _write_outputs(ds, layout, output_name, cfg.fingerprint(), display)

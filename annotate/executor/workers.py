@@ -27,7 +27,7 @@ class StageWorker:
     """
 
     def __init__(self, stage_name: str, stage: StageConfig, app: ModelApp, reasoning: bool, max_in_flight: int,
-                 data: DataConfig, tracker):
+                 data: DataConfig, tracker, cache_root: str | None = None):
         cls = stage_class(stage_name, stage.stage_class)
         self.stage = cls(PromptTemplate.load(stage.prompt), stage.sampling, app.model_id)
         self.config = stage
@@ -36,6 +36,7 @@ class StageWorker:
         self.tracker = tracker
         self.metrics = StageMetrics(stage_name)
         self.needs_pixels = bool(self.stage.prompt.images)
+        self.cache_root = cache_root  # OUT/cache: where finished model results are kept (RunLayout.cache_dir)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
