@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+DAMAGED_EXIT_CODE = 3  # some shard was read only in part: written with what was read, to be redone
+
 app = typer.Typer(
     help="LongGRIT: annotate GRIT-20M regions with vision-language models; train PixCLIP on them.",
     no_args_is_help=True,
@@ -42,10 +44,13 @@ def prepare(
     output: str = typer.Option(..., "--output", help="output dataset folder (OUT/data/*.parquet + README.md)"),
     config: str | None = typer.Option(None, "--config", help="pipeline YAML (default: built-in settings)"),
 ) -> None:
-    """Run the data plane only: regions and masks, no captions (regions stay "pending")."""
+    """Run the data plane only: regions and masks, no captions (regions stay "pending").
+
+    Exits with code 3 when a shard could be read only in part (what was read is written)."""
     from annotate.data.prepare import run_prepare
 
-    run_prepare(input, shards, output, config)
+    if run_prepare(input, shards, output, config).get("damaged"):
+        raise typer.Exit(DAMAGED_EXIT_CODE)
 
 
 @app.command()
@@ -58,7 +63,9 @@ def run(
     address: str | None = typer.Option(None, "--address", help="Ray cluster to join (default: start a local one)"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="redo only regions a model stage failed"),
 ) -> None:
-    """Annotate GRIT shards with the model chain on Ray; rerun the same command to resume."""
+    """Annotate GRIT shards with the model chain on Ray; rerun the same command to resume.
+
+    Exits with code 3, after finishing every other shard, when a shard could be read only in part."""
     from annotate.config import load_config
     from annotate.data.shards import parse_shard_spec
     from annotate.executor.runner import run_pipeline
@@ -66,6 +73,8 @@ def run(
     summary = run_pipeline(load_config(config), input, output, parse_shard_spec(shards), stage=stage,
                            retry_failed=retry_failed, address=address)
     _print_run_summary(summary)
+    if summary.shards_damaged:
+        raise typer.Exit(DAMAGED_EXIT_CODE)
 
 
 @app.command()
@@ -132,6 +141,8 @@ def demo(
 
     summary = run_pipeline(load_config(config), "sample_data/grit", output, [0, 1], stage="all")
     _print_run_summary(summary)
+    if summary.shards_damaged:
+        raise typer.Exit(DAMAGED_EXIT_CODE)
 
 
 def _print_run_summary(summary) -> None:
@@ -139,9 +150,14 @@ def _print_run_summary(summary) -> None:
 
     typer.echo(f"\n{summary.stage}: wrote {len(summary.shards_written)} shard(s), "
                f"{len(summary.shards_skipped)} already finished")
-    for shard, counts in sorted(summary.shards_written.items()):
+    for shard, counts in sorted({**summary.shards_written, **summary.shards_damaged}.items()):
         typer.echo(f"  {shard}: {counts['images']} images, {counts['regions']} regions: ok {counts['ok']}, "
-                   f"rejected {counts['rejected']}, failed {counts['failed']}, pending {counts['pending']}")
+                   f"rejected {counts['rejected']}, failed {counts['failed']}, pending {counts['pending']}"
+                   + ("  DAMAGED" if shard in summary.shards_damaged else ""))
+    if summary.shards_damaged:
+        from annotate.executor.runner import describe_damaged
+
+        typer.echo("\n" + describe_damaged(summary.shards_damaged), err=True)
     out = Path(summary.output_dir)
     if (out / "data").is_dir() and summary.stage in ("all", "merge"):
         typer.echo(f"\nDataset: {out / 'data'}  (card: {out / 'README.md'})\nLoad it with:\n"

@@ -128,7 +128,7 @@ def _prepare(cfg, input_dir: Path, ids: list[int], root: Path) -> None:
 
     layout = RunLayout(root=root)
     for ref in find_shards(input_dir, ids, cfg.data.shard_format):
-        prepare_output(ref, cfg.data, layout, cfg.fingerprint())
+        layout.record_finished(prepare_output(ref, cfg.data, layout, cfg.fingerprint()))
 
 
 def _seed_output(prepared: Path, out: Path) -> None:

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from annotate.executor.layout import MODEL_STAGE_PREFIXES, RunLayout
+from annotate.executor.layout import RETRYABLE_PREFIXES, RunLayout
 from fixtures_pipeline import SAMPLE_SHARDS
 
 pytestmark = pytest.mark.slow
@@ -184,11 +184,13 @@ def test_retry_failed_redoes_only_failed_regions(ray_session, tiny_run_all, tiny
     writer = ShardWriter(path, expected_rows=len(records))
     for record in records:
         writer.add(record)
-    writer.commit()
+    stats = writer.commit()  # as a run would have written it: with its manifest line (checksums are checked)
+    layout.record_finished({"output": "final", "shard": "00000", "config": tiny_config.fingerprint(),
+                            "sha256": stats.sha256, **stats.summary()})
     # The random-weight models may have failed some regions for real (e.g. an answer cut by
     # max_tokens): those are retried too, so the shards holding them are redone and they may change.
     def model_failed(region) -> bool:
-        return region.status == "failed" and (region.error or "").startswith(MODEL_STAGE_PREFIXES)
+        return region.status == "failed" and (region.error or "").startswith(RETRYABLE_PREFIXES)
 
     stored = {s: [r for rec in iter_stored_records(layout.output_path("final", s)) for r in rec.regions]
               for s in ("00000", "00001")}

@@ -5,15 +5,23 @@
     OUT/manifest.jsonl                one line per finished (output, shard), appended after the rename
     OUT/README.md                     the dataset card
 
-A shard output is finished only when its file was renamed into place *and* its manifest line was
-written (with the file's checksum and the config fingerprint). Anything else is redone by the next
-run, which then replaces the file atomically: a crash at any moment never leaves a half file where a
-reader looks, and never produces a second copy of a shard.
+A shard output is finished only when its file was renamed into place *and* the newest manifest line
+for it says `finished`, under the run's config fingerprint, with the checksum the file still has.
+Anything else is redone by the next run, which then replaces the file atomically: a crash at any
+moment never leaves a half file where a reader looks, and never produces a second copy of a shard.
+A shard read only in part (a truncated or corrupt input) gets a `damaged` line instead: its output
+holds what could be read, and the next run tries it again.
+
+One writer: only the driver appends to the manifest (read tasks on other nodes report to it), and only
+while it holds the output lock, so lines never interleave, and file order is time order; that is why
+"newest line wins" can simply mean "last line in the file". Appends from several NFS clients would not
+be atomic; one marker file per shard would be, but would lose the history a line-per-event log keeps.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import time
@@ -22,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 FINAL = "final"
+FINISHED, DAMAGED = "finished", "damaged"  # the `state` of a manifest line (lines without one are finished)
 # Which stored output each `--stage` reads and writes; `all` runs the whole chain.
 STAGE_IO: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "all": ("prepare", FINAL, ("object", "validate", "context", "merge")),
@@ -31,6 +40,8 @@ STAGE_IO: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "merge": ("context", FINAL, ("merge",)),
 }
 MODEL_STAGE_PREFIXES = tuple(f"{name}:" for name in ("object", "validate", "context", "merge"))
+# Region errors `--retry-failed` redoes: a model stage's, and `pipeline:` (no stage completed the region).
+RETRYABLE_PREFIXES = (*MODEL_STAGE_PREFIXES, "pipeline:")
 
 
 @dataclass(frozen=True)
@@ -65,18 +76,39 @@ class RunLayout:
                 continue  # a line cut by a crash mid-write counts as not written
         return lines
 
+    def latest(self, output: str) -> dict[str, dict[str, Any]]:
+        """shard -> its newest manifest line for `output`, whatever its config and state."""
+        return {entry["shard"]: entry for entry in self.manifest()
+                if entry.get("output") == output and isinstance(entry.get("shard"), str)}
+
     def finished(self, output: str, fingerprint: str) -> dict[str, dict[str, Any]]:
-        """shard -> its latest manifest entry, for outputs finished under this config and still on disk."""
-        done: dict[str, dict[str, Any]] = {}
-        for entry in self.manifest():
-            if entry.get("output") == output and entry.get("config") == fingerprint:
-                if self.output_path(output, entry["shard"]).exists():
-                    done[entry["shard"]] = entry
-        return done
+        """shard -> manifest line, for outputs whose newest line is `finished` and still holds."""
+        return self._in_state(output, fingerprint, FINISHED)
+
+    def damaged(self, output: str, fingerprint: str) -> dict[str, dict[str, Any]]:
+        """shard -> manifest line, for outputs whose newest line is `damaged` (read in part) and still holds."""
+        return self._in_state(output, fingerprint, DAMAGED)
+
+    def _in_state(self, output: str, fingerprint: str, state: str) -> dict[str, dict[str, Any]]:
+        return {shard: entry for shard, entry in self.latest(output).items()
+                if entry.get("state", FINISHED) == state and self.holds(entry, fingerprint)}
+
+    def holds(self, entry: dict[str, Any], fingerprint: str) -> bool:
+        """The line's config is this run's and its file is on disk with the checksum the line recorded
+        (a file replaced, damaged or truncated since is redone)."""
+        if entry.get("config") != fingerprint:
+            return False
+        path = self.output_path(entry["output"], entry["shard"])
+        if not path.is_file():
+            return False
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest() == entry.get("sha256")
 
     def record_finished(self, entry: dict[str, Any]) -> None:
-        """Append one manifest line and fsync it; called only after the output file is in place."""
-        entry = {**entry, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        """Append one manifest line and fsync it; called only after the output file is in place.
+
+        `entry["state"]` is `finished` unless given (`damaged`)."""
+        entry = {"state": FINISHED, **entry, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.manifest_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(entry, sort_keys=True) + "\n")
@@ -123,8 +155,5 @@ class OutputLock:
 
 def iter_manifest_shards(layout: RunLayout, output: str) -> Iterator[dict[str, Any]]:
     """Latest manifest entry per shard for one output, whatever the config (for `annotate status`)."""
-    latest: dict[str, dict[str, Any]] = {}
-    for entry in layout.manifest():
-        if entry.get("output") == output:
-            latest[entry["shard"]] = entry
+    latest = layout.latest(output)
     yield from (latest[k] for k in sorted(latest))

@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from annotate.executor.layout import FINAL, STAGE_IO, RunLayout, iter_manifest_shards
+from annotate.executor.layout import DAMAGED, FINAL, STAGE_IO, RunLayout, iter_manifest_shards
 
 OUTPUT_ORDER = ("prepare",) + tuple(io[1] for name, io in STAGE_IO.items() if name != "all" and io[1] != FINAL) + (FINAL,)
 
@@ -17,11 +17,14 @@ def status_report(output_dir: str | Path) -> dict:
     layout = RunLayout(root=Path(output_dir))
     if not layout.manifest_path.exists():
         raise FileNotFoundError(f"{layout.root} holds no run (no manifest.jsonl); is it the --output of `annotate run`?")
-    report: dict = {"outputs": {}, "totals": {}}
+    report: dict = {"outputs": {}, "totals": {}, "damaged": []}
     for output in OUTPUT_ORDER:
         entries = {e["shard"]: e for e in iter_manifest_shards(layout, output)}
         if not entries:
             continue
+        report["damaged"] += [{"output": output, "shard": shard, "damage": e.get("damage", ""),
+                               "samples_read": e.get("samples_read", e.get("images", 0)), "at": e.get("finished_at", "")}
+                              for shard, e in sorted(entries.items()) if e.get("state") == DAMAGED]
         report["outputs"][output] = entries
         totals = {k: sum(int(e.get(k, 0)) for e in entries.values())
                   for k in ("images", "regions", "ok", "rejected", "failed", "pending", "prompt_tokens", "completion_tokens")}
@@ -42,9 +45,19 @@ def print_status(report: dict, console: Console | None = None) -> None:
             table.add_column(col, justify="right" if col not in ("shard", "finished") else "left")
         for shard, e in sorted(entries.items()):
             table.add_row(shard, *(str(e.get(k, 0)) for k in ("images", "regions", "ok", "rejected", "failed", "pending")),
-                          str(e.get("prompt_tokens", 0) + e.get("completion_tokens", 0)), e.get("finished_at", ""))
+                          str(e.get("prompt_tokens", 0) + e.get("completion_tokens", 0)),
+                          "DAMAGED" if e.get("state") == DAMAGED else e.get("finished_at", ""),
+                          style="red" if e.get("state") == DAMAGED else None)
         t = report["totals"][output]
         table.add_row("total", *(str(t[k]) for k in ("images", "regions", "ok", "rejected", "failed", "pending")),
                       str(t["prompt_tokens"] + t["completion_tokens"]), "", style="bold")
         console.print(table)
         console.print(f"  rejection rate: {t['rejection_rate']}   tokens per region: {t['tokens_per_region']}")
+    if report["damaged"]:
+        table = Table(title=f"DAMAGED shards ({len(report['damaged'])}): read only in part, not finished; "
+                            "replace the input files and rerun", title_style="bold red")
+        for col in ("output", "shard", "samples read", "reason", "at"):
+            table.add_column(col, justify="right" if col == "samples read" else "left")
+        for d in report["damaged"]:
+            table.add_row(d["output"], d["shard"], str(d["samples_read"]), d["damage"], d["at"], style="red")
+        console.print(table)

@@ -3,7 +3,9 @@
 One streaming dataset over all pending shards: a read task per shard (the data plane) feeds one
 actor pool per stage; each stage calls its model deployment. The driver consumes the stream and
 writes each shard's output as soon as all of its images have arrived (then renames it into place
-and appends its manifest line), so a run that dies loses only the shards in flight.
+and appends its manifest line), so a run that dies loses only the shards in flight. A shard whose
+input could be read only in part still goes through the chain with what was read, and is recorded
+`damaged`, never finished: the run ends with an error naming it, and the next run tries it again.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +27,10 @@ from rich.console import Console
 from annotate.config import PipelineConfig, RunConfig
 from annotate.data.shards import find_shards
 from annotate.data.writer import ShardWriter, write_dataset_card
-from annotate.executor.layout import FINAL, MODEL_STAGE_PREFIXES, STAGE_IO, OutputLock, RunLayout
+from annotate.executor.layout import DAMAGED, FINAL, FINISHED, RETRYABLE_PREFIXES, STAGE_IO, OutputLock, RunLayout
 from annotate.executor.progress import ProgressDisplay, ProgressTracker
 from annotate.executor.shard_io import ROW_SHARD, ROW_TOTAL, count_rows, row_to_record
-from annotate.executor.reader import read_shard
+from annotate.executor.reader import ShardLedger, read_shard
 from annotate.executor.workers import SegmentWorker, StageWorker, finalize_record
 from annotate.serving.apps import SEGMENT_MODEL, ModelApp, ensure_apps, needed_models, replica_info, replicas
 from annotate.serving.client import ModelClient
@@ -42,6 +45,8 @@ class RunSummary:
     stage: str
     shards_written: dict[str, dict] = field(default_factory=dict)
     shards_skipped: list[str] = field(default_factory=list)
+    # shard -> counts plus `damage` (why) and `samples_read`: read in part, written, not finished
+    shards_damaged: dict[str, dict] = field(default_factory=dict)
     dashboard_url: str | None = None
     replicas: list[dict] = field(default_factory=list)  # where each model replica runs (app, node, pid)
     models_deployed: list[str] = field(default_factory=list)  # models this run had to load (others were running)
@@ -74,30 +79,41 @@ def ensure_ray(run: RunConfig, address: str | None = None) -> str | None:
 def _has_retryable_failures(path: Path) -> bool:
     regions = pq.read_table(path, columns=["regions"]).column("regions").to_pylist()
     return any(
-        r["status"] == "failed" and (r["error"] or "").startswith(MODEL_STAGE_PREFIXES) for rs in regions for r in rs or []
+        r["status"] == "failed" and (r["error"] or "").startswith(RETRYABLE_PREFIXES) for rs in regions for r in rs or []
     )
 
 
 def plan_work(cfg: PipelineConfig, layout: RunLayout, input_dir: Path, shard_ids: list[int], stage: str,
               retry_failed: bool) -> tuple[list[dict], list[str]]:
-    """Which shards this run must process, and from which stored input; the rest are finished."""
+    """Which shards this run must process, and from which stored input; the rest are finished.
+
+    Only a shard output whose newest manifest line is `finished` under this config, with the file's
+    checksum, counts as done. A `damaged` input (a stage output made from a shard read in part) is
+    used by the next stage and its damage carried on; a damaged `prepare` is made again from the source.
+    """
     input_name, output_name, _ = STAGE_IO[stage]
     fingerprint = cfg.fingerprint()
     refs = find_shards(input_dir, shard_ids, cfg.data.shard_format)
-    finished_out = layout.finished(output_name, fingerprint)
-    finished_in = layout.finished(input_name, fingerprint)
+    latest_out, latest_in = layout.latest(output_name), layout.latest(input_name)
+
+    def holding(line: dict | None, *states: str) -> dict | None:
+        return line if line and line.get("state", FINISHED) in states and layout.holds(line, fingerprint) else None
+
     items, skipped = [], []
     for ref in refs:
         item = {"shard": ref.name, "shard_id": ref.shard_id, "source_path": str(ref.path),
-                "source_format": ref.format, "needs_prepare": False, "retry_failed": False, "input": input_name}
-        if ref.name in finished_out:
+                "source_format": ref.format, "needs_prepare": False, "retry_failed": False, "input": input_name,
+                "damage": None}
+        if holding(latest_out.get(ref.name), FINISHED):
             if retry_failed and _has_retryable_failures(layout.output_path(output_name, ref.name)):
                 item.update(input=output_name, retry_failed=True)
                 items.append(item)
             else:
                 skipped.append(ref.name)
             continue
-        if ref.name not in finished_in:
+        usable = (FINISHED,) if input_name == "prepare" else (FINISHED, DAMAGED)
+        line = holding(latest_in.get(ref.name), *usable)
+        if line is None:
             if input_name != "prepare":
                 previous = next(s for s, io in STAGE_IO.items() if io[1] == input_name)
                 raise RuntimeError(
@@ -105,8 +121,14 @@ def plan_work(cfg: PipelineConfig, layout: RunLayout, input_dir: Path, shard_ids
                     f"run `annotate run --stage {previous}` on it first"
                 )
             item["needs_prepare"] = True
+        elif line.get("state") == DAMAGED:
+            item["damage"] = _damage_of(line)
         items.append(item)
     return items, skipped
+
+
+def _damage_of(line: dict) -> dict:
+    return {"damage": line.get("damage", "damaged input"), "samples_read": line.get("samples_read", line.get("images", 0))}
 
 
 def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | Path, shard_ids: list[int],
@@ -125,6 +147,8 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
         if removed := layout.remove_stale_temporaries():
             console.print(f"removed {removed} half-written file(s) left by an interrupted run")
         items, summary.shards_skipped = plan_work(cfg, layout, Path(input_dir), shard_ids, stage, retry_failed)
+        for shard in summary.shards_skipped:  # model results kept for a shard are in its output now
+            shutil.rmtree(layout.cache_dir(shard), ignore_errors=True)
         if summary.shards_skipped:
             console.print(f"{len(summary.shards_skipped)} shard(s) already finished: {', '.join(summary.shards_skipped)}")
         if not items:
@@ -143,11 +167,12 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
             console.print(f"token budget: {budget.describe()}")
         processing_started = time.perf_counter()
         tracker = ProgressTracker.remote()
+        ledger = ShardLedger.remote()
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             read_shard, batch_size=1, batch_format="pyarrow", num_cpus=cfg.run.reader_cpus,
             compute=ray.data.TaskPoolStrategy(size=cfg.run.shards_in_flight) if cfg.run.shards_in_flight else None,
             fn_kwargs={"data": cfg.data, "layout_root": str(layout.root), "fingerprint": cfg.fingerprint(),
-                       "rows_per_batch": cfg.run.rows_per_batch},
+                       "rows_per_batch": cfg.run.rows_per_batch, "ledger": ledger},
         )
         if SEGMENT_MODEL in apps:
             ds = ds.map_batches(
@@ -172,13 +197,16 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
                                        "reasoning": model.reasoning, "max_in_flight": share, "data": cfg.data,
                                        "tracker": tracker, "cache_root": str(layout.cache_root)},
             )
+        outputs = ShardOutputs(layout, output_name, cfg.fingerprint(), ledger,
+                               {i["shard"]: i["damage"] for i in items if i["damage"]})
         with ProgressDisplay(tracker, chain, len(items), console) as display:
-            summary.shards_written = _write_outputs(ds, layout, output_name, cfg.fingerprint(), display)
+            outputs.write(ds, display)
         for item in items:  # shards with no image at all produce no row, but still get an (empty) output
-            if item["shard"] not in summary.shards_written and count_rows(layout.output_path(item["input"], item["shard"])) == 0:
-                writer = ShardWriter(layout.output_path(output_name, item["shard"]), expected_rows=0)
-                summary.shards_written[item["shard"]] = _commit(writer, layout, output_name, item["shard"], cfg.fingerprint())
-        unfinished = [i["shard"] for i in items if i["shard"] not in summary.shards_written]
+            input_path = layout.output_path(item["input"], item["shard"])
+            if item["shard"] not in outputs.committed and input_path.is_file() and count_rows(input_path) == 0:
+                outputs.commit(ShardWriter(layout.output_path(output_name, item["shard"]), expected_rows=0), item["shard"])
+        summary.shards_written, summary.shards_damaged = outputs.written, outputs.damaged
+        unfinished = [i["shard"] for i in items if i["shard"] not in outputs.committed]
         if unfinished:
             raise RuntimeError(f"shard(s) {', '.join(unfinished)} did not complete; rerun the same command to redo them")
         if output_name == FINAL:
@@ -209,43 +237,81 @@ def _write_run_record(layout: RunLayout, summary: RunSummary, cfg: PipelineConfi
     runs.mkdir(parents=True, exist_ok=True)
     record = {"stage": summary.stage, "config": cfg.fingerprint(), "pipeline": cfg.name,
               "shards_written": summary.shards_written, "shards_skipped": summary.shards_skipped,
+              "shards_damaged": summary.shards_damaged,
               "replicas": summary.replicas, "models_deployed": summary.models_deployed,
               "token_budgets": summary.token_budgets}
     stamp = time.strftime("%Y%m%dT%H%M%S")
     (runs / f"{stamp}-{os.getpid()}.json").write_text(json.dumps(record, indent=2, sort_keys=True))
 
 
-def _commit(writer: ShardWriter, layout: RunLayout, output: str, shard: str, fingerprint: str) -> dict:
-    """Rename the shard's output into place, then append its manifest line; returns its counts."""
-    stats = writer.commit()
-    layout.record_finished({"output": output, "shard": shard, "config": fingerprint, "sha256": stats.sha256, **stats.summary()})
-    return stats.summary()
+def describe_damaged(damaged: dict[str, dict]) -> str:
+    """The message a run with damaged shards ends with: which, why, and what to do."""
+    lines = [f"{len(damaged)} damaged shard(s): read only in part, written with what was read, not recorded as finished:"]
+    lines += [f"  {shard}: {info['damage']} ({info['samples_read']} samples read)" for shard, info in sorted(damaged.items())]
+    lines.append("Replace these input files (e.g. download them again) and rerun the same command: "
+                 "only they are redone.")
+    return "\n".join(lines)
 
 
-def _write_outputs(ds, layout: RunLayout, output: str, fingerprint: str, display: ProgressDisplay) -> dict[str, dict]:
-    writers: dict[str, ShardWriter] = {}
-    written: dict[str, dict] = {}
-    try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            assert isinstance(batch, pa.Table)
-            for row in batch.to_pylist():
-                shard = row[ROW_SHARD]
-                if shard in written:
-                    log.warning("dropping a repeated row of finished shard %s (image %s)", shard, row["image_key"])
-                    continue
-                record = row_to_record(row)
-                if output == FINAL:
-                    finalize_record(record)
-                writer = writers.get(shard)
-                if writer is None:
-                    writer = writers[shard] = ShardWriter(layout.output_path(output, shard), row[ROW_TOTAL])
-                if not writer.add(record):
-                    log.warning("dropping a repeated row for image %s of shard %s", record.image_key, shard)
-                if writer.complete:
-                    written[shard] = _commit(writer, layout, output, shard, fingerprint)
-                    del writers[shard]
-                    display.shard_done()
-    finally:
-        for writer in writers.values():
-            writer.abort()
-    return written
+class ShardOutputs:
+    """The driver's side of a run: writes each shard's output once all its images arrived, and is the
+    one writer of the manifest (its own lines, and the `prepare` lines read tasks hand over)."""
+
+    def __init__(self, layout: RunLayout, output: str, fingerprint: str, ledger, damage: dict[str, dict]):
+        self.layout, self.output, self.fingerprint, self.ledger = layout, output, fingerprint, ledger
+        self.damage = dict(damage)  # shard -> {damage, samples_read}, from its input's line or its read task
+        self.written: dict[str, dict] = {}
+        self.damaged: dict[str, dict] = {}
+
+    @property
+    def committed(self) -> set[str]:
+        return set(self.written) | set(self.damaged)
+
+    def record_prepared(self) -> None:
+        """Write the manifest lines of `prepare` outputs made by read tasks since the last call."""
+        for line in ray.get(self.ledger.drain.remote()):
+            self.layout.record_finished(line)
+            if line.get("state") == DAMAGED:
+                self.damage[line["shard"]] = _damage_of(line)
+
+    def commit(self, writer: ShardWriter, shard: str) -> None:
+        """Rename the shard's output into place, then append its manifest line."""
+        self.record_prepared()
+        stats = writer.commit()
+        line = {"output": self.output, "shard": shard, "config": self.fingerprint, "sha256": stats.sha256,
+                **stats.summary()}
+        damage = self.damage.get(shard)
+        if damage:
+            line.update(state=DAMAGED, **damage)
+            self.damaged[shard] = {**stats.summary(), **damage}
+        else:
+            self.written[shard] = stats.summary()
+        self.layout.record_finished(line)
+        shutil.rmtree(self.layout.cache_dir(shard), ignore_errors=True)  # its model results are in the output now
+
+    def write(self, ds, display: ProgressDisplay) -> None:
+        writers: dict[str, ShardWriter] = {}
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                assert isinstance(batch, pa.Table)
+                self.record_prepared()
+                for row in batch.to_pylist():
+                    shard = row[ROW_SHARD]
+                    if shard in self.committed:
+                        log.warning("dropping a repeated row of finished shard %s (image %s)", shard, row["image_key"])
+                        continue
+                    record = row_to_record(row)
+                    if self.output == FINAL:
+                        finalize_record(record)
+                    writer = writers.get(shard)
+                    if writer is None:
+                        writer = writers[shard] = ShardWriter(self.layout.output_path(self.output, shard), row[ROW_TOTAL])
+                    if not writer.add(record):  # the same image again: a read task that Ray ran twice
+                        log.info("dropping a repeated row for image %s of shard %s", record.image_key, shard)
+                    if writer.complete:
+                        self.commit(writers.pop(shard), shard)
+                        display.shard_done()
+            self.record_prepared()
+        finally:
+            for writer in writers.values():
+                writer.abort()

@@ -1,0 +1,100 @@
+"""The manifest's rules, without Ray: the newest line for a shard wins, a file whose checksum no longer
+matches its line is redone, a `damaged` line never counts as finished, and `plan_work` follows them."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from annotate.config import load_config
+from annotate.data.records import ImageRecord, RegionRecord
+from annotate.data.writer import ShardWriter
+from annotate.executor.layout import DAMAGED, FINAL, RunLayout
+from annotate.executor.reader import reset_for_retry
+from annotate.executor.runner import plan_work
+from fixtures_pipeline import SAMPLE_SHARDS, TINY
+
+
+def _write(layout: RunLayout, output: str, shard: str, config: str, caption: str, **line) -> dict:
+    """A one-image output file for `shard`, renamed into place, and its manifest line."""
+    writer = ShardWriter(layout.output_path(output, shard))
+    writer.add(ImageRecord(image_key="k", shard=shard, width=4, height=4, caption=caption))
+    stats = writer.commit()
+    entry = {"output": output, "shard": shard, "config": config, "sha256": stats.sha256, **stats.summary(), **line}
+    layout.record_finished(entry)
+    return entry
+
+
+def test_newest_line_wins_across_configs(tmp_path):
+    layout = RunLayout(tmp_path)
+    _write(layout, FINAL, "00000", "X", "made under X")
+    assert set(layout.finished(FINAL, "X")) == {"00000"}
+    _write(layout, FINAL, "00000", "Y", "made under Y")  # the file now holds Y's output
+    _write(layout, FINAL, "00001", "X", "made under X")
+    # X again: the old X line of 00000 must not make Y's file count as X's output
+    assert set(layout.finished(FINAL, "X")) == {"00001"}
+    assert set(layout.finished(FINAL, "Y")) == {"00000"}
+
+
+def test_a_file_changed_since_its_line_is_redone(tmp_path):
+    layout = RunLayout(tmp_path)
+    _write(layout, FINAL, "00000", "X", "a")
+    _write(layout, FINAL, "00001", "X", "b")
+    path = layout.output_path(FINAL, "00001")
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte flipped
+    path.write_bytes(bytes(data))
+    assert set(layout.finished(FINAL, "X")) == {"00000"}
+    layout.output_path(FINAL, "00000").write_bytes(b"")  # truncated to nothing
+    assert layout.finished(FINAL, "X") == {}
+
+
+def test_a_damaged_line_is_never_finished(tmp_path):
+    layout = RunLayout(tmp_path)
+    _write(layout, FINAL, "00000", "X", "whole")
+    _write(layout, FINAL, "00000", "X", "part", state=DAMAGED, damage="truncated tar", samples_read=1)
+    assert layout.finished(FINAL, "X") == {}
+    assert layout.damaged(FINAL, "X")["00000"]["damage"] == "truncated tar"
+
+
+def _shards(tmp_path: Path) -> Path:
+    src = tmp_path / "in"
+    shutil.copytree(SAMPLE_SHARDS, src)
+    return src
+
+
+def test_plan_redoes_damaged_and_mismatched_shards_and_carries_damage_downstream(tmp_path):
+    cfg = load_config(TINY)
+    fp = cfg.fingerprint()
+    layout = RunLayout(tmp_path / "out")
+    src = _shards(tmp_path)
+    _write(layout, FINAL, "00000", fp, "done")
+    _write(layout, "prepare", "00001", fp, "part", state=DAMAGED, damage="truncated tar", samples_read=1)
+    items, skipped = plan_work(cfg, layout, src, [0, 1], "all", retry_failed=False)
+    assert skipped == ["00000"]
+    assert [(i["shard"], i["needs_prepare"]) for i in items] == [("00001", True)]  # damaged prepare: read again
+
+    # a later stage uses a damaged input (what could be read) and carries its damage on
+    _write(layout, "object", "00001", fp, "part", state=DAMAGED, damage="truncated tar", samples_read=1)
+    items, _ = plan_work(cfg, layout, src, [1], "validate", retry_failed=False)
+    assert items[0]["damage"] == {"damage": "truncated tar", "samples_read": 1}
+    assert not items[0]["needs_prepare"]
+
+
+def _region(error: str | None, status: str, **fields) -> RegionRecord:
+    return RegionRecord(region_id="s:k:0", region_index=0, phrase="a dog", bbox=[0, 0, 2, 2], status=status,
+                        error=error, **fields)
+
+
+def test_retry_failed_resets_pipeline_errors_from_where_the_region_stopped():
+    stopped = _region("pipeline: the region was not completed by any stage (internal error)", "failed",
+                      object_caption="a dog", context_caption="kept?")
+    model = _region("merge: timeout", "failed", object_caption="a dog", fine_caption="partial")
+    data_plane = _region("mask: mask is empty", "failed")
+    record = ImageRecord(image_key="k", shard="s", width=4, height=4, caption="", regions=[stopped, model, data_plane])
+    assert reset_for_retry(record) == 2
+    assert stopped.status == "pending" and stopped.error is None
+    assert stopped.object_caption == "a dog"  # the stage that finished is kept
+    assert stopped.validation is None and stopped.context_caption is None  # from the first missing field on
+    assert model.status == "pending" and model.object_caption == "a dog" and model.fine_caption is None
+    assert data_plane.status == "failed"
