@@ -129,6 +129,15 @@ def test_replay_is_identical_and_errors_are_not_kept(tmp_path):
     assert tally.model_calls == 1
 
 
+def test_result_json_cannot_hold_is_returned_not_kept(tmp_path):
+    async def odd_model(req):
+        return ChatResult(request_id=req.request_id, text="x", parsed={1, 2})
+
+    results, tally = ask(ResultCache(tmp_path, "object", "m"), "00000", odd_model, [request()])
+    assert results[0].parsed == {1, 2} and tally.model_calls == 1
+    assert count_stored(tmp_path / "00000") == 0
+
+
 def test_other_model_or_stage_does_not_replay(tmp_path):
     req = request()
     ask(ResultCache(tmp_path, "object", "m"), "00000", FakeModel(), [req])

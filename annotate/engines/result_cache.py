@@ -245,7 +245,12 @@ class ResultCache:
             tally.model_calls += 1
             result = await chat(request)
             if key is not None and result.ok:
-                store.put(key, _dump_result(result))
+                try:
+                    value = _dump_result(result)
+                except (TypeError, ValueError) as exc:  # a parsed value JSON cannot hold: not kept
+                    log.warning("result cache: result of %s not kept: %s", request.request_id, exc)
+                else:
+                    store.put(key, value)
             return result
 
         return cached_chat
