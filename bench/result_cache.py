@@ -137,6 +137,8 @@ def main() -> None:
         "clean_calls": clean_calls, "clean_by_stage": clean,
         "stored_at_kill": stored_at_kill, "killed_at_share": round(stored_at_kill / clean_calls, 3),
         "rerun_calls": rerun_calls, "rerun_replayed": sum(r for _, r in rerun.values()), "rerun_by_stage": rerun,
+        # Calls the rerun made beyond those the killed run had not finished: what the cache failed to save.
+        "redone_after_kill": rerun_calls - (clean_calls - stored_at_kill),
         "ratio": round(rerun_calls / clean_calls, 3), "target": TARGET,
         "records_equal_clean_run": records(work / "clean") == records(work / "crash"),
         "seconds": round(time.perf_counter() - started), "work": str(work),
