@@ -273,6 +273,9 @@ class RunConfig(_Section):
                     "after another, so less memory and less work lost if a run dies; enough must be in "
                     "flight to keep the models busy",
     )
+    result_cache: bool = Field(
+        True, description="keep each finished model result under OUT/cache/SHARD until the shard is committed, "
+                          "so a rerun after a crash replays them (engines/result_cache.py)")
 
 
 # ---------------------------------------------------------------------------------------- train

@@ -6,6 +6,7 @@ metrics page and in Prometheus under `ray_longgrit_*`.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -23,8 +24,11 @@ class ProgressTracker:
         self.started = time.time()
 
     def report(self, stage: str, counts: dict) -> None:
-        agg = self.stages.setdefault(stage, {"regions": 0, "done": 0, "rejected": 0, "failed": 0, "tokens": 0})
+        agg = self.stages.setdefault(stage, {"regions": 0, "done": 0, "rejected": 0, "failed": 0, "tokens": 0,
+                                             "model_calls": 0, "replayed": 0})
         agg["regions"] += counts["regions_in"]
+        agg["model_calls"] += counts.get("model_calls", 0)
+        agg["replayed"] += counts.get("replayed", 0)
         agg["done"] += counts["done"]
         agg["rejected"] += counts["rejected"]
         agg["failed"] += counts["failed"]
@@ -32,6 +36,19 @@ class ProgressTracker:
 
     def snapshot(self) -> dict:
         return {"elapsed": time.time() - self.started, "stages": self.stages}
+
+
+_CALLS_LINE = re.compile(r"^(\w+): (\d+) model calls, (\d+) replayed from the result cache$", re.M)
+
+
+def calls_line(stage: str, agg: dict) -> str:
+    """One stage's model calls and replays, as the run prints them when it ends (`parse_calls` reads it)."""
+    return f"{stage}: {int(agg.get('model_calls', 0))} model calls, {int(agg.get('replayed', 0))} replayed from the result cache"
+
+
+def parse_calls(text: str) -> dict[str, tuple[int, int]]:
+    """stage -> (model calls, replayed) from a run's console output (benchmarks, tests)."""
+    return {m[1]: (int(m[2]), int(m[3])) for m in _CALLS_LINE.finditer(text)}
 
 
 class StageMetrics:
@@ -48,6 +65,9 @@ class StageMetrics:
         self.cached = metrics.Counter(
             "longgrit_cached_prompt_tokens", description="prompt tokens served from vLLM's prefix cache", tag_keys=("stage",)
         )
+        self.calls = metrics.Counter(
+            "longgrit_model_calls", description="requests by source: the model, or replayed from the result cache",
+            tag_keys=("stage", "source"))
         self.latency = metrics.Histogram(
             "longgrit_request_latency_s",
             description="model request latency",
@@ -60,6 +80,9 @@ class StageMetrics:
         for outcome, value in (("ok", ok), ("rejected", counts.rejected), ("failed", counts.failed)):
             if value:
                 self.regions.inc(value, tags={**self.tags, "outcome": outcome})
+        for source, value in (("model", counts.model_calls), ("replayed", counts.replayed)):
+            if value:
+                self.calls.inc(value, tags={**self.tags, "source": source})
         if counts.prompt_tokens + counts.completion_tokens:
             self.tokens.inc(counts.prompt_tokens + counts.completion_tokens, tags=self.tags)
         if counts.cached_prompt_tokens:
@@ -96,17 +119,21 @@ class ProgressDisplay:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
-        self.refresh()
+        snap = self.refresh()
         self.progress.stop()
+        for stage in self.stage_tasks:  # what the run asked its models, and what it replayed instead
+            if snap and stage in snap["stages"]:
+                self.console.print(calls_line(stage, snap["stages"][stage]), markup=False, highlight=False,
+                                   crop=False, soft_wrap=True)
 
     def shard_done(self) -> None:
         self.progress.advance(self.shard_task)
 
-    def refresh(self) -> None:
+    def refresh(self) -> dict | None:
         try:
             snap = ray.get(self.tracker.snapshot.remote(), timeout=5)
         except Exception:
-            return
+            return None
         elapsed = max(snap["elapsed"], 1e-6)
         for stage, task in self.stage_tasks.items():
             agg = snap["stages"].get(stage)
@@ -117,8 +144,10 @@ class ProgressDisplay:
                 task,
                 completed=finished,
                 total=max(agg["regions"], finished),
-                detail=f"{finished / elapsed:5.1f} reg/s  rejected {int(agg['rejected'])}  failed {int(agg['failed'])}",
+                detail=f"{finished / elapsed:5.1f} reg/s  rejected {int(agg['rejected'])}  failed {int(agg['failed'])}"
+                       + (f"  replayed {int(agg['replayed'])}" if agg.get("replayed") else ""),
             )
+        return snap
 
     def _poll(self) -> None:
         while not self._stop.wait(1.0):

@@ -5,16 +5,19 @@ Both take and return `pyarrow.Table` batches of the flat rows defined in `shard_
 
 from __future__ import annotations
 
+import asyncio
+
 import pyarrow as pa
 
-from annotate.config import DataConfig, SegmentConfig, StageConfig
+from annotate.config import DataConfig, ModelConfig, SegmentConfig, StageConfig
 from annotate.data.images import ImageError, decode_image
+from annotate.engines.result_cache import CallTally, ResultCache, counting, model_fingerprint
 from annotate.executor.progress import StageMetrics
 from annotate.executor.shard_io import record_to_row, row_to_record
 from annotate.serving.apps import ModelApp
 from annotate.serving.client import ModelClient
 from annotate.stages import PromptTemplate, stage_class
-from annotate.stages.batch import run_stage_async
+from annotate.stages.batch import StageCounts, run_stage_async
 from annotate.stages.segment import segment_records
 
 
@@ -27,7 +30,7 @@ class StageWorker:
     """
 
     def __init__(self, stage_name: str, stage: StageConfig, app: ModelApp, reasoning: bool, max_in_flight: int,
-                 data: DataConfig, tracker, cache_root: str | None = None):
+                 data: DataConfig, tracker, cache_root: str | None = None, model: ModelConfig | None = None):
         cls = stage_class(stage_name, stage.stage_class)
         self.stage = cls(PromptTemplate.load(stage.prompt), stage.sampling, app.model_id)
         self.config = stage
@@ -36,7 +39,12 @@ class StageWorker:
         self.tracker = tracker
         self.metrics = StageMetrics(stage_name)
         self.needs_pixels = bool(self.stage.prompt.images)
-        self.cache_root = cache_root  # OUT/cache: where finished model results are kept (RunLayout.cache_dir)
+        # OUT/cache (RunLayout.cache_root): finished model results, so a rerun replays them. None: off.
+        # The model's own settings key the results when given; else its deployment's name, which
+        # covers every setting but changes with the replica count too.
+        settings = model.model_dump(mode="json") if model is not None else {"app": app.app_name}
+        fingerprint = model_fingerprint(app.model_id, {**settings, "reasoning": reasoning})
+        self.cache = ResultCache(cache_root, stage_name, fingerprint) if cache_root else None
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -44,12 +52,33 @@ class StageWorker:
         for row in rows:
             record = row_to_record(row)
             items.append((record, decode_or_none(record, self.data) if self.needs_pixels else None))
-        counts = await run_stage_async(
-            self.stage, items, self.client.chat, self.data.crops, self.config.max_attempts, self.config.retry_temperature
-        )
+        counts = await self.run(items)
         self.metrics.record(counts)
-        self.tracker.report.remote(self.stage.name, counts.__dict__ | {"latencies": []})
+        # Awaited, so the driver's last look at the tracker sees this batch once it holds the batch.
+        await self.tracker.report.remote(self.stage.name, counts.__dict__ | {"latencies": []})
         return pa.Table.from_pylist([record_to_row(record, row["shard_total"]) for (record, _), row in zip(items, rows)])
+
+    async def run(self, items) -> StageCounts:
+        """The stage over a batch, each shard's regions through that shard's stored results (a batch
+        may hold images of several shards)."""
+        tally = CallTally()
+        by_shard: dict[str, list] = {}
+        for item in items:
+            by_shard.setdefault(item[0].shard, []).append(item)
+        parts = await asyncio.gather(*(
+            run_stage_async(self.stage, shard_items, self._chat(shard, tally), self.data.crops,
+                            self.config.max_attempts, self.config.retry_temperature)
+            for shard, shard_items in by_shard.items()))
+        counts = StageCounts()
+        for part in parts:
+            counts.add(part)
+        counts.model_calls, counts.replayed = tally.model_calls, tally.replayed
+        return counts
+
+    def _chat(self, shard: str, tally: CallTally):
+        if self.cache is None:
+            return counting(self.client.chat, tally)
+        return self.cache.wrap(shard, self.client.chat, tally)
 
 
 class SegmentWorker:

@@ -37,6 +37,8 @@ class StageCounts:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0  # prefix-cache hits (bench/prefix_cache.py)
+    model_calls: int = 0  # requests sent to the model (set by the executor's stage worker)
+    replayed: int = 0  # requests answered from the result cache instead (engines/result_cache.py)
     latencies: list[float] = field(default_factory=list)
 
     def add(self, other: "StageCounts") -> None:
