@@ -58,9 +58,6 @@ class RunLayout:
         """OUT/cache: finished model results of shards in flight, one folder per shard."""
         return self.root / "cache"
 
-    def cache_dir(self, shard: str) -> Path:
-        return self.cache_root / shard
-
     @property
     def manifest_path(self) -> Path:
         return self.root / "manifest.jsonl"

@@ -108,6 +108,7 @@ class ProgressDisplay:
         )
         self.shard_task = self.progress.add_task("shards", total=shards_total, detail="")
         self.stage_tasks = {s: self.progress.add_task(s, total=None, detail="") for s in stages}
+        self.model_calls: dict[str, dict[str, int]] = {}  # stage -> model calls and replays, once the run ends
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -121,6 +122,8 @@ class ProgressDisplay:
         self._thread.join(timeout=5)
         snap = self.refresh()
         self.progress.stop()
+        self.model_calls = {stage: {"model_calls": int(agg.get("model_calls", 0)), "replayed": int(agg.get("replayed", 0))}
+                            for stage, agg in (snap or {}).get("stages", {}).items()}
         for stage in self.stage_tasks:  # what the run asked its models, and what it replayed instead
             if snap and stage in snap["stages"]:
                 self.console.print(calls_line(stage, snap["stages"][stage]), markup=False, highlight=False,

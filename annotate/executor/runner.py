@@ -14,7 +14,6 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from rich.console import Console
 from annotate.config import PipelineConfig, RunConfig
 from annotate.data.shards import find_shards
 from annotate.data.writer import ShardWriter, write_dataset_card
+from annotate.engines.result_cache import remove_shard
 from annotate.executor.layout import DAMAGED, FINAL, FINISHED, RETRYABLE_PREFIXES, STAGE_IO, OutputLock, RunLayout
 from annotate.executor.progress import ProgressDisplay, ProgressTracker
 from annotate.executor.shard_io import ROW_SHARD, ROW_TOTAL, count_rows, row_to_record
@@ -52,6 +52,7 @@ class RunSummary:
     models_deployed: list[str] = field(default_factory=list)  # models this run had to load (others were running)
     processing_s: float | None = None  # from all deployments ready to the end (bench/pipeline_overhead.py)
     token_budgets: list[dict] = field(default_factory=list)  # each stage's worst case, counted at load time
+    model_calls: dict[str, dict] = field(default_factory=dict)  # stage -> calls sent to its model, and replayed
 
 
 def ensure_ray(run: RunConfig, address: str | None = None) -> str | None:
@@ -148,7 +149,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
             console.print(f"removed {removed} half-written file(s) left by an interrupted run")
         items, summary.shards_skipped = plan_work(cfg, layout, Path(input_dir), shard_ids, stage, retry_failed)
         for shard in summary.shards_skipped:  # model results kept for a shard are in its output now
-            shutil.rmtree(layout.cache_dir(shard), ignore_errors=True)
+            remove_shard(layout.cache_root, shard)
         if summary.shards_skipped:
             console.print(f"{len(summary.shards_skipped)} shard(s) already finished: {', '.join(summary.shards_skipped)}")
         if not items:
@@ -195,12 +196,14 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
                 num_cpus=cfg.run.stage_worker_cpus, max_concurrency=cfg.run.batches_in_flight,
                 fn_constructor_kwargs={"stage_name": name, "stage": stage_cfg, "app": apps[stage_cfg.model],
                                        "reasoning": model.reasoning, "max_in_flight": share, "data": cfg.data,
-                                       "tracker": tracker, "cache_root": str(layout.cache_root)},
+                                       "tracker": tracker, "model": model,
+                                       "cache_root": str(layout.cache_root) if cfg.run.result_cache else None},
             )
         outputs = ShardOutputs(layout, output_name, cfg.fingerprint(), ledger,
                                {i["shard"]: i["damage"] for i in items if i["damage"]})
         with ProgressDisplay(tracker, chain, len(items), console) as display:
             outputs.write(ds, display)
+        summary.model_calls = display.model_calls
         for item in items:  # shards with no image at all produce no row, but still get an (empty) output
             input_path = layout.output_path(item["input"], item["shard"])
             if item["shard"] not in outputs.committed and input_path.is_file() and count_rows(input_path) == 0:
@@ -237,7 +240,7 @@ def _write_run_record(layout: RunLayout, summary: RunSummary, cfg: PipelineConfi
     runs.mkdir(parents=True, exist_ok=True)
     record = {"stage": summary.stage, "config": cfg.fingerprint(), "pipeline": cfg.name,
               "shards_written": summary.shards_written, "shards_skipped": summary.shards_skipped,
-              "shards_damaged": summary.shards_damaged,
+              "shards_damaged": summary.shards_damaged, "model_calls": summary.model_calls,
               "replicas": summary.replicas, "models_deployed": summary.models_deployed,
               "token_budgets": summary.token_budgets}
     stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -287,7 +290,7 @@ class ShardOutputs:
         else:
             self.written[shard] = stats.summary()
         self.layout.record_finished(line)
-        shutil.rmtree(self.layout.cache_dir(shard), ignore_errors=True)  # its model results are in the output now
+        remove_shard(self.layout.cache_root, shard)  # after its manifest line: its model results are in the output now
 
     def write(self, ds, display: ProgressDisplay) -> None:
         writers: dict[str, ShardWriter] = {}
