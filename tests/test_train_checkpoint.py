@@ -71,6 +71,8 @@ def _weights_only_torch_load(monkeypatch):
 
 
 def test_resume_round_trip_under_weights_only(tiny_train_cfg, tmp_path, monkeypatch):
+    """Everything `load` needs comes back through the safe unpickler: a field that needs a class (numpy,
+    a dataclass, a closure) would fail here, not on the day someone resumes a downloaded run."""
     _weights_only_torch_load(monkeypatch)
     cfg = tiny_train_cfg.model_copy(update={"batch_size": 6, "max_steps": 4, "checkpoint_every": 2})
     ds = SyntheticDataset(cfg, n_images=10, seed=1)
