@@ -287,7 +287,95 @@ def test_cluster_files_use_the_pinned_images_and_ray():
     assert launcher["docker"]["worker_image"].endswith(f"/longgrit-gpu:{tag}")
     assert launcher["head_node_type"] in launcher["available_node_types"]
     assert "--gpus all" in launcher["docker"]["worker_run_options"]
-    # The dashboard is reachable through a port-forward (README); metrics are scraped on the export port.
-    head_start = " ".join(launcher["head_start_ray_commands"])
-    assert "--dashboard-host=0.0.0.0" in head_start and "--metrics-export-port=8080" in head_start
-    assert spec["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    # Metrics are scraped on the export port; where the dashboard may listen is test_dashboard_*'s business.
+    assert "--metrics-export-port=8080" in " ".join(launcher["head_start_ray_commands"])
+
+
+# ----------------------------------------------------------------------------------- cluster auth
+# Ray's token auth (RAY_AUTH_MODE=token on every node, the token from RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)
+# refuses nodes, drivers, Ray client and dashboard/Jobs API requests without the token. Without it, anyone
+# who reaches the dashboard can submit a job, i.e. run code on every GPU node. The token must come from a
+# secret store, never from these files, which live in git.
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+TOKEN_KEY = "auth_token"  # KubeRay's key in the token Secret
+
+
+def _rayjob() -> dict:
+    return yaml.safe_load((DOCKER / "rayjob.yaml").read_text())
+
+
+def _ray_containers(cluster: dict) -> list[tuple[str, dict]]:
+    """(group, container) for the head and every worker group: each runs `ray start` and must hold the token."""
+    groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
+    return [(name, c) for name, g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def test_rayjob_turns_token_auth_on_from_a_secret():
+    cluster = _rayjob()["spec"]["rayClusterSpec"]
+    auth = cluster.get("authOptions") or {}
+    # authOptions: the operator hands the token to the job submitter and uses it for its own dashboard calls.
+    assert auth.get("mode") == "token", "rayClusterSpec.authOptions.mode: token"
+    secret = auth.get("secretName")
+    assert secret, "authOptions.secretName: a Secret the user creates, so the token is known before the run"
+    for group, container in _ray_containers(cluster):
+        env = _env(container)
+        assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{group}: RAY_AUTH_MODE=token"
+        token = env.get("RAY_AUTH_TOKEN", {})
+        assert "value" not in token, f"{group}: the token is never written in the file"
+        assert token.get("valueFrom", {}).get("secretKeyRef") == {"name": secret, "key": TOKEN_KEY}, (
+            f"{group}: RAY_AUTH_TOKEN from the authOptions Secret's {TOKEN_KEY!r} key")
+
+
+def test_launcher_turns_token_auth_on_from_a_secret_store():
+    launcher = yaml.safe_load((DOCKER / "ray-cluster.yaml").read_text())
+    # run_options apply to the head and the workers alike, and `ray start` runs inside that container.
+    argv = shlex.split(" ".join(launcher["docker"]["run_options"]))
+    env = dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a in ("-e", "--env"))
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in (argv[i + 1] for i, a in enumerate(argv) if a in ("-v", "--volume"))}
+    assert env.get("RAY_AUTH_MODE") == "token"
+    assert "RAY_AUTH_TOKEN" not in env, "no literal token: RAY_AUTH_TOKEN_PATH to a file filled from the secret store"
+    host_file = mounts.get(env.get("RAY_AUTH_TOKEN_PATH"))
+    assert host_file, "the token file is mounted into the container at RAY_AUTH_TOKEN_PATH"
+    init = launcher["initialization_commands"]
+    fill = [i for i, c in enumerate(init) if host_file in c and "secretsmanager get-secret-value" in c]
+    check = [i for i, c in enumerate(init) if f"test -s {host_file}" in c]
+    assert fill and check and fill[0] < check[0], "each host fetches the token, and stops if it got none"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert "RAY_AUTH_MODE=disabled" not in " ".join(launcher[key])
+
+
+@pytest.mark.parametrize("name", ["rayjob.yaml", "ray-cluster.yaml"])
+def test_cluster_files_hold_no_token(name):
+    text = (DOCKER / name).read_text()
+    for doc in yaml.safe_load_all(text):
+        assert doc.get("kind") != "Secret", "the token Secret is created by hand (README), never committed"
+    # Neither as an env value nor inline in a command line (`RAY_AUTH_TOKEN=...`, `--from-literal`).
+    code = "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+    assert not re.search(r"RAY_AUTH_TOKEN\s*=", code) and "--from-literal" not in code
+    for match in re.finditer(r"name:\s*RAY_AUTH_TOKEN\s*\n(\s*)value:", text):
+        pytest.fail(f"literal RAY_AUTH_TOKEN value in {name}: {match.group(0)!r}")
+
+
+def test_dashboard_is_never_exposed_without_auth():
+    # Launcher: the head's dashboard listens on loopback only; `ray dashboard` tunnels to it over SSH.
+    launcher = yaml.safe_load((DOCKER / "ray-cluster.yaml").read_text())
+    head_start = shlex.split(" ".join(launcher["head_start_ray_commands"]).replace(";", " "))
+    hosts = [a.split("=", 1)[1] for a in head_start if a.startswith("--dashboard-host=")]
+    assert hosts and set(hosts) <= LOOPBACK, f"ray-cluster.yaml: dashboard on {hosts}, not on loopback"
+    # KubeRay: the operator and the submitter Job reach the dashboard through the head Service, so it may
+    # listen on the pod address, but only with token auth on, and never through a public Service or Ingress.
+    job = _rayjob()
+    cluster = job["spec"]["rayClusterSpec"]
+    head = cluster["headGroupSpec"]
+    if head["rayStartParams"].get("dashboard-host", "localhost") not in LOOPBACK:
+        assert (cluster.get("authOptions") or {}).get("mode") == "token", "dashboard off loopback without auth"
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP", "no LoadBalancer/NodePort head Service"
+    assert not head.get("enableIngress", False), "no Ingress to the dashboard"
+    assert not head.get("headService"), "no hand-made head Service"
+    for f in DOCKER.glob("*.yaml"):
+        for doc in yaml.safe_load_all(f.read_text()):
+            assert doc.get("kind") not in ("Service", "Ingress", "Route"), f"{f.name}: exposes the cluster"

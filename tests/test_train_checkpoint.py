@@ -55,3 +55,71 @@ def test_train_entry_resume_flag(tiny_train_cfg, tmp_path):
     assert run["synthetic"] and run["text_dim"] == 64 and run["config"]["max_steps"] == 4
     out = train(cfg, tmp_path, synthetic=True, max_steps=4, resume=True, log=logs.append)
     assert out["step"] == 4 and any("resumed from" in line and "step 2" in line for line in logs)
+
+
+# ------------------------------------------------------------------ what a checkpoint may hold
+def _weights_only_torch_load(monkeypatch):
+    """Make every torch.load in the trainer refuse weights_only=False, as a checkpoint from an untrusted
+    place must be read: pickle would run any code the file names."""
+    real = torch.load
+
+    def guarded(*args, weights_only=None, **kwargs):
+        assert weights_only is True, "checkpoints are read with weights_only=True"
+        return real(*args, weights_only=True, **kwargs)
+
+    monkeypatch.setattr(torch, "load", guarded)
+
+
+def test_resume_round_trip_under_weights_only(tiny_train_cfg, tmp_path, monkeypatch):
+    """Everything `load` needs comes back through the safe unpickler: a field that needs a class (numpy,
+    a dataclass, a closure) would fail here, not on the day someone resumes a downloaded run."""
+    _weights_only_torch_load(monkeypatch)
+    cfg = tiny_train_cfg.model_copy(update={"batch_size": 6, "max_steps": 4, "checkpoint_every": 2})
+    ds = SyntheticDataset(cfg, n_images=10, seed=1)
+    first = _trainer(cfg, ds, tmp_path)
+    first.fit(3, log=lambda _: None)
+    ckpt = latest_checkpoint(tmp_path)
+    for f in ckpt.iterdir():
+        if f.suffix == ".pt":
+            torch.load(f, map_location="cpu", weights_only=True)  # no pickled class, no numpy, no callable
+    resumed = _trainer(cfg, ds, tmp_path)
+    resumed.load(ckpt)
+    assert (resumed.step, resumed.epoch, resumed.step_in_epoch) == (first.step, first.epoch, first.step_in_epoch)
+    assert resumed.scheduler.state_dict() == first.scheduler.state_dict()
+    sa, sb = first.optimizer.state_dict(), resumed.optimizer.state_dict()
+    assert sa["param_groups"] == sb["param_groups"]
+    for k in sa["state"]:
+        for field, value in sa["state"][k].items():
+            assert torch.equal(value, sb["state"][k][field]), (k, field)
+
+
+# ------------------------------------------------------------------ the `latest` pointer
+def test_latest_pointer_survives_a_crash_mid_write(tiny_train_cfg, tmp_path, monkeypatch):
+    """A crash while `latest` is being rewritten (after the bytes, before they are in place) leaves the
+    previous pointer whole and pointing at a complete checkpoint: resume never meets a torn pointer."""
+    import annotate.train.trainer as trainer_mod
+
+    cfg = tiny_train_cfg.model_copy(update={"batch_size": 6, "max_steps": 4, "checkpoint_every": 2})
+    ds = SyntheticDataset(cfg, n_images=10, seed=1)
+    t = _trainer(cfg, ds, tmp_path)
+    t.fit(2, log=lambda _: None)
+    assert latest_checkpoint(tmp_path).name == "step_0000002"
+
+    class Crash(Exception):
+        pass
+
+    def crash(*_args, **_kwargs):
+        raise Crash
+
+    # In place (today's write_text), the file is truncated before its new bytes land; atomically, the
+    # new bytes go to a temporary file that replaces the pointer in one step. Crash at either moment.
+    monkeypatch.setattr(trainer_mod.os, "replace", crash)
+    monkeypatch.setattr(trainer_mod.Path, "write_text", lambda self, *a, **k: (self.open("w").close(), crash()))
+    with pytest.raises(Crash):
+        t.fit(4, log=lambda _: None)
+    monkeypatch.undo()
+    pointer = tmp_path / "checkpoints" / "latest"
+    assert pointer.read_text().strip() == "step_0000002", "the old pointer is intact"
+    assert latest_checkpoint(tmp_path).name == "step_0000002"
+    assert not [p for p in pointer.parent.iterdir() if p.name.startswith("latest") and p != pointer], "no temp left"
+

@@ -1,9 +1,11 @@
 """PixCLIP training loop: three branches on one batch, AdamW with per-part learning rates, resumable.
 
 Checkpoints (RUN/checkpoints/step_XXXXXXX/) hold model.safetensors (weights) and train_state.pt
-(optimizer, scheduler, step, epoch position); RUN/run.json records the config and text dimension so
-`evaluate` can rebuild the model. Data randomness depends only on (seed, epoch, index) and the
-sampler can start mid-epoch, so `--resume` continues exactly where the run stopped.
+(optimizer, scheduler, step, epoch position: tensors and plain values only, read back with
+weights_only=True); RUN/checkpoints/latest names the newest complete one and is swapped in atomically.
+RUN/run.json records the config and text dimension so `evaluate` can rebuild the model. Data
+randomness depends only on (seed, epoch, index) and the sampler can start mid-epoch, so `--resume`
+continues exactly where the run stopped.
 
 Distributed: under torchrun (WORLD_SIZE > 1) or Ray Train (`distributed.py`, which sets up the process
 group itself) the model is wrapped in DDP, the sampler is sharded by rank, and the loss gathers
@@ -216,6 +218,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path | None:
+        """Write step_XXXXXXX/ whole and durable, then move `latest` to it in one step.
+
+        train_state.pt holds only tensors and plain Python values (the optimizer's and scheduler's own
+        state dicts, ints), so `load` reads it with weights_only=True: a checkpoint copied from elsewhere
+        cannot run code when resumed."""
         if self.rank != 0:
             return None
         path = self.output / "checkpoints" / f"step_{self.step:07d}"
@@ -224,25 +231,55 @@ class Trainer:
         state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "step": self.step,
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
+            "step": int(self.step),
+            "epoch": int(self.epoch),
+            "step_in_epoch": int(self.step_in_epoch),
         }
         torch.save(state, path / "train_state.pt")
-        (self.output / "checkpoints" / "latest").write_text(path.name)
+        for name in ("model.safetensors", "train_state.pt"):
+            _fsync_file(path / name)
+        _point_latest(path)
         return path
 
     def load(self, path: str | Path) -> None:
         path = Path(path)
         self.model.load_state_dict(load_file(path / "model.safetensors", device=str(self.device)))
-        state = torch.load(path / "train_state.pt", map_location=self.device, weights_only=False)
+        state = torch.load(path / "train_state.pt", map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
 
 
+LATEST = "latest"  # RUN/checkpoints/latest: the name of the newest complete checkpoint folder
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _point_latest(checkpoint: Path) -> None:
+    """Make RUN/checkpoints/latest name `checkpoint`, atomically: the name goes to a temporary file,
+    is fsynced, and os.replace swaps it in. A crash at any moment leaves either the old pointer or the
+    new one, never an empty or torn file (a resume would otherwise find no checkpoint and start over);
+    the folder is fsynced so the swap itself survives a power loss."""
+    from annotate.data.writer import _fsync_dir
+
+    folder = checkpoint.parent
+    tmp = folder / f".{LATEST}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(checkpoint.name)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, folder / LATEST)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(folder)
+
+
 def latest_checkpoint(run: str | Path) -> Path | None:
-    pointer = Path(run) / "checkpoints" / "latest"
+    pointer = Path(run) / "checkpoints" / LATEST
     return pointer.parent / pointer.read_text().strip() if pointer.exists() else None
 
 
