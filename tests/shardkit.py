@@ -78,16 +78,20 @@ def entry(caption: str, phrase: str, box, score: float = 0.9) -> list:
     return [cs, ce, *box, score]
 
 
+class Link(str):
+    """A member payload that makes a symbolic link to this target."""
+
+
 def write_tar(path: Path, members: list[tuple[str, bytes | None]], mode: str = "w") -> Path:
-    """Members in order; a None payload makes a directory entry. Deterministic headers."""
+    """Members in order; a None payload makes a directory entry, a `Link` a symlink. Deterministic headers."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, mode) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.mtime = 0
-            if data is None:
-                info.type = tarfile.DIRTYPE
+            if data is None or isinstance(data, Link):
+                info.type, info.linkname = (tarfile.DIRTYPE, "") if data is None else (tarfile.SYMTYPE, str(data))
                 tar.addfile(info)
             else:
                 info.size = len(data)
