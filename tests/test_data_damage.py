@@ -8,8 +8,10 @@ corrupt headers, parquet files with a broken footer or row group, files that can
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import io
+import lzma
 import tarfile
 
 import pyarrow.parquet as pq
@@ -54,6 +56,8 @@ def test_whole_shards_are_not_damaged(tmp_path, box_cfg):
     gz.write_bytes(gzip.compress(tar.read_bytes(), mtime=0))
     records, stats = _prepare(gz, box_cfg)
     assert stats.damage is None and [r.image_key for r in records] == KEYS
+    empty = sk.write_tar(tmp_path / "e" / "00000.tar", [])  # a shard with no sample is whole too
+    assert _prepare(empty, box_cfg)[1].damage is None and _prepare(empty, box_cfg)[1].images == 0
     pq_path = sk.write_parquet_shard(tmp_path / "00001.parquet", [(sk.jpeg(), sk.meta(CAP, [ENTRY], k)) for k in KEYS])
     records, stats = _prepare(pq_path, box_cfg, "parquet")
     assert stats.damage is None and stats.images == len(KEYS)
@@ -107,34 +111,64 @@ def test_truncated_tar_reasons_name_the_place(tmp_path, box_cfg):
     assert "no image in the sample (the shard is cut off inside this sample" in records[3].error
 
 
-@pytest.mark.parametrize("frac", [0.1, 0.35, 0.6, 0.85, 0.97])
-def test_a_cut_compressed_tar_is_damaged(tmp_path, box_cfg, frac):
-    members = _tar_members()
-    raw = sk.write_tar(tmp_path / "full.tar", members).read_bytes()
-    data = gzip.compress(raw, mtime=0)
+COMPRESS = {"gz": lambda b: gzip.compress(b, mtime=0), "bz2": bz2.compress, "xz": lzma.compress}
+
+
+@pytest.mark.parametrize("comp", list(COMPRESS))
+def test_a_cut_compressed_tar_is_damaged(tmp_path, box_cfg, comp):
+    """Cut anywhere, down to the last byte: the tar's own end marker can come out of a stream that is
+    cut after it, so the compressed stream's end (and gzip's trailer) is checked too."""
+    data = COMPRESS[comp](sk.write_tar(tmp_path / "full.tar", _tar_members()).read_bytes())
     path = tmp_path / "00000.tar"
-    path.write_bytes(data[: int(len(data) * frac)])
+    path.write_bytes(data)
+    assert _prepare(path, box_cfg)[1].damage is None
+    for cut in sorted({int(len(data) * f) for f in (0.1, 0.35, 0.6, 0.85, 0.97)} | {len(data) - d for d in (1, 4, 8, 9, 20, 40)}):
+        path.write_bytes(data[:cut])
+        records, stats = _prepare(path, box_cfg)
+        assert stats.damage, (comp, cut, len(data))
+        assert [r.image_key for r in records] == KEYS[: len(records)] and stats.images == len(records)
+
+
+def test_data_after_a_gzip_stream_is_damage(tmp_path, box_cfg):
+    """`cat a.tar.gz b.tar.gz`: the second gzip member would never be read."""
+    a = gzip.compress(sk.write_tar(tmp_path / "a.tar", _tar_members(KEYS[:3])).read_bytes(), mtime=0)
+    b = gzip.compress(sk.write_tar(tmp_path / "b.tar", _tar_members(KEYS[3:])).read_bytes(), mtime=0)
+    path = tmp_path / "00000.tar"
+    path.write_bytes(a + b)
     records, stats = _prepare(path, box_cfg)
-    assert stats.damage and "tar" in stats.damage
-    assert [r.image_key for r in records] == KEYS[: len(records)] and stats.images == len(records)
+    assert [r.image_key for r in records] == KEYS[:3] and "after its end were not read" in stats.damage
 
 
 def test_corrupt_bytes_in_a_tar(tmp_path, box_cfg):
     data = bytearray(sk.write_tar(tmp_path / "full.tar", _tar_members()).read_bytes())
     ends, _ = _layout(bytes(data))
     path = tmp_path / "00000.tar"
-    header = ends[5][1]  # k1.txt's... the header after member 6: k2.jpg's header
+    header = ends[5][1]  # k2.jpg's header
     bad = bytearray(data)
     bad[header : header + 100] = b"\xff" * 100  # a header that fails its checksum
     path.write_bytes(bytes(bad))
     records, stats = _prepare(path, box_cfg)
-    assert stats.damage and "corrupt tar: invalid header after member 'k1.txt'" in stats.damage
-    assert [r.image_key for r in records] == ["k0", "k1"]
+    assert stats.damage.startswith("corrupt tar: 6 invalid header block(s) skipped, the first after member 'k1.txt'")
+    # the reader finds the next good header: only k2's image is lost, and k2 says so
+    assert [r.image_key for r in records] == KEYS
+    assert [r.error for r in records] == [None, None, "no image in the sample", None, None, None]
     gz = gzip.compress(bytes(data), mtime=0)
     mid = len(gz) // 2
     path.write_bytes(gz[:mid] + bytes(b ^ 0x5A for b in gz[mid : mid + 64]) + gz[mid + 64 :])
     records, stats = _prepare(path, box_cfg)
     assert stats.damage and stats.images == len(records) < len(KEYS)
+
+
+def test_concatenated_tars_are_read_whole(tmp_path, box_cfg):
+    """`cat a.tar b.tar`: the stdlib stops at the first end marker and drops b's samples silently."""
+    a = sk.write_tar(tmp_path / "a.tar", _tar_members(KEYS[:3])).read_bytes()
+    b = sk.write_tar(tmp_path / "b.tar", _tar_members(KEYS[3:])).read_bytes()
+    path = tmp_path / "00000.tar"
+    path.write_bytes(a + b)
+    records, stats = _prepare(path, box_cfg)
+    assert [r.image_key for r in records] == KEYS and stats.damage is None
+    path.write_bytes(a + b[:1000])  # the second one cut: damaged
+    assert "truncated tar" in _prepare(path, box_cfg)[1].damage
 
 
 @pytest.mark.parametrize("content", [b"", b"not a tar at all, an html error page" * 20, b"\0" * 100])

@@ -136,9 +136,7 @@ class RawSample:
         self.problems.append(why)
 
 
-def iter_samples(
-    shard: ShardRef, cfg: ImageConfig, read: ShardRead | list[str] | None = None
-) -> Iterator[RawSample]:
+def iter_samples(shard: ShardRef, cfg: ImageConfig, read: ShardRead | list[str] | None = None) -> Iterator[RawSample]:
     """Stream the shard's samples; never raises for a bad file. Pass a `ShardRead` to learn, once the
     stream is exhausted, whether the shard was damaged (a plain list collects the problems only)."""
     if not isinstance(read, ShardRead):
@@ -168,7 +166,7 @@ def _unique_keys(samples: Iterable[RawSample]) -> Iterator[RawSample]:
             while f"{original}@{n}" in taken:
                 n += 1
             s.key, s.duplicate_of = f"{original}@{n}", original
-            s.problems.append(f"key {original!r} repeats (occurrence {count[original]}): renamed {s.key!r}")
+            s.problems.append(f"key {original!r} already used in this shard: renamed {s.key!r}")
         taken.add(s.key)
         digest = _content_digest(s)
         if digest is not None:
@@ -268,32 +266,56 @@ def _parse_json(data: bytes, s: RawSample) -> dict | None:
     return meta
 
 
-class _HeaderWatch(tarfile.TarInfo):
-    """Remembers on the TarFile why header reading stopped. The stdlib ends a stream silently at a
-    file cut at or inside a header; only a zero block is the archive's proper end."""
+class _Tar(tarfile.TarFile):
+    """A tar stream read with `ignore_zeros` (so archives concatenated into one shard are all read,
+    and a corrupt header is skipped rather than ending the stream) that keeps what the stdlib passes
+    over silently: skipped invalid header blocks, and whether the stream ended after a zero block
+    (the end-of-archive marker) or at a cut, which the stdlib also takes for a proper end."""
 
+    after_zero_block = False
+    bad_blocks = 0
+    first_bad: str | None = None
+    cut_in_header = False
+
+
+class _HeaderWatch(tarfile.TarInfo):
     @classmethod
-    def fromtarfile(cls, tar):
+    def fromtarfile(cls, tar: _Tar):
         try:
             info = super().fromtarfile(tar)
-        except tarfile.HeaderError as e:
-            tar.header_stop = e
+        except tarfile.EOFHeaderError:
+            tar.after_zero_block = True
             raise
-        tar.header_stop = None
+        except tarfile.InvalidHeaderError as e:
+            tar.bad_blocks += 1
+            if tar.first_bad is None:
+                where = f"after member {tar.members[-1].name!r}" if tar.members else "before the first member"
+                tar.first_bad = f"{where} ({_exc(e)})"
+            raise
+        except tarfile.TruncatedHeaderError:
+            tar.cut_in_header = True
+            raise
+        tar.after_zero_block = tar.cut_in_header = False
         return info
 
 
-def _end_of_tar(tar: tarfile.TarFile, last: str | None) -> str | None:
-    """None when the archive ended at its end-of-archive marker, else the damage."""
-    stop = getattr(tar, "header_stop", None)
-    where = f"after member {last!r}" if last else "before the first member"
-    if isinstance(stop, tarfile.EOFHeaderError):
-        return None
-    if isinstance(stop, tarfile.InvalidHeaderError):
-        return f"corrupt tar: invalid header {where} ({_exc(stop)})"
-    if isinstance(stop, tarfile.TruncatedHeaderError):
-        return f"truncated tar: the file ends inside the header {where}"
-    return f"truncated tar: the file ends {where} without the end-of-archive marker"
+def _end_of_tar(tar: _Tar, last: str | None) -> str | None:
+    """None when the archive was read whole to its end-of-archive marker, else the damage."""
+    damage = []
+    if tar.bad_blocks:
+        damage.append(f"corrupt tar: {tar.bad_blocks} invalid header block(s) skipped, the first {tar.first_bad}")
+    if not tar.after_zero_block:
+        where = f"after member {last!r}" if last else "before the first member"
+        damage.append(f"truncated tar: the file ends inside the header {where}" if tar.cut_in_header
+                      else f"truncated tar: the file ends {where} without the end-of-archive marker")
+    # A compressed file cut after the tar's end marker still lacks its own end (and a gzip its 8-byte
+    # trailer); bytes past that (another gzip member) would never be read. The stream is at its EOF here.
+    cmp, comp = getattr(tar.fileobj, "cmp", None), getattr(tar.fileobj, "comptype", "tar")
+    if cmp is not None and comp != "tar" and (not getattr(cmp, "eof", True) or (comp == "gz" and len(cmp.unused_data) != 8)):
+        trailing = comp == "gz" and cmp.eof and len(cmp.unused_data) > 8
+        damage.append(f"{comp} stream: {len(cmp.unused_data) - 8} byte(s) after its end were not read" if trailing
+                      else f"truncated {comp} stream: the file ends before the compressed stream does")
+    return "; ".join(damage) or None
 
 
 def _iter_tar(path: Path, cfg: ImageConfig, read: ShardRead) -> Iterator[RawSample]:
@@ -306,10 +328,10 @@ def _iter_tar(path: Path, cfg: ImageConfig, read: ShardRead) -> Iterator[RawSamp
     except OSError as e:
         read.damaged(path, f"cannot open the file ({_exc(e)})")
         return
-    damage = None
+    damage, cut = None, False
     with fh:
         try:
-            with tarfile.open(fileobj=fh, mode="r|*", tarinfo=_HeaderWatch) as tar:
+            with _Tar.open(fileobj=fh, mode="r|*", tarinfo=_HeaderWatch, ignore_zeros=True) as tar:
                 for member in tar:
                     last = member.name
                     if member.isdir():
@@ -338,16 +360,16 @@ def _iter_tar(path: Path, cfg: ImageConfig, read: ShardRead) -> Iterator[RawSamp
                         reading = member.name
                         group.parts[ext] = tar.extractfile(member).read()  # type: ignore[union-attr]
                         reading = None
-                damage = _end_of_tar(tar, last)
+                damage, cut = _end_of_tar(tar, last), not tar.after_zero_block
         except Exception as e:  # noqa: BLE001 - whatever stops the stream damages the shard, not the run
             kind = "truncated tar" if "unexpected end of data" in str(e) or isinstance(e, EOFError) else "unreadable tar"
             where = (f"while reading member {reading!r}" if reading else f"after member {last!r}" if last
                      else "before the first member")
-            damage = f"{kind}: stopped {where} ({_exc(e)})"
+            damage, cut = f"{kind}: stopped {where} ({_exc(e)})", True
     if damage:
         read.damaged(path, damage)
     if group is not None:
-        group.cut = damage
+        group.cut = damage if cut else None
         yield group.to_sample()
 
 
@@ -395,9 +417,8 @@ def _row_group(pf, rg: int, columns: list[str] | None) -> Iterator[dict]:
         yield from batch.to_pylist()
 
 
-def _parquet_row_sample(
-    row: dict, image_col: str | None, row_no: int, cfg: ImageConfig, no_image: str | None = None
-) -> RawSample:
+def _parquet_row_sample(row: dict, image_col: str | None, row_no: int, cfg: ImageConfig,
+                        no_image: str | None = None) -> RawSample:
     key = row.get("key") or row.get("id") or f"row{row_no:09d}"
     payload = row.pop(image_col, None) if image_col else None
     s = RawSample(str(key), row, None)
