@@ -5,6 +5,7 @@ as paths: a sample under an unsafe name is a record with an error and nothing of
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from types import SimpleNamespace
 
@@ -131,3 +132,24 @@ def test_run_prepare_counts_image_errors(tmp_path, hostile_shard):
     n = sum("record_error" in e for e in expect.values())
     assert summary["image_errors"] == summary["shards"]["00007"]["image_errors"] == n
     assert summary["images"] == len(expect) and summary["damaged"] == {}
+
+
+def test_text_no_utf8_file_can_hold_is_made_safe(tmp_path, box_cfg):
+    """Member names that are not UTF-8 and json escapes that spell lone surrogates: writing either as
+    is fails the whole shard's file. The name is %-escaped, the character replaced (spans stay right)."""
+    cap = "a cat \ud800 on a mat"
+    m = {**sk.meta("a cat x on a mat", [sk.entry("a cat x on a mat", "a mat", [0.1, 0.1, 0.9, 0.9])], "s"), "caption": cap}
+    odd = b"\xff\xfek".decode("utf-8", "surrogateescape")
+    members = [("s.jpg", GOOD), ("s.json", json.dumps(m).encode()), (odd + ".jpg", GOOD),
+               (odd + ".json", json.dumps(sk.meta(CAP, [ENTRY], "odd")).encode())]
+    path = tmp_path / "00000.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="utf-8", errors="surrogateescape") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    records, stats = _prepare(path, box_cfg)
+    assert list(records) == ["s", "%FF%FEk"] and stats.damage is None
+    assert records["s"].caption == "a cat \ufffd on a mat" and records["s"].regions[0].phrase == "a mat"
+    assert all(r.error is None for r in records.values())
+    assert write_parquet_atomic(records.values(), tmp_path / "out.parquet").rows == 2

@@ -1,8 +1,9 @@
 """One shard -> `ImageRecord`s with regions and masks, ready for the captioning stages.
 
-Every source region leaves here exactly once: "pending" with a mask, or "rejected"/"failed" with a
-readable `error`. A bad sample becomes a record with failed regions; it never raises out of
-`prepare_shard`, so one broken image cannot stop a shard.
+Every input sample leaves here as exactly one record (an unusable one with an image-level `error`),
+and every source region exactly once: "pending" with a mask, or "rejected"/"failed" with a readable
+`error`. A bad sample never raises out of `prepare_shard`, so one broken image cannot stop a shard;
+a damaged shard ends with `ShardStats.damage` set, after the records of what could be read.
 """
 
 from __future__ import annotations

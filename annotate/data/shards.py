@@ -3,7 +3,9 @@
 Shards are img2dataset output: `NNNNN.tar` (webdataset: `KEY.jpg` + `KEY.json` [+ `KEY.txt`]) or
 `NNNNN.parquet` (an image-bytes column `jpg`, or `image` holding {bytes}, plus the json columns).
 Both are read as streams (tar in mode "r|*", parquet by row batches) so a shard of any size costs
-the memory of one sample. Tar member names are never used as paths: nothing is extracted.
+the memory of one sample. Tar member names are never used as paths: nothing is extracted. Every input
+sample comes out once, under a unique key; a shard that cannot be read to its end says why
+(`ShardRead.damage`) instead of passing for a whole one.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ _SUFFIX = {"webdataset": ".tar", "parquet": ".parquet"}
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif")
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
 PARQUET_BATCH_ROWS = 64
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_ESCAPED_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def parse_shard_spec(spec: str) -> list[int]:
@@ -210,6 +214,8 @@ def _split_member_name(name: str) -> tuple[str, str, str | None] | None:
         else "control character in the name" if any(ord(c) < 32 or ord(c) == 127 for c in name)
         else None
     )
+    # bytes that are not UTF-8 (tarfile decodes them as surrogates) are %-escaped: no UTF-8 file holds them
+    raw_key = _SURROGATE.sub(lambda m: f"%{ord(m.group()) - 0xDC00:02X}" if "\udc80" <= m.group() <= "\udcff" else "\ufffd", raw_key)
     if unsafe:
         return quote(raw_key, safe=""), ext.lower(), unsafe
     return str(PurePosixPath(raw_key)), ext.lower(), None
@@ -257,13 +263,23 @@ class _Group:
 def _parse_json(data: bytes, s: RawSample) -> dict | None:
     try:
         meta = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        s.no_meta(f"invalid json: {e}")
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        s.no_meta(f"invalid json: {_exc(e)}")
         return None
     if not isinstance(meta, dict):
         s.no_meta(f"json is a {type(meta).__name__}, not an object")
         return None
-    return meta
+    return _no_surrogates(meta) if _ESCAPED_SURROGATE.search(data) else meta
+
+
+def _no_surrogates(x):
+    """JSON escapes can spell lone surrogates, which no UTF-8 file can hold (writing them would fail
+    the whole shard): each becomes U+FFFD, one character for one, so char spans stay right."""
+    if isinstance(x, str):
+        return _SURROGATE.sub("\ufffd", x)
+    if isinstance(x, dict):
+        return {_no_surrogates(k): _no_surrogates(v) for k, v in x.items()}
+    return [_no_surrogates(v) for v in x] if isinstance(x, list) else x
 
 
 class _Tar(tarfile.TarFile):
