@@ -110,7 +110,7 @@ def sample_members(key: str, image: bytes | None, meta_: dict | None, txt: str |
     return out
 
 
-def write_parquet_shard(path: Path, rows: list[tuple[bytes | None, dict]], image_column: str = "jpg") -> Path:
+def write_parquet_shard(path: Path, rows: list[tuple[bytes | None, dict]], image_column: str = "jpg", **write_kw) -> Path:
     """img2dataset parquet: an image column (`jpg` bytes, or `image` as {bytes, path}) + json columns."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -134,5 +134,5 @@ def write_parquet_shard(path: Path, rows: list[tuple[bytes | None, dict]], image
     table = pa.Table.from_pylist([{name: r.get(name) for name in schema.names} for r in out], schema=schema)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, row_group_size=2)
+    pq.write_table(table, path, row_group_size=2, **write_kw)
     return path

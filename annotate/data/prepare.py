@@ -249,7 +249,7 @@ def run_prepare(input_dir: str, shard_spec: str, output: str, config_path: str |
             if stats.damage:
                 damaged[ref.name] = stats.damage
                 console.print(f"[bold red]shard {ref.name} is DAMAGED: {escape(stats.damage)}; "
-                              f"{stats.images} sample(s) read before it were written[/bold red]")
+                              f"the {stats.images} sample(s) read were written[/bold red]")
     summary = {"images": sum(s["images"] for s in per_shard.values()),
                "image_errors": sum(s["image_errors"] for s in per_shard.values()), "damaged": damaged}
     write_dataset_card(out, title=f"{cfg.name}: prepared regions", shards=per_shard, totals=totals,
