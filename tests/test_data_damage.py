@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import shardkit as sk
+from annotate.config import ImageConfig
 from annotate.data.prepare import ShardStats, prepare_shard, run_prepare
 from annotate.data.shards import ShardRead, ShardRef, iter_samples
-from annotate.config import ImageConfig
 
 CAP = "a red square on a gradient"
 ENTRY = sk.entry(CAP, "a red square", [0.25, 0.25, 0.5, 0.75])
