@@ -306,3 +306,20 @@ def test_page_checksums_are_verified_when_the_file_has_them(tmp_path, box_cfg):
     records, stats = _prepare(path, box_cfg, "parquet")
     assert stats.damage and "row group 1" in stats.damage and len(records) == 8
     assert [r.error is not None for r in records] == [False, False, True, True, False, False, False, False]
+
+
+def test_a_member_whose_size_is_wrong_is_damage(tmp_path, box_cfg):
+    """A header with a valid checksum but a size past its data: the reader lands inside other data."""
+    data = bytearray(sk.write_tar(tmp_path / "full.tar", _tar_members()).read_bytes())
+    ends, _ = _layout(bytes(data))
+    h = ends[5][1]  # k2.jpg's header
+    size = int(data[h + 124 : h + 135].decode(), 8) + 1100
+    data[h + 124 : h + 136] = f"{size:011o}\0".encode()
+    data[h + 148 : h + 156] = b" " * 8
+    data[h + 148 : h + 156] = f"{sum(data[h : h + 512]):06o}\0 ".encode()
+    path = tmp_path / "00000.tar"
+    path.write_bytes(bytes(data))
+    records, stats = _prepare(path, box_cfg)
+    assert stats.damage and "corrupt tar" in stats.damage, stats.damage
+    keys = [r.image_key for r in records]
+    assert keys[:2] == ["k0", "k1"] and keys[-3:] == ["k3", "k4", "k5"]  # found again after the bad member
