@@ -40,9 +40,9 @@ def _hostile_samples() -> list[tuple[str, list, dict]]:
 
     add("good", good_jpeg, sk.meta(cap, [good_entry], "good"), {"status": ["pending"]}, txt=cap)
     add("truncated", good_jpeg[: len(good_jpeg) // 2], sk.meta(cap, [good_entry], "truncated"),
-        {"status": ["failed"], "error": "truncated", "image": None})
+        {"status": ["failed"], "error": "truncated", "image": None, "record_error": "image not decodable"})
     add("notimage", b"<html>404 not found</html>", sk.meta(cap, [good_entry], "notimage"),
-        {"status": ["failed"], "error": "not an image", "image": None})
+        {"status": ["failed"], "error": "not an image", "image": None, "record_error": "not an image"})
     cmyk = sk.encode(Image.fromarray(arr).convert("CMYK"), "JPEG")
     add("cmyk", cmyk, sk.meta(cap, [good_entry], "cmyk"), {"status": ["pending"]})
     gray = sk.encode(Image.fromarray(arr).convert("L"), "JPEG")
@@ -59,10 +59,23 @@ def _hostile_samples() -> list[tuple[str, list, dict]]:
     add("boxes", good_jpeg, sk.meta(cap, outside, "boxes"),
         {"status": ["pending", "failed", "failed", "failed", "failed"]})
     cases.append(("jsononly", sk.sample_members("jsononly", None, sk.meta(cap, [good_entry, good_entry], "jsononly")),
-                  {"status": ["failed", "failed"], "error": "no image", "image": None}))
-    cases.append(("imageonly", sk.sample_members("imageonly", good_jpeg, None), {"status": [], "problem": "no json"}))
-    add("good", good_jpeg, sk.meta(cap, [good_entry], "good"),
-        {"status": ["failed"], "error": "duplicate key", "key": "good@2"})
+                  {"status": ["failed", "failed"], "error": "no image", "image": None,
+                   "record_error": "no image in the sample"}))
+    cases.append(("imageonly", sk.sample_members("imageonly", good_jpeg, None),
+                  {"status": [], "problem": "no json", "record_error": "no json beside the image"}))
+    # metadata that is there but unusable: the image still gets a record, with the reason
+    add("notlist", good_jpeg, {**sk.meta(cap, [], "notlist"), "ref_exps": {"0": good_entry}},
+        {"status": [], "record_error": "ref_exps is a dict, not a list"})
+    add("noregions", good_jpeg, {"caption": cap}, {"status": [], "record_error": "no ref_exps in the json"})
+    cases.append(("badjson", [("badjson.jpg", good_jpeg), ("badjson.json", b'{"caption": "a red')],
+                  {"status": [], "record_error": "invalid json"}))
+    cases.append(("jsonlist", [("jsonlist.jpg", good_jpeg), ("jsonlist.json", b"[1, 2]")],
+                  {"status": [], "record_error": "json is a list, not an object"}))
+    cases.append(("linked", [("linked.jpg", sk.Link("good.jpg")), *sk.sample_members("linked", None, sk.meta(cap, [good_entry], "linked"))],
+                  {"status": ["failed"], "error": "link", "image": None, "record_error": "not a regular file"}))
+    add("good", good_jpeg, sk.meta(cap, [good_entry], "good"),  # the same bytes again: not annotated twice
+        {"status": ["failed"], "error": "duplicate: exact copy", "key": "good@2", "record_error": "exact copy of sample 'good'"},
+        txt=cap)
     uni = "Ein grüner Drache 🐉 fliegt über 東京"
     add("unicode", good_jpeg, sk.meta(uni, [sk.entry(uni, "Drache 🐉", [0.1, 0.1, 0.5, 0.5]),
                                             sk.entry(uni, "東京", [0.5, 0.5, 0.9, 0.9])], "unicode"),
@@ -72,10 +85,10 @@ def _hostile_samples() -> list[tuple[str, list, dict]]:
 
 @pytest.fixture
 def hostile_shard(tmp_path) -> tuple[Path, dict]:
-    """tmp/shards/00007.tar with every hostile case (plus an odd member and a directory),
-    and the expectations per key in output order."""
-    members: list = [("../../etc/evil.json", b"{}"), ("somedir", None)]
-    expect = {}
+    """tmp/shards/00007.tar with every hostile case (plus an unsafe member name, a directory and a
+    member that is no sample part), and the expectations per key in output order."""
+    members: list = [("../../etc/evil.json", b"{}"), ("somedir", None), ("README", b"not a sample")]
+    expect = {"..%2F..%2Fetc%2Fevil": {"status": [], "image": None, "record_error": "unsafe member name"}}
     for key, m, e in _hostile_samples():
         members += m
         expect[e.get("key", key)] = e

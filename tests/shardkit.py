@@ -78,16 +78,20 @@ def entry(caption: str, phrase: str, box, score: float = 0.9) -> list:
     return [cs, ce, *box, score]
 
 
+class Link(str):
+    """A member payload that makes a symbolic link to this target."""
+
+
 def write_tar(path: Path, members: list[tuple[str, bytes | None]], mode: str = "w") -> Path:
-    """Members in order; a None payload makes a directory entry. Deterministic headers."""
+    """Members in order; a None payload makes a directory entry, a `Link` a symlink. Deterministic headers."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, mode) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.mtime = 0
-            if data is None:
-                info.type = tarfile.DIRTYPE
+            if data is None or isinstance(data, Link):
+                info.type, info.linkname = (tarfile.DIRTYPE, "") if data is None else (tarfile.SYMTYPE, str(data))
                 tar.addfile(info)
             else:
                 info.size = len(data)
@@ -106,7 +110,7 @@ def sample_members(key: str, image: bytes | None, meta_: dict | None, txt: str |
     return out
 
 
-def write_parquet_shard(path: Path, rows: list[tuple[bytes | None, dict]], image_column: str = "jpg") -> Path:
+def write_parquet_shard(path: Path, rows: list[tuple[bytes | None, dict]], image_column: str = "jpg", **write_kw) -> Path:
     """img2dataset parquet: an image column (`jpg` bytes, or `image` as {bytes, path}) + json columns."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -130,5 +134,5 @@ def write_parquet_shard(path: Path, rows: list[tuple[bytes | None, dict]], image
     table = pa.Table.from_pylist([{name: r.get(name) for name in schema.names} for r in out], schema=schema)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path, row_group_size=2)
+    pq.write_table(table, path, row_group_size=2, **write_kw)
     return path

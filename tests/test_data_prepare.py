@@ -40,13 +40,19 @@ def test_hostile_shard(hostile_shard, box_cfg):
             assert [r.phrase for r in p.record.regions] == e["phrases"]
         if "problem" in e:
             assert any(e["problem"] in msg for msg in p.problems), (key, p.problems)
+        # every input sample has a record; an unusable one says why at the image level
+        assert (p.record.error is None) == ("record_error" not in e), (key, p.record.error)
+        if "record_error" in e:
+            assert e["record_error"] in p.record.error, (key, p.record.error)
     ids = [r.region_id for p in prepared for r in p.record.regions]
     assert len(ids) == len(set(ids))
     assert stats.regions == status_counts(p.record for p in prepared)
     c = stats.regions
     assert c["regions_in"] == c["ok"] + c["rejected"] + c["failed"] + c["pending"] == sum(len(e["status"]) for e in expect.values())
-    assert stats.images == len(expect) and stats.images_undecodable == 3
-    assert any("odd name" in msg for msg in stats.problems)
+    assert stats.images == len(expect) and stats.images_undecodable == sum("image" in e for e in expect.values())
+    assert stats.image_errors == sum("record_error" in e for e in expect.values())
+    assert any("README" in msg and "not KEY.EXT" in msg for msg in stats.problems)
+    assert stats.damage is None  # odd members, links and bad samples are not damage
 
 
 def test_decoded_images_are_rgb_and_sizes_come_from_the_image(hostile_shard, box_cfg):

@@ -1,8 +1,9 @@
 """One shard -> `ImageRecord`s with regions and masks, ready for the captioning stages.
 
-Every source region leaves here exactly once: "pending" with a mask, or "rejected"/"failed" with a
-readable `error`. A bad sample becomes a record with failed regions; it never raises out of
-`prepare_shard`, so one broken image cannot stop a shard.
+Every input sample leaves here as exactly one record (an unusable one with an image-level `error`),
+and every source region exactly once: "pending" with a mask, or "rejected"/"failed" with a readable
+`error`. A bad sample never raises out of `prepare_shard`, so one broken image cannot stop a shard;
+a damaged shard ends with `ShardStats.damage` set, after the records of what could be read.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from annotate.data.images import ImageError, decode_image
 from annotate.data.masks import MaskError, encode_rle, make_mask_explained
 from annotate.data.records import ImageRecord, RegionRecord
 from annotate.data.regions import region_entries, regions_from_meta
-from annotate.data.shards import RawSample, ShardRef, iter_samples
+from annotate.data.shards import RawSample, ShardRead, ShardRef, iter_samples
 from annotate.data.writer import status_counts
 
 log = logging.getLogger(__name__)
@@ -35,14 +36,21 @@ class PreparedImage:
 
 @dataclass
 class ShardStats:
-    """Per-shard summary, filled while `prepare_shard` runs."""
+    """Per-shard summary, filled while `prepare_shard` runs.
+
+    `damage` is final once the stream is exhausted: None for a shard read whole, else a one-line
+    reason (truncated or corrupt archive, unreadable file); `images` then counts the samples read
+    before it, which all came out as records. `image_errors` counts records with an image-level error.
+    """
 
     shard: str = ""
     images: int = 0
     images_undecodable: int = 0
+    image_errors: int = 0
     problems: list[str] = field(default_factory=list)
     problem_count: int = 0
     regions: dict = field(default_factory=lambda: status_counts([]))
+    damage: str | None = None
 
     def add_problem(self, msg: str) -> None:
         self.problem_count += 1
@@ -53,47 +61,57 @@ class ShardStats:
         self.images += 1
         if p.record.image_bytes is None:
             self.images_undecodable += 1
+        if p.record.error is not None:
+            self.image_errors += 1
         for msg in p.problems:
             self.add_problem(f"{p.record.image_key}: {msg}")
         for k, v in status_counts([p.record]).items():
             self.regions[k] += v
 
+    def take(self, read: ShardRead) -> None:
+        """Move the shard-level problems found so far (and the damage, once known) in."""
+        for msg in read.problems:
+            self.add_problem(msg)
+        read.problems.clear()
+        self.damage = read.damage
+
+    def summary(self) -> dict:
+        return {**self.regions, "images": self.images, "undecodable": self.images_undecodable,
+                "image_errors": self.image_errors, "problems": self.problem_count, "damage": self.damage}
+
 
 def prepare_shard(shard: ShardRef, cfg: DataConfig, stats: ShardStats | None = None) -> Iterator[PreparedImage]:
-    """Stream the shard's images as records; pass `stats` to collect the shard summary."""
-    shard_problems: list[str] = []
-    if stats is not None:
-        stats.shard = shard.name
-    for sample in iter_samples(shard, cfg.images, shard_problems):
-        if stats is not None:
-            while shard_problems:
-                stats.add_problem(shard_problems.pop(0))
+    """Stream the shard's images as records, one per input sample; pass `stats` to collect the shard
+    summary, whose `damage` says, once the stream is exhausted, whether the shard was read whole."""
+    read = ShardRead()
+    stats = stats if stats is not None else ShardStats()
+    stats.shard = shard.name
+    for sample in iter_samples(shard, cfg.images, read):
+        stats.take(read)
         try:
             prepared = prepare_sample(sample, shard.name, cfg)
         except Exception as e:  # noqa: BLE001 - last resort: the sample fails, the shard goes on
             log.exception("preparing %s:%s failed", shard.name, sample.key)
             prepared = _crashed(sample, shard.name, cfg, f"internal error: {type(e).__name__}: {e}")
-        if stats is not None:
-            stats.add(prepared)
+        stats.add(prepared)
         yield prepared
-    if stats is not None:
-        for msg in shard_problems:
-            stats.add_problem(msg)
+    stats.take(read)
 
 
 def prepare_sample(sample: RawSample, shard_name: str, cfg: DataConfig) -> PreparedImage:
+    """The sample's record. Its image-level `error` says why the sample is unusable (nothing read,
+    json missing or not an object, regions source not a list, image missing or undecodable, an exact
+    copy); regions it has are then failed with the reason, so none goes on to the models."""
     problems = list(sample.problems)
     meta = sample.meta
     image: Image.Image | None = None
-    image_error: str | None = None
+    image_error = sample.image_error
     if sample.image_bytes is not None:
         try:
             image = decode_image(sample.image_bytes, cfg.images)
         except ImageError as e:
             image_error = f"image not decodable: {e}"
             problems.append(image_error)
-    else:
-        image_error = next((p for p in sample.problems if "image" in p), "no image in the sample")
 
     caption = _caption(meta, sample.text)
     if image is not None:
@@ -109,16 +127,17 @@ def prepare_sample(sample: RawSample, shard_name: str, cfg: DataConfig) -> Prepa
         url=meta.get("url") if meta and isinstance(meta.get("url"), str) else None,
         image_bytes=sample.image_bytes if image is not None else None,
     )
+    entries_problem = region_entries(meta, cfg.regions)[1] if meta is not None else None
+    copy = f"exact copy of sample {sample.copy_of!r} (same key, image and json)" if sample.copy_of else None
+    record.error = sample.error or "; ".join(e for e in (sample.meta_error, entries_problem, image_error, copy) if e) or None
     if meta is None:
         return PreparedImage(record, image, problems)
-
-    entries_problem = region_entries(meta, cfg.regions)[1]
     if entries_problem:
         problems.append(entries_problem)
     regions = regions_from_meta(meta, shard_name, sample.key, max(width, 0), max(height, 0), cfg.regions)
     record.regions = regions
-    if sample.duplicate_of is not None:
-        _fail_all(regions, f"duplicate key {sample.duplicate_of!r} in shard {shard_name}")
+    if copy is not None:
+        _fail_all(regions, f"duplicate: {copy} in shard {shard_name}")
     elif image is None:
         _fail_all(regions, image_error or "no image")
     else:
@@ -178,16 +197,20 @@ def _crashed(sample: RawSample, shard_name: str, cfg: DataConfig, error: str) ->
     _fail_all(regions, error)
     record = ImageRecord(
         image_key=sample.key, shard=shard_name, width=_json_int(meta, "width"), height=_json_int(meta, "height"),
-        caption=_caption(meta, sample.text), regions=regions,
+        caption=_caption(meta, sample.text), regions=regions, error=error,
     )
     return PreparedImage(record, None, [*sample.problems, error])
 
 
 def run_prepare(input_dir: str, shard_spec: str, output: str, config_path: str | None = None) -> dict:
-    """`annotate prepare`: each shard -> OUT/data/NNNNN.parquet, then OUT/README.md; returns a summary."""
+    """`annotate prepare`: each shard -> OUT/data/NNNNN.parquet, then OUT/README.md; returns a summary:
+    "shards" (per shard: `ShardStats.summary()` + sha256), "totals" (region counts), "images",
+    "image_errors" and "damaged" ({shard: reason}). A damaged shard's samples read before the damage
+    are written like any other's; the caller decides the exit code from "damaged"."""
     from pathlib import Path
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from annotate.config import PipelineConfig, load_config
@@ -199,7 +222,8 @@ def run_prepare(input_dir: str, shard_spec: str, output: str, config_path: str |
     out = Path(output)
     console = Console(stderr=True)
     totals = status_counts([])
-    per_shard = {}
+    per_shard: dict[str, dict] = {}
+    damaged: dict[str, str] = {}
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[images]} images"))
     with Progress(*columns, console=console) as progress:
@@ -217,13 +241,21 @@ def run_prepare(input_dir: str, shard_spec: str, output: str, config_path: str |
 
             ws = write_parquet_atomic(records(), out / "data" / f"{ref.name}.parquet")
             progress.advance(task)
-            per_shard[ref.name] = {**stats.regions, "images": stats.images, "undecodable": stats.images_undecodable,
-                                   "problems": stats.problem_count, "sha256": ws.sha256}
+            per_shard[ref.name] = {**stats.summary(), "sha256": ws.sha256}
             for k, v in stats.regions.items():
                 totals[k] += v
             for msg in stats.problems[:5]:
-                console.print(f"[yellow]{ref.name}: {msg}[/yellow]")
+                console.print(f"[yellow]{escape(ref.name)}: {escape(msg)}[/yellow]")
+            if stats.damage:
+                damaged[ref.name] = stats.damage
+                console.print(f"[bold red]shard {ref.name} is DAMAGED: {escape(stats.damage)}; "
+                              f"the {stats.images} sample(s) read were written[/bold red]")
+    summary = {"images": sum(s["images"] for s in per_shard.values()),
+               "image_errors": sum(s["image_errors"] for s in per_shard.values()), "damaged": damaged}
     write_dataset_card(out, title=f"{cfg.name}: prepared regions", shards=per_shard, totals=totals,
-                       config_fingerprint=cfg.fingerprint())
+                       config_fingerprint=cfg.fingerprint(), **summary)
     console.print(f"wrote {len(refs)} shard(s) to {out / 'data'}: {totals}")
-    return {"shards": per_shard, "totals": totals}
+    if damaged:
+        console.print(f"[bold red]{len(damaged)} damaged shard(s), not read to their end: "
+                      f"{escape(', '.join(damaged))}[/bold red]")
+    return {"shards": per_shard, "totals": totals, **summary}

@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 if TYPE_CHECKING:
     import datasets
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: ImageRecord.error
 
 Status = Literal["ok", "rejected", "failed", "pending"]
 FINAL_STATUSES = ("ok", "rejected", "failed")
@@ -76,6 +76,10 @@ class ImageRecord(BaseModel):
     caption: str
     url: str | None = None
     image_bytes: bytes | None = None  # encoded as stored in the shard; None when undecodable
+    # Why the input sample is unusable (json missing or invalid, regions source not a list, image
+    # missing or undecodable, unsafe member name, exact copy); its regions, if any, are then failed.
+    # None for a usable sample. Every input sample has a record, so nothing leaves without a trace.
+    error: str | None = None
     regions: list[RegionRecord] = Field(default_factory=list)
     schema_version: str = SCHEMA_VERSION
 
@@ -120,6 +124,7 @@ def features() -> "datasets.Features":
             "height": datasets.Value("int32"),
             "caption": datasets.Value("string"),
             "url": datasets.Value("string"),
+            "error": datasets.Value("string"),
             "regions": datasets.List(region),
             "schema_version": datasets.Value("string"),
         }

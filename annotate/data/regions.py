@@ -23,10 +23,13 @@ def region_id(shard_name: str, image_key: str, index: int) -> str:
 
 
 def region_entries(meta: dict, cfg: RegionConfig) -> tuple[list, str | None]:
-    """The raw entry list, and a problem when the field is present but not a list."""
-    entries = meta.get(cfg.source)
+    """The raw entry list, and a problem when the field is missing, null or not a list: such an
+    image has no usable regions, and the problem becomes its record's `error` (an empty list is fine)."""
+    if cfg.source not in meta:
+        return [], f"no {cfg.source} in the json"
+    entries = meta[cfg.source]
     if entries is None:
-        return [], None
+        return [], f"{cfg.source} is null"
     if isinstance(entries, str):  # some dumps keep nested lists as JSON text
         import json
 

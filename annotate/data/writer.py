@@ -39,6 +39,7 @@ class WriteStats:
     path: Path
     rows: int = 0
     regions: int = 0
+    image_errors: int = 0  # rows whose image-level `error` is set
     status: dict = field(default_factory=lambda: status_counts([]))
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -47,7 +48,8 @@ class WriteStats:
 
     def summary(self) -> dict:
         """The counts a manifest line and a run summary carry."""
-        return {"images": self.rows, "regions": self.regions, **{k: self.status[k] for k in ("ok", "rejected", "failed", "pending")},
+        return {"images": self.rows, "image_errors": self.image_errors, "regions": self.regions,
+                **{k: self.status[k] for k in ("ok", "rejected", "failed", "pending")},
                 "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
 
 
@@ -81,6 +83,7 @@ class ShardWriter:
         self._keys.add(record.image_key)
         self._batch.append(image_record_to_row(record))
         self.stats.rows += 1
+        self.stats.image_errors += record.error is not None
         for k, v in status_counts([record]).items():
             self.stats.status[k] += v
         for region in record.regions:
@@ -192,7 +195,9 @@ def write_dataset_card(out_dir: Path, **info) -> None:
         "",
         f"# {title}",
         "",
-        "One row per image with its regions (bbox in displayed-image pixels, COCO-RLE mask, captions, status).",
+        "One row per input image with its regions (bbox in displayed-image pixels, COCO-RLE mask, captions, status).",
+        "A row whose `error` is set is an input sample that could not be used (the reason is in `error`); its",
+        "regions, if any, are failed.",
         f"Schema version {SCHEMA_VERSION}. Load with `datasets.load_dataset(\"<this folder>\", split=\"train\")`.",
         "",
     ]
