@@ -22,6 +22,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from annotate.data.records import SCHEMA_VERSION
+
 
 class _Section(BaseModel):
     # Unknown keys are errors: a typo in a YAML file must not silently fall back to a default.
@@ -364,6 +366,8 @@ class PipelineConfig(_Section):
     def fingerprint(self) -> str:
         """Stable hash of everything that changes a record; stored in each shard's manifest line."""
         payload = self.model_dump(mode="json", exclude={"run", "train"})
+        # A new record schema redoes older outputs: `datasets` cannot load a folder mixing two schemas.
+        payload["schema_version"] = SCHEMA_VERSION
         for model in payload["models"].values():  # how a model is served does not change what it writes
             model.pop("serving", None)
         if payload.get("segment"):

@@ -181,7 +181,7 @@ def test_a_file_that_is_no_tar_is_damaged(tmp_path, box_cfg, content):
 
 def test_an_unreadable_file_is_damaged(tmp_path, box_cfg, monkeypatch):
     """Permission denied on open, and an I/O error in the middle of a member (a bad disk sector)."""
-    import annotate.data.shards as shards
+    import annotate.data.tar_reader as tar_reader
 
     path = sk.write_tar(tmp_path / "00000.tar", _tar_members())
     real_open = open
@@ -189,7 +189,7 @@ def test_an_unreadable_file_is_damaged(tmp_path, box_cfg, monkeypatch):
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(shards, "open", denied, raising=False)
+    monkeypatch.setattr(tar_reader, "open", denied, raising=False)
     records, stats = _prepare(path, box_cfg)
     assert records == [] and stats.damage.startswith("cannot open the file (PermissionError")
 
@@ -207,7 +207,7 @@ def test_an_unreadable_file_is_damaged(tmp_path, box_cfg, monkeypatch):
             self.pos += n
             return n
 
-    monkeypatch.setattr(shards, "open", lambda *a, **k: io.BufferedReader(BadSector(real_open(*a, **k))), raising=False)
+    monkeypatch.setattr(tar_reader, "open", lambda *a, **k: io.BufferedReader(BadSector(real_open(*a, **k))), raising=False)
     records, stats = _prepare(path, box_cfg)
     assert "unreadable tar" in stats.damage and "Input/output error" in stats.damage, stats.damage
     assert [r.image_key for r in records] == KEYS[: len(records)] and 0 < len(records) < len(KEYS)

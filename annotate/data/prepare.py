@@ -20,7 +20,8 @@ from annotate.data.images import ImageError, decode_image
 from annotate.data.masks import MaskError, encode_rle, make_mask_explained
 from annotate.data.records import ImageRecord, RegionRecord
 from annotate.data.regions import region_entries, regions_from_meta
-from annotate.data.shards import RawSample, ShardRead, ShardRef, iter_samples
+from annotate.data.raw_sample import RawSample, ShardRead
+from annotate.data.shards import ShardRef, iter_samples
 from annotate.data.writer import status_counts
 
 log = logging.getLogger(__name__)

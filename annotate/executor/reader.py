@@ -76,9 +76,8 @@ def prepare_output(shard: ShardRef, data: DataConfig, layout: RunLayout, fingerp
     written = writer.commit()
     line = {"output": "prepare", "shard": shard.name, "config": fingerprint, "sha256": written.sha256,
             **written.summary()}
-    damage = getattr(stats, "damage", None)
-    if damage:
-        line.update(state=DAMAGED, damage=damage, samples_read=stats.images)
+    if stats.damage:
+        line.update(state=DAMAGED, damage=stats.damage, samples_read=stats.images)
     return line
 
 
