@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.chaos import kill_session, session_pids
 from fixtures_pipeline import copy_sample_shards, tiny_variant
 from test_pipeline_run import input_region_ids, output_regions
 
@@ -44,30 +45,6 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str) -> No
         time.sleep(0.2)
 
 
-def ray_worker_pids(pattern: str, session: int) -> list[int]:
-    """Processes matching `pattern` that belong to the run's own process session (its Ray cluster)."""
-    found = [int(pid) for pid in subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()]
-    mine = []
-    for pid in found:
-        try:
-            if os.getsid(pid) == session:
-                mine.append(pid)
-        except ProcessLookupError:
-            pass
-    return mine
-
-
-def kill_session(session: int) -> None:
-    """Whatever of the killed run is still alive (Ray daemons, vLLM workers) goes too."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == session:
-                    os.kill(int(entry.name), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-
 @pytest.mark.timeout(2400)  # two full runs, each starting its own Ray cluster and engines
 def test_sigkill_worker_and_driver_then_rerun(tmp_path):
     shards = copy_sample_shards(tmp_path / "in", SHARDS)
@@ -80,9 +57,9 @@ def test_sigkill_worker_and_driver_then_rerun(tmp_path):
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
         # 1. A stage worker dies while the models are busy: Ray restarts it and the run goes on.
-        wait_for(lambda: bool(ray_worker_pids("StageWorker", proc.pid)) and any((out / "stages" / "prepare").glob("*.parquet")),
+        wait_for(lambda: bool(session_pids("StageWorker", proc.pid)) and any((out / "stages" / "prepare").glob("*.parquet")),
                  900, proc, "stage workers running")
-        os.kill(ray_worker_pids("StageWorker", proc.pid)[0], signal.SIGKILL)
+        os.kill(session_pids("StageWorker", proc.pid)[0], signal.SIGKILL)
         # 2. Once a shard is finished, the driver dies at once, with everything it started.
         wait_for(lambda: len(final_lines(out)) >= 1, 900, proc, "the first shard finished after a worker was killed")
         os.killpg(proc.pid, signal.SIGKILL)
