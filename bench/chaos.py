@@ -343,7 +343,9 @@ def run_chaos(cluster: Cluster, work: Path, rounds: int, seed: int, max_replica:
     chaos.new_shards = 0  # the final run adds no shard: it finishes what the rounds left
     final = chaos.play(rounds, "none")
     summary = summarize(played, final, chaos.union())
-    summary.update(seed=seed, rounds=rounds, shards=chaos.shards, wall_s=round(time.monotonic() - started, 1))
+    commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    summary.update(seed=seed, rounds=rounds, shards=chaos.shards, wall_s=round(time.monotonic() - started, 1),
+                   commit=commit.stdout.strip() or "unknown")
     return summary
 
 
@@ -355,7 +357,7 @@ def print_table(summary: dict, log=print) -> None:
     union = summary["union"]
     log(f"final run rc={summary['final']['rc']}; {union['regions_expected']} regions expected over "
         f"{summary['shards']} shards; pyarrow {union['pyarrow']}, datasets {union['datasets']}; "
-        f"{'OK' if summary['ok'] else 'FAILED'} in {summary['wall_s']:.0f} s")
+        f"{'OK' if summary['ok'] else 'FAILED'} in {summary['wall_s']:.0f} s (seed {summary['seed']}, commit {summary['commit']})")
 
 
 def main(argv: list[str] | None = None) -> int:
