@@ -49,9 +49,11 @@ TITLES = {"stage_worker": "MapBatches(StageWorker)", "read_task": "MapBatches(re
 # `ray start --head` (Ray 2.60) turns token auth on when ~/.ray/auth_token exists; whatever joins the
 # cluster must then run in token mode too.
 CLUSTER_ENV = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO)}
-# One shard read at a time in small batches: shards finish one after another, so a kill at any
-# moment leaves some finished and some in flight (tests/test_pipeline_crash.py, same reason).
-OVERRIDES = {"run": {"shards_in_flight": 1, "rows_per_batch": 2, "batches_in_flight": 1},
+# Small batches, one shard read at a time and one batch in flight per stage worker: shards then finish
+# one after another, so a kill at any moment leaves some finished and some in flight (with 8-image
+# batches two shards share each batch; with 4 batches in flight per worker all shards are in the chain
+# together: both were seen to finish all shards within one 0.2 s poll). tests/test_pipeline_crash.py too.
+ONE_SHARD_AT_A_TIME = {"run": {"shards_in_flight": 1, "rows_per_batch": 2, "batches_in_flight": 1},
              "stages": {name: {"batch_size": 2} for name in ("object", "validate", "context", "merge")}}
 
 
@@ -132,18 +134,32 @@ def annotate(*args: str) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ checks
+def newest_lines(out: Path) -> dict[tuple[str, str], dict]:
+    """(output, shard) -> its newest manifest line (the last one: the driver alone appends). Read here
+    from the file, not through RunLayout, so that the check does not share the runner's reading."""
+    newest: dict[tuple[str, str], dict] = {}
+    path = out / "manifest.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash counts as not written
+        newest[(entry.get("output"), entry.get("shard"))] = entry
+    return newest
+
+
 def manifest_problems(out: Path) -> list[str]:
-    """Shards whose newest manifest line says finished but whose file is missing or has other bytes."""
+    """Shards whose newest manifest line says finished (lines without a `state` are) but whose file is
+    missing or has other bytes; a `damaged` line is one too, since the chaos inputs are all intact."""
     from annotate.executor.layout import RunLayout
 
     layout = RunLayout(out)
-    newest: dict[tuple[str, str], dict] = {}
-    for entry in layout.manifest():
-        newest[(entry.get("output"), entry.get("shard"))] = entry
     problems = []
-    for (output, shard), entry in sorted(newest.items()):
+    for (output, shard), entry in sorted(newest_lines(out).items()):
         path = layout.output_path(output, shard)
-        if not path.exists():
+        if entry.get("state", "finished") != "finished":
+            problems.append(f"{output}/{shard}: recorded {entry.get('state')} ({entry.get('damage', '')})")
+        elif not path.exists():
             problems.append(f"{output}/{shard}: marked finished, file missing")
         elif hashlib.sha256(path.read_bytes()).hexdigest() != entry.get("sha256"):
             problems.append(f"{output}/{shard}: marked finished, sha256 differs")
@@ -170,10 +186,9 @@ def shard_region_ids(path: Path) -> Counter:
 
 
 def finished_final(out: Path) -> dict[str, str]:
-    """shard -> sha256 of its newest `final` manifest line."""
-    from annotate.executor.layout import FINAL, RunLayout
-
-    return {e["shard"]: e.get("sha256") for e in RunLayout(out).manifest() if e.get("output") == FINAL}
+    """shard -> sha256 of its newest `final` manifest line, when that line says finished."""
+    return {shard: e.get("sha256") for (output, shard), e in newest_lines(out).items()
+            if output == "final" and e.get("state", "finished") == "finished"}
 
 
 # ------------------------------------------------------------------------------ rounds
@@ -213,7 +228,7 @@ class Chaos:
         fixtures, self._run_tests = _tests_helpers()
         self._copy_shards = fixtures.copy_sample_shards
         self.input, self.out = work / "in", work / "out"
-        self.config = fixtures.tiny_variant(work / "chaos.yaml", OVERRIDES)
+        self.config = fixtures.tiny_variant(work / "chaos.yaml", ONE_SHARD_AT_A_TIME)
         self.pace = 4.0  # seconds of processing per shard, learnt from the rounds that ran to the end
         self.shards = 0
 

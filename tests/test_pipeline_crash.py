@@ -14,18 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from bench.chaos import kill_session, session_pids
+# ONE_SHARD_AT_A_TIME: shards finish one after another, so a kill right after the first lands mid-run.
+from bench.chaos import ONE_SHARD_AT_A_TIME, kill_session, session_pids
 from fixtures_pipeline import copy_sample_shards, tiny_variant
 from test_pipeline_run import input_region_ids, output_regions
 
 pytestmark = pytest.mark.slow
 SHARDS = 4
-# Small batches, one shard read at a time and one batch in flight per stage worker: shards then finish
-# one after another, so a kill right after the first one lands mid-run however fast the machine is
-# (with 8-image batches, two shards share each batch; with 4 batches in flight per worker, all four
-# shards are in the chain together: both were seen to finish all shards within one 0.2 s poll).
-ONE_SHARD_AT_A_TIME = {"run": {"shards_in_flight": 1, "rows_per_batch": 2, "batches_in_flight": 1},
-                       "stages": {name: {"batch_size": 2} for name in ("object", "validate", "context", "merge")}}
 
 
 def final_lines(out: Path) -> list[dict]:
