@@ -95,12 +95,6 @@ def kill_session(session: int) -> None:
             pass
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Cluster:
     """Where the rounds run: the GCS address, the process session that holds the cluster's daemons
@@ -114,7 +108,9 @@ class Cluster:
 def private_cluster(num_cpus: int = 4) -> Iterator[Cluster]:
     """`ray start --head` in a new process session, so that every daemon and worker of it shares that
     session and all of it goes at the end (not `ray stop`, which would stop other clusters too)."""
-    port = free_port()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     temp_dir = f"/tmp/ray-chaos-{port}"  # short: Ray's socket paths must stay under 108 bytes
     cmd = [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--include-dashboard",
            "false", "--temp-dir", temp_dir, "--num-cpus", str(num_cpus), "--disable-usage-stats"]
