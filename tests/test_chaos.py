@@ -70,4 +70,6 @@ def test_chaos_rounds_lose_and_duplicate_nothing(ray_session, tmp_path):
         assert row["lost"] == 0 and row["duplicated"] == 0, (kind, row)
         assert not row["problems"], (kind, row["problems"])
     assert summary["ok"]
-    assert by_kind["driver"]["landed"] == 1  # the driver is alive whenever processing has begun
+    # A kill drawn after the round's last shard was written does not land (the table says which);
+    # at least one must have, or the test tested nothing.
+    assert sum(row["landed"] for row in by_kind.values()) >= 1, by_kind
