@@ -338,7 +338,7 @@ def summarize(rounds: list[Round], final: Round, union: dict) -> dict:
                   or any(v["lost"] or v["duplicated"] for k, v in union.items() if k != "regions_expected")
                   or any(r.lost or r.duplicated or r.problems for r in rounds))
     return {"by_kind": by_kind, "final": asdict(final), "union": union, "ok": not failed,
-            "rounds": [asdict(r) for r in rounds]}
+            "round_log": [asdict(r) for r in rounds]}
 
 
 def run_chaos(cluster: Cluster, work: Path, rounds: int, seed: int, max_replica: int, new_shards: int = 2,
