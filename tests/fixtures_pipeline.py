@@ -50,6 +50,19 @@ def tiny_run_all(ray_session, tiny_config, tmp_path_factory):
     return out, summary
 
 
+def free_session_models() -> None:
+    """Delete the model applications earlier tests left on this session's own cluster, before a test
+    starts a second cluster: two clusters' worth of vLLM engines do not fit in this machine's memory
+    (a two-node test was seen to stall, Serve's controller killed for memory). Later tests that need
+    them deploy them again."""
+    import ray
+
+    if ray.is_initialized():
+        from annotate.serving.apps import stop_apps
+
+        stop_apps()
+
+
 def copy_sample_shards(dest: Path, count: int) -> Path:
     """`count` shards made by copying the two sample shards under new shard numbers."""
     dest.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from annotate.config import load_config
-from fixtures_pipeline import PAPER_TINY, REPO, SAMPLE_SHARDS, tiny_variant
+from fixtures_pipeline import PAPER_TINY, REPO, SAMPLE_SHARDS, free_session_models, tiny_variant
 from test_pipeline_run import STATUSES, input_region_ids, output_regions
 
 LONGGRIT = REPO / "pipelines" / "longgrit.yaml"
@@ -95,6 +95,7 @@ def test_tiny_replicas_have_the_production_architectures(tiny_model_paths):
 def paper_run(tmp_path_factory):
     """`annotate run --config paper-tiny.yaml` in its own process and Ray cluster. The Griffon-style
     model's replicas get a prebuilt environment: a Python launcher that notes its pid, then runs ours."""
+    free_session_models()
     tmp = tmp_path_factory.mktemp("paper-run")
     marker = tmp / "griffon-env-pids"
     launcher = tmp / "griffon-python"

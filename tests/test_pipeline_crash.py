@@ -16,7 +16,7 @@ import pytest
 
 # ONE_SHARD_AT_A_TIME: shards finish one after another, so a kill right after the first lands mid-run.
 from bench.chaos import ONE_SHARD_AT_A_TIME, kill_session, session_pids
-from fixtures_pipeline import copy_sample_shards, tiny_variant
+from fixtures_pipeline import copy_sample_shards, free_session_models, tiny_variant
 from test_pipeline_run import input_region_ids, output_regions
 
 pytestmark = pytest.mark.slow
@@ -42,6 +42,7 @@ def wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str) -> No
 
 @pytest.mark.timeout(2400)  # two full runs, each starting its own Ray cluster and engines
 def test_sigkill_worker_and_driver_then_rerun(tmp_path):
+    free_session_models()  # this test starts a cluster of its own
     shards = copy_sample_shards(tmp_path / "in", SHARDS)
     out = tmp_path / "out"
     config = tiny_variant(tmp_path / "tiny-one-shard-at-a-time.yaml", ONE_SHARD_AT_A_TIME)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fixtures_pipeline import REPO, SAMPLE_SHARDS, TINY
+from fixtures_pipeline import REPO, SAMPLE_SHARDS, TINY, free_session_models
 from test_pipeline_run import input_region_ids, output_regions
 
 pytestmark = pytest.mark.slow
@@ -43,6 +43,7 @@ def two_node_cluster(tmp_path):
             "false", "--temp-dir", temp_dir, "--resources", json.dumps({"node_a": 1}), *common]
     worker = [RAY, "start", "--address", f"127.0.0.1:{port}", "--node-ip-address", "127.0.0.1",
               "--resources", json.dumps({"node_b": 1}), *common]
+    free_session_models()
     try:
         subprocess.run(head, check=True, env=env, capture_output=True, timeout=300)
         subprocess.run(worker, check=True, env=env, capture_output=True, timeout=300)
