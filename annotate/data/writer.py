@@ -119,7 +119,7 @@ class ShardWriter:
             os.fsync(self._fh.fileno())
             self._fh.close()
             os.chmod(self._tmp, 0o644)  # mkstemp makes it 0600; the dataset is meant to be shared
-            self.stats.sha256, self.stats.bytes = _sha256(self._tmp), self._tmp.stat().st_size
+            self.stats.sha256, self.stats.bytes = file_sha256(self._tmp), self._tmp.stat().st_size
             os.replace(self._tmp, self.path)
             _fsync_dir(self.path.parent)
         except BaseException:
@@ -152,7 +152,8 @@ def write_parquet_atomic(records: Iterable[ImageRecord], path: Path) -> WriteSta
     return writer.commit()
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The checksum a manifest line records for an output file (and `RunLayout.holds` checks)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

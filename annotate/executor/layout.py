@@ -21,13 +21,14 @@ be atomic; one marker file per shard would be, but would lose the history a line
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+from annotate.data.writer import file_sha256
 
 FINAL = "final"
 FINISHED, DAMAGED = "finished", "damaged"  # the `state` of a manifest line (lines without one are finished)
@@ -98,8 +99,7 @@ class RunLayout:
         path = self.output_path(entry["output"], entry["shard"])
         if not path.is_file():
             return False
-        with open(path, "rb") as fh:
-            return hashlib.file_digest(fh, "sha256").hexdigest() == entry.get("sha256")
+        return file_sha256(path) == entry.get("sha256")
 
     def record_finished(self, entry: dict[str, Any]) -> None:
         """Append one manifest line and fsync it; called only after the output file is in place.
