@@ -88,8 +88,11 @@ class RunLayout:
         return self._in_state(output, fingerprint, DAMAGED)
 
     def _in_state(self, output: str, fingerprint: str, state: str) -> dict[str, dict[str, Any]]:
-        return {shard: entry for shard, entry in self.latest(output).items()
-                if entry.get("state", FINISHED) == state and self.holds(entry, fingerprint)}
+        return {shard: entry for shard, entry in self.latest(output).items() if self.is_current(entry, fingerprint, state)}
+
+    def is_current(self, entry: dict[str, Any], fingerprint: str, *states: str) -> bool:
+        """The line is in one of `states` (lines without a state are finished) and `holds`."""
+        return entry.get("state", FINISHED) in states and self.holds(entry, fingerprint)
 
     def holds(self, entry: dict[str, Any], fingerprint: str) -> bool:
         """The line's config is this run's and its file is on disk with the checksum the line recorded

@@ -98,7 +98,7 @@ def plan_work(cfg: PipelineConfig, layout: RunLayout, input_dir: Path, shard_ids
     latest_out, latest_in = layout.latest(output_name), layout.latest(input_name)
 
     def holding(line: dict | None, *states: str) -> dict | None:
-        return line if line and line.get("state", FINISHED) in states and layout.holds(line, fingerprint) else None
+        return line if line and layout.is_current(line, fingerprint, *states) else None
 
     items, skipped = [], []
     for ref in refs:
