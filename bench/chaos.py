@@ -132,7 +132,7 @@ def annotate(*args: str) -> list[str]:
 # ------------------------------------------------------------------------------ checks
 def newest_lines(out: Path) -> dict[tuple[str, str], dict]:
     """(output, shard) -> its newest manifest line (the last one: the driver alone appends). Read here
-    from the file, not through RunLayout, so that the check does not share the runner's reading."""
+    from the file, not through OutputStore, so that the check does not share the runner's reading."""
     newest: dict[tuple[str, str], dict] = {}
     path = out / "manifest.jsonl"
     for line in path.read_text().splitlines() if path.exists() else []:
@@ -147,9 +147,9 @@ def newest_lines(out: Path) -> dict[tuple[str, str], dict]:
 def manifest_problems(out: Path) -> list[str]:
     """Shards whose newest manifest line says finished (lines without a `state` are) but whose file is
     missing or has other bytes; a `damaged` line is one too, since the chaos inputs are all intact."""
-    from annotate.executor.layout import RunLayout
+    from annotate.data.store import OutputStore
 
-    layout = RunLayout(out)
+    layout = OutputStore(out)
     problems = []
     for (output, shard), entry in sorted(newest_lines(out).items()):
         path = layout.output_path(output, shard)

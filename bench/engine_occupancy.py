@@ -62,7 +62,7 @@ from annotate.data.shards import find_shards
 from annotate.data.writer import ShardWriter
 from annotate.engines.base import ChatRequest
 from annotate.engines.step_stats import ENV_DIR, read_steps, summarize
-from annotate.executor.layout import RunLayout
+from annotate.data.store import OutputStore
 from annotate.stages import PromptTemplate, RegionContext
 from annotate.stages.merge import MergeStage
 
@@ -163,11 +163,11 @@ def merge_records(cfg: PipelineConfig, shard_ids: list[int], input_dir: Path = S
     return out
 
 
-def store_context_output(records: dict[str, list[ImageRecord]], cfg: PipelineConfig, run_dir: Path) -> RunLayout:
+def store_context_output(records: dict[str, list[ImageRecord]], cfg: PipelineConfig, run_dir: Path) -> OutputStore:
     """Write `records` as finished `context` outputs of a run folder (one shard file each, plus its
     manifest line under `cfg.fingerprint()`), so that `annotate run --stage merge` with the same
     config takes them as its input."""
-    layout = RunLayout(root=Path(run_dir))
+    layout = OutputStore(Path(run_dir))
     fingerprint = cfg.fingerprint()
     for shard, recs in records.items():
         writer = ShardWriter(layout.output_path("context", shard))
@@ -178,7 +178,7 @@ def store_context_output(records: dict[str, list[ImageRecord]], cfg: PipelineCon
             writer.abort()
             raise
         stats = writer.commit()
-        layout.record_finished({"output": "context", "shard": shard, "config": fingerprint, "sha256": stats.sha256,
+        layout.record({"output": "context", "shard": shard, "config": fingerprint, "sha256": stats.sha256,
                                 **stats.summary()})
     return layout
 

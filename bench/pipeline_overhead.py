@@ -123,12 +123,12 @@ def _process_label(proc) -> str:
 
 def _prepare(cfg, input_dir: Path, ids: list[int], root: Path) -> None:
     from annotate.data.shards import find_shards
-    from annotate.executor.layout import RunLayout
+    from annotate.data.store import OutputStore
     from annotate.executor.reader import prepare_output
 
-    layout = RunLayout(root=root)
+    layout = OutputStore(root)
     for ref in find_shards(input_dir, ids, cfg.data.shard_format):
-        layout.record_finished(prepare_output(ref, cfg.data, layout, cfg.fingerprint()))
+        layout.record(prepare_output(ref, cfg.data, layout, cfg.fingerprint()))
 
 
 def _seed_output(prepared: Path, out: Path) -> None:
@@ -142,13 +142,13 @@ def run_direct(cfg, engines: dict, prepared: Path, shard_names: list[str], out: 
     from annotate.config import STAGE_ORDER
     from annotate.data.images import ImageError, decode_image
     from annotate.data.writer import ShardWriter
-    from annotate.executor.layout import RunLayout
-    from annotate.executor.shard_io import iter_stored_records
+    from annotate.data.store import OutputStore
+    from annotate.data.store import iter_stored_records
     from annotate.executor.workers import finalize_record
     from annotate.stages import STAGE_CLASSES, PromptTemplate
     from annotate.stages.batch import StageCounts, run_stage
 
-    layout = RunLayout(root=prepared)
+    layout = OutputStore(prepared)
     model_s = 0.0
 
     def timed(chat):
@@ -211,7 +211,8 @@ def run(shards: int = 8, rounds: int = 2, config: str | Path = REPO / "pipelines
     from annotate.config import load_config
     from annotate.engines.factory import build_engine
     from ray import serve
-    from annotate.executor.runner import ensure_ray, run_pipeline
+    from annotate.cluster import ensure_ray
+    from annotate.executor.runner import run_pipeline
     from bench.shards import make_shards
 
     cfg = load_config(config)

@@ -42,7 +42,8 @@ def measure(shards: int, work: Path) -> dict:
     from rich.console import Console
 
     from annotate.config import load_config
-    from annotate.executor.runner import ensure_ray, run_pipeline
+    from annotate.cluster import ensure_ray
+    from annotate.executor.runner import run_pipeline
     from bench.pipeline_overhead import TreeCpu, _prepare, _seed_output
     from bench.shards import make_shards
 

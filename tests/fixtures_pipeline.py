@@ -25,7 +25,7 @@ SAMPLE_SHARDS = REPO / "sample_data" / "grit"
 def ray_session():
     import ray
 
-    from annotate.executor.runner import ensure_ray
+    from annotate.cluster import ensure_ray
 
     ensure_ray(load_config(TINY).run)
     yield ray

@@ -9,24 +9,24 @@ from pathlib import Path
 from annotate.config import load_config
 from annotate.data.records import ImageRecord, RegionRecord
 from annotate.data.writer import ShardWriter
-from annotate.executor.layout import DAMAGED, FINAL, RunLayout
+from annotate.data.store import DAMAGED, FINAL, OutputStore
 from annotate.executor.reader import reset_for_retry
 from annotate.executor.runner import plan_work
 from fixtures_pipeline import SAMPLE_SHARDS, TINY
 
 
-def _write(layout: RunLayout, output: str, shard: str, config: str, caption: str, **line) -> dict:
+def _write(layout: OutputStore, output: str, shard: str, config: str, caption: str, **line) -> dict:
     """A one-image output file for `shard`, renamed into place, and its manifest line."""
     writer = ShardWriter(layout.output_path(output, shard))
     writer.add(ImageRecord(image_key="k", shard=shard, width=4, height=4, caption=caption))
     stats = writer.commit()
     entry = {"output": output, "shard": shard, "config": config, "sha256": stats.sha256, **stats.summary(), **line}
-    layout.record_finished(entry)
+    layout.record(entry)
     return entry
 
 
 def test_newest_line_wins_across_configs(tmp_path):
-    layout = RunLayout(tmp_path)
+    layout = OutputStore(tmp_path)
     _write(layout, FINAL, "00000", "X", "made under X")
     assert set(layout.finished(FINAL, "X")) == {"00000"}
     _write(layout, FINAL, "00000", "Y", "made under Y")  # the file now holds Y's output
@@ -37,7 +37,7 @@ def test_newest_line_wins_across_configs(tmp_path):
 
 
 def test_a_file_changed_since_its_line_is_redone(tmp_path):
-    layout = RunLayout(tmp_path)
+    layout = OutputStore(tmp_path)
     _write(layout, FINAL, "00000", "X", "a")
     _write(layout, FINAL, "00001", "X", "b")
     path = layout.output_path(FINAL, "00001")
@@ -50,7 +50,7 @@ def test_a_file_changed_since_its_line_is_redone(tmp_path):
 
 
 def test_a_damaged_line_is_never_finished(tmp_path):
-    layout = RunLayout(tmp_path)
+    layout = OutputStore(tmp_path)
     _write(layout, FINAL, "00000", "X", "whole")
     _write(layout, FINAL, "00000", "X", "part", state=DAMAGED, damage="truncated tar", samples_read=1)
     assert layout.finished(FINAL, "X") == {}
@@ -66,7 +66,7 @@ def _shards(tmp_path: Path) -> Path:
 def test_plan_redoes_damaged_and_mismatched_shards_and_carries_damage_downstream(tmp_path):
     cfg = load_config(TINY)
     fp = cfg.fingerprint()
-    layout = RunLayout(tmp_path / "out")
+    layout = OutputStore(tmp_path / "out")
     src = _shards(tmp_path)
     _write(layout, FINAL, "00000", fp, "done")
     _write(layout, "prepare", "00001", fp, "part", state=DAMAGED, damage="truncated tar", samples_read=1)

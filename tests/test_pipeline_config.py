@@ -9,7 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from annotate.config import STAGE_ORDER, PipelineConfig, load_config
-from annotate.executor.layout import STAGE_IO
+from annotate.stages.chain import STAGE_IO
 from annotate.stages import STAGE_CLASSES, PromptTemplate
 
 REPO = Path(__file__).resolve().parents[1]

@@ -17,7 +17,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from annotate.cli import DAMAGED_EXIT_CODE, app
-from annotate.executor.layout import DAMAGED, FINAL, RunLayout
+from annotate.data.store import DAMAGED, FINAL, OutputStore
 from annotate.executor.report import print_status, status_report
 from fixtures_pipeline import SAMPLE_SHARDS, TINY
 from test_pipeline_run import input_region_ids
@@ -39,7 +39,7 @@ def test_damaged_shards_are_named_redone_and_never_finished(ray_session, tmp_pat
     assert result.exit_code == DAMAGED_EXIT_CODE, result.output
     assert "00001" in result.output and "00002" in result.output and "damaged" in result.output.lower()
 
-    layout = RunLayout(out)
+    layout = OutputStore(out)
     finals = layout.latest(FINAL)
     assert finals["00000"]["state"] == "finished"
     for shard in ("00001", "00002"):

@@ -16,7 +16,9 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from annotate.executor.layout import RETRYABLE_PREFIXES, RunLayout
+from annotate.data.store import OutputStore
+
+from annotate.stages.chain import RETRYABLE_PREFIXES
 from fixtures_pipeline import SAMPLE_SHARDS
 
 pytestmark = pytest.mark.slow
@@ -91,7 +93,7 @@ def test_rejected_regions_keep_their_reason_and_skip_later_stages(tiny_run_all):
 
 def test_manifest_has_counts_checksum_and_config(tiny_run_all, tiny_config):
     out, summary = tiny_run_all
-    layout = RunLayout(out)
+    layout = OutputStore(out)
     finished = layout.finished("final", tiny_config.fingerprint())
     assert set(finished) == {"00000", "00001"}
     for shard, entry in finished.items():
@@ -165,12 +167,12 @@ def test_retry_failed_redoes_only_failed_regions(ray_session, tiny_run_all, tiny
 
     from annotate.executor.runner import run_pipeline
     from annotate.data.writer import ShardWriter
-    from annotate.executor.shard_io import iter_stored_records
+    from annotate.data.store import iter_stored_records
 
     out_all, _ = tiny_run_all
     shutil.copytree(out_all, tmp_path / "out")
     out = tmp_path / "out"
-    layout = RunLayout(out)
+    layout = OutputStore(out)
     path = layout.output_path("final", "00000")
     records = list(iter_stored_records(path))
     victims = []
@@ -185,7 +187,7 @@ def test_retry_failed_redoes_only_failed_regions(ray_session, tiny_run_all, tiny
     for record in records:
         writer.add(record)
     stats = writer.commit()  # as a run would have written it: with its manifest line (checksums are checked)
-    layout.record_finished({"output": "final", "shard": "00000", "config": tiny_config.fingerprint(),
+    layout.record({"output": "final", "shard": "00000", "config": tiny_config.fingerprint(),
                             "sha256": stats.sha256, **stats.summary()})
     # The random-weight models may have failed some regions for real (e.g. an answer cut by
     # max_tokens): those are retried too, so the shards holding them are redone and they may change.

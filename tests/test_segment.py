@@ -86,7 +86,7 @@ def test_segment_operator_keeps_every_row(ray_session, box_items):
 @pytest.mark.slow
 def test_run_with_segment_stage_before_object(ray_session, tiny_config, tmp_path):
     from annotate.executor.runner import run_pipeline
-    from annotate.executor.shard_io import iter_stored_records
+    from annotate.data.store import iter_stored_records
 
     cfg = tiny_config.model_copy(deep=True)
     cfg.data.masks.source = "box"

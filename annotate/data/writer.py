@@ -153,7 +153,7 @@ def write_parquet_atomic(records: Iterable[ImageRecord], path: Path) -> WriteSta
 
 
 def file_sha256(path: Path) -> str:
-    """The checksum a manifest line records for an output file (and `RunLayout.holds` checks)."""
+    """The checksum a manifest line records for an output file (and `OutputStore.holds` checks)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

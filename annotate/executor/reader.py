@@ -16,9 +16,10 @@ import ray
 from annotate.config import DataConfig
 from annotate.data.prepare import ShardStats, prepare_shard
 from annotate.data.shards import ShardRef
-from annotate.data.writer import ShardWriter
-from annotate.executor.layout import DAMAGED, RETRYABLE_PREFIXES, RunLayout
-from annotate.executor.shard_io import count_rows, iter_stored_records, record_to_row
+from annotate.data.store import PREPARE, OutputStore
+from annotate.stages.chain import RETRYABLE_PREFIXES
+from annotate.data.store import count_rows, iter_stored_records
+from annotate.executor.shard_io import record_to_row
 
 
 # The fields each stage writes, in chain order: a retry clears the failed stage's field and all later ones.
@@ -60,10 +61,10 @@ class ShardLedger:
         return lines
 
 
-def prepare_output(shard: ShardRef, data: DataConfig, layout: RunLayout, fingerprint: str) -> dict:
+def prepare_output(shard: ShardRef, data: DataConfig, layout: OutputStore, fingerprint: str) -> dict:
     """Run the data plane over one source shard and store it as the `prepare` output; returns its
     manifest line (`damaged`, with the reason and the samples read, when the shard was read in part)."""
-    writer = ShardWriter(layout.output_path("prepare", shard.name))
+    writer = layout.writer(PREPARE, shard.name)
     stats = ShardStats()
     try:
         for prepared in prepare_shard(shard, data, stats):
@@ -73,12 +74,8 @@ def prepare_output(shard: ShardRef, data: DataConfig, layout: RunLayout, fingerp
     except BaseException:
         writer.abort()
         raise
-    written = writer.commit()
-    line = {"output": "prepare", "shard": shard.name, "config": fingerprint, "sha256": written.sha256,
-            **written.summary()}
-    if stats.damage:
-        line.update(state=DAMAGED, damage=stats.damage, samples_read=stats.images)
-    return line
+    damage = {"damage": stats.damage, "samples_read": stats.images} if stats.damage else None
+    return layout.commit_file(writer, PREPARE, shard.name, fingerprint, damage)
 
 
 def read_shard(batch: pa.Table, *, data: DataConfig, layout_root: str, fingerprint: str, rows_per_batch: int,
@@ -89,7 +86,7 @@ def read_shard(batch: pa.Table, *, data: DataConfig, layout_root: str, fingerpri
     not finished yet, so the data plane of many shards runs in parallel on the cluster; its manifest
     line goes to the driver through `ledger` before any of its rows do.
     """
-    layout = RunLayout(root=Path(layout_root))
+    layout = OutputStore(Path(layout_root))
     for item in batch.to_pylist():
         if item["needs_prepare"]:
             ref = ShardRef(shard_id=item["shard_id"], name=item["shard"], path=Path(item["source_path"]),

@@ -7,23 +7,24 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from annotate.executor.layout import DAMAGED, FINAL, STAGE_IO, RunLayout, iter_manifest_shards
+from annotate.data.store import DAMAGED, FINAL, PREPARE, OutputStore, damage_of
 
-OUTPUT_ORDER = ("prepare",) + tuple(io[1] for name, io in STAGE_IO.items() if name != "all" and io[1] != FINAL) + (FINAL,)
+from annotate.stages.chain import STAGE_IO
+
+OUTPUT_ORDER = (PREPARE,) + tuple(io[1] for name, io in STAGE_IO.items() if name != "all" and io[1] != FINAL) + (FINAL,)
 
 
 def status_report(output_dir: str | Path) -> dict:
     """{output: {shard: manifest entry}} plus totals per output; raises when there is no run here."""
-    layout = RunLayout(root=Path(output_dir))
+    layout = OutputStore(Path(output_dir))
     if not layout.manifest_path.exists():
         raise FileNotFoundError(f"{layout.root} holds no run (no manifest.jsonl); is it the --output of `annotate run`?")
     report: dict = {"outputs": {}, "totals": {}, "damaged": []}
     for output in OUTPUT_ORDER:
-        entries = {e["shard"]: e for e in iter_manifest_shards(layout, output)}
+        entries = layout.latest(output)
         if not entries:
             continue
-        report["damaged"] += [{"output": output, "shard": shard, "damage": e.get("damage", ""),
-                               "samples_read": e.get("samples_read", e.get("images", 0)), "at": e.get("finished_at", "")}
+        report["damaged"] += [{"output": output, "shard": shard, **damage_of(e), "at": e.get("finished_at", "")}
                               for shard, e in sorted(entries.items()) if e.get("state") == DAMAGED]
         report["outputs"][output] = entries
         totals = {k: sum(int(e.get(k, 0)) for e in entries.values())

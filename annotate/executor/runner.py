@@ -23,13 +23,16 @@ import pyarrow.parquet as pq
 import ray
 from rich.console import Console
 
-from annotate.config import PipelineConfig, RunConfig
+from annotate.cluster import ensure_ray
+from annotate.config import PipelineConfig
 from annotate.data.shards import find_shards
 from annotate.data.writer import ShardWriter, write_dataset_card
 from annotate.engines.result_cache import remove_shard
-from annotate.executor.layout import DAMAGED, FINAL, FINISHED, RETRYABLE_PREFIXES, STAGE_IO, OutputLock, RunLayout
+from annotate.data.store import DAMAGED, FINAL, FINISHED, OutputStore, damage_of
+from annotate.stages.chain import RETRYABLE_PREFIXES, STAGE_IO
 from annotate.executor.progress import ProgressDisplay, ProgressTracker
-from annotate.executor.shard_io import ROW_SHARD, ROW_TOTAL, count_rows, row_to_record
+from annotate.data.store import count_rows
+from annotate.executor.shard_io import ROW_SHARD, ROW_TOTAL, row_to_record
 from annotate.executor.reader import ShardLedger, read_shard
 from annotate.executor.workers import SegmentWorker, StageWorker, finalize_record
 from annotate.serving.apps import SEGMENT_MODEL, ModelApp, ensure_apps, needed_models, replica_info, replicas
@@ -55,28 +58,6 @@ class RunSummary:
     model_calls: dict[str, dict] = field(default_factory=dict)  # stage -> calls sent to its model, and replayed
 
 
-def ensure_ray(run: RunConfig, address: str | None = None) -> str | None:
-    """Join the cluster at `address` (or the config's), or start a local one; return the dashboard URL.
-
-    A local cluster's dashboard binds to `run.dashboard_host` (127.0.0.1 unless configured).
-    """
-    if not ray.is_initialized():
-        address = address or run.ray_address
-        kwargs: dict = {"namespace": "longgrit", "log_to_driver": run.log_to_driver}
-        if address:
-            kwargs["address"] = address
-        else:
-            kwargs.update(include_dashboard=True, dashboard_host=run.dashboard_host, num_cpus=run.num_cpus)
-            if run.dashboard_port is not None:
-                kwargs["dashboard_port"] = run.dashboard_port
-        ray.init(**kwargs)
-        ray.data.DataContext.get_current().enable_progress_bars = False  # we draw our own (rich)
-    from ray._private.worker import get_dashboard_url
-
-    url = get_dashboard_url()
-    return f"http://{url}" if url and not url.startswith("http") else url
-
-
 def _has_retryable_failures(path: Path) -> bool:
     regions = pq.read_table(path, columns=["regions"]).column("regions").to_pylist()
     return any(
@@ -84,7 +65,7 @@ def _has_retryable_failures(path: Path) -> bool:
     )
 
 
-def plan_work(cfg: PipelineConfig, layout: RunLayout, input_dir: Path, shard_ids: list[int], stage: str,
+def plan_work(cfg: PipelineConfig, layout: OutputStore, input_dir: Path, shard_ids: list[int], stage: str,
               retry_failed: bool) -> tuple[list[dict], list[str]]:
     """Which shards this run must process, and from which stored input; the rest are finished.
 
@@ -123,13 +104,9 @@ def plan_work(cfg: PipelineConfig, layout: RunLayout, input_dir: Path, shard_ids
                 )
             item["needs_prepare"] = True
         elif line.get("state") == DAMAGED:
-            item["damage"] = _damage_of(line)
+            item["damage"] = damage_of(line)
         items.append(item)
     return items, skipped
-
-
-def _damage_of(line: dict) -> dict:
-    return {"damage": line.get("damage", "damaged input"), "samples_read": line.get("samples_read", line.get("images", 0))}
 
 
 def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | Path, shard_ids: list[int],
@@ -142,9 +119,9 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
     missing = [s for s in chain if s not in cfg.stages]
     if missing:
         raise ValueError(f"the pipeline file defines no stage {', '.join(missing)} (needed by --stage {stage})")
-    layout = RunLayout(root=Path(output_dir))
+    layout = OutputStore(Path(output_dir))
     summary = RunSummary(output_dir=layout.root, stage=stage)
-    with OutputLock(layout.root):
+    with layout.lock():
         if removed := layout.remove_stale_temporaries():
             console.print(f"removed {removed} half-written file(s) left by an interrupted run")
         items, summary.shards_skipped = plan_work(cfg, layout, Path(input_dir), shard_ids, stage, retry_failed)
@@ -234,9 +211,9 @@ def stage_worker_counts(cfg: PipelineConfig, chain: tuple[str, ...]) -> dict[str
     return {name: replicas(cfg.models[cfg.stages[name].model]) * cfg.run.stage_workers_per_replica for name in chain}
 
 
-def _write_run_record(layout: RunLayout, summary: RunSummary, cfg: PipelineConfig) -> None:
+def _write_run_record(layout: OutputStore, summary: RunSummary, cfg: PipelineConfig) -> None:
     """OUT/runs/TIME.json: what one invocation did and where its model replicas ran."""
-    runs = layout.root / "runs"
+    runs = layout.runs_dir
     runs.mkdir(parents=True, exist_ok=True)
     record = {"stage": summary.stage, "config": cfg.fingerprint(), "pipeline": cfg.name,
               "shards_written": summary.shards_written, "shards_skipped": summary.shards_skipped,
@@ -260,7 +237,7 @@ class ShardOutputs:
     """The driver's side of a run: writes each shard's output once all its images arrived, and is the
     one writer of the manifest (its own lines, and the `prepare` lines read tasks hand over)."""
 
-    def __init__(self, layout: RunLayout, output: str, fingerprint: str, ledger, damage: dict[str, dict]):
+    def __init__(self, layout: OutputStore, output: str, fingerprint: str, ledger, damage: dict[str, dict]):
         self.layout, self.output, self.fingerprint, self.ledger = layout, output, fingerprint, ledger
         self.damage = dict(damage)  # shard -> {damage, samples_read}, from its input's line or its read task
         self.written: dict[str, dict] = {}
@@ -273,23 +250,19 @@ class ShardOutputs:
     def record_prepared(self) -> None:
         """Write the manifest lines of `prepare` outputs made by read tasks since the last call."""
         for line in ray.get(self.ledger.drain.remote()):
-            self.layout.record_finished(line)
+            self.layout.record(line)
             if line.get("state") == DAMAGED:
-                self.damage[line["shard"]] = _damage_of(line)
+                self.damage[line["shard"]] = damage_of(line)
 
     def commit(self, writer: ShardWriter, shard: str) -> None:
         """Rename the shard's output into place, then append its manifest line."""
         self.record_prepared()
-        stats = writer.commit()
-        line = {"output": self.output, "shard": shard, "config": self.fingerprint, "sha256": stats.sha256,
-                **stats.summary()}
         damage = self.damage.get(shard)
+        self.layout.commit(writer, self.output, shard, self.fingerprint, damage)
         if damage:
-            line.update(state=DAMAGED, **damage)
-            self.damaged[shard] = {**stats.summary(), **damage}
+            self.damaged[shard] = {**writer.stats.summary(), **damage}
         else:
-            self.written[shard] = stats.summary()
-        self.layout.record_finished(line)
+            self.written[shard] = writer.stats.summary()
         remove_shard(self.layout.cache_root, shard)  # after its manifest line: its model results are in the output now
 
     def write(self, ds, display: ProgressDisplay) -> None:

@@ -12,7 +12,7 @@ import time
 from rich.console import Console
 
 from annotate.config import PipelineConfig
-from annotate.executor.runner import ensure_ray
+from annotate.cluster import ensure_ray
 from annotate.serving.apps import ensure_apps, needed_models, replica_info, stop_apps
 
 

@@ -39,7 +39,7 @@ class StageWorker:
         self.tracker = tracker
         self.metrics = StageMetrics(stage_name)
         self.needs_pixels = bool(self.stage.prompt.images)
-        # OUT/cache (RunLayout.cache_root): finished model results, so a rerun replays them. None: off.
+        # OUT/cache (OutputStore.cache_root): finished model results, so a rerun replays them. None: off.
         # The model's own settings key the results when given; else its deployment's name, which
         # covers every setting but changes with the replica count too.
         settings = model.model_dump(mode="json") if model is not None else {"app": app.app_name}

@@ -61,7 +61,7 @@ def train_on_ray(
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
-    from annotate.executor.runner import ensure_ray
+    from annotate.cluster import ensure_ray
 
     output = Path(output).resolve()
     output.mkdir(parents=True, exist_ok=True)

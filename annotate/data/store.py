@@ -1,0 +1,210 @@
+"""The output store: where a run keeps its files, how they are read back, and the manifest that says
+which shard outputs are finished. Every reader and writer of an output folder goes through here.
+
+    OUT/data/NNNNN.parquet            final output, one file per shard (the dataset)
+    OUT/stages/STAGE/NNNNN.parquet    a stored intermediate output (`prepare`, or one model stage's)
+    OUT/cache/NNNNN/                  model results of a shard in flight (engines/result_cache.py)
+    OUT/manifest.jsonl                one line per committed (output, shard), appended after the rename
+    OUT/runs/TIME.json                what each `annotate run` did
+    OUT/README.md                     the dataset card
+
+A shard output is finished only when its file was renamed into place *and* the newest manifest line
+for it says `finished`, under the run's config fingerprint, with the checksum the file still has.
+Anything else is redone by the next run, which then replaces the file atomically: a crash at any
+moment never leaves a half file where a reader looks, and never produces a second copy of a shard.
+A shard read only in part (a truncated or corrupt input) gets a `damaged` line instead: its output
+holds what could be read, and the next run tries it again.
+
+One writer: only one process appends to the manifest (the run's driver; read tasks on other nodes
+hand it their lines), and only while it holds the output lock, so lines never interleave and file
+order is time order; that is why "newest line wins" can simply mean "last line in the file". Appends
+from several NFS clients would not be atomic; one marker file per shard would be, but would lose the
+history a line-per-event log keeps.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from annotate.data.records import ImageRecord, row_to_image_record
+from annotate.data.writer import ShardWriter, file_sha256
+
+FINAL = "final"  # the output name of the dataset itself (OUT/data)
+PREPARE = "prepare"  # the data plane's output: regions and masks, before any model stage
+FINISHED, DAMAGED = "finished", "damaged"  # the `state` of a manifest line (lines without one are finished)
+DATASET_GLOB = "data/*.parquet"  # what the dataset card points `datasets` at
+
+
+@dataclass(frozen=True)
+class OutputStore:
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # ------------------------------------------------------------------ paths
+    def output_path(self, output: str, shard: str) -> Path:
+        if output == FINAL:
+            return self.root / "data" / f"{shard}.parquet"
+        return self.root / "stages" / output / f"{shard}.parquet"
+
+    def dataset_files(self) -> list[Path]:
+        """The dataset's Parquet files, in shard order (hidden temporaries never count)."""
+        return sorted(p for p in self.root.glob(DATASET_GLOB) if not p.name.startswith("."))
+
+    @property
+    def cache_root(self) -> Path:
+        """OUT/cache: finished model results of shards in flight, one folder per shard."""
+        return self.root / "cache"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.jsonl"
+
+    # --------------------------------------------------------------- manifest
+    def manifest(self) -> list[dict[str, Any]]:
+        if not self.manifest_path.exists():
+            return []
+        lines = []
+        for line in self.manifest_path.read_text().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash mid-write counts as not written
+        return lines
+
+    def latest(self, output: str) -> dict[str, dict[str, Any]]:
+        """shard -> its newest manifest line for `output`, whatever its config and state, in shard order."""
+        latest = {entry["shard"]: entry for entry in self.manifest()
+                  if entry.get("output") == output and isinstance(entry.get("shard"), str)}
+        return {shard: latest[shard] for shard in sorted(latest)}
+
+    def finished(self, output: str, fingerprint: str) -> dict[str, dict[str, Any]]:
+        """shard -> manifest line, for outputs whose newest line is `finished` and still holds."""
+        return self._in_state(output, fingerprint, FINISHED)
+
+    def damaged(self, output: str, fingerprint: str) -> dict[str, dict[str, Any]]:
+        """shard -> manifest line, for outputs whose newest line is `damaged` (read in part) and still holds."""
+        return self._in_state(output, fingerprint, DAMAGED)
+
+    def _in_state(self, output: str, fingerprint: str, state: str) -> dict[str, dict[str, Any]]:
+        return {shard: entry for shard, entry in self.latest(output).items() if self.is_current(entry, fingerprint, state)}
+
+    def is_current(self, entry: dict[str, Any] | None, fingerprint: str, *states: str) -> bool:
+        """The line exists, is in one of `states` (lines without a state are finished) and `holds`."""
+        return entry is not None and entry.get("state", FINISHED) in states and self.holds(entry, fingerprint)
+
+    def holds(self, entry: dict[str, Any], fingerprint: str) -> bool:
+        """The line's config is this run's and its file is on disk with the checksum the line recorded
+        (a file replaced, damaged or truncated since is redone)."""
+        if entry.get("config") != fingerprint:
+            return False
+        path = self.output_path(entry["output"], entry["shard"])
+        if not path.is_file():
+            return False
+        return file_sha256(path) == entry.get("sha256")
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """Append one manifest line and fsync it; called only after the output file is in place.
+
+        `entry["state"]` is `finished` unless given (`damaged`)."""
+        entry = {"state": FINISHED, **entry, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.manifest_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    # ---------------------------------------------------------------- commits
+    def writer(self, output: str, shard: str, expected_rows: int = 0) -> ShardWriter:
+        """A writer for one shard output; nothing is visible until `commit_file` renames it into place."""
+        return ShardWriter(self.output_path(output, shard), expected_rows)
+
+    def commit_file(self, writer: ShardWriter, output: str, shard: str, fingerprint: str,
+                    damage: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Rename the shard's output into place; return its manifest line (for the manifest's one writer).
+
+        `damage` ({damage, samples_read}) makes the line `damaged`: the output holds what was read."""
+        stats = writer.commit()
+        line = {"output": output, "shard": shard, "config": fingerprint, "sha256": stats.sha256, **stats.summary()}
+        if damage:
+            line.update(state=DAMAGED, **damage)
+        return line
+
+    def commit(self, writer: ShardWriter, output: str, shard: str, fingerprint: str,
+               damage: dict[str, Any] | None = None) -> dict[str, Any]:
+        """`commit_file`, then append its manifest line: for a process that is the manifest's writer."""
+        line = self.commit_file(writer, output, shard, fingerprint, damage)
+        self.record(line)
+        return line
+
+    def remove_stale_temporaries(self) -> int:
+        """Half-written files of a run that died; they never count as output."""
+        removed = 0
+        for path in list(self.root.glob("data/.*.tmp*")) + list(self.root.glob("stages/*/.*.tmp*")):
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed
+
+    def lock(self) -> "OutputLock":
+        return OutputLock(self.root)
+
+
+def damage_of(line: dict[str, Any]) -> dict[str, Any]:
+    """{damage, samples_read} of a `damaged` manifest line (older lines lack `samples_read`: their images)."""
+    return {"damage": line.get("damage", "damaged input"), "samples_read": line.get("samples_read", line.get("images", 0))}
+
+
+class OutputLock:
+    """One writer per output folder at a time (two drivers would race on the same shard files).
+
+    An flock is released by the kernel when its holder dies, so a `kill -9` never leaves a stale lock.
+    """
+
+    def __init__(self, root: Path):
+        self.path = Path(root) / ".lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> "OutputLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise RuntimeError(
+                f"another `annotate` command is writing to {self.path.parent}; wait for it to finish "
+                "or choose another --output"
+            ) from None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+
+
+# ------------------------------------------------------------------- reading
+def count_rows(path: Path) -> int:
+    return pq.ParquetFile(path).metadata.num_rows
+
+
+def iter_stored_records(path: Path, batch_rows: int = 64) -> Iterator[ImageRecord]:
+    """Stream a stored shard output; never holds more than `batch_rows` images in memory."""
+    parquet = pq.ParquetFile(path)
+    for batch in parquet.iter_batches(batch_size=batch_rows):
+        for row in batch.to_pylist():
+            yield row_to_image_record(row)
