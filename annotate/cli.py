@@ -158,11 +158,14 @@ def _print_run_summary(summary) -> None:
         from annotate.executor.runner import describe_damaged
 
         typer.echo("\n" + describe_damaged(summary.shards_damaged), err=True)
-    out = Path(summary.output_dir)
-    if (out / "data").is_dir() and summary.stage in ("all", "merge"):
-        typer.echo(f"\nDataset: {out / 'data'}  (card: {out / 'README.md'})\nLoad it with:\n"
-                   f"  from datasets import load_dataset\n"
-                   f"  ds = load_dataset(\"parquet\", data_files=\"{out}/data/*.parquet\", split=\"train\")")
+    from annotate.data.store import FINAL, OutputStore
+    from annotate.stages.chain import stage_io
+
+    store = OutputStore(summary.output_dir)
+    if stage_io(summary.stage).writes == FINAL and store.dataset_files():
+        typer.echo(f"\nDataset: {store.output_path(FINAL, '*').parent}  (card: {store.root / 'README.md'})\n"
+                   f"Load it with:\n  from datasets import load_dataset\n"
+                   f"  ds = load_dataset(\"{store.root}\", split=\"train\")")
 
 
 @app.command()

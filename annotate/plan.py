@@ -26,10 +26,11 @@ from typing import Any
 
 import yaml
 
-from annotate.config import STAGE_ORDER, ModelConfig, PipelineConfig
+from annotate.config import ModelConfig, PipelineConfig
+from annotate.data.store import OutputStore
+from annotate.stages.chain import STAGE_ORDER
 
 DEFAULT_THROUGHPUT = Path(__file__).resolve().parent.parent / "pipelines" / "throughput.yaml"
-_PROV_FIELD = {"object": "object", "validate": "validate", "context": "context", "merge": "merge"}
 
 
 @dataclass
@@ -84,7 +85,7 @@ def measure_run(output_dir: str | Path) -> dict[str, Any]:
     """Tokens per region and reach per stage from a run's final output (OUT/data/*.parquet)."""
     import pyarrow.parquet as pq
 
-    files = sorted(Path(output_dir).glob("data/*.parquet"))
+    files = OutputStore(output_dir).dataset_files()
     if not files:
         raise FileNotFoundError(f"{output_dir} holds no data/*.parquet; is it the --output of a finished `annotate run`?")
     reached = {s: 0 for s in STAGE_ORDER}
@@ -97,16 +98,16 @@ def measure_run(output_dir: str | Path) -> dict[str, Any]:
             for r in regions or []:
                 status[r["status"]] = status.get(r["status"], 0) + 1
                 for s in STAGE_ORDER:
-                    p = (r.get("provenance") or {}).get(_PROV_FIELD[s]) or {}
+                    p = (r.get("provenance") or {}).get(s) or {}
                     if p.get("prompt_tokens"):
                         reached[s] += 1
                         prompt[s] += p["prompt_tokens"]
                         completion[s] += p.get("completion_tokens") or 0
                         if p.get("model"):
                             models[s].add(p["model"])
-    base = reached["object"]
+    base = reached[STAGE_ORDER[0]]
     if base == 0:
-        raise ValueError(f"no region of {output_dir} reached the object stage: nothing to measure")
+        raise ValueError(f"no region of {output_dir} reached the {STAGE_ORDER[0]} stage: nothing to measure")
     judged = status["ok"] + status["rejected"]
     return {
         "path": str(output_dir),

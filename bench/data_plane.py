@@ -34,7 +34,7 @@ from annotate.data.images import ImageError, decode_image  # noqa: E402
 from annotate.data.prepare import prepare_shard  # noqa: E402
 from annotate.data.shards import find_shards, iter_samples  # noqa: E402
 from annotate.data.writer import ShardWriter  # noqa: E402
-from annotate.stages import PromptTemplate, RegionContext  # noqa: E402
+from annotate.stages.base import PromptTemplate, RegionContext  # noqa: E402
 from annotate.stages.object import ObjectStage  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

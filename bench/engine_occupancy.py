@@ -59,11 +59,10 @@ from annotate.config import MaskConfig, PipelineConfig, StageConfig, load_config
 from annotate.data.prepare import prepare_shard
 from annotate.data.records import ImageRecord, Validation
 from annotate.data.shards import find_shards
-from annotate.data.writer import ShardWriter
 from annotate.engines.base import ChatRequest
 from annotate.engines.step_stats import ENV_DIR, read_steps, summarize
 from annotate.data.store import OutputStore
-from annotate.stages import PromptTemplate, RegionContext
+from annotate.stages.base import PromptTemplate, RegionContext
 from annotate.stages.merge import MergeStage
 
 REPO = Path(__file__).resolve().parent.parent
@@ -167,20 +166,18 @@ def store_context_output(records: dict[str, list[ImageRecord]], cfg: PipelineCon
     """Write `records` as finished `context` outputs of a run folder (one shard file each, plus its
     manifest line under `cfg.fingerprint()`), so that `annotate run --stage merge` with the same
     config takes them as its input."""
-    layout = OutputStore(Path(run_dir))
+    store = OutputStore(Path(run_dir))
     fingerprint = cfg.fingerprint()
     for shard, recs in records.items():
-        writer = ShardWriter(layout.output_path("context", shard))
+        writer = store.writer("context", shard)
         try:
             for record in recs:
                 writer.add(record)
         except BaseException:
             writer.abort()
             raise
-        stats = writer.commit()
-        layout.record({"output": "context", "shard": shard, "config": fingerprint, "sha256": stats.sha256,
-                                **stats.summary()})
-    return layout
+        store.commit(writer, "context", shard, fingerprint)
+    return store
 
 
 def make_stage(cfg: PipelineConfig) -> FixedLengthMerge:

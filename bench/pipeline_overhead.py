@@ -8,10 +8,10 @@ files written:
 * pipeline: `run_pipeline(cfg, ..., stage="all")`, timed by `RunSummary.processing_s` (from every
   model deployment ready to the end of the run: no Ray start, no model load). The first call deploys
   the models on Serve; later calls find them running and reuse them.
-* direct: `build_engine` for both models of the pipeline file in this process, then for each stage
-  in chain order `run_stage(stage, records[i:i+batch_size], engine.chat, ...)` over the stored
-  records (decoded images for the VLM stages, as a stage worker does), then `finalize_record` and
-  `ShardWriter`. Time inside `engine.chat` is reported separately (the models' own time).
+* direct: `build_engine` for both models of the pipeline file in this process, then
+  `stages.chain.run_chain` over the stored records (each stage in chain order, in its batch size,
+  against `engine.chat`, with decoded images for the VLM stages as a stage worker does, then
+  `finalize_record`), then the store's `ShardWriter`. Time inside `engine.chat` is reported separately (the models' own time).
 
 An untimed warm-up (one shard through each side) loads the deployments and first-call costs. Then
 rounds alternate pipeline, direct, pipeline, direct... into fresh output folders; the ratio is
@@ -122,13 +122,13 @@ def _process_label(proc) -> str:
 
 
 def _prepare(cfg, input_dir: Path, ids: list[int], root: Path) -> None:
+    from annotate.data.prepare import prepare_output
     from annotate.data.shards import find_shards
     from annotate.data.store import OutputStore
-    from annotate.executor.reader import prepare_output
 
-    layout = OutputStore(root)
+    store, fingerprint = OutputStore(root), cfg.fingerprint()
     for ref in find_shards(input_dir, ids, cfg.data.shard_format):
-        layout.record(prepare_output(ref, cfg.data, layout, cfg.fingerprint()))
+        store.record(prepare_output(ref, cfg.data, store, fingerprint))
 
 
 def _seed_output(prepared: Path, out: Path) -> None:
@@ -139,19 +139,16 @@ def _seed_output(prepared: Path, out: Path) -> None:
 
 
 def run_direct(cfg, engines: dict, prepared: Path, shard_names: list[str], out: Path) -> dict:
-    from annotate.config import STAGE_ORDER
-    from annotate.data.images import ImageError, decode_image
-    from annotate.data.writer import ShardWriter
-    from annotate.data.store import OutputStore
-    from annotate.data.store import iter_stored_records
-    from annotate.executor.workers import finalize_record
-    from annotate.stages import STAGE_CLASSES, PromptTemplate
-    from annotate.stages.batch import StageCounts, run_stage
+    from annotate.data.store import FINAL, PREPARE, OutputStore, iter_stored_records
+    from annotate.executor.workers import decode_or_none
+    from annotate.stages.chain import run_chain
 
-    layout = OutputStore(prepared)
+    source = OutputStore(prepared)
     model_s = 0.0
 
-    def timed(chat):
+    def timed(model: str):
+        chat = engines[model].chat
+
         def call(requests):
             nonlocal model_s
             t = time.perf_counter()
@@ -162,31 +159,14 @@ def run_direct(cfg, engines: dict, prepared: Path, shard_names: list[str], out: 
         return call
 
     started, cpu = time.perf_counter(), time.process_time()
-    records = [rec for name in shard_names for rec in iter_stored_records(layout.output_path("prepare", name))]
-    totals: dict[str, StageCounts] = {}
-    for name in STAGE_ORDER:
-        sc = cfg.stages[name]
-        model = cfg.models[sc.model]
-        stage = STAGE_CLASSES[name](PromptTemplate.load(sc.prompt), sc.sampling, model.paper_model or model.path)
-        chat = timed(engines[sc.model].chat)
-        counts = totals[name] = StageCounts()
-        for i in range(0, len(records), sc.batch_size):
-            items = []
-            for record in records[i:i + sc.batch_size]:
-                image = None
-                if stage.prompt.images and record.image_bytes:
-                    try:
-                        image = decode_image(record.image_bytes, cfg.data.images)
-                    except ImageError:
-                        image = None
-                items.append((record, image))
-            counts.add(run_stage(stage, items, chat, cfg.data.crops, sc.max_attempts, sc.retry_temperature))
+    records = [rec for name in shard_names for rec in iter_stored_records(source.output_path(PREPARE, name))]
+    totals = run_chain(cfg, timed, records, lambda record: decode_or_none(record, cfg.data))
     by_shard: dict[str, list] = {}
     for record in records:
-        finalize_record(record)
         by_shard.setdefault(record.shard, []).append(record)
+    target = OutputStore(out)
     for shard, recs in by_shard.items():
-        writer = ShardWriter(out / "data" / f"{shard}.parquet", len(recs))
+        writer = target.writer(FINAL, shard, len(recs))
         for r in recs:
             writer.add(r)
         writer.commit()

@@ -30,7 +30,7 @@ from annotate.config import MaskConfig, load_config
 from annotate.data.prepare import prepare_shard
 from annotate.data.shards import find_shards
 from annotate.engines.base import ChatRequest
-from annotate.stages import PromptTemplate, RegionContext
+from annotate.stages.base import PromptTemplate, RegionContext
 from annotate.stages.context import ContextStage
 
 REPO = Path(__file__).resolve().parent.parent

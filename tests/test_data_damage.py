@@ -286,8 +286,8 @@ def test_run_prepare_reports_damage_and_writes_what_was_read(tmp_path, capsys):
     assert summary["shards"]["00000"]["damage"] is None
     assert "truncated tar" in summary["shards"]["00001"]["damage"] and summary["shards"]["00001"]["images"] == 3
     assert summary["damaged"]["00001"] == summary["shards"]["00001"]["damage"]
-    assert pq.read_table(out / "data" / "00001.parquet").column("image_key").to_pylist() == ["k0", "k1", "k2"]
-    assert pq.read_table(out / "data" / "00002.parquet").num_rows == 0
+    assert pq.read_table(out / "stages" / "prepare" / "00001.parquet").column("image_key").to_pylist() == ["k0", "k1", "k2"]
+    assert pq.read_table(out / "stages" / "prepare" / "00002.parquet").num_rows == 0
     err = capsys.readouterr().err
     assert "00001" in err and "DAMAGED" in err
 

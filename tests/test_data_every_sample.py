@@ -103,7 +103,7 @@ def test_the_image_error_is_stored_and_loads(tmp_path, box_cfg, hostile_shard):
     assert stats.image_errors == sum("record_error" in e for e in expect.values()) == stats.summary()["image_errors"]
     back = [row_to_image_record(r) for r in pq.read_table(out / "data" / "00007.parquet").to_pylist()]
     assert [r.error for r in back] == [r.error for r in records]
-    write_dataset_card(out)
+    write_dataset_card(out, "data/*.parquet")
     assert "`error`" in (out / "README.md").read_text()
     ds = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf"))
     assert ds["error"] == [r.error for r in records] and ds.features["error"] == datasets.Value("string")

@@ -66,7 +66,7 @@ def test_annotate_prepare_does_not_crash_on_colliding_keys(tmp_path):
     """The issue's case: `k1`, `k1` again for another image, and a genuine `k1@2`."""
     ref = _shard(tmp_path / "in", ["k1", "k1", "k1@2"], "webdataset")
     summary = run_prepare(str(ref.path.parent), "0", str(tmp_path / "OUT"))
-    table = pq.read_table(tmp_path / "OUT" / "data" / "00000.parquet")
+    table = pq.read_table(tmp_path / "OUT" / "stages" / "prepare" / "00000.parquet")
     assert sorted(table.column("image_key").to_pylist()) == ["k1", "k1@2", "k1@2@2"]
     assert summary["shards"]["00000"]["images"] == 3 and summary["totals"]["pending"] == 3
     assert summary["damaged"] == {}

@@ -31,7 +31,7 @@ def written(tmp_path, hostile_shard, box_cfg):
     (out / "logs").mkdir()
     (out / "logs" / "run.jsonl").write_text('{"not": "data"}\n')
     (out / "manifest.json").write_text("{}")
-    write_dataset_card(out, shards=["00007"])
+    write_dataset_card(out, "data/*.parquet", shards=["00007"])
     return out, records, stats
 
 
@@ -123,7 +123,7 @@ def test_cli_prepare_on_the_sample(sample_dir, tmp_path):
     out = tmp_path / "OUT"
     result = CliRunner().invoke(app, ["prepare", "--input", str(sample_dir), "--shards", "0-1", "--output", str(out)])
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in (out / "data").iterdir()) == ["00000.parquet", "00001.parquet"]
+    assert sorted(p.name for p in (out / "stages" / "prepare").iterdir()) == ["00000.parquet", "00001.parquet"]
     ds = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf"))
     assert len(ds) == 8
     for row in ds:

@@ -10,8 +10,8 @@ from annotate.config import load_config
 from annotate.data.records import ImageRecord, RegionRecord
 from annotate.data.writer import ShardWriter
 from annotate.data.store import DAMAGED, FINAL, OutputStore
-from annotate.executor.reader import reset_for_retry
 from annotate.executor.runner import plan_work
+from annotate.stages.chain import reset_for_retry, stage_io
 from fixtures_pipeline import SAMPLE_SHARDS, TINY
 
 
@@ -70,13 +70,13 @@ def test_plan_redoes_damaged_and_mismatched_shards_and_carries_damage_downstream
     src = _shards(tmp_path)
     _write(layout, FINAL, "00000", fp, "done")
     _write(layout, "prepare", "00001", fp, "part", state=DAMAGED, damage="truncated tar", samples_read=1)
-    items, skipped = plan_work(cfg, layout, src, [0, 1], "all", retry_failed=False)
+    items, skipped = plan_work(cfg, layout, src, [0, 1], stage_io("all"), fp, retry_failed=False)
     assert skipped == ["00000"]
     assert [(i["shard"], i["needs_prepare"]) for i in items] == [("00001", True)]  # damaged prepare: read again
 
     # a later stage uses a damaged input (what could be read) and carries its damage on
     _write(layout, "object", "00001", fp, "part", state=DAMAGED, damage="truncated tar", samples_read=1)
-    items, _ = plan_work(cfg, layout, src, [1], "validate", retry_failed=False)
+    items, _ = plan_work(cfg, layout, src, [1], stage_io("validate"), fp, retry_failed=False)
     assert items[0]["damage"] == {"damage": "truncated tar", "samples_read": 1}
     assert not items[0]["needs_prepare"]
 
@@ -98,3 +98,31 @@ def test_retry_failed_resets_pipeline_errors_from_where_the_region_stopped():
     assert stopped.validation is None and stopped.context_caption is None  # from the first missing field on
     assert model.status == "pending" and model.object_caption == "a dog" and model.fine_caption is None
     assert data_plane.status == "failed"
+
+
+def test_annotate_prepare_writes_the_store_that_annotate_run_resumes(tmp_path):
+    """`annotate prepare` commits each shard through the store with its manifest line, under the
+    pipeline's fingerprint: a run with the same config takes those outputs instead of reading the
+    shards again, and a second `prepare` skips them."""
+    from annotate.data.prepare import run_prepare
+    from annotate.data.store import FINISHED, PREPARE
+
+    src, out = _shards(tmp_path), tmp_path / "out"
+    first = run_prepare(str(src), "0-1", str(out), str(TINY))
+    assert sorted(first["shards"]) == ["00000", "00001"] and first["skipped"] == []
+    cfg = load_config(TINY)
+    fp = cfg.fingerprint()
+    store = OutputStore(out)
+    lines = store.finished(PREPARE, fp)
+    assert sorted(lines) == ["00000", "00001"]
+    assert all(store.is_current(line, fp, FINISHED) for line in lines.values())
+    items, skipped = plan_work(cfg, store, src, [0, 1], stage_io("all"), fp, retry_failed=False)
+    assert skipped == [] and [(i["shard"], i["needs_prepare"], i["input"]) for i in items] == [
+        ("00000", False, PREPARE), ("00001", False, PREPARE)]
+    again = run_prepare(str(src), "0-1", str(out), str(TINY))
+    assert again["shards"] == {} and again["skipped"] == ["00000", "00001"]
+    assert len(store.manifest()) == 2  # nothing recorded twice
+    import datasets
+
+    ds = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf"))  # the card points at them
+    assert len(ds) == first["images"]

@@ -8,9 +8,11 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from annotate.config import STAGE_ORDER, PipelineConfig, load_config
-from annotate.stages.chain import STAGE_IO
-from annotate.stages import STAGE_CLASSES, PromptTemplate
+from annotate.config import PipelineConfig, load_config
+from annotate.data.records import Provenance, RegionRecord
+from annotate.data.store import FINAL, PREPARE
+from annotate.stages.base import PromptTemplate
+from annotate.stages.chain import STAGE_CLASSES, STAGE_FIELDS, STAGE_ORDER, STORED_OUTPUTS, check_stages, stage_io
 
 REPO = Path(__file__).resolve().parents[1]
 # Pipeline definitions are the YAML files with stages (pipelines/ also holds the planner's throughput table).
@@ -74,14 +76,43 @@ def test_fingerprint_follows_prompt_text_not_location(tmp_path):
 
 
 def test_every_stage_mode_reads_the_previous_output():
-    outputs = {io[1] for io in STAGE_IO.values()}
-    for stage, (source, _, chain) in STAGE_IO.items():
-        assert source == "prepare" or source in outputs, stage
-        assert all(name in STAGE_ORDER for name in chain)
+    assert stage_io("all").reads == PREPARE and stage_io("all").writes == FINAL and stage_io("all").stages == STAGE_ORDER
+    previous = PREPARE
+    for name in STAGE_ORDER:  # one stage at a time walks the same chain, ending in the dataset
+        io = stage_io(name)
+        assert io.reads == previous and io.stages == (name,)
+        previous = io.writes
+    assert previous == FINAL
+    assert STORED_OUTPUTS == (PREPARE, *STAGE_ORDER[:-1], FINAL)
+    with pytest.raises(ValueError, match="unknown stage 'caption'"):
+        stage_io("caption")
+
+
+def test_the_chain_is_derived_from_the_stage_classes():
+    """Each stage declares the region field it writes and keeps a provenance entry; the record schema
+    has both, so a new stage class cannot leave the schema, the retry reset or the planner behind."""
+    assert STAGE_ORDER == ("object", "validate", "context", "merge")
+    assert STAGE_FIELDS == tuple((name, cls.writes) for name, cls in STAGE_CLASSES.items())
+    for name, field in STAGE_FIELDS:
+        assert field in RegionRecord.model_fields, name
+        assert Provenance().of(name) is not None
+    assert set(Provenance.stage_names()) == set(STAGE_ORDER)
+
+
+def test_a_pipeline_file_naming_an_unknown_stage_is_refused():
+    cfg = load_config(REPO / "pipelines" / "tiny.yaml")
+    check_stages(cfg)
+    cfg.stages["objct"] = cfg.stages["object"]
+    with pytest.raises(ValueError, match="unknown stage objct"):
+        check_stages(cfg)
+    del cfg.stages["objct"], cfg.stages["merge"]
+    with pytest.raises(ValueError, match="defines no stage merge"):
+        check_stages(cfg)
+    check_stages(cfg, stage_io("object").stages)  # enough for `--stage object`
 
 
 def test_stage_class_override_must_be_a_stage_of_that_name():
-    from annotate.stages import stage_class
+    from annotate.stages.chain import stage_class
     from annotate.stages.merge import MergeStage
 
     assert stage_class("merge") is MergeStage

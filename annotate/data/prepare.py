@@ -9,7 +9,7 @@ a damaged shard ends with `ShardStats.damage` set, after the records of what cou
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -22,6 +22,7 @@ from annotate.data.records import ImageRecord, RegionRecord
 from annotate.data.regions import region_entries, regions_from_meta
 from annotate.data.raw_sample import RawSample, ShardRead
 from annotate.data.shards import ShardRef, iter_samples
+from annotate.data.store import PREPARE, OutputStore
 from annotate.data.writer import status_counts
 
 log = logging.getLogger(__name__)
@@ -203,46 +204,72 @@ def _crashed(sample: RawSample, shard_name: str, cfg: DataConfig, error: str) ->
     return PreparedImage(record, None, [*sample.problems, error])
 
 
-def run_prepare(input_dir: str, shard_spec: str, output: str, config_path: str | None = None) -> dict:
-    """`annotate prepare`: each shard -> OUT/data/NNNNN.parquet, then OUT/README.md; returns a summary:
-    "shards" (per shard: `ShardStats.summary()` + sha256), "totals" (region counts), "images",
-    "image_errors" and "damaged" ({shard: reason}). A damaged shard's samples read before the damage
-    are written like any other's; the caller decides the exit code from "damaged"."""
-    from pathlib import Path
+def prepare_output(shard: ShardRef, data: DataConfig, store: OutputStore, fingerprint: str,
+                   stats: ShardStats | None = None, on_record: Callable[[], None] | None = None) -> dict:
+    """Run the data plane over one source shard and store it as the `prepare` output; returns its
+    manifest line (`damaged`, with the reason and the samples read, when the shard was read in part)
+    for the manifest's one writer to record. Used by `annotate prepare` and by a run's read tasks."""
+    writer = store.writer(PREPARE, shard.name)
+    stats = stats if stats is not None else ShardStats()
+    try:
+        for prepared in prepare_shard(shard, data, stats):
+            if not writer.add(prepared.record):
+                raise RuntimeError(f"shard {shard.name}: image key {prepared.record.image_key!r} came twice "
+                                   "out of the data plane, which gives every sample its own key")
+            if on_record is not None:
+                on_record()
+    except BaseException:
+        writer.abort()
+        raise
+    damage = {"damage": stats.damage, "samples_read": stats.images} if stats.damage else None
+    return store.commit_file(writer, PREPARE, shard.name, fingerprint, damage)
 
+
+def run_prepare(input_dir: str, shard_spec: str, output: str, config_path: str | None = None) -> dict:
+    """`annotate prepare`: each shard -> OUT/stages/prepare/NNNNN.parquet with its manifest line (the
+    store `annotate run` resumes from, under the same --config), then OUT/README.md pointing
+    `datasets` at those files. Shards already prepared under this config are skipped.
+
+    Returns a summary: "shards" (per shard prepared now: `ShardStats.summary()` + sha256), "skipped",
+    "totals" (region counts), "images", "image_errors" and "damaged" ({shard: reason}). A damaged
+    shard's samples read before the damage are written; the caller decides the exit code from "damaged"."""
     from rich.console import Console
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from annotate.config import PipelineConfig, load_config
     from annotate.data.shards import find_shards, parse_shard_spec
-    from annotate.data.writer import write_dataset_card, write_parquet_atomic
 
     cfg = load_config(config_path) if config_path else PipelineConfig()
+    fingerprint = cfg.fingerprint()
     refs = find_shards(input_dir, parse_shard_spec(shard_spec), cfg.data.shard_format)
-    out = Path(output)
+    store = OutputStore(output)
     console = Console(stderr=True)
     totals = status_counts([])
     per_shard: dict[str, dict] = {}
     damaged: dict[str, str] = {}
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[images]} images"))
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("shards", total=len(refs), images=0)
+    with store.lock(), Progress(*columns, console=console) as progress:
+        store.remove_stale_temporaries()
+        finished = store.finished(PREPARE, fingerprint)
+        skipped = [ref.name for ref in refs if ref.name in finished]
+        todo = [ref for ref in refs if ref.name not in finished]
+        task = progress.add_task("shards", total=len(todo), images=0)
         images = 0
-        for ref in refs:
+
+        def one_more_image() -> None:
+            nonlocal images
+            images += 1
+            progress.update(task, images=images)
+
+        for ref in todo:
+            progress.update(task, description=f"shard {ref.name}")
             stats = ShardStats()
-
-            def records(ref=ref, stats=stats):
-                nonlocal images
-                for p in prepare_shard(ref, cfg.data, stats):
-                    images += 1
-                    progress.update(task, description=f"shard {ref.name}", images=images)
-                    yield p.record
-
-            ws = write_parquet_atomic(records(), out / "data" / f"{ref.name}.parquet")
+            line = prepare_output(ref, cfg.data, store, fingerprint, stats, one_more_image)
+            store.record(line)
             progress.advance(task)
-            per_shard[ref.name] = {**stats.summary(), "sha256": ws.sha256}
+            per_shard[ref.name] = {**stats.summary(), "sha256": line["sha256"]}
             for k, v in stats.regions.items():
                 totals[k] += v
             for msg in stats.problems[:5]:
@@ -251,12 +278,14 @@ def run_prepare(input_dir: str, shard_spec: str, output: str, config_path: str |
                 damaged[ref.name] = stats.damage
                 console.print(f"[bold red]shard {ref.name} is DAMAGED: {escape(stats.damage)}; "
                               f"the {stats.images} sample(s) read were written[/bold red]")
-    summary = {"images": sum(s["images"] for s in per_shard.values()),
-               "image_errors": sum(s["image_errors"] for s in per_shard.values()), "damaged": damaged}
-    write_dataset_card(out, title=f"{cfg.name}: prepared regions", shards=per_shard, totals=totals,
-                       config_fingerprint=cfg.fingerprint(), **summary)
-    console.print(f"wrote {len(refs)} shard(s) to {out / 'data'}: {totals}")
+        summary = {"images": sum(s["images"] for s in per_shard.values()),
+                   "image_errors": sum(s["image_errors"] for s in per_shard.values()), "damaged": damaged}
+        store.write_card(PREPARE, title=f"{cfg.name}: prepared regions", shards=per_shard, totals=totals,
+                         config_fingerprint=fingerprint, **summary)
+    if skipped:
+        console.print(f"{len(skipped)} shard(s) already prepared under this config: {', '.join(skipped)}")
+    console.print(f"wrote {len(todo)} shard(s) to {store.output_path(PREPARE, '*').parent}: {totals}")
     if damaged:
         console.print(f"[bold red]{len(damaged)} damaged shard(s), not read to their end: "
                       f"{escape(', '.join(damaged))}[/bold red]")
-    return {"shards": per_shard, "totals": totals, **summary}
+    return {"shards": per_shard, "skipped": skipped, "totals": totals, **summary}

@@ -50,6 +50,15 @@ class Provenance(BaseModel):
 
     model_config = {"populate_by_name": True}
 
+    @classmethod
+    def stage_names(cls) -> tuple[str, ...]:
+        """The stages that keep a provenance entry, as the file schema names them (`validate`, not `validate_`)."""
+        return tuple(info.alias or name for name, info in cls.model_fields.items())
+
+    def of(self, stage: str) -> StageProvenance:
+        """The entry of stage `stage` (by its schema name)."""
+        return getattr(self, next(name for name, info in type(self).model_fields.items() if (info.alias or name) == stage))
+
 
 class RegionRecord(BaseModel):
     region_id: str
@@ -113,7 +122,7 @@ def features() -> "datasets.Features":
         "fine_caption": datasets.Value("string"),
         "status": datasets.Value("string"),
         "error": datasets.Value("string"),
-        "provenance": {stage: dict(stage_provenance) for stage in ("object", "validate", "context", "merge")},
+        "provenance": {stage: dict(stage_provenance) for stage in Provenance.stage_names()},
     }
     return datasets.Features(
         {

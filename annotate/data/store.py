@@ -36,12 +36,11 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from annotate.data.records import ImageRecord, row_to_image_record
-from annotate.data.writer import ShardWriter, file_sha256
+from annotate.data.writer import ShardWriter, file_sha256, write_dataset_card
 
 FINAL = "final"  # the output name of the dataset itself (OUT/data)
 PREPARE = "prepare"  # the data plane's output: regions and masks, before any model stage
 FINISHED, DAMAGED = "finished", "damaged"  # the `state` of a manifest line (lines without one are finished)
-DATASET_GLOB = "data/*.parquet"  # what the dataset card points `datasets` at
 
 
 @dataclass(frozen=True)
@@ -57,9 +56,18 @@ class OutputStore:
             return self.root / "data" / f"{shard}.parquet"
         return self.root / "stages" / output / f"{shard}.parquet"
 
+    def files(self, output: str) -> list[Path]:
+        """The Parquet files of one output, in shard order (hidden temporaries never count)."""
+        folder = self.output_path(output, "*").parent
+        return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
+
     def dataset_files(self) -> list[Path]:
-        """The dataset's Parquet files, in shard order (hidden temporaries never count)."""
-        return sorted(p for p in self.root.glob(DATASET_GLOB) if not p.name.startswith("."))
+        """The dataset's Parquet files (OUT/data), in shard order."""
+        return self.files(FINAL)
+
+    def write_card(self, output: str, **info: Any) -> None:
+        """OUT/README.md, pointing `datasets.load_dataset(OUT)` at `output`'s files."""
+        write_dataset_card(self.root, self.output_path(output, "*").relative_to(self.root).as_posix(), **info)
 
     @property
     def cache_root(self) -> Path:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from annotate.data.records import SCHEMA_VERSION, ImageRecord, arrow_schema, features, image_record_to_row
+from annotate.data.records import SCHEMA_VERSION, ImageRecord, Provenance, arrow_schema, features, image_record_to_row
 
 ROWS_PER_BATCH = 64
 
@@ -87,8 +87,8 @@ class ShardWriter:
         for k, v in status_counts([record]).items():
             self.stats.status[k] += v
         for region in record.regions:
-            for stage in ("object", "validate_", "context", "merge"):
-                prov = getattr(region.provenance, stage)
+            for stage in Provenance.stage_names():
+                prov = region.provenance.of(stage)
                 self.stats.prompt_tokens += prov.prompt_tokens
                 self.stats.completion_tokens += prov.completion_tokens
         if len(self._batch) >= self.row_group_rows:
@@ -174,9 +174,9 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_dataset_card(out_dir: Path, **info) -> None:
-    """OUT/README.md whose YAML front matter points `datasets` at data/*.parquet only, so
-    `load_dataset("OUT", split="train")` works even when OUT holds other folders."""
+def write_dataset_card(out_dir: Path, data_files: str, **info) -> None:
+    """OUT/README.md whose YAML front matter points `datasets` at `data_files` (a glob relative to
+    OUT) only, so `load_dataset("OUT", split="train")` works even when OUT holds other folders."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # DatasetInfo._to_yaml_dict is what `datasets` itself writes into Hub cards; reusing it keeps the
@@ -185,7 +185,7 @@ def write_dataset_card(out_dir: Path, **info) -> None:
 
     features_yaml = datasets.DatasetInfo(features=features())._to_yaml_dict()["features"]
     front = {
-        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}],
+        "configs": [{"config_name": "default", "data_files": [{"split": "train", "path": data_files}]}],
         "dataset_info": {"features": features_yaml},
     }
     title = info.pop("title", "LongGRIT annotations")

@@ -14,35 +14,12 @@ import pyarrow as pa
 import ray
 
 from annotate.config import DataConfig
-from annotate.data.prepare import ShardStats, prepare_shard
+from annotate.data.prepare import prepare_output
 from annotate.data.shards import ShardRef
-from annotate.data.store import PREPARE, OutputStore
-from annotate.stages.chain import RETRYABLE_PREFIXES
+from annotate.data.store import OutputStore
+from annotate.stages.chain import reset_for_retry
 from annotate.data.store import count_rows, iter_stored_records
 from annotate.executor.shard_io import record_to_row
-
-
-# The fields each stage writes, in chain order: a retry clears the failed stage's field and all later ones.
-STAGE_FIELDS = (("object", "object_caption"), ("validate", "validation"), ("context", "context_caption"), ("merge", "fine_caption"))
-
-
-def reset_for_retry(record) -> int:
-    """Put regions that a model stage failed (or that no stage completed: `pipeline:`) back to
-    `pending`; data-plane failures stay failed."""
-    reset = 0
-    names = [name for name, _ in STAGE_FIELDS]
-    for region in record.regions:
-        if region.status != "failed" or not (region.error or "").startswith(RETRYABLE_PREFIXES):
-            continue
-        prefix = region.error.split(":", 1)[0]
-        # A `pipeline:` region stopped where its first missing field is: redo from that stage on.
-        first = names.index(prefix) if prefix in names else next(
-            (i for i, (_, field) in enumerate(STAGE_FIELDS) if getattr(region, field) is None), 0)
-        for _, field in STAGE_FIELDS[first:]:
-            setattr(region, field, None)
-        region.status, region.error = "pending", None
-        reset += 1
-    return reset
 
 
 @ray.remote(num_cpus=0)
@@ -59,23 +36,6 @@ class ShardLedger:
     def drain(self) -> list[dict]:
         lines, self._lines = self._lines, []
         return lines
-
-
-def prepare_output(shard: ShardRef, data: DataConfig, layout: OutputStore, fingerprint: str) -> dict:
-    """Run the data plane over one source shard and store it as the `prepare` output; returns its
-    manifest line (`damaged`, with the reason and the samples read, when the shard was read in part)."""
-    writer = layout.writer(PREPARE, shard.name)
-    stats = ShardStats()
-    try:
-        for prepared in prepare_shard(shard, data, stats):
-            if not writer.add(prepared.record):
-                raise RuntimeError(f"shard {shard.name}: image key {prepared.record.image_key!r} came twice "
-                                   "out of the data plane, which gives every sample its own key")
-    except BaseException:
-        writer.abort()
-        raise
-    damage = {"damage": stats.damage, "samples_read": stats.images} if stats.damage else None
-    return layout.commit_file(writer, PREPARE, shard.name, fingerprint, damage)
 
 
 def read_shard(batch: pa.Table, *, data: DataConfig, layout_root: str, fingerprint: str, rows_per_batch: int,

@@ -25,19 +25,19 @@ from rich.console import Console
 
 from annotate.cluster import ensure_ray
 from annotate.config import PipelineConfig
+from annotate.data.records import RegionRecord
 from annotate.data.shards import find_shards
-from annotate.data.writer import ShardWriter, write_dataset_card
+from annotate.data.store import DAMAGED, FINAL, FINISHED, PREPARE, OutputStore, count_rows, damage_of
+from annotate.data.writer import ShardWriter
 from annotate.engines.result_cache import remove_shard
-from annotate.data.store import DAMAGED, FINAL, FINISHED, OutputStore, damage_of
-from annotate.stages.chain import RETRYABLE_PREFIXES, STAGE_IO
 from annotate.executor.progress import ProgressDisplay, ProgressTracker
-from annotate.data.store import count_rows
-from annotate.executor.shard_io import ROW_SHARD, ROW_TOTAL, row_to_record
 from annotate.executor.reader import ShardLedger, read_shard
-from annotate.executor.workers import SegmentWorker, StageWorker, finalize_record
+from annotate.executor.shard_io import ROW_SHARD, ROW_TOTAL, row_to_record
+from annotate.executor.workers import SegmentWorker, StageWorker
 from annotate.serving.apps import SEGMENT_MODEL, ModelApp, ensure_apps, needed_models, replica_info, replicas
 from annotate.serving.client import ModelClient
 from annotate.stages.budget import StageBudget, check_budgets
+from annotate.stages.chain import StageIO, check_stages, finalize_record, is_retryable, stage_io, stage_writing
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +59,19 @@ class RunSummary:
 
 
 def _has_retryable_failures(path: Path) -> bool:
-    regions = pq.read_table(path, columns=["regions"]).column("regions").to_pylist()
-    return any(
-        r["status"] == "failed" and (r["error"] or "").startswith(RETRYABLE_PREFIXES) for rs in regions for r in rs or []
-    )
+    regions = pq.read_table(path, columns=["regions"]).column("regions").to_pylist()  # no images read
+    return any(is_retryable(RegionRecord.model_validate(r)) for rs in regions for r in rs or [])
 
 
-def plan_work(cfg: PipelineConfig, layout: OutputStore, input_dir: Path, shard_ids: list[int], stage: str,
-              retry_failed: bool) -> tuple[list[dict], list[str]]:
+def plan_work(cfg: PipelineConfig, layout: OutputStore, input_dir: Path, shard_ids: list[int], io: StageIO,
+              fingerprint: str, retry_failed: bool) -> tuple[list[dict], list[str]]:
     """Which shards this run must process, and from which stored input; the rest are finished.
 
     Only a shard output whose newest manifest line is `finished` under this config, with the file's
     checksum, counts as done. A `damaged` input (a stage output made from a shard read in part) is
     used by the next stage and its damage carried on; a damaged `prepare` is made again from the source.
     """
-    input_name, output_name, _ = STAGE_IO[stage]
-    fingerprint = cfg.fingerprint()
+    input_name, output_name = io.reads, io.writes
     refs = find_shards(input_dir, shard_ids, cfg.data.shard_format)
     latest_out, latest_in = layout.latest(output_name), layout.latest(input_name)
 
@@ -93,14 +90,13 @@ def plan_work(cfg: PipelineConfig, layout: OutputStore, input_dir: Path, shard_i
             else:
                 skipped.append(ref.name)
             continue
-        usable = (FINISHED,) if input_name == "prepare" else (FINISHED, DAMAGED)
+        usable = (FINISHED,) if input_name == PREPARE else (FINISHED, DAMAGED)
         line = holding(latest_in.get(ref.name), *usable)
         if line is None:
-            if input_name != "prepare":
-                previous = next(s for s, io in STAGE_IO.items() if io[1] == input_name)
+            if input_name != PREPARE:
                 raise RuntimeError(
                     f"shard {ref.name} has no finished `{input_name}` output in {layout.root}; "
-                    f"run `annotate run --stage {previous}` on it first"
+                    f"run `annotate run --stage {stage_writing(input_name)}` on it first"
                 )
             item["needs_prepare"] = True
         elif line.get("state") == DAMAGED:
@@ -113,18 +109,17 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
                  stage: str = "all", retry_failed: bool = False, address: str | None = None,
                  console: Console | None = None) -> RunSummary:
     console = console or Console(stderr=True)
-    if stage not in STAGE_IO:
-        raise ValueError(f"unknown stage {stage!r}; choose one of {', '.join(STAGE_IO)}")
-    input_name, output_name, chain = STAGE_IO[stage]
-    missing = [s for s in chain if s not in cfg.stages]
-    if missing:
-        raise ValueError(f"the pipeline file defines no stage {', '.join(missing)} (needed by --stage {stage})")
+    io = stage_io(stage)
+    check_stages(cfg, io.stages)
+    output_name, chain = io.writes, io.stages
+    fingerprint = cfg.fingerprint()  # once per run: it reads every prompt file
     layout = OutputStore(Path(output_dir))
     summary = RunSummary(output_dir=layout.root, stage=stage)
     with layout.lock():
         if removed := layout.remove_stale_temporaries():
             console.print(f"removed {removed} half-written file(s) left by an interrupted run")
-        items, summary.shards_skipped = plan_work(cfg, layout, Path(input_dir), shard_ids, stage, retry_failed)
+        items, summary.shards_skipped = plan_work(cfg, layout, Path(input_dir), shard_ids, io, fingerprint,
+                                                       retry_failed)
         for shard in summary.shards_skipped:  # model results kept for a shard are in its output now
             remove_shard(layout.cache_root, shard)
         if summary.shards_skipped:
@@ -149,7 +144,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             read_shard, batch_size=1, batch_format="pyarrow", num_cpus=cfg.run.reader_cpus,
             compute=ray.data.TaskPoolStrategy(size=cfg.run.shards_in_flight) if cfg.run.shards_in_flight else None,
-            fn_kwargs={"data": cfg.data, "layout_root": str(layout.root), "fingerprint": cfg.fingerprint(),
+            fn_kwargs={"data": cfg.data, "layout_root": str(layout.root), "fingerprint": fingerprint,
                        "rows_per_batch": cfg.run.rows_per_batch, "ledger": ledger},
         )
         if SEGMENT_MODEL in apps:
@@ -176,7 +171,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
                                        "tracker": tracker, "model": model,
                                        "cache_root": str(layout.cache_root) if cfg.run.result_cache else None},
             )
-        outputs = ShardOutputs(layout, output_name, cfg.fingerprint(), ledger,
+        outputs = ShardOutputs(layout, output_name, fingerprint, ledger,
                                {i["shard"]: i["damage"] for i in items if i["damage"]})
         with ProgressDisplay(tracker, chain, len(items), console) as display:
             outputs.write(ds, display)
@@ -184,15 +179,15 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
         for item in items:  # shards with no image at all produce no row, but still get an (empty) output
             input_path = layout.output_path(item["input"], item["shard"])
             if item["shard"] not in outputs.committed and input_path.is_file() and count_rows(input_path) == 0:
-                outputs.commit(ShardWriter(layout.output_path(output_name, item["shard"]), expected_rows=0), item["shard"])
+                outputs.commit(layout.writer(output_name, item["shard"]), item["shard"])
         summary.shards_written, summary.shards_damaged = outputs.written, outputs.damaged
         unfinished = [i["shard"] for i in items if i["shard"] not in outputs.committed]
         if unfinished:
             raise RuntimeError(f"shard(s) {', '.join(unfinished)} did not complete; rerun the same command to redo them")
         if output_name == FINAL:
-            write_dataset_card(layout.root, config_fingerprint=cfg.fingerprint(), pipeline=cfg.name)
+            layout.write_card(FINAL, config_fingerprint=fingerprint, pipeline=cfg.name)
         summary.processing_s = time.perf_counter() - processing_started
-        _write_run_record(layout, summary, cfg)
+        _write_run_record(layout, summary, cfg.name, fingerprint)
     return summary
 
 
@@ -211,11 +206,11 @@ def stage_worker_counts(cfg: PipelineConfig, chain: tuple[str, ...]) -> dict[str
     return {name: replicas(cfg.models[cfg.stages[name].model]) * cfg.run.stage_workers_per_replica for name in chain}
 
 
-def _write_run_record(layout: OutputStore, summary: RunSummary, cfg: PipelineConfig) -> None:
+def _write_run_record(layout: OutputStore, summary: RunSummary, pipeline: str, fingerprint: str) -> None:
     """OUT/runs/TIME.json: what one invocation did and where its model replicas ran."""
     runs = layout.runs_dir
     runs.mkdir(parents=True, exist_ok=True)
-    record = {"stage": summary.stage, "config": cfg.fingerprint(), "pipeline": cfg.name,
+    record = {"stage": summary.stage, "config": fingerprint, "pipeline": pipeline,
               "shards_written": summary.shards_written, "shards_skipped": summary.shards_skipped,
               "shards_damaged": summary.shards_damaged, "model_calls": summary.model_calls,
               "replicas": summary.replicas, "models_deployed": summary.models_deployed,
@@ -281,7 +276,7 @@ class ShardOutputs:
                         finalize_record(record)
                     writer = writers.get(shard)
                     if writer is None:
-                        writer = writers[shard] = ShardWriter(self.layout.output_path(self.output, shard), row[ROW_TOTAL])
+                        writer = writers[shard] = self.layout.writer(self.output, shard, row[ROW_TOTAL])
                     if not writer.add(record):  # the same image again: a read task that Ray ran twice
                         log.info("dropping a repeated row for image %s of shard %s", record.image_key, shard)
                     if writer.complete:

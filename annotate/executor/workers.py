@@ -16,8 +16,8 @@ from annotate.executor.progress import StageMetrics
 from annotate.executor.shard_io import record_to_row, row_to_record
 from annotate.serving.apps import ModelApp
 from annotate.serving.client import ModelClient
-from annotate.stages import PromptTemplate, stage_class
 from annotate.stages.batch import StageCounts, run_stage_async
+from annotate.stages.chain import build_stage
 from annotate.stages.segment import segment_records
 
 
@@ -31,8 +31,7 @@ class StageWorker:
 
     def __init__(self, stage_name: str, stage: StageConfig, app: ModelApp, reasoning: bool, max_in_flight: int,
                  data: DataConfig, tracker, cache_root: str | None = None, model: ModelConfig | None = None):
-        cls = stage_class(stage_name, stage.stage_class)
-        self.stage = cls(PromptTemplate.load(stage.prompt), stage.sampling, app.model_id)
+        self.stage = build_stage(stage_name, stage, app.model_id)
         self.config = stage
         self.data = data
         self.client = ModelClient(app, reasoning, max_in_flight)
@@ -107,10 +106,3 @@ def decode_or_none(record, data: DataConfig):
     except ImageError:
         return None
 
-
-def finalize_record(record) -> None:
-    """Last step before the dataset: a region no stage finished is `failed`, never silently pending."""
-    for region in record.regions:
-        if region.status == "pending":
-            region.status = "failed"
-            region.error = "pipeline: the region was not completed by any stage (internal error)"

@@ -113,9 +113,11 @@ def _fit(image: Image.Image | None, max_side: int) -> Image.Image:
 
 
 class Stage:
-    """Base of the four stages. Subclasses set `name` and implement wants/fields/apply."""
+    """Base of the stages. Subclasses set `name` and `writes` and implement wants/fields/apply; their
+    order is the chain's (stages/chain.py)."""
 
     name: ClassVar[str]
+    writes: ClassVar[str]  # the region field this stage fills in (cleared again when the region is retried)
 
     def __init__(self, prompt: PromptTemplate, sampling: SamplingConfig, model_id: str):
         self.prompt = prompt
@@ -143,7 +145,7 @@ class Stage:
         )
 
     def record_provenance(self, region: RegionRecord, result: ChatResult) -> None:
-        prov = getattr(region.provenance, "validate_" if self.name == "validate" else self.name)
+        prov = region.provenance.of(self.name)
         prov.model = self.model_id
         prov.prompt_version = self.prompt.version
         prov.prompt_tokens += result.prompt_tokens

@@ -25,7 +25,8 @@ from annotate.config import PipelineConfig, StageConfig
 from annotate.data.masks import encode_rle
 from annotate.data.records import ImageRecord, RegionRecord
 from annotate.engines.base import ChatRequest
-from annotate.stages import PromptTemplate, RegionContext, stage_class
+from annotate.stages.base import PromptTemplate, RegionContext
+from annotate.stages.chain import build_stage
 
 ASPECT_RATIOS = (1.0, 2.0, 0.5, 3.0, 1 / 3, 5.0, 0.2)  # width / height
 FILLER = "the "  # one token in every tokenizer we know (the tiny ones too): a caption of N tokens is about N of these
@@ -75,7 +76,7 @@ def worst_case_request(cfg: PipelineConfig, stage_name: str, width: int, height:
     """The stage's request for a region covering a `width` x `height` image, with every text field at
     its longest (see the module docstring)."""
     stage_cfg = cfg.stages[stage_name]
-    stage = stage_class(stage_name, stage_cfg.stage_class)(PromptTemplate.load(stage_cfg.prompt), stage_cfg.sampling, "")
+    stage = build_stage(stage_name, stage_cfg, "")
 
     def text(stage_or_words: str | int) -> str:
         words = stage_or_words if isinstance(stage_or_words, int) else (

@@ -1,18 +1,140 @@
-"""The chain: the stages in order, the field each writes, what a `--stage` reads and writes, retry
-reset and finalising a record. (Being derived from the stage classes.)"""
+"""The chain: the stages in order, the region field each writes, which stored output each `--stage`
+reads and writes, the reset of failed regions for `--retry-failed`, and the last step before the
+dataset. All of it is derived from the stage classes below, in one place; the executor's operators
+and `run_chain` (the Ray-less path of the benchmarks) only run it.
+"""
 
 from __future__ import annotations
 
-from annotate.data.store import FINAL, PREPARE
+import importlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
-# Which stored output each `--stage` reads and writes; `all` runs the whole chain.
-STAGE_IO: dict[str, tuple[str, str, tuple[str, ...]]] = {
-    "all": (PREPARE, FINAL, ("object", "validate", "context", "merge")),
-    "object": (PREPARE, "object", ("object",)),
-    "validate": ("object", "validate", ("validate",)),
-    "context": ("validate", "context", ("context",)),
-    "merge": ("context", FINAL, ("merge",)),
-}
-MODEL_STAGE_PREFIXES = tuple(f"{name}:" for name in ("object", "validate", "context", "merge"))
+from PIL import Image
+
+from annotate.config import PipelineConfig, StageConfig
+from annotate.data.records import ImageRecord, RegionRecord
+from annotate.data.store import FINAL, PREPARE
+from annotate.engines.base import ChatRequest, ChatResult
+from annotate.stages.base import PromptTemplate, Stage
+from annotate.stages.batch import StageCounts, run_stage
+from annotate.stages.context import ContextStage
+from annotate.stages.merge import MergeStage
+from annotate.stages.object import ObjectStage
+from annotate.stages.validate import ValidateStage
+
+# The paper's chain, in order. A new stage is a class here; everything below follows from this tuple.
+STAGE_CLASSES: dict[str, type[Stage]] = {cls.name: cls for cls in (ObjectStage, ValidateStage, ContextStage, MergeStage)}
+STAGE_ORDER: tuple[str, ...] = tuple(STAGE_CLASSES)
+# The region field each stage fills in, in chain order: a retry clears the failed stage's and all later ones.
+STAGE_FIELDS: tuple[tuple[str, str], ...] = tuple((name, cls.writes) for name, cls in STAGE_CLASSES.items())
 # Region errors `--retry-failed` redoes: a model stage's, and `pipeline:` (no stage completed the region).
-RETRYABLE_PREFIXES = (*MODEL_STAGE_PREFIXES, "pipeline:")
+PIPELINE_ERROR = "pipeline"
+RETRYABLE_PREFIXES: tuple[str, ...] = tuple(f"{name}:" for name in (*STAGE_ORDER, PIPELINE_ERROR))
+
+
+@dataclass(frozen=True)
+class StageIO:
+    """What one `annotate run --stage` reads, writes and runs."""
+
+    reads: str  # a stored output: `prepare` or a stage's
+    writes: str  # a stage's stored output, or FINAL (the dataset)
+    stages: tuple[str, ...]
+
+
+def stage_io(stage: str) -> StageIO:
+    """`all` runs the whole chain from `prepare` to the dataset; one stage reads the output of the
+    stage before it and writes its own (the last one writes the dataset)."""
+    if stage == "all":
+        return StageIO(PREPARE, FINAL, STAGE_ORDER)
+    if stage not in STAGE_CLASSES:
+        raise ValueError(f"unknown stage {stage!r}; choose one of all, {', '.join(STAGE_ORDER)}")
+    i = STAGE_ORDER.index(stage)
+    return StageIO(STAGE_ORDER[i - 1] if i else PREPARE, FINAL if i == len(STAGE_ORDER) - 1 else stage, (stage,))
+
+
+def stage_writing(output: str) -> str | None:
+    """The `--stage` whose run writes `output` (None for `prepare`, which the data plane writes)."""
+    return next((name for name in STAGE_ORDER if stage_io(name).writes == output), None)
+
+
+STORED_OUTPUTS: tuple[str, ...] = (PREPARE, *(stage_io(name).writes for name in STAGE_ORDER))
+
+
+def check_stages(cfg: PipelineConfig, stages: Iterable[str] = STAGE_ORDER) -> None:
+    """The pipeline file names only stages of the chain and defines every one in `stages`."""
+    unknown = [name for name in cfg.stages if name not in STAGE_CLASSES]
+    if unknown:
+        raise ValueError(f"unknown stage {', '.join(unknown)} in the pipeline file; stages are {', '.join(STAGE_ORDER)}")
+    missing = [name for name in stages if name not in cfg.stages]
+    if missing:
+        raise ValueError(f"the pipeline file defines no stage {', '.join(missing)}")
+
+
+def stage_class(name: str, override: str | None = None) -> type[Stage]:
+    """The class that runs stage `name`: the built-in one, or `module:Class` from the stage's config."""
+    if override is None:
+        return STAGE_CLASSES[name]
+    module, _, attr = override.partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    if not (isinstance(cls, type) and issubclass(cls, Stage) and cls.name == name):
+        raise ValueError(f"stage_class {override!r} must be a Stage subclass named {name!r}")
+    return cls
+
+
+def build_stage(name: str, config: StageConfig, model_id: str) -> Stage:
+    """Stage `name` with its prompt template and sampling, recording `model_id` as its model."""
+    return stage_class(name, config.stage_class)(PromptTemplate.load(config.prompt), config.sampling, model_id)
+
+
+def is_retryable(region: RegionRecord) -> bool:
+    return region.status == "failed" and (region.error or "").startswith(RETRYABLE_PREFIXES)
+
+
+def reset_for_retry(record: ImageRecord) -> int:
+    """Put regions that a model stage failed (or that no stage completed: `pipeline:`) back to
+    `pending`, with the failed stage's field and all later ones cleared; data-plane failures stay failed."""
+    reset = 0
+    for region in record.regions:
+        if not is_retryable(region):
+            continue
+        prefix = region.error.split(":", 1)[0]
+        # A `pipeline:` region stopped where its first missing field is: redo from that stage on.
+        first = STAGE_ORDER.index(prefix) if prefix in STAGE_CLASSES else next(
+            (i for i, (_, name) in enumerate(STAGE_FIELDS) if getattr(region, name) is None), 0)
+        for _, name in STAGE_FIELDS[first:]:
+            setattr(region, name, None)
+        region.status, region.error = "pending", None
+        reset += 1
+    return reset
+
+
+def finalize_record(record: ImageRecord) -> None:
+    """Last step before the dataset: a region no stage finished is `failed`, never silently pending."""
+    for region in record.regions:
+        if region.status == "pending":
+            region.status = "failed"
+            region.error = f"{PIPELINE_ERROR}: the region was not completed by any stage (internal error)"
+
+
+def run_chain(cfg: PipelineConfig, chat: Callable[[str], Callable[[list[ChatRequest]], list[ChatResult]]],
+              records: list[ImageRecord], decode: Callable[[ImageRecord], Image.Image | None],
+              stages: Iterable[str] = STAGE_ORDER) -> dict[str, StageCounts]:
+    """The chain in one process, without Ray: each stage over all `records` in its batch size,
+    `chat(model_key)` giving the batch call of that stage's model; records are finalised in place.
+
+    `decode(record)` gives a record's image (or None) for the stages whose prompt shows pixels."""
+    totals: dict[str, StageCounts] = {}
+    for name in stages:
+        config = cfg.stages[name]
+        model = cfg.models[config.model]
+        stage = build_stage(name, config, model.paper_model or model.path)
+        counts = totals[name] = StageCounts()
+        for start in range(0, len(records), config.batch_size):
+            batch = records[start:start + config.batch_size]
+            items = [(record, decode(record) if stage.prompt.images else None) for record in batch]
+            counts.add(run_stage(stage, items, chat(config.model), cfg.data.crops, config.max_attempts,
+                                 config.retry_temperature))
+    for record in records:
+        finalize_record(record)
+    return totals

@@ -12,6 +12,7 @@ from annotate.stages.base import RegionContext, Stage, clean_caption
 
 class ContextStage(Stage):
     name = "context"
+    writes = "context_caption"
 
     def wants(self, region: RegionRecord) -> bool:
         return (

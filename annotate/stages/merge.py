@@ -13,6 +13,7 @@ from annotate.stages.base import RegionContext, Stage, clean_caption
 
 class MergeStage(Stage):
     name = "merge"
+    writes = "fine_caption"
 
     def wants(self, region: RegionRecord) -> bool:
         return region.status == "pending" and region.context_caption is not None and region.fine_caption is None

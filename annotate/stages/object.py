@@ -11,6 +11,7 @@ from annotate.stages.base import RegionContext, Stage, clean_caption
 
 class ObjectStage(Stage):
     name = "object"
+    writes = "object_caption"
 
     def wants(self, region: RegionRecord) -> bool:
         return region.status == "pending" and region.mask is not None and region.object_caption is None

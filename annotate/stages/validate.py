@@ -16,6 +16,7 @@ from annotate.stages.base import RegionContext, Stage
 
 class ValidateStage(Stage):
     name = "validate"
+    writes = "validation"
 
     def wants(self, region: RegionRecord) -> bool:
         return region.status == "pending" and region.object_caption is not None and region.validation is None
