@@ -41,12 +41,14 @@ def version() -> None:
 def prepare(
     input: str = typer.Option(..., "--input", help="folder holding NNNNN.tar / NNNNN.parquet shards"),
     shards: str = typer.Option(..., "--shards", help="shard ids, e.g. 0-99,120"),
-    output: str = typer.Option(..., "--output", help="output dataset folder (OUT/data/*.parquet + README.md)"),
+    output: str = typer.Option(..., "--output", help="output folder (OUT/stages/prepare/*.parquet, manifest, README.md)"),
     config: str | None = typer.Option(None, "--config", help="pipeline YAML (default: built-in settings)"),
 ) -> None:
     """Run the data plane only: regions and masks, no captions (regions stay "pending").
 
-    Exits with code 3 when a shard could be read only in part (what was read is written)."""
+    Writes the store `annotate run` uses: a run with the same --config and --output takes these shards
+    as prepared. Shards already prepared are skipped. Exits with code 3 when a shard could be read
+    only in part (what was read is written)."""
     from annotate.data.prepare import run_prepare
 
     if run_prepare(input, shards, output, config).get("damaged"):

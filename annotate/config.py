@@ -15,14 +15,12 @@ Sections and who reads them:
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from annotate.data.records import SCHEMA_VERSION
 
 
 class _Section(BaseModel):
@@ -361,11 +359,10 @@ class PipelineConfig(_Section):
                 )
         return self
 
-    def fingerprint(self) -> str:
-        """Stable hash of everything that changes a record; stored in each shard's manifest line."""
+    def record_settings(self) -> dict[str, Any]:
+        """Every setting that changes a record, as plain data (the store hashes it with the record
+        schema's version into the `config` of each manifest line: data/store.py `config_fingerprint`)."""
         payload = self.model_dump(mode="json", exclude={"run", "train"})
-        # A new record schema redoes older outputs: `datasets` cannot load a folder mixing two schemas.
-        payload["schema_version"] = SCHEMA_VERSION
         for model in payload["models"].values():  # how a model is served does not change what it writes
             model.pop("serving", None)
         if payload.get("segment"):
@@ -373,7 +370,7 @@ class PipelineConfig(_Section):
         for stage in payload["stages"].values():  # the prompt's text counts, not where the file lies
             prompt = Path(stage["prompt"])
             stage["prompt"] = hashlib.sha256(prompt.read_bytes()).hexdigest() if prompt.is_file() else stage["prompt"]
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return payload
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:

@@ -61,7 +61,7 @@ from annotate.data.records import ImageRecord, Validation
 from annotate.data.shards import find_shards
 from annotate.engines.base import ChatRequest
 from annotate.engines.step_stats import ENV_DIR, read_steps, summarize
-from annotate.data.store import OutputStore
+from annotate.data.store import config_fingerprint, OutputStore
 from annotate.stages.base import PromptTemplate, RegionContext
 from annotate.stages.merge import MergeStage
 
@@ -164,10 +164,10 @@ def merge_records(cfg: PipelineConfig, shard_ids: list[int], input_dir: Path = S
 
 def store_context_output(records: dict[str, list[ImageRecord]], cfg: PipelineConfig, run_dir: Path) -> OutputStore:
     """Write `records` as finished `context` outputs of a run folder (one shard file each, plus its
-    manifest line under `cfg.fingerprint()`), so that `annotate run --stage merge` with the same
+    manifest line under `config_fingerprint(cfg)`), so that `annotate run --stage merge` with the same
     config takes them as its input."""
     store = OutputStore(Path(run_dir))
-    fingerprint = cfg.fingerprint()
+    fingerprint = config_fingerprint(cfg)
     for shard, recs in records.items():
         writer = store.writer("context", shard)
         try:

@@ -9,7 +9,7 @@ from pathlib import Path
 from annotate.config import load_config
 from annotate.data.records import ImageRecord, RegionRecord
 from annotate.data.writer import ShardWriter
-from annotate.data.store import DAMAGED, FINAL, OutputStore
+from annotate.data.store import DAMAGED, FINAL, config_fingerprint, OutputStore
 from annotate.executor.runner import plan_work
 from annotate.stages.chain import reset_for_retry, stage_io
 from fixtures_pipeline import SAMPLE_SHARDS, TINY
@@ -65,7 +65,7 @@ def _shards(tmp_path: Path) -> Path:
 
 def test_plan_redoes_damaged_and_mismatched_shards_and_carries_damage_downstream(tmp_path):
     cfg = load_config(TINY)
-    fp = cfg.fingerprint()
+    fp = config_fingerprint(cfg)
     layout = OutputStore(tmp_path / "out")
     src = _shards(tmp_path)
     _write(layout, FINAL, "00000", fp, "done")
@@ -111,7 +111,7 @@ def test_annotate_prepare_writes_the_store_that_annotate_run_resumes(tmp_path):
     first = run_prepare(str(src), "0-1", str(out), str(TINY))
     assert sorted(first["shards"]) == ["00000", "00001"] and first["skipped"] == []
     cfg = load_config(TINY)
-    fp = cfg.fingerprint()
+    fp = config_fingerprint(cfg)
     store = OutputStore(out)
     lines = store.finished(PREPARE, fp)
     assert sorted(lines) == ["00000", "00001"]

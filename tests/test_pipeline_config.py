@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from annotate.config import PipelineConfig, load_config
 from annotate.data.records import Provenance, RegionRecord
-from annotate.data.store import FINAL, PREPARE
+from annotate.data.store import FINAL, PREPARE, config_fingerprint
 from annotate.stages.base import PromptTemplate
 from annotate.stages.chain import STAGE_CLASSES, STAGE_FIELDS, STAGE_ORDER, STORED_OUTPUTS, check_stages, stage_io
 
@@ -70,9 +70,9 @@ def test_fingerprint_follows_prompt_text_not_location(tmp_path):
     copy = cfg.model_copy(deep=True)
     for stage in copy.stages.values():
         stage.prompt = str(moved / Path(stage.prompt).name)
-    assert copy.fingerprint() == cfg.fingerprint()
+    assert config_fingerprint(copy) == config_fingerprint(cfg)
     (moved / "merge.yaml").write_text((moved / "merge.yaml").read_text().replace("merge-v1", "merge-v2"))
-    assert copy.fingerprint() != cfg.fingerprint()
+    assert config_fingerprint(copy) != config_fingerprint(cfg)
 
 
 def test_every_stage_mode_reads_the_previous_output():
@@ -126,6 +126,6 @@ def test_serving_settings_do_not_change_the_records_fingerprint():
     other = cfg.model_copy(deep=True)
     other.models["llm"].serving.max_in_flight = 3
     other.models["llm"].serving.autoscaling = {"min_replicas": 1, "max_replicas": 4}
-    assert other.fingerprint() == cfg.fingerprint()
+    assert config_fingerprint(other) == config_fingerprint(cfg)
     other.models["llm"].vllm.max_model_len = 1024
-    assert other.fingerprint() != cfg.fingerprint()
+    assert config_fingerprint(other) != config_fingerprint(cfg)

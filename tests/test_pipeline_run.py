@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from annotate.data.store import OutputStore
+from annotate.data.store import config_fingerprint, OutputStore
 
 from annotate.stages.chain import RETRYABLE_PREFIXES
 from fixtures_pipeline import SAMPLE_SHARDS
@@ -94,11 +94,11 @@ def test_rejected_regions_keep_their_reason_and_skip_later_stages(tiny_run_all):
 def test_manifest_has_counts_checksum_and_config(tiny_run_all, tiny_config):
     out, summary = tiny_run_all
     layout = OutputStore(out)
-    finished = layout.finished("final", tiny_config.fingerprint())
+    finished = layout.finished("final", config_fingerprint(tiny_config))
     assert set(finished) == {"00000", "00001"}
     for shard, entry in finished.items():
         assert entry["regions"] == entry["ok"] + entry["rejected"] + entry["failed"]
-        assert entry["sha256"] and entry["config"] == tiny_config.fingerprint()
+        assert entry["sha256"] and entry["config"] == config_fingerprint(tiny_config)
         assert entry == {**entry, **summary.shards_written[shard]}
 
 
@@ -187,7 +187,7 @@ def test_retry_failed_redoes_only_failed_regions(ray_session, tiny_run_all, tiny
     for record in records:
         writer.add(record)
     stats = writer.commit()  # as a run would have written it: with its manifest line (checksums are checked)
-    layout.record({"output": "final", "shard": "00000", "config": tiny_config.fingerprint(),
+    layout.record({"output": "final", "shard": "00000", "config": config_fingerprint(tiny_config),
                             "sha256": stats.sha256, **stats.summary()})
     # The random-weight models may have failed some regions for real (e.g. an answer cut by
     # max_tokens): those are retried too, so the shards holding them are redone and they may change.

@@ -25,6 +25,7 @@ history a line-per-event log keeps.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import time
@@ -35,12 +36,21 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from annotate.data.records import ImageRecord, row_to_image_record
+from annotate.config import PipelineConfig
+from annotate.data.records import SCHEMA_VERSION, ImageRecord, row_to_image_record
 from annotate.data.writer import ShardWriter, file_sha256, write_dataset_card
 
 FINAL = "final"  # the output name of the dataset itself (OUT/data)
 PREPARE = "prepare"  # the data plane's output: regions and masks, before any model stage
 FINISHED, DAMAGED = "finished", "damaged"  # the `state` of a manifest line (lines without one are finished)
+
+
+def config_fingerprint(cfg: PipelineConfig) -> str:
+    """What a manifest line's `config` holds: a hash of every setting that changes a record and of the
+    record schema's version (a new schema redoes older outputs: `datasets` cannot load a folder mixing
+    two). A run computes it once: it reads every prompt file."""
+    payload = {**cfg.record_settings(), "schema_version": SCHEMA_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

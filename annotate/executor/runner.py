@@ -27,7 +27,7 @@ from annotate.cluster import ensure_ray
 from annotate.config import PipelineConfig
 from annotate.data.records import RegionRecord
 from annotate.data.shards import find_shards
-from annotate.data.store import DAMAGED, FINAL, FINISHED, PREPARE, OutputStore, count_rows, damage_of
+from annotate.data.store import DAMAGED, FINAL, FINISHED, PREPARE, config_fingerprint, count_rows, damage_of, OutputStore
 from annotate.data.writer import ShardWriter
 from annotate.engines.result_cache import remove_shard
 from annotate.executor.progress import ProgressDisplay, ProgressTracker
@@ -112,7 +112,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
     io = stage_io(stage)
     check_stages(cfg, io.stages)
     output_name, chain = io.writes, io.stages
-    fingerprint = cfg.fingerprint()  # once per run: it reads every prompt file
+    fingerprint = config_fingerprint(cfg)  # once per run: it reads every prompt file
     layout = OutputStore(Path(output_dir))
     summary = RunSummary(output_dir=layout.root, stage=stage)
     with layout.lock():
