@@ -16,16 +16,15 @@ import ray
 from annotate.config import DataConfig
 from annotate.data.prepare import prepare_output
 from annotate.data.shards import ShardRef
-from annotate.data.store import OutputStore
-from annotate.stages.chain import reset_for_retry
-from annotate.data.store import count_rows, iter_stored_records
+from annotate.data.store import OutputStore, count_rows, iter_stored_records
 from annotate.executor.shard_io import record_to_row
+from annotate.stages.chain import reset_for_retry
 
 
 @ray.remote(num_cpus=0)
 class ShardLedger:
     """Read tasks hand the driver the manifest lines of the `prepare` outputs they made, so that the
-    driver stays the manifest's one writer (see layout.py)."""
+    driver stays the manifest's one writer (see data/store.py)."""
 
     def __init__(self) -> None:
         self._lines: list[dict] = []
@@ -38,7 +37,7 @@ class ShardLedger:
         return lines
 
 
-def read_shard(batch: pa.Table, *, data: DataConfig, layout_root: str, fingerprint: str, rows_per_batch: int,
+def read_shard(batch: pa.Table, *, data: DataConfig, store_root: str, fingerprint: str, rows_per_batch: int,
                ledger) -> Iterator[pa.Table]:
     """Ray Data task: turn work items (one per shard) into batches of rows from their stored input.
 
@@ -46,13 +45,13 @@ def read_shard(batch: pa.Table, *, data: DataConfig, layout_root: str, fingerpri
     not finished yet, so the data plane of many shards runs in parallel on the cluster; its manifest
     line goes to the driver through `ledger` before any of its rows do.
     """
-    layout = OutputStore(Path(layout_root))
+    store = OutputStore(Path(store_root))
     for item in batch.to_pylist():
         if item["needs_prepare"]:
             ref = ShardRef(shard_id=item["shard_id"], name=item["shard"], path=Path(item["source_path"]),
                            format=item["source_format"])
-            ray.get(ledger.add.remote(prepare_output(ref, data, layout, fingerprint)))
-        path = layout.output_path(item["input"], item["shard"])
+            ray.get(ledger.add.remote(prepare_output(ref, data, store, fingerprint)))
+        path = store.output_path(item["input"], item["shard"])
         total = count_rows(path)
         rows: list[dict] = []
         for record in iter_stored_records(path, rows_per_batch):

@@ -16,12 +16,12 @@ OUTPUT_ORDER = (PREPARE,) + tuple(io[1] for name, io in STAGE_IO.items() if name
 
 def status_report(output_dir: str | Path) -> dict:
     """{output: {shard: manifest entry}} plus totals per output; raises when there is no run here."""
-    layout = OutputStore(Path(output_dir))
-    if not layout.manifest_path.exists():
-        raise FileNotFoundError(f"{layout.root} holds no run (no manifest.jsonl); is it the --output of `annotate run`?")
+    store = OutputStore(Path(output_dir))
+    if not store.manifest_path.exists():
+        raise FileNotFoundError(f"{store.root} holds no run (no manifest.jsonl); is it the --output of `annotate run`?")
     report: dict = {"outputs": {}, "totals": {}, "damaged": []}
     for output in OUTPUT_ORDER:
-        entries = layout.latest(output)
+        entries = store.latest(output)
         if not entries:
             continue
         report["damaged"] += [{"output": output, "shard": shard, **damage_of(e), "at": e.get("finished_at", "")}

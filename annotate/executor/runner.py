@@ -27,7 +27,7 @@ from annotate.cluster import ensure_ray
 from annotate.config import PipelineConfig
 from annotate.data.records import RegionRecord
 from annotate.data.shards import find_shards
-from annotate.data.store import DAMAGED, FINAL, FINISHED, PREPARE, config_fingerprint, count_rows, damage_of, OutputStore
+from annotate.data.store import DAMAGED, FINAL, FINISHED, PREPARE, OutputStore, config_fingerprint, count_rows, damage_of
 from annotate.data.writer import ShardWriter
 from annotate.engines.result_cache import remove_shard
 from annotate.executor.progress import ProgressDisplay, ProgressTracker
@@ -63,7 +63,7 @@ def _has_retryable_failures(path: Path) -> bool:
     return any(is_retryable(RegionRecord.model_validate(r)) for rs in regions for r in rs or [])
 
 
-def plan_work(cfg: PipelineConfig, layout: OutputStore, input_dir: Path, shard_ids: list[int], io: StageIO,
+def plan_work(cfg: PipelineConfig, store: OutputStore, input_dir: Path, shard_ids: list[int], io: StageIO,
               fingerprint: str, retry_failed: bool) -> tuple[list[dict], list[str]]:
     """Which shards this run must process, and from which stored input; the rest are finished.
 
@@ -73,10 +73,10 @@ def plan_work(cfg: PipelineConfig, layout: OutputStore, input_dir: Path, shard_i
     """
     input_name, output_name = io.reads, io.writes
     refs = find_shards(input_dir, shard_ids, cfg.data.shard_format)
-    latest_out, latest_in = layout.latest(output_name), layout.latest(input_name)
+    latest_out, latest_in = store.latest(output_name), store.latest(input_name)
 
     def holding(line: dict | None, *states: str) -> dict | None:
-        return line if line and layout.is_current(line, fingerprint, *states) else None
+        return line if line and store.is_current(line, fingerprint, *states) else None
 
     items, skipped = [], []
     for ref in refs:
@@ -84,7 +84,7 @@ def plan_work(cfg: PipelineConfig, layout: OutputStore, input_dir: Path, shard_i
                 "source_format": ref.format, "needs_prepare": False, "retry_failed": False, "input": input_name,
                 "damage": None}
         if holding(latest_out.get(ref.name), FINISHED):
-            if retry_failed and _has_retryable_failures(layout.output_path(output_name, ref.name)):
+            if retry_failed and _has_retryable_failures(store.output_path(output_name, ref.name)):
                 item.update(input=output_name, retry_failed=True)
                 items.append(item)
             else:
@@ -95,7 +95,7 @@ def plan_work(cfg: PipelineConfig, layout: OutputStore, input_dir: Path, shard_i
         if line is None:
             if input_name != PREPARE:
                 raise RuntimeError(
-                    f"shard {ref.name} has no finished `{input_name}` output in {layout.root}; "
+                    f"shard {ref.name} has no finished `{input_name}` output in {store.root}; "
                     f"run `annotate run --stage {stage_writing(input_name)}` on it first"
                 )
             item["needs_prepare"] = True
@@ -113,15 +113,15 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
     check_stages(cfg, io.stages)
     output_name, chain = io.writes, io.stages
     fingerprint = config_fingerprint(cfg)  # once per run: it reads every prompt file
-    layout = OutputStore(Path(output_dir))
-    summary = RunSummary(output_dir=layout.root, stage=stage)
-    with layout.lock():
-        if removed := layout.remove_stale_temporaries():
+    store = OutputStore(Path(output_dir))
+    summary = RunSummary(output_dir=store.root, stage=stage)
+    with store.lock():
+        if removed := store.remove_stale_temporaries():
             console.print(f"removed {removed} half-written file(s) left by an interrupted run")
-        items, summary.shards_skipped = plan_work(cfg, layout, Path(input_dir), shard_ids, io, fingerprint,
+        items, summary.shards_skipped = plan_work(cfg, store, Path(input_dir), shard_ids, io, fingerprint,
                                                        retry_failed)
         for shard in summary.shards_skipped:  # model results kept for a shard are in its output now
-            remove_shard(layout.cache_root, shard)
+            remove_shard(store.cache_root, shard)
         if summary.shards_skipped:
             console.print(f"{len(summary.shards_skipped)} shard(s) already finished: {', '.join(summary.shards_skipped)}")
         if not items:
@@ -144,7 +144,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             read_shard, batch_size=1, batch_format="pyarrow", num_cpus=cfg.run.reader_cpus,
             compute=ray.data.TaskPoolStrategy(size=cfg.run.shards_in_flight) if cfg.run.shards_in_flight else None,
-            fn_kwargs={"data": cfg.data, "layout_root": str(layout.root), "fingerprint": fingerprint,
+            fn_kwargs={"data": cfg.data, "store_root": str(store.root), "fingerprint": fingerprint,
                        "rows_per_batch": cfg.run.rows_per_batch, "ledger": ledger},
         )
         if SEGMENT_MODEL in apps:
@@ -169,25 +169,25 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
                 fn_constructor_kwargs={"stage_name": name, "stage": stage_cfg, "app": apps[stage_cfg.model],
                                        "reasoning": model.reasoning, "max_in_flight": share, "data": cfg.data,
                                        "tracker": tracker, "model": model,
-                                       "cache_root": str(layout.cache_root) if cfg.run.result_cache else None},
+                                       "cache_root": str(store.cache_root) if cfg.run.result_cache else None},
             )
-        outputs = ShardOutputs(layout, output_name, fingerprint, ledger,
+        outputs = ShardOutputs(store, output_name, fingerprint, ledger,
                                {i["shard"]: i["damage"] for i in items if i["damage"]})
         with ProgressDisplay(tracker, chain, len(items), console) as display:
             outputs.write(ds, display)
         summary.model_calls = display.model_calls
         for item in items:  # shards with no image at all produce no row, but still get an (empty) output
-            input_path = layout.output_path(item["input"], item["shard"])
+            input_path = store.output_path(item["input"], item["shard"])
             if item["shard"] not in outputs.committed and input_path.is_file() and count_rows(input_path) == 0:
-                outputs.commit(layout.writer(output_name, item["shard"]), item["shard"])
+                outputs.commit(store.writer(output_name, item["shard"]), item["shard"])
         summary.shards_written, summary.shards_damaged = outputs.written, outputs.damaged
         unfinished = [i["shard"] for i in items if i["shard"] not in outputs.committed]
         if unfinished:
             raise RuntimeError(f"shard(s) {', '.join(unfinished)} did not complete; rerun the same command to redo them")
         if output_name == FINAL:
-            layout.write_card(FINAL, config_fingerprint=fingerprint, pipeline=cfg.name)
+            store.write_card(FINAL, config_fingerprint=fingerprint, pipeline=cfg.name)
         summary.processing_s = time.perf_counter() - processing_started
-        _write_run_record(layout, summary, cfg.name, fingerprint)
+        _write_run_record(store, summary, cfg.name, fingerprint)
     return summary
 
 
@@ -206,9 +206,9 @@ def stage_worker_counts(cfg: PipelineConfig, chain: tuple[str, ...]) -> dict[str
     return {name: replicas(cfg.models[cfg.stages[name].model]) * cfg.run.stage_workers_per_replica for name in chain}
 
 
-def _write_run_record(layout: OutputStore, summary: RunSummary, pipeline: str, fingerprint: str) -> None:
+def _write_run_record(store: OutputStore, summary: RunSummary, pipeline: str, fingerprint: str) -> None:
     """OUT/runs/TIME.json: what one invocation did and where its model replicas ran."""
-    runs = layout.runs_dir
+    runs = store.runs_dir
     runs.mkdir(parents=True, exist_ok=True)
     record = {"stage": summary.stage, "config": fingerprint, "pipeline": pipeline,
               "shards_written": summary.shards_written, "shards_skipped": summary.shards_skipped,
@@ -232,8 +232,8 @@ class ShardOutputs:
     """The driver's side of a run: writes each shard's output once all its images arrived, and is the
     one writer of the manifest (its own lines, and the `prepare` lines read tasks hand over)."""
 
-    def __init__(self, layout: OutputStore, output: str, fingerprint: str, ledger, damage: dict[str, dict]):
-        self.layout, self.output, self.fingerprint, self.ledger = layout, output, fingerprint, ledger
+    def __init__(self, store: OutputStore, output: str, fingerprint: str, ledger, damage: dict[str, dict]):
+        self.store, self.output, self.fingerprint, self.ledger = store, output, fingerprint, ledger
         self.damage = dict(damage)  # shard -> {damage, samples_read}, from its input's line or its read task
         self.written: dict[str, dict] = {}
         self.damaged: dict[str, dict] = {}
@@ -245,7 +245,7 @@ class ShardOutputs:
     def record_prepared(self) -> None:
         """Write the manifest lines of `prepare` outputs made by read tasks since the last call."""
         for line in ray.get(self.ledger.drain.remote()):
-            self.layout.record(line)
+            self.store.record(line)
             if line.get("state") == DAMAGED:
                 self.damage[line["shard"]] = damage_of(line)
 
@@ -253,12 +253,12 @@ class ShardOutputs:
         """Rename the shard's output into place, then append its manifest line."""
         self.record_prepared()
         damage = self.damage.get(shard)
-        self.layout.commit(writer, self.output, shard, self.fingerprint, damage)
+        self.store.commit(writer, self.output, shard, self.fingerprint, damage)
         if damage:
             self.damaged[shard] = {**writer.stats.summary(), **damage}
         else:
             self.written[shard] = writer.stats.summary()
-        remove_shard(self.layout.cache_root, shard)  # after its manifest line: its model results are in the output now
+        remove_shard(self.store.cache_root, shard)  # after its manifest line: its model results are in the output now
 
     def write(self, ds, display: ProgressDisplay) -> None:
         writers: dict[str, ShardWriter] = {}
@@ -276,7 +276,7 @@ class ShardOutputs:
                         finalize_record(record)
                     writer = writers.get(shard)
                     if writer is None:
-                        writer = writers[shard] = self.layout.writer(self.output, shard, row[ROW_TOTAL])
+                        writer = writers[shard] = self.store.writer(self.output, shard, row[ROW_TOTAL])
                     if not writer.add(record):  # the same image again: a read task that Ray ran twice
                         log.info("dropping a repeated row for image %s of shard %s", record.image_key, shard)
                     if writer.complete:
