@@ -7,11 +7,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from annotate.data.store import DAMAGED, FINAL, PREPARE, OutputStore, damage_of
+from annotate.data.store import DAMAGED, OutputStore, damage_of
 
-from annotate.stages.chain import STAGE_IO
+from annotate.stages.chain import STORED_OUTPUTS
 
-OUTPUT_ORDER = (PREPARE,) + tuple(io[1] for name, io in STAGE_IO.items() if name != "all" and io[1] != FINAL) + (FINAL,)
 
 
 def status_report(output_dir: str | Path) -> dict:
@@ -20,7 +19,7 @@ def status_report(output_dir: str | Path) -> dict:
     if not store.manifest_path.exists():
         raise FileNotFoundError(f"{store.root} holds no run (no manifest.jsonl); is it the --output of `annotate run`?")
     report: dict = {"outputs": {}, "totals": {}, "damaged": []}
-    for output in OUTPUT_ORDER:
+    for output in STORED_OUTPUTS:
         entries = store.latest(output)
         if not entries:
             continue
