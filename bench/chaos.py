@@ -41,6 +41,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from annotate.stages.chain import STAGE_ORDER
+from bench.harness import (copy_sample_shards, input_region_ids, kill_session, output_regions, session_pids,
+                           session_processes, tiny_variant)
+
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 KINDS = ("driver", "stage_worker", "replica", "read_task")
@@ -54,47 +58,10 @@ CLUSTER_ENV = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "PYTHO
 # batches two shards share each batch; with 4 batches in flight per worker all shards are in the chain
 # together: both were seen to finish all shards within one 0.2 s poll). tests/test_pipeline_crash.py too.
 ONE_SHARD_AT_A_TIME = {"run": {"shards_in_flight": 1, "rows_per_batch": 2, "batches_in_flight": 1},
-             "stages": {name: {"batch_size": 2} for name in ("object", "validate", "context", "merge")}}
-
-
-def _tests_helpers():
-    """The tests' own definitions of the input (sample shard copies, a tiny.yaml variant) and of the
-    regions it must yield (read straight from the tars): one definition for the tests and this bench."""
-    sys.path.insert(0, str(REPO / "tests"))
-    import fixtures_pipeline
-    import test_pipeline_run
-
-    return fixtures_pipeline, test_pipeline_run
+                       "stages": {name: {"batch_size": 2} for name in STAGE_ORDER}}
 
 
 # ------------------------------------------------------------------------------ processes
-def session_pids(title: str, session: int) -> list[int]:
-    """Processes of process session `session` (one Ray cluster, not another session's on the same
-    machine) whose command line (a Ray worker's is its title) contains `title`, as plain text."""
-    return [pid for pid, cmdline in _session_processes(session).items() if title in cmdline]
-
-
-def _session_processes(session: int) -> dict[int, str]:
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == session:
-                    found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except (ProcessLookupError, PermissionError, FileNotFoundError):
-                pass
-    return found
-
-
-def kill_session(session: int) -> None:
-    """SIGKILL every process of a session (a Ray cluster with its workers and vLLM engines)."""
-    for pid in _session_processes(session):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
 @dataclass
 class Cluster:
     """Where the rounds run: the GCS address, the process session that holds the cluster's daemons
@@ -166,8 +133,7 @@ def region_counts(out: Path) -> tuple[Counter, Counter]:
     """Region ids in OUT/data, read with pyarrow (the tests' reader) and with `datasets`."""
     import datasets
 
-    _, run_tests = _tests_helpers()
-    by_arrow = Counter(r["region_id"] for r in run_tests.output_regions(out))
+    by_arrow = Counter(r["region_id"] for r in output_regions(out))
     ds = datasets.load_dataset("parquet", data_files=str(out / "data" / "*.parquet"), split="train",
                                cache_dir=str(out.parent / "hf-cache"))
     by_hf = Counter(r["region_id"] for regions in ds["regions"] for r in regions)
@@ -221,10 +187,8 @@ class Chaos:
                  round_timeout: float = 900, log=print):
         self.cluster, self.work, self.rng, self.new_shards = cluster, work, rng, new_shards
         self.round_timeout, self.log = round_timeout, log
-        fixtures, self._run_tests = _tests_helpers()
-        self._copy_shards = fixtures.copy_sample_shards
         self.input, self.out = work / "in", work / "out"
-        self.config = fixtures.tiny_variant(work / "chaos.yaml", ONE_SHARD_AT_A_TIME)
+        self.config = tiny_variant(work / "chaos.yaml", ONE_SHARD_AT_A_TIME)
         self.pace = 4.0  # seconds of processing per shard, learnt from the rounds that ran to the end
         self.shards = 0
 
@@ -259,7 +223,7 @@ class Chaos:
     def play(self, index: int, kind: str) -> Round:
         started = time.monotonic()
         self.shards += self.new_shards
-        self._copy_shards(self.input, self.shards)
+        copy_sample_shards(self.input, self.shards)
         before = finished_final(self.out)
         rnd = Round(index, kind, self.shards, pending=self.shards - len(before))
         proc = self._start(index)
@@ -273,7 +237,7 @@ class Chaos:
                 # A read task may be between shards at that moment: the kill goes to the next one.
                 if self._wait(proc, lambda: self._targets(kind, proc), self.round_timeout):
                     pid = self.rng.choice(sorted(self._targets(kind, proc)))
-                    rnd.target = f"{pid} {_session_processes(self.cluster.session).get(pid, '?')[:80]}".strip()
+                    rnd.target = f"{pid} {session_processes(self.cluster.session).get(pid, '?')[:80]}".strip()
                     if proc.poll() is None:
                         os.kill(pid, signal.SIGKILL)
                         rnd.landed = True
@@ -311,14 +275,14 @@ class Chaos:
         rnd.problems += [f"final/{s}: finished shard written again" for s in before if after.get(s) != before[s]]
         rnd.finished = sorted(set(after) - set(before))
         for shard in rnd.finished:
-            expected = self._run_tests.input_region_ids(self.input, [int(shard)])
+            expected = input_region_ids(self.input, [int(shard)])
             seen = shard_region_ids(self.out / "data" / f"{shard}.parquet")
             rnd.lost += sum((expected - seen).values())
             rnd.duplicated += sum((seen - expected).values())
 
     def union(self) -> dict:
         """The whole output against every input region, read with pyarrow and with `datasets`."""
-        expected = self._run_tests.input_region_ids(self.input, list(range(self.shards)))
+        expected = input_region_ids(self.input, list(range(self.shards)))
         result = {"regions_expected": sum(expected.values())}
         for reader, seen in zip(("pyarrow", "datasets"), region_counts(self.out)):
             result[reader] = {"lost": sum((expected - seen).values()), "duplicated": sum((seen - expected).values())}

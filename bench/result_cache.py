@@ -33,6 +33,8 @@ from pathlib import Path
 
 from annotate.engines.result_cache import count_stored
 from annotate.executor.progress import parse_calls
+from annotate.stages.chain import STAGE_ORDER
+from bench.harness import SAMPLE_SHARDS, kill_session, tiny_variant, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET = 0.55
@@ -40,25 +42,14 @@ SHARD = "00000"
 # Two images per batch, one batch in flight per worker: results are stored a few at a time, so the
 # kill lands close to the chosen share (the sample shards are small).
 OVERRIDES = {"run": {"rows_per_batch": 2, "batches_in_flight": 1},
-             "stages": {name: {"batch_size": 2} for name in ("object", "validate", "context", "merge")}}
-
-
-def _tests_helpers():
-    """The tests' definitions of a tiny.yaml variant and of killing a run's whole process session:
-    one definition for the tests and the benches."""
-    sys.path.insert(0, str(REPO / "tests"))
-    import fixtures_pipeline
-    import test_pipeline_crash
-
-    return fixtures_pipeline, test_pipeline_crash
+             "stages": {name: {"batch_size": 2} for name in STAGE_ORDER}}
 
 
 def one_shard(dest: Path) -> Path:
     """Input folder with one shard holding the images of both sample shards (keys made unique)."""
-    fixtures, _ = _tests_helpers()
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(dest / f"{SHARD}.tar", "w") as out:
-        for n, source in enumerate(sorted(fixtures.SAMPLE_SHARDS.glob("*.tar"))):
+        for n, source in enumerate(sorted(SAMPLE_SHARDS.glob("*.tar"))):
             with tarfile.open(source) as tar:
                 for member in tar.getmembers():
                     data = tar.extractfile(member).read()
@@ -75,13 +66,12 @@ def annotate_run(config: Path, input_dir: Path, out: Path) -> list[str]:
 
 def finished_run(cmd: list[str], log: Path, timeout: float) -> dict[str, tuple[int, int]]:
     """Run to its end; stage -> (model calls, replayed) as the run printed them."""
-    _, crash = _tests_helpers()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, start_new_session=True, stdout=f, stderr=subprocess.STDOUT, cwd=log.parent)
         try:
             rc = proc.wait(timeout=timeout)
         finally:
-            crash.kill_session(proc.pid)
+            kill_session(proc.pid)
     text = log.read_text()
     if rc != 0:
         raise SystemExit(f"run failed (rc {rc}), see {log}:\n{text[-3000:]}")
@@ -91,18 +81,17 @@ def finished_run(cmd: list[str], log: Path, timeout: float) -> dict[str, tuple[i
 def killed_run(cmd: list[str], log: Path, out: Path, kill_at: int, timeout: float) -> int:
     """Start the run and SIGKILL its whole session once `kill_at` results are stored; returns how
     many were stored when it died."""
-    _, crash = _tests_helpers()
     folder = out / "cache" / SHARD
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, start_new_session=True, stdout=f, stderr=subprocess.STDOUT, cwd=log.parent)
         try:
-            crash.wait_for(lambda: count_stored(folder) >= kill_at, timeout, proc, f"{kill_at} stored results")
+            wait_for(lambda: count_stored(folder) >= kill_at, timeout, proc, f"{kill_at} stored results")
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
-            crash.kill_session(proc.pid)
+            kill_session(proc.pid)
     return count_stored(folder)
 
 
@@ -121,9 +110,8 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-result-cache-"))
     work.mkdir(parents=True, exist_ok=True)
-    fixtures, _ = _tests_helpers()
     input_dir = one_shard(work / "in")
-    config = fixtures.tiny_variant(work / "tiny-result-cache.yaml", OVERRIDES)
+    config = tiny_variant(work / "tiny-result-cache.yaml", OVERRIDES)
 
     started = time.perf_counter()
     clean = finished_run(annotate_run(config, input_dir, work / "clean"), work / "clean.log", args.timeout)

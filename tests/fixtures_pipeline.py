@@ -7,18 +7,11 @@ models started by `annotate serve`.
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import pytest
-import yaml
 
 from annotate.config import PipelineConfig, load_config
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "pipelines" / "tiny.yaml"
-PAPER_TINY = REPO / "pipelines" / "paper-tiny.yaml"
-SAMPLE_SHARDS = REPO / "sample_data" / "grit"
+from bench.harness import SAMPLE_SHARDS, TINY
 
 
 @pytest.fixture(scope="session")
@@ -61,22 +54,3 @@ def free_session_models() -> None:
         from annotate.serving.apps import stop_apps
 
         stop_apps()
-
-
-def copy_sample_shards(dest: Path, count: int) -> Path:
-    """`count` shards made by copying the two sample shards under new shard numbers."""
-    dest.mkdir(parents=True, exist_ok=True)
-    sources = sorted(SAMPLE_SHARDS.glob("*.tar"))
-    for i in range(count):
-        shutil.copy(sources[i % len(sources)], dest / f"{i:05d}.tar")
-    return dest
-
-
-def tiny_variant(dest: Path, overrides: dict, base: Path = TINY) -> Path:
-    """pipelines/tiny.yaml (or `base`) with `overrides` merged in, written to `dest` for a subprocess
-    to load.
-
-    `load_config` merges, validates and makes the prompt paths absolute, so an invalid variant
-    fails here, not in the subprocess."""
-    dest.write_text(yaml.safe_dump(load_config(base, overrides).model_dump(mode="json"), sort_keys=False))
-    return dest

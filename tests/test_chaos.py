@@ -18,7 +18,7 @@ from collections import Counter
 import pytest
 
 from bench.chaos import KINDS, manifest_problems, plan_kinds
-from fixtures_pipeline import REPO
+from bench.harness import REPO
 
 ROUNDS = 3
 CI_KINDS = ("driver", "stage_worker", "read_task")

@@ -12,7 +12,7 @@ from annotate.data.writer import ShardWriter
 from annotate.data.store import DAMAGED, FINAL, config_fingerprint, OutputStore
 from annotate.executor.runner import plan_work
 from annotate.stages.chain import reset_for_retry, stage_io
-from fixtures_pipeline import SAMPLE_SHARDS, TINY
+from bench.harness import SAMPLE_SHARDS, TINY
 
 
 def _write(layout: OutputStore, output: str, shard: str, config: str, caption: str, **line) -> dict:

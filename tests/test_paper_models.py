@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from annotate.config import load_config
-from fixtures_pipeline import PAPER_TINY, REPO, SAMPLE_SHARDS, free_session_models, tiny_variant
-from test_pipeline_run import STATUSES, input_region_ids, output_regions
+from bench.harness import PAPER_TINY, REPO, SAMPLE_SHARDS, tiny_variant
+from fixtures_pipeline import free_session_models
+from bench.harness import input_region_ids, output_regions
+from test_pipeline_run import STATUSES
 
 LONGGRIT = REPO / "pipelines" / "longgrit.yaml"
 

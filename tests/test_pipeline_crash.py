@@ -8,16 +8,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 # ONE_SHARD_AT_A_TIME: shards finish one after another, so a kill right after the first lands mid-run.
-from bench.chaos import ONE_SHARD_AT_A_TIME, kill_session, session_pids
-from fixtures_pipeline import copy_sample_shards, free_session_models, tiny_variant
-from test_pipeline_run import input_region_ids, output_regions
+from bench.chaos import ONE_SHARD_AT_A_TIME
+from bench.harness import copy_sample_shards, input_region_ids, kill_session, output_regions, session_pids, tiny_variant, wait_for
+from fixtures_pipeline import free_session_models
 
 pytestmark = pytest.mark.slow
 SHARDS = 4
@@ -28,16 +27,6 @@ def final_lines(out: Path) -> list[dict]:
     if not manifest.exists():
         return []
     return [json.loads(line) for line in manifest.read_text().splitlines() if '"output": "final"' in line]
-
-
-def wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended (rc {proc.returncode}) before {what}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 @pytest.mark.timeout(2400)  # two full runs, each starting its own Ray cluster and engines

@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from annotate.cli import DAMAGED_EXIT_CODE, app
 from annotate.data.store import DAMAGED, FINAL, OutputStore
 from annotate.executor.report import print_status, status_report
-from fixtures_pipeline import SAMPLE_SHARDS, TINY
-from test_pipeline_run import input_region_ids
+from bench.harness import SAMPLE_SHARDS, TINY
+from bench.harness import input_region_ids
 
 pytestmark = pytest.mark.slow
 

@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fixtures_pipeline import REPO, SAMPLE_SHARDS, TINY, free_session_models
-from test_pipeline_run import input_region_ids, output_regions
+from bench.harness import REPO, SAMPLE_SHARDS, TINY
+
+from fixtures_pipeline import free_session_models
+from bench.harness import input_region_ids, output_regions
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).with_name("ray"))

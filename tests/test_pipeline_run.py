@@ -5,9 +5,7 @@ back with `datasets`. Also: stage-by-stage equals `--stage all`, resume skips fi
 from __future__ import annotations
 
 import json
-import tarfile
 from collections import Counter
-from pathlib import Path
 
 import datasets
 import numpy as np
@@ -19,31 +17,11 @@ from pycocotools import mask as mask_utils
 from annotate.data.store import config_fingerprint, OutputStore
 
 from annotate.stages.chain import RETRYABLE_PREFIXES
-from fixtures_pipeline import SAMPLE_SHARDS
+from bench.harness import SAMPLE_SHARDS, input_region_ids, output_regions
 
 pytestmark = pytest.mark.slow
 
 STATUSES = {"ok", "rejected", "failed"}
-
-
-def input_region_ids(shard_dir: Path, shards: list[int]) -> Counter:
-    """Region ids the output must hold, read straight from the tar files (not through the data plane)."""
-    ids: Counter = Counter()
-    for shard in shards:
-        name = f"{shard:05d}"
-        with tarfile.open(shard_dir / f"{name}.tar") as tar:
-            for member in tar.getmembers():
-                if member.name.endswith(".json"):
-                    meta = json.loads(tar.extractfile(member).read())
-                    key = member.name.rsplit("/", 1)[-1][: -len(".json")]
-                    for index, _ in enumerate(meta.get("ref_exps") or []):
-                        ids[f"{name}:{key}:{index}"] += 1
-    return ids
-
-
-def output_regions(out: Path) -> list[dict]:
-    table = pq.read_table(sorted((out / "data").glob("*.parquet")))
-    return [region for regions in table.column("regions").to_pylist() for region in regions]
 
 
 def test_run_all_gives_every_region_once_with_captions(tiny_run_all):
@@ -125,7 +103,7 @@ def test_a_stage_that_cannot_fit_stops_the_run_before_any_shard(tiny_run_all, tm
     from annotate.config import load_config
     from annotate.executor.runner import run_pipeline
     from annotate.stages.budget import BudgetError
-    from fixtures_pipeline import TINY
+    from bench.harness import TINY
 
     with pytest.raises(BudgetError, match=message):
         run_pipeline(load_config(TINY, overrides), SAMPLE_SHARDS, tmp_path, [0], stage="all")

@@ -16,9 +16,9 @@ import psutil
 import pytest
 import ray
 
-from fixtures_pipeline import copy_sample_shards, tiny_variant
+from bench.harness import copy_sample_shards, tiny_variant
 from test_pipeline_crash import ONE_SHARD_AT_A_TIME
-from test_pipeline_run import input_region_ids, output_regions
+from bench.harness import input_region_ids, output_regions
 
 pytestmark = pytest.mark.slow
 

@@ -241,7 +241,7 @@ def test_rerun_replays_every_call_of_a_shard_lost_before_commit(ray_session, tin
     from annotate.data.store import OutputStore
     from annotate.executor.progress import parse_calls
     from annotate.executor.runner import run_pipeline
-    from fixtures_pipeline import SAMPLE_SHARDS
+    from bench.harness import SAMPLE_SHARDS
 
     class DriverDied(Exception):
         pass

@@ -13,7 +13,7 @@ from annotate.config import DataConfig, MaskConfig, SegmentConfig
 from annotate.data.masks import box_mask, decode_rle
 from annotate.data.prepare import prepare_shard
 from annotate.data.shards import find_shards
-from fixtures_pipeline import SAMPLE_SHARDS
+from bench.harness import SAMPLE_SHARDS
 
 ACCEPT_ANY = SegmentConfig(path="tiny:sam", min_mask_frac=0.0)
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 from annotate.config import SamplingConfig, load_config
 from annotate.engines.base import ChatRequest
-from fixtures_pipeline import REPO
+from bench.harness import REPO
 
 LONGGRIT = REPO / "pipelines" / "longgrit.yaml"
 

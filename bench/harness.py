@@ -1,0 +1,110 @@
+"""What the benchmarks and the tests share to drive real runs of the tiny pipeline: the bundled
+sample shards copied under new numbers, pipeline-file variants, the region ids an input holds and an
+output has (read straight from the files, not through the data plane, so a check never shares the
+code it checks), and watching and killing a run's whole process session.
+
+It lives in bench/ because the benchmarks are programs; the tests import it from here (a benchmark
+never imports a test module).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import yaml
+
+from annotate.config import load_config
+from annotate.data.store import OutputStore
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "pipelines" / "tiny.yaml"
+PAPER_TINY = REPO / "pipelines" / "paper-tiny.yaml"
+SAMPLE_SHARDS = REPO / "sample_data" / "grit"
+
+
+# ------------------------------------------------------------------------------ inputs
+def copy_sample_shards(dest: Path, count: int) -> Path:
+    """`count` shards made by copying the two sample shards under new shard numbers."""
+    dest.mkdir(parents=True, exist_ok=True)
+    sources = sorted(SAMPLE_SHARDS.glob("*.tar"))
+    for i in range(count):
+        shutil.copy(sources[i % len(sources)], dest / f"{i:05d}.tar")
+    return dest
+
+
+def tiny_variant(dest: Path, overrides: dict, base: Path = TINY) -> Path:
+    """pipelines/tiny.yaml (or `base`) with `overrides` merged in, written to `dest` for a subprocess
+    to load.
+
+    `load_config` merges, validates and makes the prompt paths absolute, so an invalid variant
+    fails here, not in the subprocess."""
+    dest.write_text(yaml.safe_dump(load_config(base, overrides).model_dump(mode="json"), sort_keys=False))
+    return dest
+
+
+# ------------------------------------------------------------------------------ regions
+def input_region_ids(shard_dir: Path, shards: list[int]) -> Counter:
+    """Region ids the output must hold, read straight from the tar files (not through the data plane)."""
+    ids: Counter = Counter()
+    for shard in shards:
+        name = f"{shard:05d}"
+        with tarfile.open(shard_dir / f"{name}.tar") as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(member).read())
+                    key = member.name.rsplit("/", 1)[-1][: -len(".json")]
+                    for index, _ in enumerate(meta.get("ref_exps") or []):
+                        ids[f"{name}:{key}:{index}"] += 1
+    return ids
+
+
+def output_regions(out: Path) -> list[dict]:
+    table = pq.read_table(OutputStore(out).dataset_files())
+    return [region for regions in table.column("regions").to_pylist() for region in regions]
+
+
+# ------------------------------------------------------------------------------ processes
+def wait_for(predicate, timeout: float, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def session_pids(title: str, session: int) -> list[int]:
+    """Processes of process session `session` (one Ray cluster, not another session's on the same
+    machine) whose command line (a Ray worker's is its title) contains `title`, as plain text."""
+    return [pid for pid, cmdline in session_processes(session).items() if title in cmdline]
+
+
+def session_processes(session: int) -> dict[int, str]:
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == session:
+                    found[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except (ProcessLookupError, PermissionError, FileNotFoundError):
+                pass
+    return found
+
+
+def kill_session(session: int) -> None:
+    """SIGKILL every process of a session (a Ray cluster with its workers and vLLM engines)."""
+    for pid in session_processes(session):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
