@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from annotate.config import ImageConfig
-from annotate.data.images import ImageError, decode_image
+from annotate.data.images import ImageError, decode_image, fit_within, fitted_size
 from annotate.data.masks import decode_rle
 from annotate.data.records import ImageRecord, RegionRecord, row_to_image_record
 
@@ -137,14 +137,6 @@ def placeholder(width: int, height: int, note: str = "image unavailable") -> Ima
     return img
 
 
-def _fit(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
-    w, h = size
-    if not max_side or max(w, h) <= max_side:
-        return w, h
-    s = max_side / max(w, h)
-    return max(1, round(w * s)), max(1, round(h * s))
-
-
 def region_mask(region: RegionRecord, width: int, height: int) -> np.ndarray | None:
     """The region's mask as bool (height, width), resized (nearest) if stored at another size."""
     if region.mask is None or min(region.mask.size) <= 0:
@@ -206,11 +198,10 @@ def render_region(record: ImageRecord, region: RegionRecord, max_side: int | Non
     image, _ = load_image(record)
     if image is None:
         size = _canvas_size(record, region)
-        base = placeholder(*_fit(size, max_side))
+        base = placeholder(*fitted_size(size, max_side))
     else:
         size = image.size
-        target = _fit(size, max_side)
-        base = image if target == size else image.resize(target, Image.Resampling.LANCZOS)
+        base = fit_within(image, max_side, Image.Resampling.LANCZOS)
     return draw_region(base, size, region, region_mask(region, *size))
 
 
@@ -395,12 +386,12 @@ def _shard_page(data_file: Path, html_dir: Path, page: ShardPage, thumb_side: in
         image, note = load_image(record)
         if image is not None:
             size = image.size
-            thumb_base = image.resize(_fit(size, thumb_side), Image.Resampling.LANCZOS)
-            full_base = image if _fit(size, full_side) == size else image.resize(_fit(size, full_side), Image.Resampling.LANCZOS)
+            thumb_base = fit_within(image, thumb_side, Image.Resampling.LANCZOS)
+            full_base = fit_within(image, full_side, Image.Resampling.LANCZOS)
         else:
             size = _canvas_size(record, record.regions[0])
-            thumb_base = placeholder(*_fit(size, thumb_side))
-            full_base = placeholder(*_fit(size, full_side))
+            thumb_base = placeholder(*fitted_size(size, thumb_side))
+            full_base = placeholder(*fitted_size(size, full_side))
         for region in record.regions:
             mask = region_mask(region, *size)
             stem = _file_stem(region.region_id)
