@@ -113,7 +113,8 @@ def show(
 ) -> None:
     """Write a static HTML gallery of a run's output (regions drawn on their images, captions, status
     filters), or render one region to a PNG with --region ID --png FILE."""
-    from annotate.show import RegionNotFound, render_region_png, write_gallery
+    from annotate.gallery import write_gallery
+    from annotate.show import RegionNotFound, render_region_png
 
     if (region is None) != (png is None):
         raise typer.BadParameter("--region and --png go together", param_hint="--region/--png")

@@ -1,4 +1,4 @@
-"""decode_image: modes, EXIF orientation, refusals, readable errors."""
+"""decode_image: modes, EXIF orientation, refusals, readable errors; fit_within / fitted_size."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from PIL import Image, ImageFile
 
 import shardkit as sk
 from annotate.config import ImageConfig
-from annotate.data.images import ImageError, decode_image
+from annotate.data.images import ImageError, decode_image, fit_within, fitted_size
 
 CFG = ImageConfig()
 
@@ -83,3 +83,32 @@ def test_byte_limit():
     data = sk.jpeg()
     with pytest.raises(ImageError, match="max_bytes"):
         decode_image(data, ImageConfig(max_bytes=len(data) - 1))
+
+
+@pytest.mark.parametrize(("size", "max_side", "fitted"), [
+    ((400, 200), 100, (100, 50)),  # landscape: the width becomes max_side, aspect kept
+    ((200, 400), 100, (50, 100)),  # portrait
+    ((90, 60), 100, (90, 60)),  # already fits: unchanged, never enlarged
+    ((100, 100), 100, (100, 100)),  # exactly max_side
+    ((1000, 1), 10, (10, 1)),  # never below one pixel
+    ((300, 200), None, (300, 200)),  # no limit
+    ((300, 200), 0, (300, 200)),
+])
+def test_fitted_size(size, max_side, fitted):
+    assert fitted_size(size, max_side) == fitted
+
+
+def test_fit_within_resizes_only_what_is_too_big():
+    small = Image.new("RGB", (60, 40))
+    assert fit_within(small, 100) is small
+    big = Image.fromarray(_arr())  # 40 x 30
+    fitted = fit_within(big, 20)
+    assert fitted.size == (20, 15) and fitted.mode == "RGB"
+
+
+def test_fit_within_nearest_keeps_a_mask_binary():
+    mask = Image.fromarray(((np.indices((90, 120)).sum(0) % 7 == 0) * 255).astype(np.uint8), "L")
+    fitted = fit_within(mask, 50, Image.Resampling.NEAREST)
+    assert fitted.size == (50, 38)
+    assert set(np.unique(np.asarray(fitted))) <= {0, 255}
+    assert set(np.unique(np.asarray(fit_within(mask, 50)))) - {0, 255}  # the default (bicubic) blends

@@ -8,7 +8,8 @@ import shutil
 import pytest
 
 from annotate.config import ModelConfig
-from annotate.engines.factory import build_engine, resolve_model_path
+from annotate.engines.factory import build_engine
+from annotate.engines.model_path import resolve_model_path
 
 
 def test_tiny_paths_resolve_to_the_session_cache(tiny_model_paths):

@@ -42,7 +42,7 @@ def test_the_model_is_not_loadable_without_its_package():
     """Why the engine exists: transformers does not know the checkpoint's model_type on its own."""
     import subprocess
 
-    from annotate.engines.factory import resolve_model_path
+    from annotate.engines.model_path import resolve_model_path
 
     code = ("from transformers import AutoModelForCausalLM; "
             f"AutoModelForCausalLM.from_pretrained({resolve_model_path('tiny:griffon')!r})")

@@ -26,7 +26,8 @@ from annotate.cli import app
 from annotate.data.masks import encode_rle
 from annotate.data.records import ImageRecord, Provenance, RegionRecord, Validation
 from annotate.data.writer import write_parquet_atomic
-from annotate.show import MASK_ALPHA, STATUS_COLORS, write_gallery
+from annotate.gallery import write_gallery
+from annotate.show import MASK_ALPHA, STATUS_COLORS
 
 XSS_CAPTION = "a cat <script>document.title='pwned'</script> & \"friends\""
 XSS_PHRASE = "<img src=x onerror=\"document.title='pwned'\">"

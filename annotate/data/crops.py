@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from annotate.config import CropConfig
+from annotate.data.images import fit_within
 from annotate.data.masks import box_bounds
 
 
@@ -28,8 +29,8 @@ class RegionViews:
     def highlighted(self) -> Image.Image:
         """RGB full image, region outlined and mask tinted. Built on first use: only prompts that
         show the whole image need it, and building it was a third of the data plane's time."""
-        return _fit(highlight(self._image, self._mask, self._bbox_xywh, self._cfg), self._cfg.max_side,
-                    Image.Resampling.BICUBIC)
+        return fit_within(highlight(self._image, self._mask, self._bbox_xywh, self._cfg), self._cfg.max_side,
+                          Image.Resampling.BICUBIC)
 
 
 def crop_box_for(mask: np.ndarray, bbox_xywh, width: int, height: int, cfg: CropConfig) -> tuple[int, int, int, int]:
@@ -68,8 +69,8 @@ def region_views(image: Image.Image, mask: np.ndarray, bbox_xywh, cfg: CropConfi
     crop = image.crop(box)
     crop_mask = Image.fromarray((mask[y0:y1, x0:x1].astype(np.uint8) * 255), "L")
     return RegionViews(
-        crop=_fit(crop, cfg.max_side, Image.Resampling.BICUBIC),
-        crop_mask=_fit(crop_mask, cfg.max_side, Image.Resampling.NEAREST),  # stays 0/255
+        crop=fit_within(crop, cfg.max_side, Image.Resampling.BICUBIC),
+        crop_mask=fit_within(crop_mask, cfg.max_side, Image.Resampling.NEAREST),  # stays 0/255
         crop_box=box,
         _image=image,
         _mask=mask,
@@ -89,10 +90,3 @@ def highlight(image: Image.Image, mask: np.ndarray, bbox_xywh, cfg: CropConfig, 
     if x1 > x0 and y1 > y0:
         ImageDraw.Draw(out).rectangle([x0, y0, x1 - 1, y1 - 1], outline=tuple(cfg.highlight_color), width=cfg.highlight_width)
     return out
-
-
-def _fit(img: Image.Image, max_side: int, resample) -> Image.Image:
-    if max(img.size) <= max_side:
-        return img
-    s = max_side / max(img.size)
-    return img.resize((max(1, round(img.width * s)), max(1, round(img.height * s))), resample)

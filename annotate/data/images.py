@@ -1,4 +1,5 @@
-"""Decoding shard payloads into RGB images as they are displayed (EXIF orientation applied).
+"""Decoding shard payloads into RGB images as they are displayed (EXIF orientation applied), and
+fitting images to a longest side.
 
 The size check happens on the header (PIL's lazy `Image.open`) so an oversized image is refused
 without decoding its pixels. Every failure is an `ImageError` whose message can go into a record.
@@ -51,6 +52,24 @@ def decode_image(data: bytes, cfg: ImageConfig) -> Image.Image:
     except Exception:  # noqa: BLE001 - a broken EXIF block: keep the stored orientation
         pass
     return to_rgb(img)
+
+
+def fitted_size(size: tuple[int, int], max_side: int | None) -> tuple[int, int]:
+    """`size` (width, height) scaled down, aspect kept, so its longest side is at most `max_side`
+    (None or 0: no limit); never below 1 pixel. For callers that draw at a size, not resize an image."""
+    width, height = size
+    if not max_side or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def fit_within(image: Image.Image, max_side: int | None,
+               resample: Image.Resampling = Image.Resampling.BICUBIC) -> Image.Image:
+    """`image` resized to `fitted_size` (the image itself when it already fits): the one way models,
+    prompts and the gallery bound an image's size. Use NEAREST for masks, so they stay 0/255."""
+    size = fitted_size(image.size, max_side)
+    return image if size == image.size else image.resize(size, resample)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -15,6 +15,7 @@ from typing import Any
 from annotate.config import ModelConfig, SamplingConfig
 from annotate.engines.base import ChatRequest, ChatResult
 from annotate.engines.messages import InvalidMessageError, to_hf_messages
+from annotate.engines.model_path import resolve_model_path
 from annotate.engines.transformers_common import (
     end_ids,
     generate_kwargs,
@@ -39,8 +40,6 @@ def _as_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 class HfEngine:
     def __init__(self, model: ModelConfig, model_path: str | None = None):
         from transformers import AutoConfig
-
-        from annotate.engines.factory import resolve_model_path
 
         self.config = model
         self.args = model.hf

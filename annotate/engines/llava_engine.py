@@ -25,6 +25,7 @@ from typing import Any
 from annotate.config import ModelConfig, SamplingConfig
 from annotate.engines.base import ChatRequest, ChatResult
 from annotate.engines.messages import InvalidMessageError, to_hf_messages
+from annotate.engines.model_path import resolve_model_path
 from annotate.engines.transformers_common import (
     end_ids,
     generate_kwargs,
@@ -47,8 +48,6 @@ def _import_class(spec: str):
 class LlavaEngine:
     def __init__(self, model: ModelConfig, model_path: str | None = None):
         from transformers import AutoConfig, AutoTokenizer
-
-        from annotate.engines.factory import resolve_model_path
 
         assert model.llava is not None
         self.config, self.args = model, model.llava

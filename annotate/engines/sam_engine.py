@@ -11,13 +11,13 @@ import time
 import numpy as np
 from PIL import Image
 
+from annotate.engines.model_path import resolve_model_path
+
 
 class SamEngine:
     def __init__(self, path: str, device: str = "auto"):
         import torch
         from transformers import SamModel, SamProcessor
-
-        from annotate.engines.factory import resolve_model_path
 
         started = time.perf_counter()
         self.model_id = path

@@ -11,6 +11,7 @@ from typing import Any, Callable
 from annotate.config import ModelConfig, SamplingConfig
 from annotate.engines.base import ChatRequest, ChatResult, EngineDeadError, stop_token_ids
 from annotate.engines.messages import InvalidMessageError, to_vllm_messages
+from annotate.engines.model_path import resolve_model_path
 from annotate.engines.postprocess import error_result, finish
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,6 @@ class VllmEngine:
     """One `vllm.LLM`, built once in `__init__`; `chat` runs a whole batch through `LLM.chat`."""
 
     def __init__(self, model: ModelConfig, model_path: str | None = None):
-        from annotate.engines.factory import resolve_model_path
-
         self.config = model
         self.model_id = model.path
         self.model_path = model_path or resolve_model_path(model.path)

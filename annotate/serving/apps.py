@@ -136,7 +136,7 @@ def deployment_config(model: ModelConfig | SegmentConfig, replica_cpus: float = 
 def llm_config(name: str, model: ModelConfig):
     from ray.serve.llm import LLMConfig
 
-    from annotate.engines.factory import resolve_model_path
+    from annotate.engines.model_path import resolve_model_path
     from annotate.serving.llm_server import StageLLMServer
 
     env: dict[str, str] = {}
