@@ -18,6 +18,7 @@ from PIL import Image
 
 from annotate.config import CropConfig, SamplingConfig
 from annotate.data.crops import RegionViews, region_views
+from annotate.data.images import fit_within
 from annotate.data.masks import decode_rle
 from annotate.data.records import ImageRecord, RegionRecord
 from annotate.engines.base import ChatRequest, ChatResult
@@ -106,10 +107,7 @@ class RegionContext:
 def _fit(image: Image.Image | None, max_side: int) -> Image.Image:
     if image is None:
         raise ValueError("image is missing")
-    if max(image.size) <= max_side:
-        return image
-    scale = max_side / max(image.size)
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.BICUBIC)
+    return fit_within(image, max_side)
 
 
 class Stage:
