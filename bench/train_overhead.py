@@ -154,7 +154,7 @@ def profile_loop(trainer, cfg, n: int, top: int = 18) -> str:
 
 def run(steps: int = 20, rounds: int = 3, warmup: int = 3, side: int = 384, small: bool = False,
         profile: bool = False, work_dir: str | Path | None = None) -> dict:
-    from annotate.pixclip.model import build_pixclip
+    from annotate.pixclip.build import build_pixclip
     from annotate.train.text_cache import HFTextEncoder
     from annotate.train.trainer import Trainer
 

@@ -192,7 +192,7 @@ def test_eval_command_runs_a_task(tmp_path, tiny_train_cfg):
     from typer.testing import CliRunner
 
     from annotate.cli import app
-    from annotate.pixclip.model import build_pixclip
+    from annotate.pixclip.build import build_pixclip
     from annotate.train.synthetic import TEXT_DIM
 
     run = tmp_path / "run"

@@ -5,7 +5,9 @@ import copy
 import pytest
 import torch
 
-from annotate.pixclip.model import MASK_MEAN, MASK_STD, PixCLIP, build_pixclip, create_vision
+from annotate.pixclip.model import MASK_MEAN, MASK_STD, PixCLIP, create_vision
+
+from annotate.pixclip.build import build_pixclip
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,3 +72,41 @@ def test_build_from_config_and_text_adaptor(tiny_train_cfg):
     assert len(linears) == tiny_train_cfg.adaptor_layers
     emb, dense, text = model(torch.randn(2, 3, 32, 32), torch.ones(2, 1, 32, 32), torch.randn(2, 64))
     assert emb.shape == (2, 16) and text.shape == (2, 16) and dense.shape == (2, 16, 32)
+
+
+def test_branch_features_feed_the_loss_without_the_trainer():
+    """The library alone (model + loss, no annotate.train) gives the paper's three-branch loss: the
+    model assembles the main, crop and all-ones-mask passes in one forward, the loss compares them."""
+    import subprocess
+    import sys
+
+    from annotate.pixclip.loss import PixCLIPLoss
+
+    torch.manual_seed(0)
+    model = PixCLIP(_vit(), text_dim=8, embed_dim=16)
+    image, crop = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    mask = torch.zeros(4, 1, 32, 32)
+    mask[:, :, 8:24, 8:24] = 1
+    calls = []
+
+    def counting_forward(*args):
+        calls.append(args[0].shape[0])
+        return model(*args)
+
+    branches = model.branch_features(image, mask, torch.randn(4, 8), crop, torch.ones_like(mask), local_tau=0.1,
+                                     forward=counting_forward)
+    assert calls == [12]  # main, crop and all-ones passes batched into one forward
+    assert branches.main.shape == branches.text.shape == branches.crop.shape == branches.local.shape == (4, 16)
+    out = PixCLIPLoss(alpha=0.25, beta=0.25).of_branches(branches, model.logit_scale)
+    assert set(out) == {"cl", "fc", "lg", "total"}
+    assert torch.allclose(out["total"], out["cl"] + 0.25 * out["fc"] + 0.25 * out["lg"])
+    out["total"].backward()
+    assert model.mask_conv.weight.grad is not None and model.text_adaptor[0].weight.grad is not None
+
+    only_main = model.branch_features(image, mask, torch.randn(4, 8))
+    assert only_main.crop is None and only_main.local is None
+    assert set(PixCLIPLoss().of_branches(only_main, model.logit_scale)) == {"cl", "total"}
+
+    code = ("import sys, annotate.pixclip, annotate.pixclip.build; "
+            "assert not [m for m in sys.modules if m.startswith(('annotate.train', 'ray'))], 'trainer or Ray imported'")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

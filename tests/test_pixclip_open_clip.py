@@ -101,7 +101,7 @@ def test_checkpoint_that_does_not_fit_is_refused(tmp_path):
 def test_production_default_is_eva02_clip(tmp_path):
     """The default TrainConfig builds EVA02-CLIP B/16 through open_clip (Table 9), projection kept."""
     from annotate.config import TrainConfig
-    from annotate.pixclip.model import build_pixclip
+    from annotate.pixclip.build import build_pixclip
 
     cfg = TrainConfig()
     assert (cfg.vision_source, cfg.vision_model, cfg.image_size) == ("open_clip", "EVA02-B-16", 224)

@@ -6,8 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from annotate.pixclip.model import build_pixclip
+from annotate.pixclip.build import build_pixclip
 from annotate.train.synthetic import SyntheticDataset
+from annotate.train.job import TrainJob
 from annotate.train.trainer import Trainer, latest_checkpoint, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,10 +51,10 @@ def test_resume_continues_identically(tiny_train_cfg, tmp_path):
 def test_train_entry_resume_flag(tiny_train_cfg, tmp_path):
     cfg = tiny_train_cfg.model_copy(update={"max_steps": 4})
     logs = []
-    train(cfg, tmp_path, synthetic=True, max_steps=2, log=logs.append)
+    train(TrainJob(cfg=cfg, output=tmp_path, synthetic=True, max_steps=2), log=logs.append)
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["synthetic"] and run["text_dim"] == 64 and run["config"]["max_steps"] == 4
-    out = train(cfg, tmp_path, synthetic=True, max_steps=4, resume=True, log=logs.append)
+    out = train(TrainJob(cfg=cfg, output=tmp_path, synthetic=True, max_steps=4, resume=True), log=logs.append)
     assert out["step"] == 4 and any("resumed from" in line and "step 2" in line for line in logs)
 
 

@@ -48,7 +48,7 @@ def _rank_main(rank: int, init_file: str, data: str, cache: str, hf_cache: str, 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         from annotate.config import TrainConfig
-        from annotate.pixclip.model import build_pixclip
+        from annotate.pixclip.build import build_pixclip
         from annotate.train.data import RegionDataset
         from annotate.train.text_cache import TextCache
         from annotate.train.trainer import Trainer

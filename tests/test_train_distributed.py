@@ -59,13 +59,43 @@ def test_ray_train_two_workers_ddp(tiny_train_cfg, tmp_path):
     """`annotate train --synthetic --workers 2`: two Ray Train workers (gloo) train with DDP, rank 0
     writes the checkpoints and the result, and the ranks' weights agree at the end (checked inside
     `fit`; it raises if they diverged). Resuming is the single-process code (test_train_checkpoint)."""
+    from annotate.config import load_config
     from annotate.train.distributed import train_on_ray
+    from annotate.train.job import TrainJob
+    from bench.harness import TINY
 
     run = tmp_path / "run"
     cfg = tiny_train_cfg.model_copy(update={"max_steps": 2, "checkpoint_every": 2})
-    result = train_on_ray(cfg, run, synthetic=True, workers=WORLD, cpus_per_worker=0.5)
+    result = train_on_ray(TrainJob(cfg=cfg, output=run, synthetic=True), load_config(TINY).run, workers=WORLD,
+                          cpus_per_worker=0.5)
     assert result["world_size"] == WORLD and result["step"] == 2
     assert torch.isfinite(torch.tensor(result["total"]))
     assert (run / "checkpoints" / "latest").read_text() == "step_0000002"
     assert (run / "checkpoints" / "step_0000002" / "model.safetensors").exists()
     assert json.loads((run / "run.json").read_text())["synthetic"] is True
+
+
+def test_the_pipeline_files_run_settings_start_the_trainers_ray(tmp_path, monkeypatch):
+    """`annotate train --workers N --config FILE` starts (or joins) Ray with FILE's `run:` section, as
+    `annotate run` does, not with defaults. Ray Train itself is replaced by a stand-in here (a fake,
+    because only the settings handed to `ensure_ray` are under test; the real Ray Train run is
+    test_ray_train_two_workers_ddp), and so is `ensure_ray`, which records what it was given."""
+    import annotate.train.distributed as distributed
+    from annotate.train.commands import run_train
+    from bench.harness import tiny_variant
+
+    config = tiny_variant(tmp_path / "pipeline.yaml", {"run": {"dashboard_port": 8299, "num_cpus": 3}})
+    seen = {}
+
+    class StopHere(Exception):
+        pass
+
+    def fake_ensure_ray(run, address=None):
+        seen.update(run=run, address=address)
+        raise StopHere
+
+    monkeypatch.setattr(distributed, "ensure_ray", fake_ensure_ray)
+    with pytest.raises(StopHere):
+        run_train(str(tmp_path / "run"), synthetic=True, config=str(config), workers=2, address="10.0.0.5:6379")
+    assert seen["run"].dashboard_port == 8299 and seen["run"].num_cpus == 3
+    assert seen["address"] == "10.0.0.5:6379"

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from annotate.pixclip.model import build_pixclip
+from annotate.pixclip.build import build_pixclip
 from annotate.train.trainer import param_groups, warmup_cosine
 
 pytestmark = pytest.mark.usefixtures("one_thread")

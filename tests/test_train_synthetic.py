@@ -63,7 +63,7 @@ def test_zero_shot_json_format(tmp_path, tiny_train_cfg, minilm_dir):
     from PIL import Image
 
     from annotate.train.evaluate import load_zero_shot_json, zero_shot
-    from annotate.pixclip.model import build_pixclip
+    from annotate.pixclip.build import build_pixclip
     from annotate.train.text_cache import HFTextEncoder
 
     image, regions = render_scene(np.random.default_rng(1), 32)

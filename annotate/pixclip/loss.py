@@ -90,3 +90,7 @@ class PixCLIPLoss(nn.Module):
             total = total + self.beta * out["lg"]
         out["total"] = total
         return out
+
+    def of_branches(self, branches, logit_scale: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The loss of `PixCLIP.branch_features`'s output (a `model.Branches`)."""
+        return self(branches.main, branches.text, logit_scale, branches.crop, branches.local)

@@ -13,12 +13,16 @@ with the pretrained CLIP projection.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from annotate.pixclip.loss import patch_coverage, region_pool
 
 # Alpha-CLIP normalises its alpha channel with mean 0.5, std 0.26.
 MASK_MEAN = 0.5
@@ -101,6 +105,16 @@ def llm2clip_adaptor(text_dim: int, embed_dim: int, blocks: int = 4) -> nn.Seque
     return nn.Sequential(*[ResidualBlock(text_dim) for _ in range(blocks)], nn.LayerNorm(text_dim), nn.Linear(text_dim, embed_dim))
 
 
+@dataclass
+class Branches:
+    """One batch's features, unnormalised, per branch of the paper's loss (`PixCLIPLoss`)."""
+
+    main: torch.Tensor  # e_v: the mask-conditioned image embedding
+    text: torch.Tensor  # e_t: the text embedding
+    crop: torch.Tensor | None = None  # v_c: the crop branch's embedding (L_FC)
+    local: torch.Tensor | None = None  # f'_v: region-pooled dense features of the all-ones-mask pass (L_LG)
+
+
 class PixCLIP(nn.Module):
     """Mask-conditioned image tower + trainable text adaptor over cached frozen text features."""
 
@@ -179,6 +193,38 @@ class PixCLIP(nn.Module):
         emb, dense = self.forward_visual(image, mask)
         return emb, dense, self.encode_text(text_features, normalize=False)
 
+    def branch_features(
+        self,
+        image: torch.Tensor,
+        mask: torch.Tensor,
+        text_features: torch.Tensor,
+        crop_image: torch.Tensor | None = None,
+        crop_mask: torch.Tensor | None = None,
+        local_tau: float | None = None,
+        forward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+    ) -> Branches:
+        """The three branches of one batch, as `PixCLIPLoss` compares them: the main pass (I, M), the
+        crop pass (I', M') when a crop is given, and the all-ones-mask pass (I, 1) region-pooled with
+        temperature `local_tau` when one is given. All passes go through one forward, so that DDP
+        sees them all: `forward` is the module that runs it (the DDP wrapper in training; this model
+        when None)."""
+        forward = forward or self
+        n = image.shape[0]
+        images, masks = [image], [mask]
+        if crop_image is not None:
+            images.append(crop_image)
+            masks.append(crop_mask)
+        if local_tau is not None:
+            images.append(image)
+            masks.append(torch.ones_like(mask))
+        emb, dense, text = forward(torch.cat(images), torch.cat(masks), text_features)
+        crop = emb[n : 2 * n] if crop_image is not None else None
+        local = None
+        if local_tau is not None:
+            cover = patch_coverage(mask, self.patch_size)
+            local = self.visual_proj(region_pool(dense[-n:], cover.to(dense.dtype), local_tau))
+        return Branches(main=emb[:n], text=text, crop=crop, local=local)
+
     def encode_image(self, image: torch.Tensor, mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         emb, _ = self.forward_visual(image, mask)
         return F.normalize(emb, dim=-1) if normalize else emb
@@ -206,31 +252,3 @@ def create_vision(
         if unexpected or [k for k in missing if not k.startswith("head")]:
             raise ValueError(f"vision checkpoint mismatch: missing={missing[:5]} unexpected={unexpected[:5]}")
     return model
-
-
-def build_pixclip(cfg: Any, text_dim: int) -> PixCLIP:
-    """Build from a `TrainConfig` (duck-typed, so this library does not import the app config)."""
-    if getattr(cfg, "vision_source", "timm") == "open_clip":
-        from annotate.pixclip.open_clip_models import from_open_clip, open_clip_image_size
-
-        native = open_clip_image_size(cfg.vision_model)
-        if cfg.image_size != native:
-            raise ValueError(f"{cfg.vision_model} takes {native} px images; set train.image_size: {native}")
-        return from_open_clip(
-            cfg.vision_model,
-            cfg.vision_checkpoint,
-            text_dim=text_dim,
-            adaptor_layers=cfg.adaptor_layers,
-            adaptor_hidden=cfg.adaptor_hidden,
-            adaptor_checkpoint=getattr(cfg, "adaptor_checkpoint", None),
-            adaptor_kind=getattr(cfg, "adaptor_kind", "mlp"),
-        )
-    vision = create_vision(cfg.vision_model, cfg.image_size, cfg.vision_checkpoint, **cfg.vision_kwargs)
-    return PixCLIP(
-        vision,
-        text_dim=text_dim,
-        embed_dim=cfg.embed_dim,
-        adaptor_layers=cfg.adaptor_layers,
-        adaptor_hidden=cfg.adaptor_hidden,
-        logit_scale_init=cfg.logit_scale_init,
-    )

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import torch
+from annotate.config import PipelineConfig, TrainConfig, load_config
+from annotate.train.job import TrainJob
+from annotate.train.trainer import cpu_threads, train
 
-from annotate.config import TrainConfig, load_config
+
+def pipeline_config(config: str | None) -> PipelineConfig:
+    """The pipeline YAML's settings (its `train:` and `run:` sections), or the defaults without one."""
+    return load_config(config) if config else PipelineConfig()
 
 
 def train_config(config: str | None, synthetic: bool = False, **overrides) -> TrainConfig:
     """The `train` section of a pipeline YAML; without one, the paper's defaults or the synthetic preset."""
     if config:
-        cfg = load_config(config).train
+        cfg = pipeline_config(config).train
     elif synthetic:
         from annotate.train.synthetic import synthetic_config
 
@@ -25,36 +29,24 @@ def train_config(config: str | None, synthetic: bool = False, **overrides) -> Tr
     return cfg.model_copy(update=updates) if updates else cfg
 
 
-def cpu_threads(limit: int | None = None) -> None:
-    """Intra-op threads on a CPU: at most `limit`, by default half the cores.
-
-    Small models on a small, shared CPU: extra intra-op threads mostly spin (measured 6x slower with
-    2 threads than 1 on a loaded 2-core box).
-    """
-    if not torch.cuda.is_available():
-        limit = limit or max(1, (os.cpu_count() or 2) // 2)
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), limit)))
-
-
 def run_train(output, data=None, synthetic=False, config=None, max_steps=None, resume=False, text_cache=None,
               workers=None, address=None, gpu=False, cpus_per_worker=1.0, max_failures=0) -> dict:
-    """In this process, or (with `workers` or `address`) on Ray Train workers with DDP."""
-    if not synthetic and not data:
-        raise ValueError("give --data OUT (a pipeline output) or --synthetic")
-    cfg = train_config(config, synthetic, max_steps=max_steps)
+    """In this process, or (with `workers` or `address`) on Ray Train workers with DDP, on the Ray
+    cluster the pipeline file's `run:` section describes."""
+    job = TrainJob(cfg=train_config(config, synthetic, max_steps=max_steps), output=output, data=data,
+                   synthetic=synthetic, max_steps=max_steps, resume=resume, text_cache=text_cache)
     if workers or address:
         from annotate.train.distributed import train_on_ray
 
-        return train_on_ray(cfg, output, data, synthetic, max_steps, resume, text_cache, workers=workers or 1,
-                            use_gpu=gpu, cpus_per_worker=cpus_per_worker, address=address, max_failures=max_failures)
-    from annotate.train.trainer import train
-
+        return train_on_ray(job, pipeline_config(config).run, workers=workers or 1, use_gpu=gpu,
+                            cpus_per_worker=cpus_per_worker, address=address, max_failures=max_failures)
     cpu_threads()
-    return train(cfg, output, data, synthetic, max_steps, resume, text_cache)
+    return train(job)
 
 
 def run_eval(checkpoint, data=None, synthetic=False, zero_shot=None, output=None, task=None, bench_dir=None) -> dict:
-    from annotate.train.evaluate import evaluate, evaluate_task, print_table
+    from annotate.train.eval_tasks import evaluate_task
+    from annotate.train.evaluate import evaluate, print_table
 
     cpu_threads()
     if task:
@@ -81,7 +73,6 @@ ABLATION_ROWS = (("L_CL", False, False), ("L_CL + L_LG", False, True), ("L_CL + 
 def run_ablation(output, max_steps: int | None = None, config: str | None = None, log=None, **overrides) -> str:
     """Table 6 on the synthetic benchmark: the same run with L_CL, +L_LG, +L_LG+L_FC; markdown out."""
     from annotate.train.evaluate import evaluate
-    from annotate.train.trainer import train
 
     cpu_threads()
     out = Path(output)
@@ -93,7 +84,8 @@ def run_ablation(output, max_steps: int | None = None, config: str | None = None
     results = {}
     for name, fc, lg in ABLATION_ROWS:
         run = out / name.replace(" ", "").replace("+", "_").lower()
-        train(base.model_copy(update={"use_fc": fc, "use_lg": lg}), run, synthetic=True, **({"log": log} if log else {}))
+        job = TrainJob(cfg=base.model_copy(update={"use_fc": fc, "use_lg": lg}), output=run, synthetic=True)
+        train(job, **({"log": log} if log else {}))
         r = evaluate(run, synthetic=True)
         results[name] = r
         cells = [r["m2t_r1"], r["m2t_r5"], r["t2m_r1"], r["t2m_r5"], r["m2t_r1_mask_zeroed"], r["i2t_r1"], r["t2i_r1"]]

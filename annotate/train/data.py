@@ -8,7 +8,6 @@ from (seed, epoch, index) only, so a resumed run sees exactly the samples an uni
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import heapq
 import io
@@ -22,6 +21,7 @@ from torch.utils.data import Dataset, Sampler
 
 from annotate.pixclip.transforms import decode_rle, prepare_views
 from annotate.train.text_cache import TextCache
+from annotate.data.store import OutputStore
 
 
 def in_eval_split(image_key: str, fraction: float) -> bool:
@@ -89,10 +89,10 @@ def load_rows(data_dir: str | Path, cache_dir: str | None = None):
     """The pipeline output as a `datasets.Dataset`, images left encoded (decoded in the workers)."""
     import datasets
 
-    files = sorted(glob.glob(str(Path(data_dir) / "data" / "*.parquet")))
+    files = OutputStore(data_dir).dataset_files()
     if not files:
-        raise FileNotFoundError(f"no {data_dir}/data/*.parquet: is this a pipeline output folder?")
-    ds = datasets.load_dataset("parquet", data_files=files, split="train", cache_dir=cache_dir)
+        raise FileNotFoundError(f"{data_dir} holds no dataset files: is it the --output of a finished `annotate run`?")
+    ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", cache_dir=cache_dir)
     return ds.cast_column("image", datasets.Image(decode=False))
 
 

@@ -15,72 +15,56 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
-from annotate.config import RunConfig, TrainConfig
-from annotate.train.trainer import RESULT_FILE
+from annotate.cluster import ensure_ray
+from annotate.config import RunConfig
+from annotate.train.job import TrainJob
+from annotate.train.trainer import RESULT_FILE, cpu_threads, latest_checkpoint, train
 
 
-def _train_on_worker(job: dict) -> None:
+def _train_on_worker(loop: dict) -> None:
     """The function every Ray Train worker runs."""
     import ray.train.torch
 
-    from annotate.train.commands import cpu_threads
-    from annotate.train.trainer import latest_checkpoint, train
-
-    cpu_threads(job["threads_per_worker"])
-    output = Path(job["output"])
-    ckpt = latest_checkpoint(output)
+    cpu_threads(loop["threads_per_worker"])
+    job = TrainJob.model_validate(loop["job"])
+    ckpt = latest_checkpoint(job.output)
     # A restart after a worker failure goes on from this job's own newest checkpoint.
-    restarted = ckpt is not None and ckpt.stat().st_mtime >= job["started_at"]
+    restarted = ckpt is not None and ckpt.stat().st_mtime >= loop["started_at"]
     # Rank 0 writes the result to RUN (RESULT_FILE): Ray Train V2 drops metrics reported without a
     # Ray checkpoint, so `ray.train.report` would carry nothing back to the driver.
-    train(
-        TrainConfig.model_validate(job["cfg"]), output, job["data"], job["synthetic"], job["max_steps"],
-        resume=job["resume"] or restarted, text_cache=job["text_cache"],
-        device=str(ray.train.torch.get_device()),
-    )
+    train(job.model_copy(update={"resume": job.resume or restarted}), device=str(ray.train.torch.get_device()))
 
 
 def train_on_ray(
-    cfg: TrainConfig,
-    output: str | Path,
-    data: str | Path | None = None,
-    synthetic: bool = False,
-    max_steps: int | None = None,
-    resume: bool = False,
-    text_cache: str | Path | None = None,
+    job: TrainJob,
+    run: RunConfig,
     workers: int = 2,
     use_gpu: bool = False,
     cpus_per_worker: float = 1.0,
     address: str | None = None,
     max_failures: int = 0,
 ) -> dict:
-    """Run `train()` on `workers` Ray Train workers; returns rank 0's final metrics."""
+    """Run `train()` on `workers` Ray Train workers, on the cluster the pipeline file's `run:` section
+    names (or `address`); returns rank 0's final metrics."""
     from ray.train import FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchTrainer
 
-    from annotate.cluster import ensure_ray
-
-    output = Path(output).resolve()
-    output.mkdir(parents=True, exist_ok=True)
-    ensure_ray(RunConfig(), address)
-    job = {
-        "cfg": cfg.model_dump(mode="json"), "output": str(output), "synthetic": synthetic, "max_steps": max_steps,
-        "data": str(Path(data).resolve()) if data else None, "resume": resume, "started_at": time.time(),
-        "text_cache": str(Path(text_cache).resolve()) if text_cache else None,
-        "threads_per_worker": max(1, int(cpus_per_worker)),
-    }
+    job = job.resolved()
+    job.output.mkdir(parents=True, exist_ok=True)
+    ensure_ray(run, address)
+    loop = {"job": job.model_dump(mode="json"), "started_at": time.time(),
+            "threads_per_worker": max(1, int(cpus_per_worker))}
     trainer = TorchTrainer(
         _train_on_worker,
-        train_loop_config=job,
+        train_loop_config=loop,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                      resources_per_worker=None if use_gpu else {"CPU": cpus_per_worker}),
-        run_config=RayRunConfig(name=f"pixclip-{output.name}", storage_path=str(output / "ray_train"),
+        run_config=RayRunConfig(name=f"pixclip-{job.output.name}", storage_path=str(job.output / "ray_train"),
                                 failure_config=FailureConfig(max_failures=max_failures)),
     )
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"Ray Train failed: {result.error}")
-    return json.loads((output / RESULT_FILE).read_text())
+    return json.loads((job.output / RESULT_FILE).read_text())

@@ -15,14 +15,16 @@ What each task reports, and the paper's column it matches:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from annotate.pixclip.transforms import full_view, mask_box
-from annotate.train.benchmarks import ReferringTask, RegionTask, RetrievalTask, load_image
-from annotate.train.evaluate import chunked_topk, model_device
+from annotate.train.benchmarks import ReferringTask, RegionTask, RetrievalTask, load_image, read_task
+from annotate.train.evaluate import chunked_topk, load_run, model_device
 
 TextFn = Callable[[list[str]], np.ndarray]
 
@@ -123,3 +125,15 @@ def text_encoder_for(cfg, meta: dict) -> TextFn:
     from annotate.train.text_cache import make_text_encoder
 
     return make_text_encoder(cfg)
+
+
+def evaluate_task(checkpoint: str | Path, task: str, bench_dir: str | Path, output: str | Path | None = None) -> dict:
+    """`annotate eval --task NAME --bench-dir PATH`: one benchmark (benchmarks.READERS), JSON out
+    (default RUN/eval-NAME.json)."""
+    model, cfg, meta = load_run(checkpoint)
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+    res = run_task(model, read_task(task, bench_dir), text_encoder_for(cfg, meta), cfg.image_size)
+    out = Path(output) if output else Path(checkpoint) / f"eval-{task}.json"
+    if out.parent.exists():
+        out.write_text(json.dumps(res, indent=2))
+    return res

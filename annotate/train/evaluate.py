@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from annotate.config import TrainConfig
-from annotate.pixclip.model import PixCLIP, build_pixclip
+from annotate.pixclip.model import PixCLIP
+from annotate.pixclip.build import build_pixclip
 from annotate.pixclip.transforms import decode_rle, prepare_views, to_model_input
 
 SYNTHETIC_EVAL_IMAGES = 100
@@ -216,18 +217,3 @@ def print_table(results: dict, title: str = "PixCLIP eval") -> None:
     for k, v in results.items():
         table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
     Console(stderr=True).print(table)
-
-
-def evaluate_task(checkpoint: str | Path, task: str, bench_dir: str | Path, output: str | Path | None = None) -> dict:
-    """`annotate eval --task NAME --bench-dir PATH`: one benchmark (benchmarks.READERS), JSON out
-    (default RUN/eval-NAME.json)."""
-    from annotate.train.benchmarks import read_task
-    from annotate.train.eval_tasks import run_task, text_encoder_for
-
-    model, cfg, meta = load_run(checkpoint)
-    model = model.to("cuda" if torch.cuda.is_available() else "cpu")
-    res = run_task(model, read_task(task, bench_dir), text_encoder_for(cfg, meta), cfg.image_size)
-    out = Path(output) if output else Path(checkpoint) / f"eval-{task}.json"
-    if out.parent.exists():
-        out.write_text(json.dumps(res, indent=2))
-    return res

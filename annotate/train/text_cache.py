@@ -11,13 +11,13 @@ Identical texts are stored and encoded once.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+from annotate.data.store import OutputStore
 
 EMB_FILE = "embeddings.f16"
 KEYS_FILE = "keys.json"
@@ -100,7 +100,7 @@ def iter_region_texts(data_dir: str | Path) -> Iterator[tuple[str, str]]:
     """Every trainable text of a pipeline output (OUT/data/*.parquet), as (label, text)."""
     import pyarrow.parquet as pq
 
-    for file in sorted(glob.glob(str(Path(data_dir) / "data" / "*.parquet"))):
+    for file in OutputStore(data_dir).dataset_files():
         table = pq.read_table(file, columns=["image_key", "caption", "regions"])
         for row in table.to_pylist():
             usable = [r for r in row["regions"] or [] if r["status"] == "ok" and r.get("fine_caption")]

@@ -29,10 +29,12 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from annotate.config import TrainConfig
-from annotate.pixclip.loss import PixCLIPLoss, clamp_logit_scale, patch_coverage, region_pool
-from annotate.pixclip.model import PixCLIP, build_pixclip
+from annotate.pixclip.loss import PixCLIPLoss, clamp_logit_scale
+from annotate.pixclip.model import PixCLIP
+from annotate.pixclip.build import build_pixclip
 from annotate.pixclip.transforms import to_model_input
 from annotate.train.data import EpochSampler
+from annotate.train.job import TrainJob
 
 RUN_FILE = "run.json"
 RESULT_FILE = "train_result.json"  # the last call's final step and losses
@@ -122,27 +124,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Main (I, M), crop (I', M') and all-ones-mask (I, 1) passes, batched into one forward."""
+        """The three-branch loss of one batch (the model assembles the branches, through DDP)."""
         cfg = self.cfg
         image, mask = to_model_input(batch["image"], batch["mask"])  # uint8 from the loader -> floats here
-        n = image.shape[0]
-        images, masks = [image], [mask]
-        if cfg.use_fc:
-            crop_image, crop_mask = to_model_input(batch["crop_image"], batch["crop_mask"])
-            images.append(crop_image)
-            masks.append(crop_mask)
-        if cfg.use_lg:
-            images.append(image)
-            masks.append(torch.ones_like(mask))
+        crop_image, crop_mask = to_model_input(batch["crop_image"], batch["crop_mask"]) if cfg.use_fc else (None, None)
         with self.autocast:
-            emb, dense, text = self.ddp(torch.cat(images), torch.cat(masks), batch["text"])
-            main = emb[:n]
-            crop = emb[n : 2 * n] if cfg.use_fc else None
-            local = None
-            if cfg.use_lg:
-                cover = patch_coverage(mask, self.model.patch_size)
-                local = self.model.visual_proj(region_pool(dense[-n:], cover.to(dense.dtype), cfg.lg_tau))
-        return self.loss_fn(main, text, self.model.logit_scale, crop, local)
+            branches = self.model.branch_features(image, mask, batch["text"], crop_image, crop_mask,
+                                                  local_tau=cfg.lg_tau if cfg.use_lg else None, forward=self.ddp)
+        return self.loss_fn.of_branches(branches, self.model.logit_scale)
 
     # ------------------------------------------------------------------ loop
     def fit(self, max_steps: int | None = None, log=_print) -> dict:
@@ -283,22 +272,23 @@ def latest_checkpoint(run: str | Path) -> Path | None:
     return pointer.parent / pointer.read_text().strip() if pointer.exists() else None
 
 
-def train(
-    cfg: TrainConfig,
-    output: str | Path,
-    data_dir: str | Path | None = None,
-    synthetic: bool = False,
-    max_steps: int | None = None,
-    resume: bool = False,
-    text_cache: str | Path | None = None,
-    log=_print,
-    device: str | None = None,
-) -> dict:
+def cpu_threads(limit: int | None = None) -> None:
+    """Intra-op threads on a CPU: at most `limit`, by default half the cores.
+
+    Small models on a small, shared CPU: extra intra-op threads mostly spin (measured 6x slower with
+    2 threads than 1 on a loaded 2-core box).
+    """
+    if not torch.cuda.is_available():
+        limit = limit or max(1, (os.cpu_count() or 2) // 2)
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), limit)))
+
+
+def train(job: TrainJob, log=_print, device: str | None = None) -> dict:
     """`annotate train`: on a pipeline output (with its text cache) or on the synthetic benchmark."""
-    output = Path(output)
+    cfg, output = job.cfg, job.output
     output.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    if synthetic:
+    if job.synthetic:
         from annotate.train.synthetic import TEXT_DIM, SyntheticDataset
 
         dataset, text_dim = SyntheticDataset(cfg, n_images=SYNTHETIC_TRAIN_IMAGES, seed=1), TEXT_DIM
@@ -307,25 +297,25 @@ def train(
         from annotate.train.data import RegionDataset
         from annotate.train.text_cache import TextCache
 
-        cache_path = text_cache or cfg.text_embed_cache
+        cache_path = job.text_cache or cfg.text_embed_cache
         if not cache_path or not Path(cache_path).exists():
             raise FileNotFoundError("no text cache: run `annotate embed-text` first (or pass --text-cache)")
         cache = TextCache(cache_path)
-        dataset, text_dim = RegionDataset(data_dir, cache, cfg, "train"), cache.dim
-        source = {"synthetic": False, "data_dir": str(data_dir), "text_cache": str(cache_path)}
+        dataset, text_dim = RegionDataset(job.data, cache, cfg, "train"), cache.dim
+        source = {"synthetic": False, "data_dir": str(job.data), "text_cache": str(cache_path)}
     run_meta = {"config": cfg.model_dump(mode="json"), "text_dim": text_dim, **source}
     trainer = Trainer(cfg, build_pixclip(cfg, text_dim), dataset, output, device)
     if trainer.rank == 0:
         (output / RUN_FILE).write_text(json.dumps(run_meta, indent=2))
     else:
         log = _silent
-    ckpt = latest_checkpoint(output) if resume else None
-    if resume and ckpt is None:
+    ckpt = latest_checkpoint(output) if job.resume else None
+    if job.resume and ckpt is None:
         log(f"--resume: no checkpoint under {output}, starting from scratch")
     if ckpt is not None:
         trainer.load(ckpt)
         log(f"resumed from {ckpt} at step {trainer.step}")
-    last = trainer.fit(max_steps or cfg.max_steps, log=log)
+    last = trainer.fit(job.max_steps or cfg.max_steps, log=log)
     result = {"step": trainer.step, "world_size": trainer.world, "checkpoint": str(latest_checkpoint(output)), **last}
     if trainer.rank == 0:
         (output / RESULT_FILE).write_text(json.dumps(result, indent=2))
