@@ -12,7 +12,7 @@ RAY_VERSION  := $(shell sed -n 's/^ray==\([^ ]*\).*/\1/p' requirements/cpu.lock)
 VLLM_VERSION := $(shell sed -n 's/.*"vllm==\([^"]*\)".*/\1/p' pyproject.toml)
 DOCKER_BUILD := docker build --build-arg RAY_VERSION=$(RAY_VERSION) --build-arg UV_VERSION=$(UV_VERSION)
 
-.PHONY: install demo test test-fast lock clean chromium docker-gpu docker-cpu docker-push
+.PHONY: install demo test test-fast lint lock clean chromium docker-gpu docker-cpu docker-push
 
 $(STAMP): requirements/cpu.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ chromium:
 
 test-fast: install
 	$(BIN)/python -m pytest tests -m "not slow"
+
+# The import contracts (pyproject.toml [tool.importlinter]; tests/test_architecture.py runs them too) and
+# pylint's duplicate-code check over the library (about 3 CPU-minutes, so not part of `make test`).
+lint: install
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/pylint --disable=all --enable=duplicate-code --min-similarity-lines=6 annotate
 
 # Re-resolve the pinned environment after editing requirements/cpu.in.
 lock:
