@@ -98,7 +98,9 @@ def killed_run(cmd: list[str], log: Path, out: Path, kill_at: int, timeout: floa
 def records(out: Path) -> list[dict]:
     import pyarrow.parquet as pq
 
-    return pq.read_table(out / "data" / f"{SHARD}.parquet").to_pylist()
+    from annotate.data.store import FINAL, OutputStore
+
+    return pq.read_table(OutputStore(out).output_path(FINAL, SHARD)).to_pylist()
 
 
 def main() -> None:

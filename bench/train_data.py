@@ -63,9 +63,11 @@ def write_pipeline_output(out: str | Path, side: int = 96, copies: int = 1, unev
     import pyarrow.parquet as pq
 
     from annotate.data.records import ImageRecord, RegionRecord, RleMask, arrow_schema, image_record_to_row
+    from annotate.data.store import FINAL, OutputStore
 
     out = Path(out)
-    (out / "data").mkdir(parents=True, exist_ok=True)
+    target = OutputStore(out).output_path(FINAL, "part-00000")
+    target.parent.mkdir(parents=True, exist_ok=True)
     photos = {}
     for name, (_caption, phrases) in SPECS.items():
         img, masks = _photo(name, side)
@@ -101,5 +103,5 @@ def write_pipeline_output(out: str | Path, side: int = 96, copies: int = 1, unev
                 image_key=key, shard="00000", width=w, height=h, caption=caption, image_bytes=jpeg, regions=regions
             )
             rows.append(image_record_to_row(record))
-    pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema()), out / "data" / "part-00000.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=arrow_schema()), target)
     return out
