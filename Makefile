@@ -29,7 +29,7 @@ demo: install
 	$(BIN)/annotate demo --output out/demo
 
 test: install chromium
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests --durations=40
 
 # Headless Chromium for the gallery test (tests/test_show.py); CI starts from a fresh machine.
 chromium:

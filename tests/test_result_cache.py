@@ -246,7 +246,7 @@ def test_rerun_replays_every_call_of_a_shard_lost_before_commit(ray_session, tin
     class DriverDied(Exception):
         pass
 
-    real_record = OutputStore.record_finished
+    real_record = OutputStore.record
 
     def crash_on_final(self, entry):
         if entry["output"] == "final":
@@ -254,11 +254,11 @@ def test_rerun_replays_every_call_of_a_shard_lost_before_commit(ray_session, tin
         real_record(self, entry)
 
     out = tmp_path / "out"
-    monkeypatch.setattr(OutputStore, "record_finished", crash_on_final)
+    monkeypatch.setattr(OutputStore, "record", crash_on_final)
     first = io.StringIO()
     with pytest.raises(DriverDied):
         run_pipeline(tiny_config, SAMPLE_SHARDS, out, [0], console=Console(file=first, width=200))
-    monkeypatch.setattr(OutputStore, "record_finished", real_record)
+    monkeypatch.setattr(OutputStore, "record", real_record)
     before = pq.read_table(out / "data" / "00000.parquet").to_pylist()
     asked = parse_calls(first.getvalue())
     assert set(asked) == {"object", "validate", "context", "merge"}, first.getvalue()[-2000:]
