@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from annotate.data.records import SCHEMA_VERSION, ImageRecord, Provenance, arrow_schema, features, image_record_to_row
+from annotate.data.records import SCHEMA_VERSION, ImageRecord, arrow_schema, features, image_record_to_row
 
 ROWS_PER_BATCH = 64
 
@@ -87,8 +87,7 @@ class ShardWriter:
         for k, v in status_counts([record]).items():
             self.stats.status[k] += v
         for region in record.regions:
-            for stage in Provenance.stage_names():
-                prov = region.provenance.of(stage)
+            for _, prov in region.provenance:  # every stage's entry
                 self.stats.prompt_tokens += prov.prompt_tokens
                 self.stats.completion_tokens += prov.completion_tokens
         if len(self._batch) >= self.row_group_rows:

@@ -25,7 +25,6 @@ from rich.console import Console
 
 from annotate.cluster import ensure_ray
 from annotate.config import PipelineConfig
-from annotate.data.records import RegionRecord
 from annotate.data.shards import find_shards
 from annotate.data.store import DAMAGED, FINAL, FINISHED, PREPARE, OutputStore, config_fingerprint, count_rows, damage_of
 from annotate.data.writer import ShardWriter
@@ -60,7 +59,7 @@ class RunSummary:
 
 def _has_retryable_failures(path: Path) -> bool:
     regions = pq.read_table(path, columns=["regions"]).column("regions").to_pylist()  # no images read
-    return any(is_retryable(RegionRecord.model_validate(r)) for rs in regions for r in rs or [])
+    return any(is_retryable(r["status"], r["error"]) for rs in regions for r in rs or [])
 
 
 def plan_work(cfg: PipelineConfig, store: OutputStore, input_dir: Path, shard_ids: list[int], io: StageIO,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from annotate.config import PipelineConfig, StageConfig
-from annotate.data.records import ImageRecord, RegionRecord
+from annotate.data.records import ImageRecord
 from annotate.data.store import FINAL, PREPARE
 from annotate.engines.base import ChatRequest, ChatResult
 from annotate.stages.base import PromptTemplate, Stage
@@ -87,8 +87,10 @@ def build_stage(name: str, config: StageConfig, model_id: str) -> Stage:
     return stage_class(name, config.stage_class)(PromptTemplate.load(config.prompt), config.sampling, model_id)
 
 
-def is_retryable(region: RegionRecord) -> bool:
-    return region.status == "failed" and (region.error or "").startswith(RETRYABLE_PREFIXES)
+def is_retryable(status: str, error: str | None) -> bool:
+    """A region `--retry-failed` redoes: failed by a model stage, or by no stage completing it. Takes the
+    two fields, so that a stored row is checked without building its RegionRecord."""
+    return status == "failed" and (error or "").startswith(RETRYABLE_PREFIXES)
 
 
 def reset_for_retry(record: ImageRecord) -> int:
@@ -96,7 +98,7 @@ def reset_for_retry(record: ImageRecord) -> int:
     `pending`, with the failed stage's field and all later ones cleared; data-plane failures stay failed."""
     reset = 0
     for region in record.regions:
-        if not is_retryable(region):
+        if not is_retryable(region.status, region.error):
             continue
         prefix = region.error.split(":", 1)[0]
         # A `pipeline:` region stopped where its first missing field is: redo from that stage on.
