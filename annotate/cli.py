@@ -166,7 +166,7 @@ def _print_run_summary(summary) -> None:
 
     store = OutputStore(summary.output_dir)
     if stage_io(summary.stage).writes == FINAL and store.dataset_files():
-        typer.echo(f"\nDataset: {store.output_path(FINAL, '*').parent}  (card: {store.root / 'README.md'})\n"
+        typer.echo(f"\nDataset: {store.folder(FINAL)}  (card: {store.root / 'README.md'})\n"
                    f"Load it with:\n  from datasets import load_dataset\n"
                    f"  ds = load_dataset(\"{store.root}\", split=\"train\")")
 

@@ -45,8 +45,8 @@ class RegionNotFound(LookupError):
 
 # ------------------------------------------------------------------------------------ reading
 def dataset_dir(out_dir: str | Path) -> Path:
-    """OUT/data: the folder of the store's final shard files (the store names files, not the folder)."""
-    return OutputStore(Path(out_dir)).output_path(FINAL, "any-shard").parent
+    """OUT/data: the folder of the store's final shard files."""
+    return OutputStore(Path(out_dir)).folder(FINAL)
 
 
 def dataset_files(out_dir: str | Path, shards: Iterable[int] | None = None) -> list[Path]:

@@ -61,15 +61,16 @@ class OutputStore:
         object.__setattr__(self, "root", Path(self.root))
 
     # ------------------------------------------------------------------ paths
+    def folder(self, output: str) -> Path:
+        """Where one output's shard files lie: OUT/data for FINAL, else OUT/stages/OUTPUT."""
+        return self.root / "data" if output == FINAL else self.root / "stages" / output
+
     def output_path(self, output: str, shard: str) -> Path:
-        if output == FINAL:
-            return self.root / "data" / f"{shard}.parquet"
-        return self.root / "stages" / output / f"{shard}.parquet"
+        return self.folder(output) / f"{shard}.parquet"
 
     def files(self, output: str) -> list[Path]:
         """The Parquet files of one output, in shard order (hidden temporaries never count)."""
-        folder = self.output_path(output, "*").parent
-        return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith("."))
+        return sorted(p for p in self.folder(output).glob("*.parquet") if not p.name.startswith("."))
 
     def dataset_files(self) -> list[Path]:
         """The dataset's Parquet files (OUT/data), in shard order."""
@@ -77,7 +78,7 @@ class OutputStore:
 
     def write_card(self, output: str, **info: Any) -> None:
         """OUT/README.md, pointing `datasets.load_dataset(OUT)` at `output`'s files."""
-        write_dataset_card(self.root, self.output_path(output, "*").relative_to(self.root).as_posix(), **info)
+        write_dataset_card(self.root, (self.folder(output) / "*.parquet").relative_to(self.root).as_posix(), **info)
 
     @property
     def cache_root(self) -> Path:
