@@ -59,9 +59,10 @@ from annotate.config import MaskConfig, PipelineConfig, StageConfig, load_config
 from annotate.data.prepare import prepare_shard
 from annotate.data.records import ImageRecord, Validation
 from annotate.data.shards import find_shards
+from annotate.data.store import OutputStore, config_fingerprint
+from annotate.data.writer import fill
 from annotate.engines.base import ChatRequest
 from annotate.engines.step_stats import ENV_DIR, read_steps, summarize
-from annotate.data.store import config_fingerprint, OutputStore
 from annotate.stages.base import PromptTemplate, RegionContext
 from annotate.stages.merge import MergeStage
 
@@ -169,14 +170,7 @@ def store_context_output(records: dict[str, list[ImageRecord]], cfg: PipelineCon
     store = OutputStore(Path(run_dir))
     fingerprint = config_fingerprint(cfg)
     for shard, recs in records.items():
-        writer = store.writer("context", shard)
-        try:
-            for record in recs:
-                writer.add(record)
-        except BaseException:
-            writer.abort()
-            raise
-        store.commit(writer, "context", shard, fingerprint)
+        store.commit(fill(store.writer("context", shard), recs), "context", shard, fingerprint)
     return store
 
 

@@ -140,6 +140,7 @@ def _seed_output(prepared: Path, out: Path) -> None:
 
 def run_direct(cfg, engines: dict, prepared: Path, shard_names: list[str], out: Path) -> dict:
     from annotate.data.store import FINAL, PREPARE, OutputStore, iter_stored_records
+    from annotate.data.writer import fill
     from annotate.executor.workers import decode_or_none
     from annotate.stages.chain import run_chain
 
@@ -166,10 +167,7 @@ def run_direct(cfg, engines: dict, prepared: Path, shard_names: list[str], out: 
         by_shard.setdefault(record.shard, []).append(record)
     target = OutputStore(out)
     for shard, recs in by_shard.items():
-        writer = target.writer(FINAL, shard, len(recs))
-        for r in recs:
-            writer.add(r)
-        writer.commit()
+        fill(target.writer(FINAL, shard, len(recs)), recs).commit()
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "cpu_seconds": time.process_time() - cpu, "model_seconds": model_s, "images": len(records),
             "completion_tokens": sum(c.completion_tokens for c in totals.values()),

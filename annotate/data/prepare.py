@@ -22,8 +22,8 @@ from annotate.data.records import ImageRecord, RegionRecord
 from annotate.data.regions import region_entries, regions_from_meta
 from annotate.data.raw_sample import RawSample, ShardRead
 from annotate.data.shards import ShardRef, iter_samples
-from annotate.data.store import PREPARE, config_fingerprint, OutputStore
-from annotate.data.writer import status_counts
+from annotate.data.store import PREPARE, OutputStore, config_fingerprint
+from annotate.data.writer import fill, status_counts
 
 log = logging.getLogger(__name__)
 MAX_KEPT_PROBLEMS = 200  # problems past this are counted, not stored
@@ -209,18 +209,15 @@ def prepare_output(shard: ShardRef, data: DataConfig, store: OutputStore, finger
     """Run the data plane over one source shard and store it as the `prepare` output; returns its
     manifest line (`damaged`, with the reason and the samples read, when the shard was read in part)
     for the manifest's one writer to record. Used by `annotate prepare` and by a run's read tasks."""
-    writer = store.writer(PREPARE, shard.name)
     stats = stats if stats is not None else ShardStats()
-    try:
+
+    def records() -> Iterator[ImageRecord]:
         for prepared in prepare_shard(shard, data, stats):
-            if not writer.add(prepared.record):
-                raise RuntimeError(f"shard {shard.name}: image key {prepared.record.image_key!r} came twice "
-                                   "out of the data plane, which gives every sample its own key")
+            yield prepared.record
             if on_record is not None:
                 on_record()
-    except BaseException:
-        writer.abort()
-        raise
+
+    writer = fill(store.writer(PREPARE, shard.name), records())
     damage = {"damage": stats.damage, "samples_read": stats.images} if stats.damage else None
     return store.commit_file(writer, PREPARE, shard.name, fingerprint, damage)
 
@@ -284,7 +281,7 @@ def run_prepare(input_dir: str, shard_spec: str, output: str, config_path: str |
                          config_fingerprint=fingerprint, **summary)
     if skipped:
         console.print(f"{len(skipped)} shard(s) already prepared under this config: {', '.join(skipped)}")
-    console.print(f"wrote {len(todo)} shard(s) to {store.output_path(PREPARE, '*').parent}: {totals}")
+    console.print(f"wrote {len(todo)} shard(s) to {store.folder(PREPARE)}: {totals}")
     if damaged:
         console.print(f"[bold red]{len(damaged)} damaged shard(s), not read to their end: "
                       f"{escape(', '.join(damaged))}[/bold red]")

@@ -138,17 +138,23 @@ class ShardWriter:
                 self._tmp.unlink(missing_ok=True)
 
 
-def write_parquet_atomic(records: Iterable[ImageRecord], path: Path) -> WriteStats:
-    """Stream records into `path` (`arrow_schema()`, so `datasets` decodes `image`), atomically."""
-    writer = ShardWriter(path)
+def fill(writer: ShardWriter, records: Iterable[ImageRecord]) -> ShardWriter:
+    """Add every record to `writer`, ready to commit. When reading the records fails, or an image key
+    comes twice (every sample has its own key), the writer is aborted (nothing is left behind) and
+    the error raised."""
     try:
         for record in records:
             if not writer.add(record):
-                raise ValueError(f"image key {record.image_key!r} written twice to {path}")
+                raise ValueError(f"image key {record.image_key!r} written twice to {writer.path}")
     except BaseException:
         writer.abort()
         raise
-    return writer.commit()
+    return writer
+
+
+def write_parquet_atomic(records: Iterable[ImageRecord], path: Path) -> WriteStats:
+    """Stream records into `path` (`arrow_schema()`, so `datasets` decodes `image`), atomically."""
+    return fill(ShardWriter(path), records).commit()
 
 
 def file_sha256(path: Path) -> str:
