@@ -22,7 +22,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-
 class _Section(BaseModel):
     # Unknown keys are errors: a typo in a YAML file must not silently fall back to a default.
     model_config = ConfigDict(extra="forbid")
@@ -223,8 +222,6 @@ class StageConfig(_Section):
     stage_class: str | None = Field(
         None, description="module:Class of a Stage subclass to use instead of the built-in one (experiments, "
                           "benchmarks); it must keep the stage's name")
-
-
 
 
 class SegmentConfig(_Section):

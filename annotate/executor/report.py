@@ -8,9 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from annotate.data.store import DAMAGED, OutputStore, damage_of
-
 from annotate.stages.chain import STORED_OUTPUTS
-
 
 
 def status_report(output_dir: str | Path) -> dict:

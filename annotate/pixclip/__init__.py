@@ -1,8 +1,8 @@
 """PixCLIP model library: model, loss and transforms. Importable without the trainer."""
 
+from annotate.pixclip.build import build_pixclip
 from annotate.pixclip.loss import PixCLIPLoss, patch_coverage, region_pool
 from annotate.pixclip.model import MaskConv, MaskPatchEmbed, PixCLIP, create_vision
-from annotate.pixclip.build import build_pixclip
 from annotate.pixclip.open_clip_models import from_open_clip
 from annotate.pixclip.transforms import decode_rle, prepare_views
 

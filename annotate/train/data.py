@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from annotate.data.store import OutputStore
 from annotate.pixclip.transforms import decode_rle, prepare_views
 from annotate.train.text_cache import TextCache
-from annotate.data.store import OutputStore
 
 
 def in_eval_split(image_key: str, fraction: float) -> bool:

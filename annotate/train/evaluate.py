@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from annotate.config import TrainConfig
-from annotate.pixclip.model import PixCLIP
 from annotate.pixclip.build import build_pixclip
+from annotate.pixclip.model import PixCLIP
 from annotate.pixclip.transforms import decode_rle, prepare_views, to_model_input
 
 SYNTHETIC_EVAL_IMAGES = 100

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+
 from annotate.data.store import OutputStore
 
 EMB_FILE = "embeddings.f16"

@@ -29,9 +29,9 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from annotate.config import TrainConfig
+from annotate.pixclip.build import build_pixclip
 from annotate.pixclip.loss import PixCLIPLoss, clamp_logit_scale
 from annotate.pixclip.model import PixCLIP
-from annotate.pixclip.build import build_pixclip
 from annotate.pixclip.transforms import to_model_input
 from annotate.train.data import EpochSampler
 from annotate.train.job import TrainJob
