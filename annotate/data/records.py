@@ -17,7 +17,8 @@ from pydantic import BaseModel, Field
 if TYPE_CHECKING:
     import datasets
 
-SCHEMA_VERSION = "1.1"  # 1.1: ImageRecord.error
+SCHEMA_VERSION = "1.2"  # 1.1: ImageRecord.error; 1.2: summary, sentences, phrases, negatives, quality (optional stages)
+# Files of an older version still load: every field added since is optional and reads as None.
 
 Status = Literal["ok", "rejected", "failed", "pending"]
 FINAL_STATUSES = ("ok", "rejected", "failed")
@@ -35,6 +36,58 @@ class Validation(BaseModel):
     reason: str
 
 
+class TextSpan(BaseModel):
+    """A span of the region's `fine_caption`: `fine_caption[start:end] == text` (character offsets)."""
+
+    start: int
+    end: int
+    text: str
+
+
+class GroundedPhrase(TextSpan):
+    """A noun phrase of the description and what it names: the region itself (`self`, its mask),
+    another region of the same image (`region`, by `region_id`), or nothing known (`none`)."""
+
+    target: Literal["self", "region", "none"]
+    region_id: str | None = None
+
+
+EDIT_TYPES = ("colour", "material", "count", "size", "state", "part", "relation", "object")
+EditType = Literal["colour", "material", "count", "size", "state", "part", "relation", "object"]
+
+
+class Verdict(BaseModel):
+    """A model's yes/no judgement with its one-line reason."""
+
+    holds: bool
+    reason: str
+
+
+class HardNegative(BaseModel):
+    """The description with exactly one span edited: `text == fine_caption[:start] + replacement +
+    fine_caption[end:]`. `contradiction` is a text model's verdict that it contradicts the
+    description, `visual` the VLM's, looking at the region, that it is false of it; a negative is
+    kept (in `negatives`) only when both hold."""
+
+    text: str
+    edit_type: EditType
+    start: int
+    end: int
+    replacement: str
+    contradiction: Verdict | None = None
+    visual: Verdict | None = None
+
+
+class Quality(BaseModel):
+    """What a user filters on. None where the input is missing (no checkpoint configured, no phrases)."""
+
+    region_text_score: float | None = None  # PixCLIP cosine of region and description (train: a checkpoint)
+    nouns: int | None = None  # head nouns of the description's phrases (`ground`)
+    unsupported_noun_share: float | None = None  # share of them found in neither the phrase nor the object caption
+    words: int = 0
+    flags: list[str] = Field(default_factory=list)  # too_short, too_long, repetition, markup
+
+
 class StageProvenance(BaseModel):
     model: str | None = None
     prompt_version: str | None = None
@@ -47,6 +100,11 @@ class Provenance(BaseModel):
     validate_: StageProvenance = Field(StageProvenance(), alias="validate")
     context: StageProvenance = StageProvenance()
     merge: StageProvenance = StageProvenance()
+    summarize: StageProvenance = StageProvenance()
+    ground: StageProvenance = StageProvenance()
+    negatives: StageProvenance = StageProvenance()
+    negatives_text: StageProvenance = StageProvenance()
+    negatives_visual: StageProvenance = StageProvenance()
 
     model_config = {"populate_by_name": True}
 
@@ -72,6 +130,15 @@ class RegionRecord(BaseModel):
     validation: Validation | None = None
     context_caption: str | None = None
     fine_caption: str | None = None
+    # Optional stages after merge (schema 1.2); None: the stage did not run on this region.
+    summary: str | None = None  # at most 77 CLIP tokens
+    summary_tokens: int | None = None  # its open_clip token count, start and end tokens included
+    sentences: list[TextSpan] | None = None  # the description's sentences, in order
+    phrases: list[GroundedPhrase] | None = None
+    negative_candidates: list[HardNegative] | None = None  # proposed, one-span edits (checked in code)
+    negative_text_verdicts: list[Verdict] | None = None  # one per candidate: contradicts the description?
+    negatives: list[HardNegative] | None = None  # the verified ones, both verdicts recorded
+    quality: Quality | None = None
     status: Status = "pending"
     error: str | None = None
     provenance: Provenance = Provenance()
@@ -108,6 +175,11 @@ def features() -> "datasets.Features":
         "prompt_tokens": datasets.Value("int32"),
         "completion_tokens": datasets.Value("int32"),
     }
+    span = {"start": datasets.Value("int32"), "end": datasets.Value("int32"), "text": datasets.Value("string")}
+    verdict = {"holds": datasets.Value("bool"), "reason": datasets.Value("string")}
+    negative = {"text": datasets.Value("string"), "edit_type": datasets.Value("string"), "start": datasets.Value("int32"),
+                "end": datasets.Value("int32"), "replacement": datasets.Value("string"), "contradiction": verdict,
+                "visual": verdict}
     region = {
         "region_id": datasets.Value("string"),
         "region_index": datasets.Value("int32"),
@@ -120,6 +192,20 @@ def features() -> "datasets.Features":
         "validation": {"consistent": datasets.Value("bool"), "reason": datasets.Value("string")},
         "context_caption": datasets.Value("string"),
         "fine_caption": datasets.Value("string"),
+        "summary": datasets.Value("string"),
+        "summary_tokens": datasets.Value("int32"),
+        "sentences": datasets.List(span),
+        "phrases": datasets.List({**span, "target": datasets.Value("string"), "region_id": datasets.Value("string")}),
+        "negative_candidates": datasets.List(negative),
+        "negative_text_verdicts": datasets.List(verdict),
+        "negatives": datasets.List(negative),
+        "quality": {
+            "region_text_score": datasets.Value("float32"),
+            "nouns": datasets.Value("int32"),
+            "unsupported_noun_share": datasets.Value("float32"),
+            "words": datasets.Value("int32"),
+            "flags": datasets.List(datasets.Value("string")),
+        },
         "status": datasets.Value("string"),
         "error": datasets.Value("string"),
         "provenance": {stage: dict(stage_provenance) for stage in Provenance.stage_names()},
