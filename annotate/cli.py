@@ -162,10 +162,9 @@ def _print_run_summary(summary) -> None:
 
         typer.echo("\n" + describe_damaged(summary.shards_damaged), err=True)
     from annotate.data.store import FINAL, OutputStore
-    from annotate.stages.chain import stage_io
 
     store = OutputStore(summary.output_dir)
-    if stage_io(summary.stage).writes == FINAL and store.dataset_files():
+    if summary.output == FINAL and store.dataset_files():
         typer.echo(f"\nDataset: {store.folder(FINAL)}  (card: {store.root / 'README.md'})\n"
                    f"Load it with:\n  from datasets import load_dataset\n"
                    f"  ds = load_dataset(\"{store.root}\", split=\"train\")")

@@ -219,6 +219,8 @@ class StageConfig(_Section):
     batch_size: int = Field(16, ge=1)
     max_attempts: int = Field(2, ge=1, description="tries per region on a retryable error")
     retry_temperature: float = Field(0.7, ge=0, description="retries sample at least this hot")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="the stage's own settings, checked by its class (e.g. negatives: k)")
     stage_class: str | None = Field(
         None, description="module:Class of a Stage subclass to use instead of the built-in one (experiments, "
                           "benchmarks); it must keep the stage's name")
@@ -237,6 +239,17 @@ class SegmentConfig(_Section):
                                        description="data-plane mask sources that SAM replaces")
     resources: ResourceConfig = ResourceConfig()
     serving: ServingConfig = ServingConfig(max_in_flight=8)
+
+
+class QualityConfig(_Section):
+    """The per-region quality record written with the dataset (`quality:`; absent: none is written).
+    Computed in code from the region's fields when its shard is committed; near-duplicate clusters
+    are a run-level side file (data/store.py `near_duplicates_path`)."""
+
+    min_words: int = Field(8, ge=0, description="a description with fewer words is flagged too_short")
+    max_words: int = Field(150, ge=1, description="a description with more words is flagged too_long")
+    duplicate_threshold: float = Field(0.7, gt=0, le=1,
+                                       description="word 3-gram Jaccard at which two descriptions are near duplicates")
 
 
 # ------------------------------------------------------------------------------------------ run
@@ -341,6 +354,7 @@ class PipelineConfig(_Section):
     models: dict[str, ModelConfig] = Field(default_factory=dict)
     stages: dict[str, StageConfig] = Field(default_factory=dict)
     segment: SegmentConfig | None = None
+    quality: QualityConfig | None = None
     run: RunConfig = RunConfig()
     train: TrainConfig = TrainConfig()
 
@@ -371,22 +385,31 @@ class PipelineConfig(_Section):
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
-    """Read a pipeline YAML file; prompt paths are resolved against the file's folder."""
-    path = Path(path)
+    """Read a pipeline YAML file; prompt paths are resolved against the file that names them. A file
+    may start from another with `extends: <file>` (relative to it): its settings are merged over that one's."""
+    raw = _read_pipeline_file(Path(path), ())
+    if overrides:
+        raw = _deep_merge(raw, overrides)
+    config = PipelineConfig.model_validate(raw)
+    for name, stage in config.stages.items():
+        if not Path(stage.prompt).is_file():
+            raise FileNotFoundError(f"prompt template {stage.prompt} (stage {name} of {path}) does not exist")
+    return config
+
+
+def _read_pipeline_file(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        raise ValueError(f"pipeline files extend each other in a loop: {' -> '.join(map(str, (*seen, path)))}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path} not found (pipelines/ holds the bundled ones)")
-    if overrides:
-        raw = _deep_merge(raw, overrides)
-    config = PipelineConfig.model_validate(raw)
-    for stage in config.stages.values():
-        prompt = Path(stage.prompt)
-        if not prompt.is_absolute():
-            stage.prompt = str((path.parent / prompt).resolve())
-        if not Path(stage.prompt).is_file():
-            raise FileNotFoundError(f"prompt template {stage.prompt} (named in {path}) does not exist")
-    return config
+    for stage in (raw.get("stages") or {}).values():
+        if isinstance(stage, dict) and stage.get("prompt") and not Path(stage["prompt"]).is_absolute():
+            stage["prompt"] = str((path.parent / stage["prompt"]).resolve())
+    base = raw.pop("extends", None)
+    return _deep_merge(_read_pipeline_file(path.parent / base, (*seen, path)), raw) if base else raw
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from annotate.stages.chain import STAGE_ORDER
+from annotate.stages.chain import CORE_STAGES
 from bench.harness import (copy_sample_shards, input_region_ids, kill_session, output_regions, session_pids,
                            session_processes, tiny_variant)
 
@@ -58,7 +58,7 @@ CLUSTER_ENV = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "PYTHO
 # batches two shards share each batch; with 4 batches in flight per worker all shards are in the chain
 # together: both were seen to finish all shards within one 0.2 s poll). tests/test_pipeline_crash.py too.
 ONE_SHARD_AT_A_TIME = {"run": {"shards_in_flight": 1, "rows_per_batch": 2, "batches_in_flight": 1},
-                       "stages": {name: {"batch_size": 2} for name in STAGE_ORDER}}
+                       "stages": {name: {"batch_size": 2} for name in CORE_STAGES}}
 
 
 # ------------------------------------------------------------------------------ processes

@@ -9,6 +9,7 @@ never imports a test module).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import yaml
 
 from annotate.config import load_config
 from annotate.data.store import OutputStore
+from annotate.stages.negatives import NegativesStage
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "pipelines" / "tiny.yaml"
@@ -108,3 +110,24 @@ def kill_session(session: int) -> None:
             os.kill(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+TINY_FIELDS = REPO / "pipelines" / "tiny-fields.yaml"
+
+
+class ScriptedNegatives(NegativesStage):
+    """`negatives` for runs with random-weight models, whose proposals are noise that the one-span
+    check rightly drops (so the two checks after it would never get a candidate). It still calls its
+    model (plain text, like the object stage), then reads a scripted answer instead: edits of the
+    description's first long words, through the stage's own checks. Used with `stage_class`
+    ("bench.harness:ScriptedNegatives") by the end-to-end test of the optional stages."""
+
+    def build_request(self, ctx):
+        request = super().build_request(ctx)
+        return dataclasses.replace(request, json_schema=None,
+                                   sampling=request.sampling.model_copy(update={"max_tokens": 24, "min_tokens": 8}))
+
+    def apply(self, region, result):
+        words = [w for w in (region.fine_caption or "").split() if len(w) > 3][: self.params.k]
+        edits = [{"type": "colour", "text": (region.fine_caption or "").replace(w, "zzz", 1)} for w in words]
+        return super().apply(region, dataclasses.replace(result, parsed={"edits": edits}))

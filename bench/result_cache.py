@@ -33,7 +33,7 @@ from pathlib import Path
 
 from annotate.engines.result_cache import count_stored
 from annotate.executor.progress import parse_calls
-from annotate.stages.chain import STAGE_ORDER
+from annotate.stages.chain import CORE_STAGES
 from bench.harness import SAMPLE_SHARDS, kill_session, tiny_variant, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,7 +42,7 @@ SHARD = "00000"
 # Two images per batch, one batch in flight per worker: results are stored a few at a time, so the
 # kill lands close to the chosen share (the sample shards are small).
 OVERRIDES = {"run": {"rows_per_batch": 2, "batches_in_flight": 1},
-             "stages": {name: {"batch_size": 2} for name in STAGE_ORDER}}
+             "stages": {name: {"batch_size": 2} for name in CORE_STAGES}}
 
 
 def one_shard(dest: Path) -> Path:

@@ -95,7 +95,7 @@ def test_parquet_rows_that_are_unusable_leave_a_trace(tmp_path, box_cfg):
 
 
 def test_the_image_error_is_stored_and_loads(tmp_path, box_cfg, hostile_shard):
-    assert SCHEMA_VERSION == "1.1" and "error" in arrow_schema().names
+    assert SCHEMA_VERSION == "1.2" and "error" in arrow_schema().names
     path, expect = hostile_shard
     records = [p.record for p in prepare_shard(ShardRef(7, "00007", path, "webdataset"), box_cfg)]
     out = tmp_path / "OUT"

@@ -12,7 +12,8 @@ from annotate.config import PipelineConfig, load_config
 from annotate.data.records import Provenance, RegionRecord
 from annotate.data.store import FINAL, PREPARE, config_fingerprint
 from annotate.stages.base import PromptTemplate
-from annotate.stages.chain import STAGE_CLASSES, STAGE_FIELDS, STAGE_ORDER, STORED_OUTPUTS, check_stages, stage_io
+from annotate.stages.chain import (CORE_STAGES, STAGE_CLASSES, STAGE_FIELDS, STAGE_ORDER, STORED_OUTPUTS, chain_of,
+                                   check_stages, stage_io)
 
 REPO = Path(__file__).resolve().parents[1]
 # Pipeline definitions are the YAML files with stages (pipelines/ also holds the planner's throughput table).
@@ -22,7 +23,8 @@ PIPELINES = sorted(p for p in (REPO / "pipelines").glob("*.yaml") if "stages" in
 @pytest.mark.parametrize("path", PIPELINES, ids=lambda p: p.name)
 def test_pipeline_files_load_and_define_the_whole_chain(path):
     cfg = load_config(path)
-    assert tuple(cfg.stages) == STAGE_ORDER == tuple(STAGE_CLASSES)
+    assert tuple(cfg.stages) == chain_of(cfg) and chain_of(cfg)[:4] == CORE_STAGES
+    check_stages(cfg, chain_of(cfg))
     for name, stage in cfg.stages.items():
         template = PromptTemplate.load(stage.prompt)
         assert template.version.startswith(f"{name}-v")
@@ -75,23 +77,39 @@ def test_fingerprint_follows_prompt_text_not_location(tmp_path):
     assert config_fingerprint(copy) != config_fingerprint(cfg)
 
 
-def test_every_stage_mode_reads_the_previous_output():
-    assert stage_io("all").reads == PREPARE and stage_io("all").writes == FINAL and stage_io("all").stages == STAGE_ORDER
+@pytest.mark.parametrize("chain", [CORE_STAGES, STAGE_ORDER], ids=["core", "with-optional"])
+def test_every_stage_mode_reads_the_previous_output(chain):
+    all_stages = stage_io("all", chain)
+    assert all_stages.reads == PREPARE and all_stages.writes == FINAL and all_stages.stages == chain
     previous = PREPARE
-    for name in STAGE_ORDER:  # one stage at a time walks the same chain, ending in the dataset
-        io = stage_io(name)
-        assert io.reads == previous and io.stages == (name,)
+    for name in chain:  # one stage at a time walks the same chain, ending in the dataset
+        io = stage_io(name, chain)
+        assert io.reads == previous and io.stages == (name,) and previous in STORED_OUTPUTS
         previous = io.writes
     assert previous == FINAL
-    assert STORED_OUTPUTS == (PREPARE, *STAGE_ORDER[:-1], FINAL)
     with pytest.raises(ValueError, match="unknown stage 'caption'"):
-        stage_io("caption")
+        stage_io("caption", chain)
+    if chain == CORE_STAGES:  # an optional stage the pipeline file does not define
+        with pytest.raises(ValueError, match="define it in the pipeline file"):
+            stage_io("summarize", chain)
+
+
+def test_a_pipeline_file_can_extend_another(tmp_path):
+    cfg = load_config(REPO / "pipelines" / "tiny-fields.yaml")
+    base = load_config(REPO / "pipelines" / "tiny.yaml")
+    assert cfg.models == base.models and cfg.stages["object"] == base.stages["object"]
+    assert cfg.stages["negatives"].params == {"k": 2} and cfg.quality is not None
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ValueError, match="in a loop"):
+        load_config(tmp_path / "a.yaml")
 
 
 def test_the_chain_is_derived_from_the_stage_classes():
     """Each stage declares the region field it writes and keeps a provenance entry; the record schema
     has both, so a new stage class cannot leave the schema, the retry reset or the planner behind."""
-    assert STAGE_ORDER == ("object", "validate", "context", "merge")
+    assert STAGE_ORDER == ("object", "validate", "context", "merge",
+                           "summarize", "ground", "negatives", "negatives_text", "negatives_visual")
     assert STAGE_FIELDS == tuple((name, cls.writes) for name, cls in STAGE_CLASSES.items())
     for name, field in STAGE_FIELDS:
         assert field in RegionRecord.model_fields, name

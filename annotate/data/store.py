@@ -90,6 +90,20 @@ class OutputStore:
         return self.root / "runs"
 
     @property
+    def near_duplicates_path(self) -> Path:
+        """OUT/quality/near_duplicates.parquet: region_id -> near-duplicate cluster over the whole
+        dataset, a run-level side file (stages/quality.py), so committed shard files never change."""
+        return self.root / "quality" / "near_duplicates.parquet"
+
+    def near_duplicates(self) -> dict[str, tuple[str, int]]:
+        """region_id -> (cluster_id, cluster_size) from the near-duplicate side file; empty without one."""
+        if not self.near_duplicates_path.is_file():
+            return {}
+        table = pq.read_table(self.near_duplicates_path)
+        return {rid: (cid, size) for rid, cid, size in zip(*(table.column(c).to_pylist()
+                                                           for c in ("region_id", "cluster_id", "cluster_size")))}
+
+    @property
     def manifest_path(self) -> Path:
         return self.root / "manifest.jsonl"
 

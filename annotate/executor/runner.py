@@ -24,7 +24,7 @@ import ray
 from rich.console import Console
 
 from annotate.cluster import ensure_ray
-from annotate.config import PipelineConfig
+from annotate.config import PipelineConfig, QualityConfig
 from annotate.data.shards import find_shards
 from annotate.data.store import DAMAGED, FINAL, FINISHED, PREPARE, OutputStore, config_fingerprint, count_rows, damage_of
 from annotate.data.writer import ShardWriter
@@ -36,7 +36,8 @@ from annotate.executor.workers import SegmentWorker, StageWorker
 from annotate.serving.apps import SEGMENT_MODEL, ModelApp, ensure_apps, needed_models, replica_info, replicas
 from annotate.serving.client import ModelClient
 from annotate.stages.budget import StageBudget, check_budgets
-from annotate.stages.chain import StageIO, check_stages, finalize_record, is_retryable, stage_io, stage_writing
+from annotate.stages.chain import StageIO, chain_of, check_stages, finalize_record, is_retryable, stage_io, stage_writing
+from annotate.stages.quality import write_near_duplicates
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 class RunSummary:
     output_dir: Path
     stage: str
+    output: str = FINAL  # what the run writes: a stage's output, or the dataset
     shards_written: dict[str, dict] = field(default_factory=dict)
     shards_skipped: list[str] = field(default_factory=list)
     # shard -> counts plus `damage` (why) and `samples_read`: read in part, written, not finished
@@ -95,7 +97,7 @@ def plan_work(cfg: PipelineConfig, store: OutputStore, input_dir: Path, shard_id
             if input_name != PREPARE:
                 raise RuntimeError(
                     f"shard {ref.name} has no finished `{input_name}` output in {store.root}; "
-                    f"run `annotate run --stage {stage_writing(input_name)}` on it first"
+                    f"run `annotate run --stage {stage_writing(input_name, chain_of(cfg))}` on it first"
                 )
             item["needs_prepare"] = True
         elif line.get("state") == DAMAGED:
@@ -108,12 +110,12 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
                  stage: str = "all", retry_failed: bool = False, address: str | None = None,
                  console: Console | None = None) -> RunSummary:
     console = console or Console(stderr=True)
-    io = stage_io(stage)
+    io = stage_io(stage, chain_of(cfg))
     check_stages(cfg, io.stages)
     output_name, chain = io.writes, io.stages
     fingerprint = config_fingerprint(cfg)  # once per run: it reads every prompt file
     store = OutputStore(Path(output_dir))
-    summary = RunSummary(output_dir=store.root, stage=stage)
+    summary = RunSummary(output_dir=store.root, stage=stage, output=io.writes)
     with store.lock():
         if removed := store.remove_stale_temporaries():
             console.print(f"removed {removed} half-written file(s) left by an interrupted run")
@@ -171,7 +173,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
                                        "cache_root": str(store.cache_root) if cfg.run.result_cache else None},
             )
         outputs = ShardOutputs(store, output_name, fingerprint, ledger,
-                               {i["shard"]: i["damage"] for i in items if i["damage"]})
+                               {i["shard"]: i["damage"] for i in items if i["damage"]}, cfg.quality)
         with ProgressDisplay(tracker, chain, len(items), console) as display:
             outputs.write(ds, display)
         summary.model_calls = display.model_calls
@@ -185,6 +187,8 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
             raise RuntimeError(f"shard(s) {', '.join(unfinished)} did not complete; rerun the same command to redo them")
         if output_name == FINAL:
             store.write_card(FINAL, config_fingerprint=fingerprint, pipeline=cfg.name)
+            if cfg.quality is not None:
+                console.print(f"near-duplicate clusters: {write_near_duplicates(store, cfg.quality)}")
         summary.processing_s = time.perf_counter() - processing_started
         _write_run_record(store, summary, cfg.name, fingerprint)
     return summary
@@ -231,8 +235,10 @@ class ShardOutputs:
     """The driver's side of a run: writes each shard's output once all its images arrived, and is the
     one writer of the manifest (its own lines, and the `prepare` lines read tasks hand over)."""
 
-    def __init__(self, store: OutputStore, output: str, fingerprint: str, ledger, damage: dict[str, dict]):
+    def __init__(self, store: OutputStore, output: str, fingerprint: str, ledger, damage: dict[str, dict],
+                 quality: QualityConfig | None = None):
         self.store, self.output, self.fingerprint, self.ledger = store, output, fingerprint, ledger
+        self.quality = quality  # the quality record, written with the dataset (FINAL) only
         self.damage = dict(damage)  # shard -> {damage, samples_read}, from its input's line or its read task
         self.written: dict[str, dict] = {}
         self.damaged: dict[str, dict] = {}
@@ -272,7 +278,7 @@ class ShardOutputs:
                         continue
                     record = row_to_record(row)
                     if self.output == FINAL:
-                        finalize_record(record)
+                        finalize_record(record, self.quality)
                     writer = writers.get(shard)
                     if writer is None:
                         writer = writers[shard] = self.store.writer(self.output, shard, row[ROW_TOTAL])

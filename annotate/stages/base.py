@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import jinja2
 import yaml
 from PIL import Image
+from pydantic import BaseModel, ConfigDict
 
 from annotate.config import CropConfig, SamplingConfig
 from annotate.data.crops import RegionViews, region_views
@@ -110,20 +111,34 @@ def _fit(image: Image.Image | None, max_side: int) -> Image.Image:
     return fit_within(image, max_side)
 
 
+class StageParams(BaseModel):
+    """A stage's own settings (`params:` of its entry in the pipeline file); a stage with some
+    subclasses this. Unknown keys are errors, as everywhere in the config tree."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class Stage:
     """Base of the stages. Subclasses set `name` and `writes` and implement wants/fields/apply; their
     order is the chain's (stages/chain.py)."""
 
     name: ClassVar[str]
     writes: ClassVar[str]  # the region field this stage fills in (cleared again when the region is retried)
+    Params: ClassVar[type[StageParams]] = StageParams
 
-    def __init__(self, prompt: PromptTemplate, sampling: SamplingConfig, model_id: str):
+    def __init__(self, prompt: PromptTemplate, sampling: SamplingConfig, model_id: str,
+                 params: dict[str, Any] | None = None):
         self.prompt = prompt
         self.sampling = sampling
         self.model_id = model_id
+        self.params = self.Params.model_validate(params or {})
 
     def wants(self, region: RegionRecord) -> bool:
         raise NotImplementedError
+
+    def without_model(self, region: RegionRecord) -> bool:
+        """Settle a wanted region that needs no model call (e.g. nothing left to check); True when done."""
+        return False
 
     def fields(self, ctx: RegionContext) -> dict[str, Any]:
         """Template variables for one region."""
@@ -152,6 +167,17 @@ class Stage:
     def fail(self, region: RegionRecord, kind: str, message: str) -> None:
         region.status = "failed"
         region.error = f"{self.name}: {kind}: {message}"
+
+
+def described(region: RegionRecord) -> bool:
+    """A region the optional stages after `merge` work on: it has its description and has not been
+    rejected or failed (`pending` again when `--retry-failed` redoes one of them)."""
+    return region.fine_caption is not None and region.status in ("ok", "pending")
+
+
+def settle(region: RegionRecord) -> None:
+    """An optional stage after `merge` finished its part: the region is `ok` (again)."""
+    region.status, region.error = "ok", None
 
 
 def clean_caption(text: str) -> str:

@@ -56,6 +56,9 @@ def _requests(stage: Stage, items, crops: CropConfig, counts: StageCounts) -> li
             if not stage.wants(region):
                 continue
             counts.regions_in += 1
+            if stage.without_model(region):
+                counts.done += 1
+                continue
             ctx = RegionContext(record=record, region=region, image=image, crops=crops)
             try:
                 pending.append((ctx, stage.build_request(ctx)))

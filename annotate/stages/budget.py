@@ -7,7 +7,9 @@ dynamic tiling; the `llava` and `hf` engines: their prompt builders), and the ru
 when a stage does not fit. The worst case:
   * images at every aspect ratio in `ASPECT_RATIOS`, at `crops.max_side` (the data plane's largest):
     tiling processors (InternVL) make the most tiles at some ratio, not always at a square;
-  * model-written fields (object and context captions) as long as their stage's `max_tokens`;
+  * model-written fields (object and context captions, the description) as long as their stage's
+    `max_tokens`; the negatives' checks get all K candidates, each the description plus an edit;
+    `ground` gets every other region of a full image;
   * the phrase and the image caption as long as `run.budget_phrase_words` / `budget_caption_words`.
 Stop tokens given as strings are checked here too: each must be one token of the model's tokenizer.
 The counts go into the run record, where `annotate plan --from-run` reads them.
@@ -23,10 +25,11 @@ from PIL import Image
 
 from annotate.config import PipelineConfig, StageConfig
 from annotate.data.masks import encode_rle
-from annotate.data.records import ImageRecord, RegionRecord
+from annotate.data.records import HardNegative, ImageRecord, RegionRecord, Verdict
 from annotate.engines.base import ChatRequest
 from annotate.stages.base import PromptTemplate, RegionContext
 from annotate.stages.chain import build_stage
+from annotate.stages.negatives import NegativesParams
 
 ASPECT_RATIOS = (1.0, 2.0, 0.5, 3.0, 1 / 3, 5.0, 0.2)  # width / height
 FILLER = "the "  # one token in every tokenizer we know (the tiny ones too): a caption of N tokens is about N of these
@@ -85,10 +88,20 @@ def worst_case_request(cfg: PipelineConfig, stage_name: str, width: int, height:
 
     record = ImageRecord(image_key="budget", shard="budget", width=width, height=height,
                          caption=text(cfg.run.budget_caption_words))
-    region = RegionRecord(region_id="budget:budget:0", region_index=0, phrase=text(cfg.run.budget_phrase_words),
-                          bbox=[0.0, 0.0, float(width), float(height)],
-                          mask=encode_rle(np.ones((height, width), dtype=np.uint8)), mask_source="given",
-                          object_caption=text("object"), context_caption=text("context"))
+    mask = encode_rle(np.ones((height, width), dtype=np.uint8))
+    regions = [RegionRecord(region_id=f"budget:budget:{i}", region_index=i, phrase=text(cfg.run.budget_phrase_words),
+                            bbox=[0.0, 0.0, float(width), float(height)], mask=mask, mask_source="given")
+               for i in range(cfg.data.regions.max_regions_per_image)]  # ground lists the image's other regions
+    record.regions = regions
+    region = regions[0]
+    region.object_caption, region.context_caption = text("object"), text("context")
+    # The stages after merge: the description at merge's longest, and (negatives) every candidate
+    # as long as the description plus an edit, all passed by the text check.
+    region.fine_caption = text("merge")
+    k = NegativesParams.model_validate(cfg.stages["negatives"].params).k if "negatives" in cfg.stages else 0
+    edited = f"{region.fine_caption} {text(NegativesParams().max_span_words)}"
+    region.negative_candidates = [HardNegative(text=edited, edit_type="colour", start=0, end=0, replacement="",
+                                               contradiction=Verdict(holds=True, reason="")) for _ in range(k)]
     image = Image.new("RGB", (width, height), (127, 127, 127))
     return stage.build_request(RegionContext(record=record, region=region, image=image, crops=cfg.data.crops))
 

@@ -12,20 +12,31 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from annotate.config import PipelineConfig, StageConfig
+from annotate.config import PipelineConfig, QualityConfig, StageConfig
 from annotate.data.records import ImageRecord
 from annotate.data.store import FINAL, PREPARE
 from annotate.engines.base import ChatRequest, ChatResult
 from annotate.stages.base import PromptTemplate, Stage
 from annotate.stages.batch import StageCounts, run_stage
 from annotate.stages.context import ContextStage
+from annotate.stages.ground import GroundStage
 from annotate.stages.merge import MergeStage
+from annotate.stages.negatives import NegativesStage, NegativesTextStage, NegativesVisualStage
 from annotate.stages.object import ObjectStage
+from annotate.stages.quality import assess
+from annotate.stages.summarize import SummarizeStage
 from annotate.stages.validate import ValidateStage
 
-# The paper's chain, in order. A new stage is a class here; everything below follows from this tuple.
-STAGE_CLASSES: dict[str, type[Stage]] = {cls.name: cls for cls in (ObjectStage, ValidateStage, ContextStage, MergeStage)}
+# The chain, in order: the paper's four stages, then the optional ones that add fields to a finished
+# description. A new stage is a class here; everything below follows from this tuple.
+STAGE_CLASSES: dict[str, type[Stage]] = {cls.name: cls for cls in (
+    ObjectStage, ValidateStage, ContextStage, MergeStage,
+    SummarizeStage, GroundStage, NegativesStage, NegativesTextStage, NegativesVisualStage)}
 STAGE_ORDER: tuple[str, ...] = tuple(STAGE_CLASSES)
+# Every pipeline runs these; the others run when the pipeline file defines them.
+CORE_STAGES: tuple[str, ...] = ("object", "validate", "context", "merge")
+# Stages that only make sense together: proposing hard negatives and the two checks that keep them.
+STAGE_GROUPS: tuple[tuple[str, ...], ...] = (("negatives", "negatives_text", "negatives_visual"),)
 # The region field each stage fills in, in chain order: a retry clears the failed stage's and all later ones.
 STAGE_FIELDS: tuple[tuple[str, str], ...] = tuple((name, cls.writes) for name, cls in STAGE_CLASSES.items())
 # Region errors `--retry-failed` redoes: a model stage's, and `pipeline:` (no stage completed the region).
@@ -42,33 +53,50 @@ class StageIO:
     stages: tuple[str, ...]
 
 
-def stage_io(stage: str) -> StageIO:
-    """`all` runs the whole chain from `prepare` to the dataset; one stage reads the output of the
-    stage before it and writes its own (the last one writes the dataset)."""
+def chain_of(cfg: PipelineConfig) -> tuple[str, ...]:
+    """The stages a pipeline file runs, in chain order: the core ones and the optional ones it defines."""
+    return tuple(name for name in STAGE_ORDER if name in CORE_STAGES or name in cfg.stages)
+
+
+def stage_io(stage: str, chain: tuple[str, ...] = CORE_STAGES) -> StageIO:
+    """`all` runs the whole `chain` from `prepare` to the dataset; one stage reads the output of the
+    stage before it and writes its own (the chain's last one writes the dataset)."""
     if stage == "all":
-        return StageIO(PREPARE, FINAL, STAGE_ORDER)
-    if stage not in STAGE_CLASSES:
-        raise ValueError(f"unknown stage {stage!r}; choose one of all, {', '.join(STAGE_ORDER)}")
-    i = STAGE_ORDER.index(stage)
-    return StageIO(STAGE_ORDER[i - 1] if i else PREPARE, FINAL if i == len(STAGE_ORDER) - 1 else stage, (stage,))
+        return StageIO(PREPARE, FINAL, chain)
+    if stage not in chain:
+        raise ValueError(f"unknown stage {stage!r}; choose one of all, {', '.join(chain)}"
+                         + ("" if stage not in STAGE_CLASSES else " (define it in the pipeline file to run it)"))
+    i = chain.index(stage)
+    return StageIO(chain[i - 1] if i else PREPARE, FINAL if i == len(chain) - 1 else stage, (stage,))
 
 
-def stage_writing(output: str) -> str | None:
+def stage_writing(output: str, chain: tuple[str, ...] = CORE_STAGES) -> str | None:
     """The `--stage` whose run writes `output` (None for `prepare`, which the data plane writes)."""
-    return next((name for name in STAGE_ORDER if stage_io(name).writes == output), None)
+    return next((name for name in chain if stage_io(name, chain).writes == output), None)
 
 
-STORED_OUTPUTS: tuple[str, ...] = (PREPARE, *(stage_io(name).writes for name in STAGE_ORDER))
+# Every output a run can store, whatever its chain: `prepare`, each stage's own, the dataset.
+STORED_OUTPUTS: tuple[str, ...] = (PREPARE, *STAGE_ORDER[:-1], FINAL)
 
 
-def check_stages(cfg: PipelineConfig, stages: Iterable[str] = STAGE_ORDER) -> None:
-    """The pipeline file names only stages of the chain and defines every one in `stages`."""
+def check_stages(cfg: PipelineConfig, stages: Iterable[str] = CORE_STAGES) -> None:
+    """The pipeline file names only stages of the chain, defines every one in `stages`, and defines
+    the stages of a group all together or none of them."""
     unknown = [name for name in cfg.stages if name not in STAGE_CLASSES]
     if unknown:
         raise ValueError(f"unknown stage {', '.join(unknown)} in the pipeline file; stages are {', '.join(STAGE_ORDER)}")
     missing = [name for name in stages if name not in cfg.stages]
     if missing:
         raise ValueError(f"the pipeline file defines no stage {', '.join(missing)}")
+    for name, stage in cfg.stages.items():
+        try:
+            stage_class(name, stage.stage_class).Params.model_validate(stage.params)
+        except ValueError as exc:
+            raise ValueError(f"stage {name}: bad params: {exc}") from None
+    for group in STAGE_GROUPS:
+        defined = [name for name in group if name in cfg.stages]
+        if defined and len(defined) < len(group):
+            raise ValueError(f"stages {', '.join(group)} go together; the pipeline file defines only {', '.join(defined)}")
 
 
 def stage_class(name: str, override: str | None = None) -> type[Stage]:
@@ -84,7 +112,8 @@ def stage_class(name: str, override: str | None = None) -> type[Stage]:
 
 def build_stage(name: str, config: StageConfig, model_id: str) -> Stage:
     """Stage `name` with its prompt template and sampling, recording `model_id` as its model."""
-    return stage_class(name, config.stage_class)(PromptTemplate.load(config.prompt), config.sampling, model_id)
+    return stage_class(name, config.stage_class)(PromptTemplate.load(config.prompt), config.sampling, model_id,
+                                                 config.params)
 
 
 def is_retryable(status: str, error: str | None) -> bool:
@@ -111,23 +140,26 @@ def reset_for_retry(record: ImageRecord) -> int:
     return reset
 
 
-def finalize_record(record: ImageRecord) -> None:
-    """Last step before the dataset: a region no stage finished is `failed`, never silently pending."""
+def finalize_record(record: ImageRecord, quality: QualityConfig | None = None) -> None:
+    """Last step before the dataset: a region no stage finished is `failed`, never silently pending;
+    every described region gets its quality record when the pipeline file asks for one."""
     for region in record.regions:
         if region.status == "pending":
             region.status = "failed"
             region.error = f"{PIPELINE_ERROR}: the region was not completed by any stage (internal error)"
+        if quality is not None and region.fine_caption:
+            region.quality = assess(region, quality)
 
 
 def run_chain(cfg: PipelineConfig, chat: Callable[[str], Callable[[list[ChatRequest]], list[ChatResult]]],
               records: list[ImageRecord], decode: Callable[[ImageRecord], Image.Image | None],
-              stages: Iterable[str] = STAGE_ORDER) -> dict[str, StageCounts]:
+              stages: Iterable[str] | None = None) -> dict[str, StageCounts]:
     """The chain in one process, without Ray: each stage over all `records` in its batch size,
     `chat(model_key)` giving the batch call of that stage's model; records are finalised in place.
 
     `decode(record)` gives a record's image (or None) for the stages whose prompt shows pixels."""
     totals: dict[str, StageCounts] = {}
-    for name in stages:
+    for name in chain_of(cfg) if stages is None else stages:
         config = cfg.stages[name]
         model = cfg.models[config.model]
         stage = build_stage(name, config, model.paper_model or model.path)
@@ -138,5 +170,5 @@ def run_chain(cfg: PipelineConfig, chat: Callable[[str], Callable[[list[ChatRequ
             counts.add(run_stage(stage, items, chat(config.model), cfg.data.crops, config.max_attempts,
                                  config.retry_temperature))
     for record in records:
-        finalize_record(record)
+        finalize_record(record, cfg.quality)
     return totals
