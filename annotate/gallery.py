@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from annotate.data.records import ImageRecord, RegionRecord
+from annotate.data.store import OutputStore
 from annotate.show import (
     STATUSES,
     backdrops,
@@ -79,7 +80,7 @@ dl{display:grid;grid-template-columns:8em 1fr;gap:3px 10px;margin:0}
 dt{color:#666}dd{margin:0;white-space:pre-wrap;overflow-wrap:anywhere}
 .badge{display:inline-block;padding:1px 7px;border-radius:9px;color:#fff;font-size:12px;background:#787878}
 .badge.ok{background:#22aa44}.badge.rejected{background:#f08c00}.badge.failed{background:#dc1e28}
-.none{color:#aaa}.err{color:#b00}
+.none{color:#aaa}.err{color:#b00}.kept{color:#060}
 table{border-collapse:collapse;background:#fff}td,th{border:1px solid #ddd;padding:4px 10px;text-align:right}
 td:first-child,th:first-child{text-align:left}
 """
@@ -158,8 +159,45 @@ def _validation(region: RegionRecord) -> str:
     return f"<b>{verdict}</b>" + (f": {_e(v.reason)}" if v.reason else "")
 
 
+def _negative(description: str, candidate, kept: bool) -> str:
+    verdicts = "".join(f" <small>{name}: {'yes' if v.holds else 'no'} ({_e(v.reason)})</small>"
+                       for name, v in (("contradicts", candidate.contradiction), ("false in image", candidate.visual))
+                       if v is not None)
+    css = ' class="kept"' if kept else ""
+    return (f"<li{css}><b>{_e(candidate.edit_type)}</b>: <del>{_e(description[candidate.start:candidate.end])}</del> "
+            f"<ins>{_e(candidate.replacement)}</ins>{verdicts}</li>")
+
+
+def _added_fields(region: RegionRecord, duplicate: tuple[str, int] | None) -> list[tuple[str, str]]:
+    """Rows for the fields of the optional stages after merge, only those the region has."""
+    rows = []
+    if region.summary is not None:
+        rows.append(("summary", f"{_e(region.summary)} <small>({region.summary_tokens} CLIP tokens)</small>"))
+    if region.sentences is not None:
+        rows.append(("sentences", "<ol>" + "".join(f"<li>{_e(s.text)}</li>" for s in region.sentences) + "</ol>"))
+    if region.phrases is not None:
+        refs = {"self": "this region", "none": "ungrounded"}
+        rows.append(("phrases", "<ul>" + "".join(
+            f"<li><q>{_e(p.text)}</q> → {_e(p.region_id if p.target == 'region' else refs[p.target])}</li>"
+            for p in region.phrases) + "</ul>" if region.phrases else _text(None)))
+    if region.negative_candidates is not None:
+        kept = {n.text for n in region.negatives or []}
+        items = "".join(_negative(region.fine_caption or "", c, c.text in kept) for c in region.negative_candidates)
+        rows.append(("hard negatives", f"{len(region.negatives or [])} kept of {len(region.negative_candidates)}"
+                                       + (f"<ul>{items}</ul>" if items else "")))
+    if region.quality is not None:
+        q = region.quality
+        share = "n/a" if q.unsupported_noun_share is None else f"{q.unsupported_noun_share:.2f} of {q.nouns}"
+        rows.append(("quality", f"{q.words} words; flags: {_e(', '.join(q.flags) or 'none')}; "
+                                f"unsupported nouns: {share}"
+                                + ("" if q.region_text_score is None else f"; region-text score {q.region_text_score:.3f}")))
+    if duplicate is not None:
+        rows.append(("near duplicates", f"cluster <code>{_e(duplicate[0])}</code> of {duplicate[1]}"))
+    return rows
+
+
 def _card(record: ImageRecord, region: RegionRecord, thumb: str, full: str, thumb_size: tuple[int, int],
-          eager: bool, image_note: str | None) -> str:
+          eager: bool, image_note: str | None, duplicate: tuple[str, int] | None = None) -> str:
     status = display_status(region)
     rid = _e(region.region_id)
     rows = [
@@ -168,6 +206,7 @@ def _card(record: ImageRecord, region: RegionRecord, thumb: str, full: str, thum
         ("validation", _validation(region)),
         ("context", _text(region.context_caption)),
         ("fine", _text(region.fine_caption)),
+        *_added_fields(region, duplicate),
         ("status", f'<span class="badge {status}">{_e(region.status)}</span>'),
         ("error", f'<span class="err">{_e(region.error)}</span>' if region.error else _text(None)),
         ("mask", f"{_text(region.mask_source)}; box [{', '.join(f'{v:.0f}' for v in region.bbox)}]"),
@@ -202,7 +241,7 @@ def _write_atomic(path: Path, chunks: Iterable[str]) -> None:
 
 
 def _shard_page(data_file: Path, html_dir: Path, page: ShardPage, thumb_side: int, full_side: int | None,
-                max_images: int | None) -> Iterator[str]:
+                max_images: int | None, duplicates: dict[str, tuple[str, int]]) -> Iterator[str]:
     """Yields the shard page while drawing its regions into html_dir/SHARD/; fills in `page`'s counts."""
     asset_dir = html_dir / page.shard
     asset_dir.mkdir(parents=True, exist_ok=True)
@@ -225,7 +264,7 @@ def _shard_page(data_file: Path, html_dir: Path, page: ShardPage, thumb_side: in
             draw_region(full_base, size, region, mask).save(asset_dir / f"{stem}.jpg", format="JPEG", quality=90)
             page.counts[display_status(region)] += 1
             yield _card(record, region, f"{page.shard}/{stem}.t.jpg", f"{page.shard}/{stem}.jpg", thumb_img.size,
-                        eager=n_cards < EAGER_THUMBS, image_note=note)
+                        eager=n_cards < EAGER_THUMBS, image_note=note, duplicate=duplicates.get(region.region_id))
             n_cards += 1
     if n_cards == 0:
         yield '<p class="none">no regions in this shard</p>\n'
@@ -259,10 +298,12 @@ def write_gallery(out_dir: str | Path, html_dir: str | Path | None = None, shard
     html_dir = Path(html_dir) if html_dir is not None else out_dir / "gallery"
     html_dir.mkdir(parents=True, exist_ok=True)
     pages = []
+    duplicates = OutputStore(out_dir).near_duplicates()
     for data_file in files:
         shard = re.sub(r"[^A-Za-z0-9_-]+", "_", data_file.stem)
         page = ShardPage(shard=shard, path=html_dir / f"shard-{shard}.html")
-        _write_atomic(page.path, _shard_page(data_file, html_dir, page, thumb_side, full_side, max_images))
+        _write_atomic(page.path, _shard_page(data_file, html_dir, page, thumb_side, full_side, max_images,
+                                                  duplicates))
         pages.append(page)
     index = html_dir / "index.html"
     _write_atomic(index, _index_page(pages, out_dir))
