@@ -330,6 +330,15 @@ class TrainConfig(_Section):
     use_fc: bool = True
     use_lg: bool = True
     lg_tau: float = 0.5
+    # Branches for the data of the optional stages (MulCLIP's short text; verified hard negatives).
+    use_short: bool = Field(False, description="short-text branch: the region's summary vs its mask embedding")
+    short_weight: float = Field(0.5, ge=0, description="weight of the short-text branch (MulCLIP: half)")
+    use_hard_negatives: bool = Field(
+        False, description="hard-negative branch: each region against its own description and up to K negatives")
+    hard_negative_weight: float = Field(1.0, ge=0)
+    hard_negatives_k: int = Field(8, ge=1, description="negatives per region in a batch (fewer are masked out)")
+    hard_negative_logit_scale_init: float = Field(
+        2.6593, description="log of the hard-negative branch's own inverse temperature (CLIP's 1/0.07)")
     crop_margin: float = Field(0.05, ge=0, description="L_FC crop: margin around the mask's tight box")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="held-out regions, chosen by region-id hash")
     full_image_ratio: float = 0.1

@@ -53,6 +53,20 @@ def _photo(key: str, side: int) -> tuple[np.ndarray, list[np.ndarray]]:
     return img, masks
 
 
+def _fine(phrase: str, caption: str, i: int) -> str:
+    return f"The {phrase} in the photo of {caption}, region number {i}."
+
+
+def _negative(description: str, old: str, new: str):
+    """A verified one-span edit, as the `negatives` stages store it."""
+    from annotate.data.records import HardNegative, Verdict
+
+    start = description.index(old)
+    verdict = Verdict(holds=True, reason="scripted")
+    return HardNegative(text=description[:start] + new + description[start + len(old):], edit_type="object",
+                        start=start, end=start + len(old), replacement=new, contradiction=verdict, visual=verdict)
+
+
 def write_pipeline_output(out: str | Path, side: int = 96, copies: int = 1, uneven: bool = False) -> Path:
     """Write OUT/data/part-00000.parquet; copy 0 uses the bare photo names as image keys.
 
@@ -91,7 +105,9 @@ def write_pipeline_output(out: str | Path, side: int = 96, copies: int = 1, unev
                     mask=RleMask(**rle),
                     mask_source="box" if uneven and i == keep - 1 else "given",
                     object_caption=f"the {phrase}",
-                    fine_caption=f"The {phrase} in the photo of {caption}, region number {i}.",
+                    fine_caption=_fine(phrase, caption, i),
+                    summary=f"the {phrase}",
+                    negatives=[_negative(_fine(phrase, caption, i), "photo", "drawing")],
                     status="ok",
                 )
                 for i, (phrase, rle, box) in enumerate(zip(phrases[:keep], rles, boxes))

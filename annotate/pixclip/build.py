@@ -12,6 +12,13 @@ from annotate.pixclip.open_clip_models import from_open_clip, open_clip_image_si
 
 def build_pixclip(cfg: Any, text_dim: int) -> PixCLIP:
     """Build from a `TrainConfig` (duck-typed, so this library does not import the app config)."""
+    model = _build(cfg, text_dim)
+    if getattr(cfg, "use_hard_negatives", False):
+        model.add_negative_temperature(cfg.hard_negative_logit_scale_init)
+    return model
+
+
+def _build(cfg: Any, text_dim: int) -> PixCLIP:
     if getattr(cfg, "vision_source", "timm") == "open_clip":
         native = open_clip_image_size(cfg.vision_model)
         if cfg.image_size != native:

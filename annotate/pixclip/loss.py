@@ -1,4 +1,7 @@
-"""PixCLIP objective: L = L_CL + alpha * L_FC + beta * L_LG (paper eqs. 3-7).
+"""PixCLIP objective: L = L_CL + alpha * L_FC + beta * L_LG (paper eqs. 3-7), and two optional
+branches for the data of the stages after merge: MulCLIP's short text (summary vs mask embedding,
+weight `short_weight`) and hard negatives (each region against its own description and K verified
+negatives, with its own temperature).
 
 Every term is the symmetric InfoNCE of eq. 3, computed by open_clip's `ClipLoss`, which also does
 the cross-rank feature gather (`open_clip.loss.gather_features`) when world_size > 1. One learnable
@@ -45,6 +48,22 @@ def region_pool(dense: torch.Tensor, coverage: torch.Tensor, tau: float) -> torc
     return torch.einsum("bp,bpc->bc", keep, dense) / keep.sum(dim=1, keepdim=True)
 
 
+def hard_negative_loss(main: torch.Tensor, texts: torch.Tensor, mask: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of each region over its own 1+K texts: `texts` (B, 1+K, E) holds its description
+    first, then its negatives; `mask` (B, 1+K) marks the texts that exist. Regions without a negative
+    are left out (their loss would be 0 anyway); a batch with none gives 0, still in the graph.
+    Local to each rank: a region's texts are its own, so nothing is gathered."""
+    e = F.normalize(main.float(), dim=-1)
+    t = F.normalize(texts.float(), dim=-1)
+    logits = scale * torch.einsum("be,bke->bk", e, t)
+    logits = logits.masked_fill(~mask, float("-inf"))
+    has = mask[:, 1:].any(dim=1)
+    if not has.any():
+        return logits.new_zeros(()) + 0.0 * scale
+    target = torch.zeros(int(has.sum()), dtype=torch.long, device=logits.device)
+    return F.cross_entropy(logits[has], target)
+
+
 class PixCLIPLoss(nn.Module):
     """The three-branch loss on one batch; branches that are off (or not given) contribute nothing.
 
@@ -62,9 +81,12 @@ class PixCLIPLoss(nn.Module):
         use_lg: bool = True,
         rank: int = 0,
         world_size: int = 1,
+        short_weight: float = 0.0,
+        hard_negative_weight: float = 0.0,
     ):
         super().__init__()
         self.alpha, self.beta, self.use_fc, self.use_lg = alpha, beta, use_fc, use_lg
+        self.short_weight, self.hard_negative_weight = short_weight, hard_negative_weight
         # gather_with_grad: each rank back-propagates through the whole global similarity matrix.
         self.clip = ClipLoss(gather_with_grad=True, rank=rank, world_size=world_size)
 
@@ -78,7 +100,13 @@ class PixCLIPLoss(nn.Module):
         logit_scale: torch.Tensor,
         crop: torch.Tensor | None = None,
         local: torch.Tensor | None = None,
+        short: torch.Tensor | None = None,
+        negatives: torch.Tensor | None = None,
+        negative_mask: torch.Tensor | None = None,
+        negative_logit_scale: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """`short` (B, E): the short texts' embeddings; `negatives` (B, 1+K, E) with `negative_mask`
+        and the branch's own `negative_logit_scale`: see `hard_negative_loss`. Absent: no term."""
         scale = logit_scale.exp()
         out = {"cl": self.pair(main, text, scale)}
         total = out["cl"]
@@ -88,9 +116,16 @@ class PixCLIPLoss(nn.Module):
         if self.use_lg and local is not None:
             out["lg"] = self.pair(local, main, scale)
             total = total + self.beta * out["lg"]
+        if short is not None:
+            out["short"] = self.pair(main, short, scale)
+            total = total + self.short_weight * out["short"]
+        if negatives is not None:
+            out["hn"] = hard_negative_loss(main, negatives, negative_mask, negative_logit_scale.exp())
+            total = total + self.hard_negative_weight * out["hn"]
         out["total"] = total
         return out
 
     def of_branches(self, branches, logit_scale: torch.Tensor) -> dict[str, torch.Tensor]:
         """The loss of `PixCLIP.branch_features`'s output (a `model.Branches`)."""
-        return self(branches.main, branches.text, logit_scale, branches.crop, branches.local)
+        return self(branches.main, branches.text, logit_scale, branches.crop, branches.local, branches.short,
+                    branches.negatives, branches.negative_mask, branches.negative_logit_scale)

@@ -113,6 +113,10 @@ class Branches:
     text: torch.Tensor  # e_t: the text embedding
     crop: torch.Tensor | None = None  # v_c: the crop branch's embedding (L_FC)
     local: torch.Tensor | None = None  # f'_v: region-pooled dense features of the all-ones-mask pass (L_LG)
+    short: torch.Tensor | None = None  # the short texts' embeddings (MulCLIP's short-text branch)
+    negatives: torch.Tensor | None = None  # (B, 1+K, E): each region's description, then its hard negatives
+    negative_mask: torch.Tensor | None = None  # (B, 1+K): which of those texts exist
+    negative_logit_scale: torch.Tensor | None = None  # the hard-negative branch's own temperature (log)
 
 
 class PixCLIP(nn.Module):
@@ -202,6 +206,9 @@ class PixCLIP(nn.Module):
         crop_mask: torch.Tensor | None = None,
         local_tau: float | None = None,
         forward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+        short_text: torch.Tensor | None = None,
+        negative_text: torch.Tensor | None = None,
+        negative_mask: torch.Tensor | None = None,
     ) -> Branches:
         """The three branches of one batch, as `PixCLIPLoss` compares them: the main pass (I, M), the
         crop pass (I', M') when a crop is given, and the all-ones-mask pass (I, 1) region-pooled with
@@ -210,6 +217,13 @@ class PixCLIP(nn.Module):
         when None)."""
         forward = forward or self
         n = image.shape[0]
+        # Short texts (B, D) and each region's 1+K texts (B, 1+K, D) go through the adaptor in the
+        # same forward as the main texts, then are split off again.
+        texts = [text_features]
+        if short_text is not None:
+            texts.append(short_text)
+        if negative_text is not None:
+            texts.append(negative_text.flatten(0, 1))
         images, masks = [image], [mask]
         if crop_image is not None:
             images.append(crop_image)
@@ -217,13 +231,26 @@ class PixCLIP(nn.Module):
         if local_tau is not None:
             images.append(image)
             masks.append(torch.ones_like(mask))
-        emb, dense, text = forward(torch.cat(images), torch.cat(masks), text_features)
+        emb, dense, text = forward(torch.cat(images), torch.cat(masks), torch.cat(texts))
+        extra = {}
+        if short_text is not None:
+            extra["short"] = text[n : 2 * n]
+        if negative_text is not None:
+            extra["negatives"] = text[-negative_text.shape[0] * negative_text.shape[1]:].unflatten(0, negative_text.shape[:2])
+            extra["negative_mask"] = negative_mask.bool()
+            extra["negative_logit_scale"] = self.negative_logit_scale
+        text = text[:n]
         crop = emb[n : 2 * n] if crop_image is not None else None
         local = None
         if local_tau is not None:
             cover = patch_coverage(mask, self.patch_size)
             local = self.visual_proj(region_pool(dense[-n:], cover.to(dense.dtype), local_tau))
-        return Branches(main=emb[:n], text=text, crop=crop, local=local)
+        return Branches(main=emb[:n], text=text, crop=crop, local=local, **extra)
+
+    def add_negative_temperature(self, init: float) -> None:
+        """The hard-negative branch's own learnable temperature (log scale), added only when the branch
+        is on, so checkpoints of runs without it keep their exact state dict."""
+        self.negative_logit_scale = nn.Parameter(torch.tensor(float(init)))
 
     def encode_image(self, image: torch.Tensor, mask: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         emb, _ = self.forward_visual(image, mask)

@@ -44,13 +44,30 @@ def choose_text(rng: np.random.Generator, ref: "RegionRef", cache: TextCache, cf
     return ref.caption, False
 
 
-def make_sample(image: np.ndarray, mask: np.ndarray, text: np.ndarray, full: bool, cfg) -> dict:
-    """Tensors for one sample; a full-image sample uses the all-ones mask (and its crop is the image)."""
+def make_sample(image: np.ndarray, mask: np.ndarray, text: np.ndarray, full: bool, cfg,
+                short: np.ndarray | None = None, description: np.ndarray | None = None,
+                negatives: list[np.ndarray] = ()) -> dict:
+    """Tensors for one sample; a full-image sample uses the all-ones mask (and its crop is the image).
+
+    With the short-text branch on, `short_text` is the region's summary (its own text when it has
+    none, or when the sample is a full-image one). With the hard-negative branch on, `negative_text`
+    (1+K, D) holds its description, then up to K negatives, and `negative_mask` which exist; a
+    full-image sample has none (its text is the image caption, not the description)."""
     if full:
         mask = np.ones(image.shape[:2], dtype=bool)
     views = prepare_views(image, mask, cfg.image_size, cfg.crop_margin, raw=True)  # uint8; see to_model_input
     views["text"] = torch.from_numpy(np.asarray(text, dtype=np.float32))
     views["full"] = torch.tensor(full)
+    if getattr(cfg, "use_short", False):
+        views["short_text"] = torch.from_numpy(np.asarray(text if full or short is None else short, dtype=np.float32))
+    if getattr(cfg, "use_hard_negatives", False):
+        k = cfg.hard_negatives_k
+        texts = np.zeros((1 + k, len(text)), dtype=np.float32)
+        present = np.zeros(1 + k, dtype=bool)
+        texts[0], present[0] = text if description is None else description, True
+        for i, vector in enumerate([] if full else list(negatives)[:k]):
+            texts[1 + i], present[1 + i] = vector, True
+        views["negative_text"], views["negative_mask"] = torch.from_numpy(texts), torch.from_numpy(present)
     return views
 
 
@@ -63,6 +80,8 @@ class RegionRef:
     caption: str = ""  # the fine caption
     short: tuple[str, ...] = ()  # object caption, phrase
     image_caption: str = ""
+    summary: str = ""  # stage `summarize`, when run (the short-text branch)
+    negatives: tuple[str, ...] = ()  # verified hard negatives (stage `negatives_visual`), when run
 
 
 def _decode_image(payload: dict) -> np.ndarray:
@@ -121,8 +140,10 @@ class RegionDataset(Dataset):
                 usable = usable and r.get("mask_source") not in skip
                 if usable and r["fine_caption"] in cache:
                     short = tuple(t for t in (r.get("object_caption"), r.get("phrase")) if t)
+                    summary = r.get("summary") if r.get("summary") in cache else ""  # schema 1.1 rows: none
+                    negatives = tuple(n["text"] for n in r.get("negatives") or [] if n["text"] in cache)
                     self.refs.append(RegionRef(i, r["region_id"], row["image_key"], dict(r["mask"]),
-                                               r["fine_caption"], short, row.get("caption") or ""))
+                                               r["fine_caption"], short, row.get("caption") or "", summary, negatives))
 
         # each region's (position, count) among its image's regions in this split
         counts, seen = Counter(ref.row for ref in self.refs), Counter()
@@ -162,7 +183,13 @@ class RegionDataset(Dataset):
             text, full = choose_text(rng, ref, self.cache, self.cfg, self.full_prob(epoch, idx))
         else:
             text, full = ref.caption, False
-        return make_sample(image, mask, self.cache.get(text), full, self.cfg)
+        extra = {}
+        if getattr(self.cfg, "use_short", False) and ref.summary:
+            extra["short"] = self.cache.get(ref.summary)
+        if getattr(self.cfg, "use_hard_negatives", False):
+            extra["description"] = self.cache.get(ref.caption)
+            extra["negatives"] = [self.cache.get(t) for t in ref.negatives]
+        return make_sample(image, mask, self.cache.get(text), full, self.cfg, **extra)
 
 
 class EpochSampler(Sampler):

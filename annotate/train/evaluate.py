@@ -151,7 +151,8 @@ def _synthetic_eval(model: PixCLIP, cfg: TrainConfig) -> dict:
 
     ds = SyntheticDataset(cfg, SYNTHETIC_EVAL_IMAGES, seed=2, train=False)
     ids = [ds.text_id(i) for i in range(len(ds))]
-    res = retrieval_metrics(*embed_pairs(model, ds), ids)
+    regions, texts = embed_pairs(model, ds)
+    res = retrieval_metrics(regions, texts, ids)
     # Mask-blind baselines: every mask zeroed (the requested one), and every mask all-ones (the
     # whole-image mode the model was trained on, a fairer blind reference).
     for fill, tag in ((0.0, "mask_zeroed"), (1.0, "mask_ones")):
@@ -172,7 +173,29 @@ def _synthetic_eval(model: PixCLIP, cfg: TrainConfig) -> dict:
     items = [(img, r["mask"], r["short"][2:]) for img, regs in ds.scenes for r in regs]
     res.update(zero_shot(model, items, classes, enc([f"a {c}" for c in classes]), cfg.image_size))
     res["n_regions"] = len(ds)
+    res.update(_short_and_negative_scores(model, ds, regions, BagOfWordsEncoder(seed=cfg.seed)))
     return res
+
+
+@torch.no_grad()
+def _short_and_negative_scores(model: PixCLIP, ds, regions: torch.Tensor, enc) -> dict:
+    """What the short-text and hard-negative branches are for: region -> short text retrieval
+    (`short_m2t_r1`), and picking a region's own description over its K hard negatives: all of them at
+    once (`hn_acc`) and per edit type, one negative at a time (`hn_<type>`)."""
+    dev = model_device(model)
+    regs = [r for _, scene in ds.scenes for r in scene]
+    short = model.encode_text(torch.from_numpy(enc([r["short"] for r in regs])).to(dev))
+    out = {"short_m2t_r1": retrieval_metrics(regions, short, [r["short"] for r in regs])["m2t_r1"]}
+    wins, pairs = [], {}
+    for emb, r in zip(regions, regs):
+        texts = model.encode_text(torch.from_numpy(enc([r["fine"]] + [t for _, t in r["negatives"]])).to(dev))
+        scores = texts @ emb
+        wins.append(bool(scores[0] > scores[1:].max()))
+        for (kind, _), score in zip(r["negatives"], scores[1:]):
+            pairs.setdefault(kind, []).append(bool(scores[0] > score))
+    out["hn_acc"] = float(np.mean(wins))
+    out.update({f"hn_{kind}": float(np.mean(v)) for kind, v in sorted(pairs.items())})
+    return out
 
 
 def evaluate(

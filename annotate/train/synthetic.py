@@ -66,8 +66,27 @@ def render_scene(rng: np.random.Generator, size: int, n_shapes: int = 3) -> tupl
         else:  # upward triangle
             mask = (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)
         image[mask] = COLORS[color]
-        regions.append({"mask": mask, "fine": f"a {color} {shape} {position_words(row, col)}", "short": f"a {color} {shape}"})
+        regions.append({"mask": mask, "fine": f"a {color} {shape} {position_words(row, col)}", "short": f"a {color} {shape}",
+                        "negatives": hard_negatives(color, shape, row, col)})
     return image, regions
+
+
+NEGATIVES_PER_REGION = 8
+
+
+def hard_negatives(color: str, shape: str, row: int, col: int) -> list[tuple[str, str]]:
+    """(edit type, text): single-attribute edits of the region's text, as the `negatives` stage makes
+    of a description: a colour, the shape (object swap) or the position (relation) changed. Types
+    alternate, and the choice follows from the region alone, so the list is the same every epoch."""
+    place = position_words(row, col)
+    colours = [("colour", f"a {c} {shape} {place}") for c in COLORS if c != color]
+    shapes = [("object", f"a {color} {s} {place}") for s in SHAPES if s != shape]
+    cells = sorted({position_words(r, c) for r in range(3) for c in range(3)} - {place})
+    h = int.from_bytes(hashlib.sha1(f"{color}{shape}{row}{col}".encode()).digest()[:4], "big")
+    cells = cells[h % len(cells):] + cells[: h % len(cells)]
+    relations = [("relation", f"a {color} {shape} {p}") for p in cells]
+    mixed = [item for group in zip(colours, relations, shapes + colours[len(shapes):]) for item in group]
+    return list(dict.fromkeys(mixed))[:NEGATIVES_PER_REGION]
 
 
 def image_caption(regions: list[dict]) -> str:
@@ -118,7 +137,13 @@ class SyntheticDataset(Dataset):
                 text, full = image_caption(regions), True
             elif rng.random() < self.cfg.short_text_ratio:
                 text = region["short"]
-        return make_sample(image, region["mask"], self.encoder([text])[0], full, self.cfg)
+        extra = {}
+        if self.cfg.use_short:  # the summary: the region's short text
+            extra["short"] = self.encoder([region["short"]])[0]
+        if self.cfg.use_hard_negatives:
+            extra["description"] = self.encoder([region["fine"]])[0]
+            extra["negatives"] = list(self.encoder([t for _, t in region["negatives"]]))
+        return make_sample(image, region["mask"], self.encoder([text])[0], full, self.cfg, **extra)
 
     def whole_images(self) -> list[tuple[np.ndarray, str]]:
         """(image, whole-image caption) pairs, for the full-image retrieval column of the ablation."""

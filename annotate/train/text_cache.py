@@ -97,8 +97,10 @@ def write_text_cache(
     return TextCache(out)
 
 
-def iter_region_texts(data_dir: str | Path) -> Iterator[tuple[str, str]]:
-    """Every trainable text of a pipeline output (OUT/data/*.parquet), as (label, text)."""
+def iter_region_texts(data_dir: str | Path, summaries: bool = False, negatives: bool = False) -> Iterator[tuple[str, str]]:
+    """Every trainable text of a pipeline output (OUT/data/*.parquet), as (label, text); with
+    `summaries` / `negatives`, also the regions' summaries and verified hard negatives (the texts of
+    the short-text and hard-negative branches; K per region, so only when a branch needs them)."""
     import pyarrow.parquet as pq
 
     for file in OutputStore(data_dir).dataset_files():
@@ -111,6 +113,10 @@ def iter_region_texts(data_dir: str | Path) -> Iterator[tuple[str, str]]:
                 for kind, field in zip(REGION_KINDS, ("fine_caption", "object_caption", "phrase")):
                     if r.get(field):
                         yield text_key(kind, r["region_id"]), r[field]
+                if summaries and r.get("summary"):
+                    yield text_key("summary", r["region_id"]), r["summary"]
+                for i, negative in enumerate((r.get("negatives") or []) if negatives else []):
+                    yield text_key(f"negative{i}", r["region_id"]), negative["text"]
 
 
 class HFTextEncoder:
@@ -166,4 +172,5 @@ def embed_text(data_dir: str | Path, output: str | Path, cfg, batch_size: int = 
     encoder = make_text_encoder(cfg)
     meta = {"encoder": str(cfg.text_encoder), "type": cfg.text_encoder_type, "pooling": cfg.text_pooling,
             "lora": list(cfg.text_lora), "instruction": cfg.text_instruction}
-    return write_text_cache(iter_region_texts(data_dir), encoder, output, batch_size, meta)
+    texts = iter_region_texts(data_dir, summaries=cfg.use_short, negatives=cfg.use_hard_negatives)
+    return write_text_cache(texts, encoder, output, batch_size, meta)

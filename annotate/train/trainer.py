@@ -105,7 +105,8 @@ class Trainer:
         if self.world > 1:
             ids = [self.device.index or 0] if self.device.type == "cuda" else None
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.loss_fn = PixCLIPLoss(cfg.alpha_fc, cfg.beta_lg, cfg.use_fc, cfg.use_lg, self.rank, self.world)
+        self.loss_fn = PixCLIPLoss(cfg.alpha_fc, cfg.beta_lg, cfg.use_fc, cfg.use_lg, self.rank, self.world,
+                                   cfg.short_weight, cfg.hard_negative_weight)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), betas=(0.9, 0.98), eps=1e-6)
         groups = [dataset.group(i) for i in range(len(dataset))] if cfg.group_by_image else None
         self.sampler = EpochSampler(len(dataset), cfg.seed, True, self.rank, self.world, groups)
@@ -124,13 +125,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        """The three-branch loss of one batch (the model assembles the branches, through DDP)."""
+        """The loss of one batch: the three branches, and the short-text and hard-negative ones when their
+        texts are in the batch (the model assembles the branches, through DDP)."""
         cfg = self.cfg
         image, mask = to_model_input(batch["image"], batch["mask"])  # uint8 from the loader -> floats here
         crop_image, crop_mask = to_model_input(batch["crop_image"], batch["crop_mask"]) if cfg.use_fc else (None, None)
         with self.autocast:
-            branches = self.model.branch_features(image, mask, batch["text"], crop_image, crop_mask,
-                                                  local_tau=cfg.lg_tau if cfg.use_lg else None, forward=self.ddp)
+            branches = self.model.branch_features(
+                image, mask, batch["text"], crop_image, crop_mask, local_tau=cfg.lg_tau if cfg.use_lg else None,
+                forward=self.ddp, short_text=batch.get("short_text"), negative_text=batch.get("negative_text"),
+                negative_mask=batch.get("negative_mask"))
         return self.loss_fn.of_branches(branches, self.model.logit_scale)
 
     # ------------------------------------------------------------------ loop
@@ -161,6 +165,8 @@ class Trainer:
                     continue
                 self.optimizer.step()
                 clamp_logit_scale(self.model.logit_scale)
+                if cfg.use_hard_negatives:
+                    clamp_logit_scale(self.model.negative_logit_scale)
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
