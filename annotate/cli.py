@@ -235,6 +235,21 @@ def embed_text_cmd(
     typer.echo(f"{run_embed_text(data, output, config)} texts cached in {output}")
 
 
+@app.command()
+def score(
+    output: str = typer.Argument(..., help="the --output folder of a run"),
+    checkpoint: str = typer.Option(..., "--checkpoint", help="a PixCLIP training run folder (or one checkpoint in it)"),
+    text_cache: str | None = typer.Option(None, "--text-cache", help="`annotate embed-text` of OUTPUT (default: the run's)"),
+) -> None:
+    """Write a PixCLIP checkpoint's region-text score of every described region to
+    OUTPUT/quality/region_text_scores.parquet (a side file; shard files are not changed)."""
+    import json
+
+    from annotate.train.commands import run_score
+
+    typer.echo(json.dumps(run_score(output, checkpoint, text_cache), indent=2))
+
+
 @app.command("ablation")
 def ablation_cmd(
     output: str = typer.Option(..., "--output", help="folder for the runs and ablation.md"),

@@ -159,6 +159,21 @@ def _validation(region: RegionRecord) -> str:
     return f"<b>{verdict}</b>" + (f": {_e(v.reason)}" if v.reason else "")
 
 
+@dataclass
+class SideFiles:
+    """The run-level side files of an output, by region id: near-duplicate clusters and scores."""
+
+    duplicates: dict[str, tuple[str, int]]
+    scores: dict[str, float]
+
+    @classmethod
+    def of_output(cls, store: OutputStore) -> "SideFiles":
+        return cls(store.near_duplicates(), store.region_text_scores())
+
+    def of(self, region_id: str) -> tuple[tuple[str, int] | None, float | None]:
+        return self.duplicates.get(region_id), self.scores.get(region_id)
+
+
 def _negative(description: str, candidate, kept: bool) -> str:
     verdicts = "".join(f" <small>{name}: {'yes' if v.holds else 'no'} ({_e(v.reason)})</small>"
                        for name, v in (("contradicts", candidate.contradiction), ("false in image", candidate.visual))
@@ -168,7 +183,7 @@ def _negative(description: str, candidate, kept: bool) -> str:
             f"<ins>{_e(candidate.replacement)}</ins>{verdicts}</li>")
 
 
-def _added_fields(region: RegionRecord, duplicate: tuple[str, int] | None) -> list[tuple[str, str]]:
+def _added_fields(region: RegionRecord, duplicate: tuple[str, int] | None, score: float | None) -> list[tuple[str, str]]:
     """Rows for the fields of the optional stages after merge, only those the region has."""
     rows = []
     if region.summary is not None:
@@ -189,15 +204,16 @@ def _added_fields(region: RegionRecord, duplicate: tuple[str, int] | None) -> li
         q = region.quality
         share = "n/a" if q.unsupported_noun_share is None else f"{q.unsupported_noun_share:.2f} of {q.nouns}"
         rows.append(("quality", f"{q.words} words; flags: {_e(', '.join(q.flags) or 'none')}; "
-                                f"unsupported nouns: {share}"
-                                + ("" if q.region_text_score is None else f"; region-text score {q.region_text_score:.3f}")))
+                                f"unsupported nouns: {share}"))
     if duplicate is not None:
         rows.append(("near duplicates", f"cluster <code>{_e(duplicate[0])}</code> of {duplicate[1]}"))
+    if score is not None:
+        rows.append(("region-text score", f"{score:.3f}"))
     return rows
 
 
 def _card(record: ImageRecord, region: RegionRecord, thumb: str, full: str, thumb_size: tuple[int, int],
-          eager: bool, image_note: str | None, duplicate: tuple[str, int] | None = None) -> str:
+          eager: bool, image_note: str | None, side: "SideFiles | None" = None) -> str:
     status = display_status(region)
     rid = _e(region.region_id)
     rows = [
@@ -206,7 +222,7 @@ def _card(record: ImageRecord, region: RegionRecord, thumb: str, full: str, thum
         ("validation", _validation(region)),
         ("context", _text(region.context_caption)),
         ("fine", _text(region.fine_caption)),
-        *_added_fields(region, duplicate),
+        *_added_fields(region, *(side.of(region.region_id) if side else (None, None))),
         ("status", f'<span class="badge {status}">{_e(region.status)}</span>'),
         ("error", f'<span class="err">{_e(region.error)}</span>' if region.error else _text(None)),
         ("mask", f"{_text(region.mask_source)}; box [{', '.join(f'{v:.0f}' for v in region.bbox)}]"),
@@ -241,7 +257,7 @@ def _write_atomic(path: Path, chunks: Iterable[str]) -> None:
 
 
 def _shard_page(data_file: Path, html_dir: Path, page: ShardPage, thumb_side: int, full_side: int | None,
-                max_images: int | None, duplicates: dict[str, tuple[str, int]]) -> Iterator[str]:
+                max_images: int | None, side: "SideFiles") -> Iterator[str]:
     """Yields the shard page while drawing its regions into html_dir/SHARD/; fills in `page`'s counts."""
     asset_dir = html_dir / page.shard
     asset_dir.mkdir(parents=True, exist_ok=True)
@@ -264,7 +280,7 @@ def _shard_page(data_file: Path, html_dir: Path, page: ShardPage, thumb_side: in
             draw_region(full_base, size, region, mask).save(asset_dir / f"{stem}.jpg", format="JPEG", quality=90)
             page.counts[display_status(region)] += 1
             yield _card(record, region, f"{page.shard}/{stem}.t.jpg", f"{page.shard}/{stem}.jpg", thumb_img.size,
-                        eager=n_cards < EAGER_THUMBS, image_note=note, duplicate=duplicates.get(region.region_id))
+                        eager=n_cards < EAGER_THUMBS, image_note=note, side=side)
             n_cards += 1
     if n_cards == 0:
         yield '<p class="none">no regions in this shard</p>\n'
@@ -298,12 +314,12 @@ def write_gallery(out_dir: str | Path, html_dir: str | Path | None = None, shard
     html_dir = Path(html_dir) if html_dir is not None else out_dir / "gallery"
     html_dir.mkdir(parents=True, exist_ok=True)
     pages = []
-    duplicates = OutputStore(out_dir).near_duplicates()
+    side = SideFiles.of_output(OutputStore(out_dir))
     for data_file in files:
         shard = re.sub(r"[^A-Za-z0-9_-]+", "_", data_file.stem)
         page = ShardPage(shard=shard, path=html_dir / f"shard-{shard}.html")
         _write_atomic(page.path, _shard_page(data_file, html_dir, page, thumb_side, full_side, max_images,
-                                                  duplicates))
+                                                  side))
         pages.append(page)
     index = html_dir / "index.html"
     _write_atomic(index, _index_page(pages, out_dir))

@@ -115,3 +115,26 @@ def test_branch_ablation_table_small(tmp_path, tiny_train_cfg):
     results = json.loads((tmp_path / "ablation.json").read_text())
     for name in rows:
         assert 0 <= results[name]["hn_acc"] <= 1 and {"hn_colour", "hn_object", "hn_relation"} <= set(results[name])
+
+
+def test_score_writes_a_region_text_score_per_described_region(pipeline_out, tiny_train_cfg, tmp_path):
+    import shutil
+
+    from annotate.data.store import OutputStore
+    from annotate.gallery import write_gallery
+    from annotate.train.score import score_output
+
+    out = tmp_path / "out"
+    shutil.copytree(pipeline_out, out)
+    texts = list(iter_region_texts(out))
+    cache = write_text_cache(texts, lambda batch: np.stack([np.full(6, len(t), np.float32) for t in batch]), tmp_path / "c")
+    cfg = tiny_train_cfg.model_copy(update={"eval_fraction": 0.0, "max_steps": 1})
+    train(TrainJob(cfg=cfg, output=tmp_path / "run", data=out, text_cache=tmp_path / "c"), log=lambda _: None)
+    result = score_output(out, tmp_path / "run")
+    scores = OutputStore(out).region_text_scores()
+    described = {label.split(":", 1)[1] for label, _ in texts if label.startswith("fine:")}
+    assert result["scored"] == len(scores) == len(described) and set(scores) == described
+    assert all(-1.0001 <= s <= 1.0001 for s in scores.values())
+    page = write_gallery(out, tmp_path / "g").pages[0].path.read_text()
+    assert "<dt>region-text score</dt>" in page
+    assert len(cache) > 0

@@ -79,9 +79,10 @@ class HardNegative(BaseModel):
 
 
 class Quality(BaseModel):
-    """What a user filters on. None where the input is missing (no checkpoint configured, no phrases)."""
+    """What a user filters on, computed in code at commit. None where the input is missing (no phrases).
+    The run-level measures are side files: near-duplicate clusters, and a PixCLIP checkpoint's
+    region-text score (`annotate score`), since a checkpoint comes after the data."""
 
-    region_text_score: float | None = None  # PixCLIP cosine of region and description (train: a checkpoint)
     nouns: int | None = None  # head nouns of the description's phrases (`ground`)
     unsupported_noun_share: float | None = None  # share of them found in neither the phrase nor the object caption
     words: int = 0
@@ -200,7 +201,6 @@ def features() -> "datasets.Features":
         "negative_text_verdicts": datasets.List(verdict),
         "negatives": datasets.List(negative),
         "quality": {
-            "region_text_score": datasets.Value("float32"),
             "nouns": datasets.Value("int32"),
             "unsupported_noun_share": datasets.Value("float32"),
             "words": datasets.Value("int32"),

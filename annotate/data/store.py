@@ -95,6 +95,19 @@ class OutputStore:
         dataset, a run-level side file (stages/quality.py), so committed shard files never change."""
         return self.root / "quality" / "near_duplicates.parquet"
 
+    @property
+    def region_text_scores_path(self) -> Path:
+        """OUT/quality/region_text_scores.parquet: region_id -> a PixCLIP checkpoint's region-text score
+        (`annotate score`, train/score.py), a side file like the near duplicates."""
+        return self.root / "quality" / "region_text_scores.parquet"
+
+    def region_text_scores(self) -> dict[str, float]:
+        """region_id -> score from `annotate score`'s side file; empty without one."""
+        if not self.region_text_scores_path.is_file():
+            return {}
+        table = pq.read_table(self.region_text_scores_path)
+        return dict(zip(table.column("region_id").to_pylist(), table.column("score").to_pylist()))
+
     def near_duplicates(self) -> dict[str, tuple[str, int]]:
         """region_id -> (cluster_id, cluster_size) from the near-duplicate side file; empty without one."""
         if not self.near_duplicates_path.is_file():

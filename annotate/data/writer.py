@@ -206,8 +206,7 @@ REGION_FIELDS = {
     "negatives": "the verified hard negatives: both the text model (`contradiction`) and the VLM looking at the "
                  "region (`visual`: false of it) judged them so (stage `negatives_visual`)",
     "quality": "`words`, format `flags` (too_short, too_long, repetition, markup), `nouns` and "
-               "`unsupported_noun_share` (head nouns of `phrases` in neither the phrase nor the object caption), "
-               "`region_text_score` (null: no scoring checkpoint)",
+               "`unsupported_noun_share` (head nouns of `phrases` in neither the phrase nor the object caption)",
     "status": "ok, rejected or failed",
     "error": "why a region is rejected or failed, prefixed with the stage (or the data plane) that decided",
     "provenance": "per stage: model, prompt version, prompt and completion tokens",
@@ -250,6 +249,8 @@ def write_dataset_card(out_dir: Path, data_files: str, **info) -> None:
         "Fields of stages a run did not have are null. Near-duplicate clusters are in `quality/near_duplicates.parquet`",
         "(`region_id`, `cluster_id`: the smallest region id of the cluster, `cluster_size`), written after the",
         "shards when the pipeline has a `quality:` section; its metadata names the data files it covers.",
+        "`annotate score OUT --checkpoint RUN` writes a PixCLIP checkpoint's region-text score of every described",
+        "region to `quality/region_text_scores.parquet` (`region_id`, `score`: cosine of region and description).",
         "",
     ]
     if info:

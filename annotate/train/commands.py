@@ -1,4 +1,4 @@
-"""What the `train`, `eval`, `embed-text` and `ablation` commands do, so that cli.py only parses."""
+"""What the `train`, `eval`, `embed-text`, `score` and `ablation` commands do, so that cli.py only parses."""
 
 from __future__ import annotations
 
@@ -59,6 +59,13 @@ def run_eval(checkpoint, data=None, synthetic=False, zero_shot=None, output=None
     print(json.dumps(res, indent=2))
     print_table(res)
     return res
+
+
+def run_score(output, checkpoint, text_cache=None) -> dict:
+    from annotate.train.score import score_output
+
+    cpu_threads()
+    return score_output(output, checkpoint, text_cache)
 
 
 def run_embed_text(data, output, config=None) -> int:
