@@ -5,8 +5,8 @@ the quality record, run by `run_pipeline` through the session's Serve deployment
 Random weights answer noise, so the test checks the plumbing and that every field written is
 consistent: offsets slice the description, a negative differs from it in exactly its span, token
 counts hold. Noise proposals never pass the one-span check, so the proposal step reads a scripted
-answer (bench.harness.ScriptedNegatives, after a real model call) and the two checks after it get
-real candidates to judge through real engines."""
+answer (bench.harness.ScriptedNegatives, after a real model call); and the text check, after its real
+call, passes every candidate (ScriptedContradiction), so the VLM check judges them on the real engine."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ def fields_run(ray_session, tiny_run_all, tmp_path_factory):
     the models are up)."""
     from annotate.executor.runner import run_pipeline
 
-    cfg = load_config(TINY_FIELDS, {"stages": {"negatives": {"stage_class": "bench.harness:ScriptedNegatives"}}})
+    cfg = load_config(TINY_FIELDS, {"stages": {"negatives": {"stage_class": "bench.harness:ScriptedNegatives"},
+                                               "negatives_text": {"stage_class": "bench.harness:ScriptedContradiction"}}})
     assert chain_of(cfg)[-5:] == ADDED
     out = tmp_path_factory.mktemp("run-fields")
     summary = run_pipeline(cfg, SAMPLE_SHARDS, out, [0], stage="all")
@@ -53,7 +54,7 @@ def test_every_region_once_and_the_added_fields_are_consistent(fields_run):
     assert Counter(r["region_id"] for r in regions) == input_region_ids(SAMPLE_SHARDS, [0])
     statuses = Counter(r["status"] for r in regions)
     assert statuses["ok"] > 0, statuses
-    judged = 0
+    judged = visual = 0
     for r in regions:
         assert r["status"] in ("ok", "rejected", "failed") and (r["status"] == "ok") == (r["error"] is None), r
         text = r["fine_caption"]
@@ -78,11 +79,13 @@ def test_every_region_once_and_the_added_fields_are_consistent(fields_run):
             assert n in [{**c} for c in candidates] and n["contradiction"]["holds"] and n["visual"]["holds"]
         if any((c["contradiction"] or {}).get("holds") for c in candidates) and r["negatives"] is not None:
             assert r["provenance"]["negatives_visual"]["completion_tokens"] > 0  # the VLM judged them
+            assert all(c["visual"] is not None for c in candidates)
+            visual += 1
         if r["status"] == "ok":
             q = r["quality"]
             assert q["words"] == len(text.split()) and set(q["flags"]) <= {"too_short", "too_long", "repetition", "markup"}
             assert (q["nouns"] == 0) == (q["unsupported_noun_share"] is None)
-    assert judged > 0  # candidates went through the text model's check on the real engine
+    assert judged > 0 and visual > 0  # candidates went through both checks on the real engines
 
 
 def test_near_duplicates_side_file_covers_every_described_region(fields_run):

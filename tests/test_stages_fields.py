@@ -245,3 +245,33 @@ def test_files_of_schema_1_1_still_load(tmp_path):
     assert old.regions[0].fine_caption == DESCRIPTION and old.regions[0].summary is None
     assert old.regions[0].negatives is None and old.schema_version == "1.1"
     assert row_to_image_record(pq.read_table(path).to_pylist()[0]).regions[0].quality is None
+
+
+def test_the_card_describes_every_region_field(tmp_path):
+    from annotate.data.records import features
+    from annotate.data.writer import write_dataset_card
+
+    write_dataset_card(tmp_path, "data/*.parquet")
+    card = (tmp_path / "README.md").read_text()
+    for field in features()["regions"].feature:
+        assert f"| `{field}` |" in card, field
+
+
+def test_near_duplicate_side_file_covers_the_dataset_and_names_its_files(tmp_path):
+    import json as json_
+
+    from annotate.data.store import FINAL
+    from annotate.data.writer import write_parquet_atomic
+    from annotate.stages.quality import write_near_duplicates
+
+    record, _ = make_record()
+    twin = record.model_copy(deep=True)
+    twin.image_key = "img2"
+    for region in twin.regions:
+        region.region_id = region.region_id.replace("img", "img2")
+    store = OutputStore(tmp_path)
+    write_parquet_atomic([record, twin], store.output_path(FINAL, "00000"))
+    path = write_near_duplicates(store, QualityConfig())
+    assert store.near_duplicates() == {"s:img2:0": ("s:img2:0", 2), "s:img:0": ("s:img2:0", 2)}
+    meta = json_.loads(pq.read_schema(path).metadata[b"longgrit"])
+    assert list(meta["files"]) == ["00000.parquet"] and meta["threshold"] == QualityConfig().duplicate_threshold

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from annotate.config import PipelineConfig
@@ -94,6 +95,18 @@ class OutputStore:
         """OUT/quality/near_duplicates.parquet: region_id -> near-duplicate cluster over the whole
         dataset, a run-level side file (stages/quality.py), so committed shard files never change."""
         return self.root / "quality" / "near_duplicates.parquet"
+
+    def write_side_file(self, path: Path, table: pa.Table, **meta: Any) -> Path:
+        """Write a run-level side file (a table keyed by region id) whole, then rename it into place;
+        its metadata holds `meta` and the dataset files it covers with their checksums, so a reader
+        can tell a side file older than the data. A crash leaves the previous one."""
+        covers = {f.name: file_sha256(f) for f in self.dataset_files()}
+        table = table.replace_schema_metadata({"longgrit": json.dumps({**meta, "files": covers})})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        return path
 
     @property
     def region_text_scores_path(self) -> Path:

@@ -175,6 +175,14 @@ def described(region: RegionRecord) -> bool:
     return region.fine_caption is not None and region.status in ("ok", "pending")
 
 
+class DescribedStage(Stage):
+    """Base of the optional stages after `merge`: they take every described region whose field is
+    still empty, and finish it `ok`."""
+
+    def wants(self, region: RegionRecord) -> bool:
+        return described(region) and getattr(region, self.writes) is None
+
+
 def settle(region: RegionRecord) -> None:
     """An optional stage after `merge` finished its part: the region is `ok` (again)."""
     region.status, region.error = "ok", None

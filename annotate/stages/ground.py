@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 from annotate.data.records import GroundedPhrase, RegionRecord
 from annotate.engines.base import ChatResult
-from annotate.stages.base import RegionContext, Stage, described, settle
+from annotate.stages.base import DescribedStage, RegionContext, settle
 
 
 class _Phrase(BaseModel):
@@ -64,7 +64,7 @@ def ground_phrases(region: RegionRecord, others: dict[int, str], answer: list[_P
     return sorted(out, key=lambda p: p.start)
 
 
-class GroundStage(Stage):
+class GroundStage(DescribedStage):
     name = "ground"
     writes = "phrases"
 
@@ -74,8 +74,6 @@ class GroundStage(Stage):
         # to apply (which sees only the region); an entry of a region that ends failed stays (a few bytes).
         self._others: dict[str, dict[int, str]] = {}
 
-    def wants(self, region: RegionRecord) -> bool:
-        return described(region) and region.phrases is None
 
     def fields(self, ctx: RegionContext) -> dict[str, Any]:
         others = [{"id": f"R{r.region_index}", "phrase": r.phrase, "bbox": [round(v) for v in r.bbox]}

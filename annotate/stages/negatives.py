@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from annotate.data.records import EDIT_TYPES, HardNegative, RegionRecord, Verdict
 from annotate.engines.base import ChatResult
-from annotate.stages.base import RegionContext, Stage, StageParams, described, settle
+from annotate.stages.base import DescribedStage, RegionContext, StageParams, settle
 
 _WORD = re.compile(r"\S+")
 
@@ -87,13 +87,11 @@ def _verdicts(result: ChatResult, count: int) -> list[Verdict] | str:
     return out + [Verdict(holds=False, reason="no verdict given")] * (count - len(out))
 
 
-class NegativesStage(Stage):
+class NegativesStage(DescribedStage):
     name = "negatives"
     writes = "negative_candidates"
     Params = NegativesParams
 
-    def wants(self, region: RegionRecord) -> bool:
-        return described(region) and region.negative_candidates is None
 
     def fields(self, ctx: RegionContext) -> dict[str, Any]:
         return {"phrase": ctx.region.phrase, "fine_caption": ctx.region.fine_caption, "k": self.params.k}
@@ -119,12 +117,12 @@ class NegativesStage(Stage):
         return None
 
 
-class NegativesTextStage(Stage):
+class NegativesTextStage(DescribedStage):
     name = "negatives_text"
     writes = "negative_text_verdicts"
 
     def wants(self, region: RegionRecord) -> bool:
-        return described(region) and region.negative_candidates is not None and region.negative_text_verdicts is None
+        return super().wants(region) and region.negative_candidates is not None
 
     def without_model(self, region: RegionRecord) -> bool:
         if region.negative_candidates:
@@ -148,12 +146,12 @@ class NegativesTextStage(Stage):
         return None
 
 
-class NegativesVisualStage(Stage):
+class NegativesVisualStage(DescribedStage):
     name = "negatives_visual"
     writes = "negatives"
 
     def wants(self, region: RegionRecord) -> bool:
-        return described(region) and region.negative_text_verdicts is not None and region.negatives is None
+        return super().wants(region) and region.negative_text_verdicts is not None
 
     @staticmethod
     def _to_check(region: RegionRecord) -> list[HardNegative]:

@@ -8,11 +8,8 @@ after the shards (data/store.py), never a change to a committed shard.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import json
-import os
 from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,7 +18,6 @@ from annotate.config import QualityConfig
 from annotate.data.quality import format_flags, near_duplicate_clusters, unsupported_noun_share
 from annotate.data.records import Quality, RegionRecord
 from annotate.data.store import OutputStore
-from annotate.data.writer import file_sha256
 
 
 def assess(region: RegionRecord, cfg: QualityConfig) -> Quality:
@@ -39,8 +35,7 @@ def assess(region: RegionRecord, cfg: QualityConfig) -> Quality:
 def write_near_duplicates(store: OutputStore, cfg: QualityConfig) -> Path:
     """Cluster the descriptions of every dataset file into near duplicates and write the side file:
     one row per described region (region_id, cluster_id: the smallest region id of its cluster,
-    cluster_size). Its metadata names the files it covers, with their checksums, so a reader can tell
-    a side file older than the data. Written whole, then renamed: a crash leaves the old one."""
+    cluster_size), through `OutputStore.write_side_file`."""
     files = store.dataset_files()
     items = []
     for path in files:
@@ -51,13 +46,4 @@ def write_near_duplicates(store: OutputStore, cfg: QualityConfig) -> Path:
     ids = sorted(clusters)
     table = pa.table({"region_id": ids, "cluster_id": [clusters[i] for i in ids],
                       "cluster_size": pa.array([sizes[clusters[i]] for i in ids], pa.int32())})
-    covers = {path.name: file_sha256(path) for path in files}
-    table = table.replace_schema_metadata({"longgrit": json.dumps({"files": covers,
-                                                                   "threshold": cfg.duplicate_threshold})})
-    target = store.near_duplicates_path
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, target)
-    return target
-
+    return store.write_side_file(store.near_duplicates_path, table, threshold=cfg.duplicate_threshold)

@@ -17,7 +17,7 @@ from pydantic import Field
 
 from annotate.data.records import RegionRecord, TextSpan
 from annotate.engines.base import ChatResult
-from annotate.stages.base import RegionContext, Stage, StageParams, clean_caption, described, settle
+from annotate.stages.base import DescribedStage, RegionContext, StageParams, clean_caption, settle
 
 CLIP_CONTEXT_LENGTH = 77  # open_clip's text window, start and end tokens included
 
@@ -64,13 +64,11 @@ class SummarizeParams(StageParams):
                                  description="the summary's limit in open_clip tokens, start and end included")
 
 
-class SummarizeStage(Stage):
+class SummarizeStage(DescribedStage):
     name = "summarize"
     writes = "summary"
     Params = SummarizeParams
 
-    def wants(self, region: RegionRecord) -> bool:
-        return described(region) and region.summary is None
 
     def fields(self, ctx: RegionContext) -> dict[str, Any]:
         return {"phrase": ctx.region.phrase, "fine_caption": ctx.region.fine_caption}

@@ -9,17 +9,13 @@ shard files; its metadata names the checkpoint and the data files it covers.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from annotate.data.store import OutputStore
-from annotate.data.writer import file_sha256
 from annotate.pixclip.transforms import decode_rle, prepare_views
 from annotate.train.data import _decode_image, load_rows
 from annotate.train.evaluate import load_run, model_device
@@ -67,12 +63,6 @@ def score_output(output: str | Path, checkpoint: str | Path, text_cache: str | P
     if pending:
         ids += [i for i, _ in pending]
         scores += _scores(model, cfg, [item for _, item in pending])
-    covers = {path.name: file_sha256(path) for path in store.dataset_files()}
-    table = pa.table({"region_id": ids, "score": pa.array(scores, pa.float32())}).replace_schema_metadata(
-        {"longgrit": json.dumps({"checkpoint": str(Path(checkpoint).resolve()), "files": covers})})
-    target = store.region_text_scores_path
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, target)
+    table = pa.table({"region_id": ids, "score": pa.array(scores, pa.float32())})
+    target = store.write_side_file(store.region_text_scores_path, table, checkpoint=str(Path(checkpoint).resolve()))
     return {"scored": len(ids), "description_not_in_text_cache": not_cached, "file": str(target)}
