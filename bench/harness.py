@@ -25,7 +25,7 @@ import yaml
 
 from annotate.config import load_config
 from annotate.data.store import OutputStore
-from annotate.stages.negatives import NegativesStage
+from annotate.stages.negatives import NegativesStage, NegativesTextStage
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "pipelines" / "tiny.yaml"
@@ -120,7 +120,8 @@ class ScriptedNegatives(NegativesStage):
     check rightly drops (so the two checks after it would never get a candidate). It still calls its
     model (plain text, like the object stage), then reads a scripted answer instead: edits of the
     description's first long words, through the stage's own checks. Used with `stage_class`
-    ("bench.harness:ScriptedNegatives") by the end-to-end test of the optional stages."""
+    ("bench.harness:ScriptedNegatives") by the end-to-end test of the optional stages. A fake answer
+    is used only because no model that runs here can write a real one."""
 
     def build_request(self, ctx):
         request = super().build_request(ctx)
@@ -131,3 +132,12 @@ class ScriptedNegatives(NegativesStage):
         words = [w for w in (region.fine_caption or "").split() if len(w) > 3][: self.params.k]
         edits = [{"type": "colour", "text": (region.fine_caption or "").replace(w, "zzz", 1)} for w in words]
         return super().apply(region, dataclasses.replace(result, parsed={"edits": edits}))
+
+
+class ScriptedContradiction(NegativesTextStage):
+    """`negatives_text` for random-weight runs: asks its model as usual, then passes every candidate
+    (a random model's verdicts are all one way, and all-false would leave the VLM check unexercised)."""
+
+    def apply(self, region, result):
+        verdicts = [{"holds": True, "reason": "scripted"}] * len(region.negative_candidates)
+        return super().apply(region, dataclasses.replace(result, parsed={"verdicts": verdicts}))
