@@ -113,6 +113,7 @@ def paper_run(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.own_cluster  # frees the session's deployments: run before the tests that share them (conftest.py)
 @pytest.mark.timeout(2700)
 def test_paper_tiny_runs_end_to_end(paper_run):
     run, out, marker = paper_run

@@ -18,7 +18,7 @@ from bench.chaos import ONE_SHARD_AT_A_TIME
 from bench.harness import copy_sample_shards, input_region_ids, kill_session, output_regions, session_pids, tiny_variant, wait_for
 from fixtures_pipeline import free_session_models
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_cluster]  # own_cluster: run before the shared deployments (conftest.py)
 SHARDS = 4
 
 

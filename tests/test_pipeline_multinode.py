@@ -22,7 +22,7 @@ from bench.harness import REPO, SAMPLE_SHARDS, TINY
 from fixtures_pipeline import free_session_models
 from bench.harness import input_region_ids, output_regions
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.own_cluster]  # own_cluster: run before the shared deployments (conftest.py)
 RAY = str(Path(sys.executable).with_name("ray"))
 # `ray start --head` (Ray 2.60) enables token authentication; every node and driver that joins the
 # cluster must run in token mode too (the token is in ~/.ray/auth_token on this machine).

@@ -332,11 +332,16 @@ def test_gallery_in_headless_chromium(built, gallery, tmp_path):
     assert n == 1
     check_page = page.with_name("check-" + page.name)  # next to the page, so relative image paths resolve
     check_page.write_text(text.replace("</body>", f"<script>{CHECK_SCRIPT}</script>\n</body>"), encoding="utf-8")
-    # 60 s of virtual time: under CI's load the images' decode outran 15 s once (the script never ran)
-    r = _chromium(["--virtual-time-budget=60000", "--dump-dom", check_page.as_uri()], tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    m = re.search(r'<pre id="check">(.*?)</pre>', r.stdout, re.S)
-    assert m, "the check script did not finish: " + r.stdout[-2000:]
+    # Virtual time does not wait for the image decoder's threads: under CI's load the budget ran out
+    # before decode() settled (once at 15 s, once at 60 s), and the script never wrote its result. A
+    # run without the result says nothing about the page, so it is run again (each run checks it all).
+    for _attempt in range(3):
+        r = _chromium(["--virtual-time-budget=60000", "--dump-dom", check_page.as_uri()], tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        m = re.search(r'<pre id="check">(.*?)</pre>', r.stdout, re.S)
+        if m:
+            break
+    assert m, "the check script did not finish in three runs: " + r.stdout[-2000:]
     result = json.loads(m.group(1).replace("&quot;", '"').replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&"))
     assert len(result["images"]) == 3
     for im in result["images"]:
