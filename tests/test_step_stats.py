@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import tomllib
 from importlib.metadata import EntryPoint
 from pathlib import Path
@@ -11,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from annotate.engines.step_stats import ENV_DIR, StepRecorder, read_steps, summarize
+from annotate.engines.step_stats import ENV_DIR, StepRecorder, plugin_site, read_steps, summarize
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -159,8 +161,17 @@ def test_vllm_logger_records_real_stats(tmp_path, monkeypatch):
     assert quiet.recorder.steps == 0 and len(list(tmp_path.iterdir())) == 1
 
 
-def test_entry_point_names_the_logger():
-    """vllm's AsyncLLM (Serve LLM) loads stat loggers from this entry point."""
+def test_plugin_only_where_the_benchmark_puts_it(tmp_path):
+    """The project declares no vLLM plugin (production engines never load the logger); the folder
+    `plugin_site` writes offers it, as vLLM's loader finds entry points, once it is on the path."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    plugins = project.get("entry-points", {}).get("vllm.stat_logger_plugins", {})
-    assert plugins.get("longgrit_steps") == "annotate.engines.step_stats:StepStatsLogger"
+    assert "vllm.stat_logger_plugins" not in project.get("entry-points", {})
+    site = plugin_site(tmp_path / "site")
+    code = ("from importlib.metadata import entry_points; "
+            "print([e.value for e in entry_points(group='vllm.stat_logger_plugins') if e.name == 'longgrit_steps'])")
+    without = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    with_site = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                               env={**os.environ, "PYTHONPATH": str(site)})
+    assert without.stdout.strip() == "[]"
+    assert with_site.stdout.strip() == "['annotate.engines.step_stats:StepStatsLogger']"

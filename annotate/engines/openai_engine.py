@@ -99,6 +99,15 @@ class OpenAIEngine:
         }
         if s.seed is not None:
             body["seed"] = s.seed
+        # vLLM extensions, sent whenever they differ from neutral; a vLLM server given neutral values
+        # still uses them over the checkpoint's generation_config only when started with
+        # --generation-config vllm (the project's Serve deployments are).
+        if s.top_k not in (0, -1):
+            body["top_k"] = s.top_k
+        if s.repetition_penalty != 1.0:
+            body["repetition_penalty"] = s.repetition_penalty
+        if s.thinking_token_budget is not None:
+            body["thinking_token_budget"] = s.thinking_token_budget
         if s.stop:
             body["stop"] = list(s.stop)
         # vLLM extensions: sent only when set, since strict servers reject unknown fields.

