@@ -406,6 +406,11 @@ class PipelineConfig(_Section):
                     f"stage {stage_name!r} uses model {stage.model!r}, which is not declared "
                     f"under `models` (declared: {known})"
                 )
+            model = self.models[stage.model]
+            if stage.sampling.thinking_token_budget is not None and not (model.engine == "vllm" and model.reasoning_parser):
+                # vLLM refuses every such request; caught here, before any GPU is reserved.
+                raise ValueError(f"stage {stage_name!r} sets sampling.thinking_token_budget, which needs a vLLM model "
+                                 f"with a `reasoning_parser` (model {stage.model!r} has none)")
         return self
 
     def record_settings(self) -> dict[str, Any]:

@@ -88,3 +88,18 @@ def test_unknown_conversation_template_is_a_clear_error():
 
     with pytest.raises(ValueError, match="gemma_instruct"):
         LlavaEngine(griffon_config(conversation="vicuna_v1"))
+
+
+def test_turns_end_with_end_of_turn_not_eos(griffon):
+    """As Griffon-G's own inference: the replica ends its turns with <end_of_turn>, which its EOS is not,
+    so only a stage that stops on it (the griffon_gemma2 family adds it) gets answers that end."""
+    tokenizer = griffon.tokenizer
+    end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert griffon.model.generation_config.eos_token_id in (tokenizer.eos_token_id, [tokenizer.eos_token_id])
+    assert end not in [tokenizer.eos_token_id]
+    colors = [(200, 30, 30), (10, 40, 220), (20, 200, 20), (250, 250, 0), (90, 90, 90), (0, 0, 0)]
+    stopped = griffon.chat([request(f"s{i}", color=c, max_tokens=48, min_tokens=0, stop_token_ids=["<end_of_turn>"])
+                            for i, c in enumerate(colors)])
+    running = griffon.chat([request(f"n{i}", color=c, max_tokens=48, min_tokens=0) for i, c in enumerate(colors)])
+    assert any(r.ok and r.completion_tokens < 48 for r in stopped)
+    assert all(r.error_kind == "length" for r in running)

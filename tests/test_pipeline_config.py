@@ -73,7 +73,9 @@ def test_fingerprint_follows_prompt_text_not_location(tmp_path):
     for stage in copy.stages.values():
         stage.prompt = str(moved / Path(stage.prompt).name)
     assert config_fingerprint(copy) == config_fingerprint(cfg)
-    (moved / "merge.yaml").write_text((moved / "merge.yaml").read_text().replace("merge-v1", "merge-v2"))
+    merge = (moved / "merge.yaml").read_text()
+    (moved / "merge.yaml").write_text(merge.replace("\nversion: ", "\nversion: edited-"))
+    assert (moved / "merge.yaml").read_text() != merge
     assert config_fingerprint(copy) != config_fingerprint(cfg)
 
 
@@ -147,3 +149,12 @@ def test_serving_settings_do_not_change_the_records_fingerprint():
     assert config_fingerprint(other) == config_fingerprint(cfg)
     other.models["llm"].vllm.max_model_len = 1024
     assert config_fingerprint(other) != config_fingerprint(cfg)
+
+
+def test_a_thinking_budget_needs_a_reasoning_parser():
+    """vLLM refuses every request with a thinking budget on an engine without a reasoning parser: the
+    pipeline file is refused at load, before any GPU is reserved."""
+    cfg = load_config(REPO / "pipelines" / "paper-tiny.yaml")
+    assert cfg.stages["merge"].sampling.thinking_token_budget < cfg.stages["merge"].sampling.max_tokens
+    with pytest.raises(ValueError, match="reasoning_parser"):
+        load_config(REPO / "pipelines" / "paper-tiny.yaml", {"models": {"deepseek_r1_70b": {"reasoning_parser": None}}})

@@ -28,6 +28,7 @@ from annotate.config import PipelineConfig, QualityConfig
 from annotate.data.shards import find_shards
 from annotate.data.store import DAMAGED, FINAL, FINISHED, PREPARE, OutputStore, config_fingerprint, count_rows, damage_of
 from annotate.data.writer import ShardWriter
+from annotate.engines.checkpoint_check import check_checkpoints
 from annotate.engines.result_cache import remove_shard
 from annotate.executor.progress import ProgressDisplay, ProgressTracker
 from annotate.executor.reader import ShardLedger, read_shard
@@ -57,6 +58,7 @@ class RunSummary:
     processing_s: float | None = None  # from all deployments ready to the end (bench/pipeline_overhead.py)
     token_budgets: list[dict] = field(default_factory=list)  # each stage's worst case, counted at load time
     model_calls: dict[str, dict] = field(default_factory=dict)  # stage -> calls sent to its model, and replayed
+    answers: dict[str, dict] = field(default_factory=dict)  # stage -> answers read, cleaned, retried, ruled out (why)
 
 
 def _has_retryable_failures(path: Path) -> bool:
@@ -128,6 +130,11 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
         if not items:
             console.print("nothing to do")
             return summary
+        # Each stage's model against its checkpoint's own files (template, EOS, stop tokens, reasoning),
+        # here in the driver before any model is deployed or shard read: folders not on this machine
+        # are skipped with a log line (engines/checkpoint_check.py).
+        for note in check_checkpoints(cfg, chain):
+            console.print(f"checkpoint: {note}")
         summary.dashboard_url = ensure_ray(cfg.run, address)
         if summary.dashboard_url:
             console.print(f"Ray dashboard: {summary.dashboard_url}")
@@ -177,6 +184,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
         with ProgressDisplay(tracker, chain, len(items), console) as display:
             outputs.write(ds, display)
         summary.model_calls = display.model_calls
+        summary.answers = display.answers
         for item in items:  # shards with no image at all produce no row, but still get an (empty) output
             input_path = store.output_path(item["input"], item["shard"])
             if item["shard"] not in outputs.committed and input_path.is_file() and count_rows(input_path) == 0:
@@ -215,7 +223,7 @@ def _write_run_record(store: OutputStore, summary: RunSummary, pipeline: str, fi
     runs.mkdir(parents=True, exist_ok=True)
     record = {"stage": summary.stage, "config": fingerprint, "pipeline": pipeline,
               "shards_written": summary.shards_written, "shards_skipped": summary.shards_skipped,
-              "shards_damaged": summary.shards_damaged, "model_calls": summary.model_calls,
+              "shards_damaged": summary.shards_damaged, "model_calls": summary.model_calls, "answers": summary.answers,
               "replicas": summary.replicas, "models_deployed": summary.models_deployed,
               "token_budgets": summary.token_budgets}
     stamp = time.strftime("%Y%m%dT%H%M%S")

@@ -31,7 +31,7 @@ class StageWorker:
 
     def __init__(self, stage_name: str, stage: StageConfig, app: ModelApp, reasoning: bool, max_in_flight: int,
                  data: DataConfig, tracker, cache_root: str | None = None, model: ModelConfig | None = None):
-        self.stage = build_stage(stage_name, stage, app.model_id)
+        self.stage = build_stage(stage_name, stage, app.model_id, model)  # the model's conventions shape requests
         self.config = stage
         self.data = data
         self.client = ModelClient(app, reasoning, max_in_flight)

@@ -23,7 +23,7 @@ TinyKind = Literal["text", "vlm", "sam", "internvl2", "qwen2_instruct", "r1_llam
 KINDS: tuple[TinyKind, ...] = ("text", "vlm", "sam", "internvl2", "qwen2_instruct", "r1_llama", "griffon")
 
 # Bump when a builder changes what it writes: cached builds with another version are rebuilt.
-RECIPE_VERSION = 6
+RECIPE_VERSION = 7  # 7: InternVL2 replica speaks ChatML (Hermes-2); Griffon's EOS is <eos> alone
 RECIPE_FILE = "tiny_recipe.json"
 
 

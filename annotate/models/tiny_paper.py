@@ -15,8 +15,14 @@ the code paths taken with them are the production ones:
     language model; weights named ``vision_model.*``, ``mlp1.*``, ``language_model.model.*``,
     ``language_model.lm_head.*``. Dynamic tiling as in the checkpoint (``dynamic_image_size``,
     ``use_thumbnail``, ``max_dynamic_patch`` 12): ``INTERNVL_TOKENS_PER_TILE`` image tokens per tile.
-    Llama-3 special tokens plus InternVL's ``<img>``, ``</img>``, ``<IMG_CONTEXT>`` (and ``<ref>``,
-    ``<box>``, ``<quad>`` pairs); a Llama-3 chat template; end of turn ``<|eot_id|>``.
+    Llama-3 special tokens plus ChatML's ``<|im_start|>``/``<|im_end|>`` (its language model is
+    Hermes-2-Theta-Llama-3-70B: a Llama-3 vocabulary that speaks ChatML) and InternVL's ``<img>``,
+    ``</img>``, ``<IMG_CONTEXT>`` (and ``<ref>``, ``<box>``, ``<quad>`` pairs); InternVL's ``Hermes-2``
+    conversation as a ChatML chat template, end of turn ``<|im_end|>`` (engines/conventions.py
+    ``internvl2_hermes2``). Its generation config names only ``<|end_of_text|>``: as InternVL's own
+    ``chat()`` does not trust it either, only a stage's stop tokens end its turns (the family adds
+    ``<|im_end|>``). ``chat="llama3"`` builds it the old, wrong way (Llama-3 header template,
+    ``<|eot_id|>``), for the test that the load-time check refuses it.
   * ``qwen2_instruct``: Qwen/Qwen2-72B-Instruct's: ``Qwen2ForCausalLM``, ChatML with Qwen2-Instruct's
     own template (default system prompt "You are a helpful assistant."), eos ``<|im_end|>`` /
     ``<|endoftext|>``.
@@ -82,7 +88,15 @@ R1_TOOL_TOKENS = [
 ]
 
 # ------------------------------------------------------------------------------ templates
-# Meta-Llama-3-Instruct's template (content used as a string).
+# InternVL2's Hermes-2 conversation (internvl_chat/internvl/conversation.py) as its checkpoints' chat
+# template: ChatML, no default system prompt in the template.
+HERMES2_CHATML_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>'"
+    " + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Meta-Llama-3-Instruct's template (content used as a string): what the InternVL2 replica was first
+# (wrongly) built with; kept for `chat="llama3"`.
 LLAMA3_TEMPLATE = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}"
     "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
@@ -268,19 +282,24 @@ def _internvl_vision_weights(gen) -> dict:
     return w
 
 
-def _build_internvl2(out: Path) -> None:
+def _build_internvl2(out: Path, chat: str = "hermes2") -> None:
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
+    if chat not in ("hermes2", "llama3"):
+        raise ValueError(f"chat must be hermes2 or llama3, not {chat!r}")
+    hermes2 = chat == "hermes2"
+    # end of turn, and what the tokenizer, the language model's config and the generation config call EOS
+    turn_end, eos = (IM_END, END_OF_TEXT) if hermes2 else (EOT, EOT)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)
     tokenizer = build_bpe_tokenizer(
-        special=[BEGIN_OF_TEXT, END_OF_TEXT, START_HEADER, END_HEADER, EOT],
+        special=[BEGIN_OF_TEXT, END_OF_TEXT, START_HEADER, END_HEADER, EOT, *([IM_START, IM_END] if hermes2 else [])],
         extra_special=[IMG_START, IMG_END, IMG_CONTEXT, *INTERNVL_EXTRA],
-        chat_template=LLAMA3_TEMPLATE,
-        eos=EOT,
+        chat_template=HERMES2_CHATML_TEMPLATE if hermes2 else LLAMA3_TEMPLATE,
+        eos=eos,
         bos=BEGIN_OF_TEXT,
         pad=END_OF_TEXT,
         add_bos=True,
@@ -289,12 +308,12 @@ def _build_internvl2(out: Path) -> None:
     llm_config = _llama_config(
         tokenizer,
         bos=BEGIN_OF_TEXT,
-        eos=EOT,
+        eos=eos,
         max_positions=LLAMA3_MAX_POSITIONS,
         rope={"rope_type": "default", "rope_theta": 500000.0},
     )
     llm = LlamaForCausalLM(llm_config).eval()
-    shape_output_head(llm, tokenizer, EOT)
+    shape_output_head(llm, tokenizer, turn_end)  # generations tend to end with the template's end of turn
     gen = torch.Generator().manual_seed(SEED)
     tensors = _internvl_vision_weights(gen)
     for key, value in llm.state_dict().items():
@@ -322,7 +341,7 @@ def _build_internvl2(out: Path) -> None:
         "use_thumbnail": True,
         "ps_version": "v2",
         "select_layer": -1,
-        "template": "internvl2_5",
+        "template": "Hermes-2" if hermes2 else "internvl2_5",  # InternVL's conversation template name
         "use_backbone_lora": 0,
         "use_llm_lora": 0,
         "torch_dtype": "float32",
@@ -349,7 +368,7 @@ def _build_internvl2(out: Path) -> None:
     _write_generation_config(
         out,
         bos_token_id=ids(BEGIN_OF_TEXT),
-        eos_token_id=[ids(EOT), ids(END_OF_TEXT)],
+        eos_token_id=[ids(END_OF_TEXT)] if hermes2 else [ids(EOT), ids(END_OF_TEXT)],
         pad_token_id=ids(END_OF_TEXT),
         do_sample=False,
     )

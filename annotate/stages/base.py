@@ -1,12 +1,15 @@
 """What every stage shares: the prompt template, the per-region context, and the stage contract.
 
 A stage is one file that says three things: which regions it takes (`wants`), what it sends to the
-model for one region (`build_request`) and how it reads the answer into the region (`apply`).
+model for one region (`build_request`) and how it reads the answer into the region (`apply`). Between
+the model and `apply`, `review` applies the answer rules (stages/answers.py): labels and markup
+stripped, echoes of the prompt and verdicts their reason contradicts refused.
 Stages know the record and the engine interface; they know nothing of Ray or of a concrete engine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +18,7 @@ from typing import Any, ClassVar
 import jinja2
 import yaml
 from PIL import Image
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from annotate.config import CropConfig, SamplingConfig
 from annotate.data.crops import RegionViews, region_views
@@ -23,6 +26,10 @@ from annotate.data.images import fit_within
 from annotate.data.masks import decode_rle
 from annotate.data.records import ImageRecord, RegionRecord
 from annotate.engines.base import ChatRequest, ChatResult
+from annotate.stages.answers import (COPIED_EXAMPLE, ECHO, MASK, NO_DESCRIPTION, NotAnAnswer, example_sources,
+                                     has_words, masked, repeated, restatement_pattern, strings_in, strip_answer,
+                                     template_ngrams, without_examples)
+from annotate.engines.conventions import BoxFormat, ModelConventions
 
 # Jinja2 with StrictUndefined: a template naming a field the stage does not provide is an error at
 # render time, not a silently empty prompt.
@@ -44,6 +51,8 @@ class PromptTemplate:
     user: str
     images: tuple[str, ...] = ()
     json_schema: dict[str, Any] | None = None
+    # The model's makers advise no system prompt (DeepSeek-R1): the system text opens the user turn.
+    system_in_user: bool = False
 
     @classmethod
     @functools.lru_cache(maxsize=None)
@@ -60,13 +69,23 @@ class PromptTemplate:
             json_schema=raw.get("json_schema"),
         )
 
+    def for_model(self, conventions: ModelConventions | None) -> "PromptTemplate":
+        """This prompt as the model's conventions want it sent (engines/conventions.py)."""
+        fold = bool(conventions and conventions.system_in_user)
+        return self if fold == self.system_in_user else dataclasses.replace(self, system_in_user=fold)
+
     def messages(self, fields: dict[str, Any], images: dict[str, Image.Image]) -> list[dict[str, Any]]:
-        """OpenAI-style messages; image parts use the engines' neutral `{"type": "image"}` form."""
+        """OpenAI-style messages; image parts use the engines' neutral `{"type": "image"}` form. With
+        `system_in_user`, the system text and a blank line open the user turn, and no system message is sent."""
+        user = _compiled(self.user).render(**fields)
+        system = _compiled(self.system).render(**fields) if self.system else None
+        if system is not None and self.system_in_user:
+            user, system = f"{system}\n\n{user}" if system else user, None
         content: list[dict[str, Any]] = [{"type": "image", "image": images[name]} for name in self.images]
-        content.append({"type": "text", "text": _compiled(self.user).render(**fields)})
+        content.append({"type": "text", "text": user})
         messages: list[dict[str, Any]] = []
-        if self.system:
-            messages.append({"role": "system", "content": _compiled(self.system).render(**fields)})
+        if system is not None:
+            messages.append({"role": "system", "content": system})
         messages.append({"role": "user", "content": content})
         return messages
 
@@ -98,11 +117,9 @@ class RegionContext:
             return _fit(getattr(self.views, name), self.crops.max_side)
         raise ValueError(f"prompt asks for unknown image {name!r} (image, highlighted, crop, crop_mask)")
 
-    def box_norm(self) -> list[int]:
-        """[x1, y1, x2, y2] on a 0-1000 grid, the convention of grounding VLMs (Griffon, Qwen-VL)."""
-        x, y, w, h = self.region.bbox
-        W, H = self.record.width, self.record.height
-        return [round(1000 * x / W), round(1000 * y / H), round(1000 * (x + w) / W), round(1000 * (y + h) / H)]
+    def box(self, fmt: BoxFormat) -> str:
+        """The region's box as the stage's model writes boxes (engines/conventions.py `BoxFormat`)."""
+        return fmt.format(self.region.bbox, self.record.width, self.record.height)
 
 
 def _fit(image: Image.Image | None, max_side: int) -> Image.Image:
@@ -117,6 +134,10 @@ class StageParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    echo_words: int = Field(8, ge=3, description=(
+        "a free-text answer sharing a run of this many words with its prompt's own text (not its inputs) "
+        "is an echo (or a copied example), not an answer (stages/answers.py)"))
+
 
 class Stage:
     """Base of the stages. Subclasses set `name` and `writes` and implement wants/fields/apply; their
@@ -125,13 +146,19 @@ class Stage:
     name: ClassVar[str]
     writes: ClassVar[str]  # the region field this stage fills in (cleared again when the region is retried)
     Params: ClassVar[type[StageParams]] = StageParams
+    # A free-text stage's inputs that a model may restate before its answer ("The object-level
+    # description is: ..."), as field -> the labels its prompt gives them (stages/answers.py).
+    restated_inputs: ClassVar[dict[str, tuple[str, ...]]] = {}
 
     def __init__(self, prompt: PromptTemplate, sampling: SamplingConfig, model_id: str,
-                 params: dict[str, Any] | None = None):
+                 params: dict[str, Any] | None = None, conventions: ModelConventions | None = None):
         self.prompt = prompt
         self.sampling = sampling
         self.model_id = model_id
         self.params = self.Params.model_validate(params or {})
+        # The conventions of the stage's model (stages/chain.build_stage): what ends its turn, how it
+        # writes boxes (context), whether its system prompt goes into the user turn. None: generic.
+        self.conventions = conventions
 
     def wants(self, region: RegionRecord) -> bool:
         raise NotImplementedError
@@ -147,6 +174,40 @@ class Stage:
     def apply(self, region: RegionRecord, result: ChatResult) -> str | None:
         """Write a successful result into the region; return why the answer is unusable, else None."""
         raise NotImplementedError
+
+    def review(self, ctx: RegionContext, result: ChatResult) -> ChatResult | NotAnAnswer:
+        """The answer rules (stages/answers.py), between a successful result and `apply`: the result to
+        apply, or why the answer is not one (stages/batch.py asks once more, then fails the region).
+
+        A free-text answer (a prompt without a JSON schema) is stripped of markdown, restated inputs,
+        preambles, labels and quotes, and must not repeat a run of its prompt's own words (the worked
+        example: `copied example`; the instruction: `echo`). An empty answer is left to `apply` (the
+        model said nothing: a parse problem). A JSON stage checks what it needs by overriding this."""
+        if self.prompt.json_schema is not None or not result.text.strip():
+            return result
+        fields = self.fields(ctx)
+        restated = [(restatement_pattern(labels), fields[name]) for name, labels in self.restated_inputs.items()
+                    if isinstance(fields.get(name), str)]
+        text = strip_answer(result.text, restated)
+        if not has_words(text):
+            return NotAnAnswer(NO_DESCRIPTION, "only labels, markup or the inputs restated: " + _excerpt(result.text))
+        return self.repeats_prompt(text, fields) or dataclasses.replace(result, text=text)
+
+    def repeats_prompt(self, text: str, fields: dict[str, Any]) -> NotAnAnswer | None:
+        """`echo` when `text` shares a run of `params.echo_words` words with the prompt's own text (its
+        instruction), else `copied example` when it shares one with its marked worked example. The
+        prompt is rendered with its inputs masked, so repeating them (as a merge should) never counts."""
+        n, hidden = self.params.echo_words, {k: masked(v) for k, v in fields.items()}
+        inputs = [s for v in fields.values() for s in strings_in(v)]
+        sources = [src for src in (self.prompt.system, self.prompt.user) if src]
+        own = MASK.join(_compiled(without_examples(src)).render(**hidden) for src in sources)
+        if run := repeated(text, template_ngrams(own, n), inputs, n):
+            return NotAnAnswer(ECHO, f'the answer repeats the prompt ("{run} ..."): {_excerpt(text)}')
+        example = MASK.join(_compiled(part).render(**hidden) for src in sources for part in example_sources(src))
+        if run := repeated(text, template_ngrams(example, n), inputs, n):
+            return NotAnAnswer(COPIED_EXAMPLE, f'the answer copies the prompt\'s example ("{run} ..."): '
+                                               f'{_excerpt(text)}')
+        return None
 
     def build_request(self, ctx: RegionContext) -> ChatRequest:
         images = {name: ctx.image_part(name) for name in self.prompt.images}
@@ -189,8 +250,11 @@ def settle(region: RegionRecord) -> None:
 
 
 def clean_caption(text: str) -> str:
-    """Model text to a caption: whitespace collapsed, wrapping quotes removed."""
+    """Model text to a caption: markdown, "Here is ...:" preambles, leading labels and wrapping quotes
+    removed, whitespace collapsed (stages/answers.py `strip_answer`); empty when nothing else is left."""
+    return strip_answer(text)
+
+
+def _excerpt(text: str, limit: int = 160) -> str:
     text = " ".join(text.split())
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
-        text = text[1:-1].strip()
-    return text
+    return repr(text if len(text) <= limit else text[:limit] + "...")

@@ -11,7 +11,8 @@ when a stage does not fit. The worst case:
     `max_tokens`; the negatives' checks get all K candidates, each the description plus an edit;
     `ground` gets every other region of a full image;
   * the phrase and the image caption as long as `run.budget_phrase_words` / `budget_caption_words`.
-Stop tokens given as strings are checked here too: each must be one token of the model's tokenizer.
+Stop tokens given as strings are checked here too (the stage's own and its model family's,
+engines/conventions.py): each must be one token of the model's tokenizer.
 The counts go into the run record, where `annotate plan --from-run` reads them.
 """
 
@@ -27,6 +28,7 @@ from annotate.config import PipelineConfig, StageConfig
 from annotate.data.masks import encode_rle
 from annotate.data.records import HardNegative, ImageRecord, RegionRecord, Verdict
 from annotate.engines.base import ChatRequest
+from annotate.engines.conventions import effective_stop_tokens
 from annotate.stages.base import PromptTemplate, RegionContext
 from annotate.stages.chain import build_stage
 from annotate.stages.negatives import NegativesParams
@@ -79,7 +81,7 @@ def worst_case_request(cfg: PipelineConfig, stage_name: str, width: int, height:
     """The stage's request for a region covering a `width` x `height` image, with every text field at
     its longest (see the module docstring)."""
     stage_cfg = cfg.stages[stage_name]
-    stage = build_stage(stage_name, stage_cfg, "")
+    stage = build_stage(stage_name, stage_cfg, "", cfg.models[stage_cfg.model])
 
     def text(stage_or_words: str | int) -> str:
         words = stage_or_words if isinstance(stage_or_words, int) else (
@@ -132,7 +134,7 @@ async def check_budgets(cfg: PipelineConfig, chain: tuple[str, ...], counters: d
     budgets, problems = [], []
     for name in chain:
         stage_cfg = cfg.stages[name]
-        for token in stage_cfg.sampling.stop_token_ids:
+        for token in effective_stop_tokens(stage_cfg.sampling, cfg.models[stage_cfg.model]):
             if isinstance(token, str):
                 try:
                     await lookups[stage_cfg.model](token)

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from annotate.config import PipelineConfig, QualityConfig, StageConfig
+from annotate.config import ModelConfig, PipelineConfig, QualityConfig, StageConfig
 from annotate.data.records import ImageRecord
 from annotate.data.store import FINAL, PREPARE
 from annotate.engines.base import ChatRequest, ChatResult
+from annotate.engines.conventions import conventions_of, effective_sampling
 from annotate.stages.base import PromptTemplate, Stage
 from annotate.stages.batch import StageCounts, run_stage
 from annotate.stages.context import ContextStage
@@ -110,10 +111,15 @@ def stage_class(name: str, override: str | None = None) -> type[Stage]:
     return cls
 
 
-def build_stage(name: str, config: StageConfig, model_id: str) -> Stage:
-    """Stage `name` with its prompt template and sampling, recording `model_id` as its model."""
-    return stage_class(name, config.stage_class)(PromptTemplate.load(config.prompt), config.sampling, model_id,
-                                                 config.params)
+def build_stage(name: str, config: StageConfig, model_id: str, model: ModelConfig | None = None) -> Stage:
+    """Stage `name` with its prompt template and sampling, recording `model_id` as its model. The
+    model's conventions (`model.family`, engines/conventions.py) shape what the stage sends: the
+    family's end-of-turn tokens join the stage's stop tokens, its system prompt is folded into the
+    user turn where the model's makers advise it, and a stage that writes a box writes it the model's way."""
+    conventions = conventions_of(model)
+    return stage_class(name, config.stage_class)(PromptTemplate.load(config.prompt).for_model(conventions),
+                                                 effective_sampling(config.sampling, model), model_id, config.params,
+                                                 conventions)
 
 
 def is_retryable(status: str, error: str | None) -> bool:
@@ -162,7 +168,7 @@ def run_chain(cfg: PipelineConfig, chat: Callable[[str], Callable[[list[ChatRequ
     for name in chain_of(cfg) if stages is None else stages:
         config = cfg.stages[name]
         model = cfg.models[config.model]
-        stage = build_stage(name, config, model.paper_model or model.path)
+        stage = build_stage(name, config, model.paper_model or model.path, model)
         counts = totals[name] = StageCounts()
         for start in range(0, len(records), config.batch_size):
             batch = records[start:start + config.batch_size]

@@ -7,6 +7,7 @@ from typing import Any
 
 from annotate.data.records import RegionRecord
 from annotate.engines.base import ChatResult
+from annotate.engines.conventions import box_format
 from annotate.stages.base import RegionContext, Stage, clean_caption
 
 
@@ -22,8 +23,13 @@ class ContextStage(Stage):
             and region.context_caption is None
         )
 
+    # The box is written the way the stage's model reads boxes (`self.conventions`, set by
+    # stages/chain.build_stage; Griffon-G: [0.123,0.456,0.789,0.900]; InternVL2: <box>[[123, 456, 789, 900]]</box>).
+
     def fields(self, ctx: RegionContext) -> dict[str, Any]:
-        return {"phrase": ctx.region.phrase, "image_caption": ctx.record.caption, "box_norm": ctx.box_norm()}
+        fmt = box_format(self.conventions)
+        return {"phrase": ctx.region.phrase, "image_caption": ctx.record.caption, "box": ctx.box(fmt),
+                "box_note": fmt.note}
 
     def apply(self, region: RegionRecord, result: ChatResult) -> str | None:
         caption = clean_caption(result.text)

@@ -41,6 +41,8 @@ class Conversation:
         return dataclasses.replace(self, messages=[list(m) for m in self.messages])
 
 
+# As Griffon's griffon/conversation.py: every message, the model's included, ends with "<end_of_turn>\n",
+# and its inference (griffon/eval/run_griffon.py) stops on that separator.
 conv_gemma_instruct = Conversation(
     system="", roles=("<start_of_turn>user\n", "<start_of_turn>model\n"), messages=[], offset=0,
     sep_style=SeparatorStyle.GEMMA, sep="<end_of_turn>\n", version="gemma")
