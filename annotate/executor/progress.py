@@ -33,10 +33,15 @@ class ProgressTracker:
         agg["rejected"] += counts["rejected"]
         agg["failed"] += counts["failed"]
         agg["tokens"] += counts["prompt_tokens"] + counts["completion_tokens"]
+        for key in ANSWER_COUNTS:  # what the answer rules did (stages/answers.py), for the run record
+            agg[key] = agg.get(key, 0) + counts.get(key, 0)
 
     def snapshot(self) -> dict:
         return {"elapsed": time.time() - self.started, "stages": self.stages}
 
+
+# StageCounts fields about the answers read (stages/batch.py): kept per stage in the run record.
+ANSWER_COUNTS = ("answers", "cleaned", "retried", "echo", "copied_example", "no_description", "contradictory_verdict")
 
 _CALLS_LINE = re.compile(r"^(\w+): (\d+) model calls, (\d+) replayed from the result cache$", re.M)
 
@@ -109,6 +114,7 @@ class ProgressDisplay:
         self.shard_task = self.progress.add_task("shards", total=shards_total, detail="")
         self.stage_tasks = {s: self.progress.add_task(s, total=None, detail="") for s in stages}
         self.model_calls: dict[str, dict[str, int]] = {}  # stage -> model calls and replays, once the run ends
+        self.answers: dict[str, dict[str, int]] = {}  # stage -> what the answer rules did, once the run ends
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -124,6 +130,8 @@ class ProgressDisplay:
         self.progress.stop()
         self.model_calls = {stage: {"model_calls": int(agg.get("model_calls", 0)), "replayed": int(agg.get("replayed", 0))}
                             for stage, agg in (snap or {}).get("stages", {}).items()}
+        self.answers = {stage: {key: int(agg.get(key, 0)) for key in ANSWER_COUNTS}
+                        for stage, agg in (snap or {}).get("stages", {}).items()}
         for stage in self.stage_tasks:  # what the run asked its models, and what it replayed instead
             if snap and stage in snap["stages"]:
                 self.console.print(calls_line(stage, snap["stages"][stage]), markup=False, highlight=False,

@@ -4,8 +4,10 @@ Independent of Ray: `run_stage` takes any callable that maps a list of requests 
 (an engine's `chat`); `run_stage_async` takes a coroutine function for one request (the executor's
 client of a Serve deployment). Retryable failures (cut
 output, unparsable JSON, timeouts) are asked again up to `max_attempts`; after that, and for
-non-retryable errors, the region is `failed` with the reason. A problem with one region never stops
-the batch.
+non-retryable errors, the region is `failed` with the reason. An answer that the answer rules
+(stages/answers.py, through `Stage.review`) say is not an answer (an echo of the prompt, its example
+copied, no description, a verdict its reason contradicts) is asked again once, then fails the region
+with the rule's reason. A problem with one region never stops the batch.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from PIL import Image
 from annotate.config import CropConfig
 from annotate.data.records import ImageRecord
 from annotate.engines.base import ChatRequest, ChatResult
+from annotate.stages.answers import NotAnAnswer, counter_of
 from annotate.stages.base import RegionContext, Stage
 
 ChatFn = Callable[[list[ChatRequest]], list[ChatResult]]
@@ -39,6 +42,13 @@ class StageCounts:
     cached_prompt_tokens: int = 0  # prefix-cache hits (bench/prefix_cache.py)
     model_calls: int = 0  # requests sent to the model (set by the executor's stage worker)
     replayed: int = 0  # requests answered from the result cache instead (engines/result_cache.py)
+    # What the answer rules (stages/answers.py) did, per answer read (a retried region counts each time):
+    answers: int = 0  # successful results read
+    cleaned: int = 0  # stored after the stripper changed it (labels, markdown, preambles, restated inputs)
+    echo: int = 0  # rejected: repeats the prompt's instruction
+    copied_example: int = 0  # rejected: repeats the prompt's worked example
+    no_description: int = 0  # rejected: nothing left once stripped
+    contradictory_verdict: int = 0  # rejected (or marked unverified): a verdict its reason contradicts
     latencies: list[float] = field(default_factory=list)
 
     def add(self, other: "StageCounts") -> None:
@@ -69,8 +79,10 @@ def _requests(stage: Stage, items, crops: CropConfig, counts: StageCounts) -> li
 
 
 def _take(stage: Stage, ctx: RegionContext, request: ChatRequest, result: ChatResult, attempt: int,
-          max_attempts: int, retry_temperature: float, counts: StageCounts) -> ChatRequest | None:
-    """Apply one answer to its region; return the request to send again, or None when the region is settled."""
+          max_attempts: int, retry_temperature: float, counts: StageCounts,
+          ruled: set[str]) -> ChatRequest | None:
+    """Apply one answer to its region; return the request to send again, or None when the region is
+    settled. `ruled` holds the regions already asked again once because of an answer rule."""
     region = ctx.region
     counts.prompt_tokens += result.prompt_tokens
     counts.completion_tokens += result.completion_tokens
@@ -78,10 +90,26 @@ def _take(stage: Stage, ctx: RegionContext, request: ChatRequest, result: ChatRe
     counts.latencies.append(result.latency_s)
     stage.record_provenance(region, result)
     if result.ok:
-        problem = stage.apply(region, result)
+        counts.answers += 1
+        reviewed = stage.review(ctx, result)
+        if isinstance(reviewed, NotAnAnswer):
+            counter = counter_of(reviewed.reason)
+            setattr(counts, counter, getattr(counts, counter) + 1)
+            if region.region_id not in ruled and attempt < max_attempts:  # once per region
+                ruled.add(region.region_id)
+                counts.retried += 1
+                return _resampled(request, attempt, retry_temperature)
+            if reviewed.fallback is None:
+                suffix = f" (after {attempt} attempts)" if attempt > 1 else ""
+                stage.fail(region, reviewed.reason, reviewed.message + suffix)
+                counts.failed += 1
+                return None
+            reviewed = reviewed.fallback
+        problem = stage.apply(region, reviewed)
         if problem is None:
             counts.done += 1
             counts.rejected += region.status == "rejected"
+            counts.cleaned += reviewed.text not in (result.text, " ".join(result.text.split()))
             return None
         kind, message, retryable = "parse", problem, True
     else:
@@ -109,7 +137,7 @@ def run_stage(
     A retry at temperature 0 would repeat the same answer, so retries sample at
     `retry_temperature` (at least) with a seed that depends on the attempt: still reproducible.
     """
-    counts = StageCounts()
+    counts, ruled = StageCounts(), set()
     pending = _requests(stage, items, crops, counts)
     for attempt in range(1, max_attempts + 1):
         if not pending:
@@ -117,7 +145,7 @@ def run_stage(
         results = chat([request for _, request in pending])
         retry = []
         for (ctx, request), result in zip(pending, results, strict=True):
-            again = _take(stage, ctx, request, result, attempt, max_attempts, retry_temperature, counts)
+            again = _take(stage, ctx, request, result, attempt, max_attempts, retry_temperature, counts, ruled)
             if again is not None:
                 retry.append((ctx, again))
         pending = retry
@@ -135,12 +163,12 @@ async def run_stage_async(
     """The same as `run_stage`, one request per region in flight at once (`await chat_one(request)`):
     each region goes on to its next attempt as soon as its own answer is back, never waiting for the
     slowest region of the batch. Used by the executor against a served model."""
-    counts = StageCounts()
+    counts, ruled = StageCounts(), set()
 
     async def settle(ctx: RegionContext, request: ChatRequest) -> None:
         for attempt in range(1, max_attempts + 1):
             result = await chat_one(request)
-            request = _take(stage, ctx, request, result, attempt, max_attempts, retry_temperature, counts)
+            request = _take(stage, ctx, request, result, attempt, max_attempts, retry_temperature, counts, ruled)
             if request is None:
                 return
 
@@ -149,10 +177,13 @@ async def run_stage_async(
 
 
 def _resampled(request: ChatRequest, attempt: int, retry_temperature: float) -> ChatRequest:
+    """The request of the next attempt: hotter, and seeded (by the attempt) so that a retry is
+    reproducible. First attempts carry no seed unless the stage sets one (config.SamplingConfig.seed)."""
+    base_seed = request.sampling.seed or 0
     sampling = request.sampling.model_copy(
         update={
             "temperature": max(request.sampling.temperature, retry_temperature),
-            "seed": (request.sampling.seed or 0) + attempt,
+            "seed": base_seed + attempt,
         }
     )
     return replace(request, sampling=sampling)

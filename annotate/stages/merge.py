@@ -14,6 +14,14 @@ from annotate.stages.base import RegionContext, Stage, clean_caption
 class MergeStage(Stage):
     name = "merge"
     writes = "fine_caption"
+    # How a model restates its two inputs before (or instead of) merging them, as prompts/merge.yaml and
+    # its earlier versions named them: "The object-level description is: ... Context-level: ...".
+    restated_inputs = {
+        "object_caption": ("object-level description", "object-level caption", "object-level", "object description",
+                           "object caption", "what it looks like", "what the object looks like"),
+        "context_caption": ("context-level description", "context-level caption", "context-level",
+                            "context description", "context caption", "where it is", "where the object is"),
+    }
 
     def wants(self, region: RegionRecord) -> bool:
         return region.status == "pending" and region.context_caption is not None and region.fine_caption is None

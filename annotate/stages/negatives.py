@@ -14,6 +14,7 @@ region's image is encoded once instead of K times, and the shared prompt prefix 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from typing import Any
@@ -22,9 +23,31 @@ from pydantic import BaseModel, Field, ValidationError
 
 from annotate.data.records import EDIT_TYPES, HardNegative, RegionRecord, Verdict
 from annotate.engines.base import ChatResult
+from annotate.stages.answers import CONTRADICTORY_VERDICT, NotAnAnswer, VerdictWords, contradiction
 from annotate.stages.base import DescribedStage, RegionContext, StageParams, settle
+from annotate.stages.validate import CONSISTENCY_WORDS
 
 _WORD = re.compile(r"\S+")
+
+# Verdicts their own reasons contradict (stages/answers.py `contradiction`); each check's schema asks
+# for the reason before the verdict. In `negatives_text` a verdict that holds says "the edit contradicts
+# the description":
+CONTRADICTION_WORDS = VerdictWords(
+    # a `holds: true` whose reason says the two are compatible
+    against_true=("paraphrase", "paraphrases", "compatible", "same meaning", "means the same", "equivalent",
+                  "synonym", "synonyms", "synonymous", "vaguer", "less specific", "more general", "adds detail",
+                  "both can be true", "can both be true", "no contradiction", "does not contradict",
+                  "doesn't contradict", "not contradict", "consistent", "identical"),
+    # a `holds: false` whose reason says they contradict, with no negation
+    against_false=("contradicts", "contradict", "contradiction", "contradictory", "incompatible",
+                   "mutually exclusive", "opposite", "conflicts", "conflict"),
+)
+# In `negatives_visual` a verdict that holds says "the text is true of the object", as validate's does.
+TRUTH_WORDS = VerdictWords(
+    against_true=CONSISTENCY_WORDS.against_true + ("not true", "untrue", "false", "is not", "isn't", "are not",
+                                                  "aren't", "not visible", "not shown"),
+    against_false=CONSISTENCY_WORDS.against_false + ("true", "is true"),
+)
 
 
 def single_span_edit(original: str, edited: str, max_span_words: int) -> tuple[int, int, str] | None:
@@ -87,6 +110,28 @@ def _verdicts(result: ChatResult, count: int) -> list[Verdict] | str:
     return out + [Verdict(holds=False, reason="no verdict given")] * (count - len(out))
 
 
+def _review_verdicts(result: ChatResult, count: int, cues: VerdictWords, unverified: bool) -> ChatResult | NotAnAnswer:
+    """An answer with verdicts their reasons contradict is asked again once; if it cannot be, those
+    verdicts (only) are recorded as `unverified` with the reason `contradictory verdict: ...`, so that
+    one bad verdict costs its candidate, not the region."""
+    try:
+        checks = _Checks.model_validate(result.parsed).verdicts[:count]
+    except ValidationError:
+        return result  # `apply` reports it
+    marked, said = [], []
+    for i, check in enumerate(checks, 1):
+        cue = contradiction(check.holds, check.reason, cues)
+        if cue is None:
+            marked.append(check.model_dump())
+        else:
+            said.append(f'{i}: "holds": {str(check.holds).lower()} but the reason says "{cue}"')
+            marked.append({"holds": unverified, "reason": f"{CONTRADICTORY_VERDICT}: {check.reason}"})
+    if not said:
+        return result
+    return NotAnAnswer(CONTRADICTORY_VERDICT, "; ".join(said),
+                       fallback=dataclasses.replace(result, parsed={"verdicts": marked}))
+
+
 class NegativesStage(DescribedStage):
     name = "negatives"
     writes = "negative_candidates"
@@ -135,6 +180,10 @@ class NegativesTextStage(DescribedStage):
         return {"fine_caption": ctx.region.fine_caption,
                 "candidates": [c.text for c in ctx.region.negative_candidates]}
 
+    def review(self, ctx: RegionContext, result: ChatResult) -> ChatResult | NotAnAnswer:
+        # unverified: not found contradicting, so the candidate is dropped
+        return _review_verdicts(result, len(ctx.region.negative_candidates), CONTRADICTION_WORDS, unverified=False)
+
     def apply(self, region: RegionRecord, result: ChatResult) -> str | None:
         verdicts = _verdicts(result, len(region.negative_candidates))
         if isinstance(verdicts, str):
@@ -167,6 +216,10 @@ class NegativesVisualStage(DescribedStage):
 
     def fields(self, ctx: RegionContext) -> dict[str, Any]:
         return {"phrase": ctx.region.phrase, "candidates": [c.text for c in self._to_check(ctx.region)]}
+
+    def review(self, ctx: RegionContext, result: ChatResult) -> ChatResult | NotAnAnswer:
+        # unverified: taken as true of the object, so the candidate is not kept as a negative
+        return _review_verdicts(result, len(self._to_check(ctx.region)), TRUTH_WORDS, unverified=True)
 
     def apply(self, region: RegionRecord, result: ChatResult) -> str | None:
         checked = self._to_check(region)

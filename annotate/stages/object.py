@@ -12,6 +12,9 @@ from annotate.stages.base import RegionContext, Stage, clean_caption
 class ObjectStage(Stage):
     name = "object"
     writes = "object_caption"
+    # The phrase a model may restate before its caption ("The object was referred to as "a mug".").
+    restated_inputs = {"phrase": ("the object was referred to as", "the object is referred to as", "referred to as",
+                                  "phrase")}
 
     def wants(self, region: RegionRecord) -> bool:
         return region.status == "pending" and region.mask is not None and region.object_caption is None

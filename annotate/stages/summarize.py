@@ -68,6 +68,8 @@ class SummarizeStage(DescribedStage):
     name = "summarize"
     writes = "summary"
     Params = SummarizeParams
+    # The description a model may restate before its summary ("Description: ... Summary: ...").
+    restated_inputs = {"fine_caption": ("description", "the original description", "fine-grained description")}
 
 
     def fields(self, ctx: RegionContext) -> dict[str, Any]:
