@@ -40,6 +40,7 @@ import yaml
 from annotate.config import ModelConfig, PipelineConfig, StageConfig
 from annotate.engines.conventions import conventions_of, effective_stop_tokens
 from annotate.engines.model_path import resolve_model_path
+from annotate.engines.transformers_common import token_id
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,7 @@ class Checkpoint:
     eos_ids: list[int]
 
     def token_id(self, token: int | str) -> int | None:
-        if isinstance(token, int):
-            return token
-        vocab = self.tokenizer.get_vocab()
-        return vocab.get(token)
+        return token if isinstance(token, int) else token_id(self.tokenizer, token)
 
     def name(self, token_id: int) -> str:
         return str(self.tokenizer.convert_ids_to_tokens(token_id))
