@@ -139,16 +139,22 @@ def parse_json(data: bytes, s: RawSample, limits: LimitsConfig) -> dict | None:
 
 
 def _deeper_than(x, limit: int) -> bool:
-    """Whether containers nest more than `limit` levels (iterative: no recursion on hostile input)."""
+    """Whether containers nest more than `limit` levels (iterative: no recursion on hostile input).
+    Empty containers are judged without a stack entry: a JSON of a million `{}` would otherwise double
+    its parsed size in work-list entries (bench/hostile_shards.py, dense_json)."""
+    if not isinstance(x, (dict, list)):
+        return False
     stack = [(x, 1)]
     while stack:
         v, depth = stack.pop()
         if depth > limit:
             return True
-        if isinstance(v, dict):
-            stack.extend((c, depth + 1) for c in v.values() if isinstance(c, (dict, list)))
-        elif isinstance(v, list):
-            stack.extend((c, depth + 1) for c in v if isinstance(c, (dict, list)))
+        for c in (v.values() if isinstance(v, dict) else v):
+            if isinstance(c, (dict, list)):
+                if c:
+                    stack.append((c, depth + 1))
+                elif depth + 1 > limit:
+                    return True
     return False
 
 
