@@ -108,14 +108,19 @@ def doctor(
     regions: int = typer.Option(2, "--regions", min=1, help="regions per image"),
     max_failed: float = typer.Option(0.5, "--max-failed", min=0, max=1,
                                      help="share of a stage's regions that may fail before the check fails"),
+    prompt_factor: float = typer.Option(1.5, "--prompt-factor", min=1,
+                                        help="how far a stage's mean prompt may exceed the planner's assumption"),
 ) -> None:
-    """Before a long run: deploy (or find) every model, send a few real requests per stage from the first
-    images of a shard through the stages' own code, print each answer, its finish reason and tokens and
-    what the rules made of it. Exits 1 on an answer cut by max_tokens or too many failed regions."""
+    """Before a long run: the load-time checkpoint check, then deploy (or find) every model, count the
+    token budgets, send a few real requests per stage from the first images of a shard through the
+    stages' own code, and print each answer, its finish reason, the token it stopped on, its tokens beside
+    the planner's assumption and what the rules made of it. Exits 1 on a load-time refusal, an answer cut
+    by max_tokens or stopped on a token the stage does not name, too many failed regions, or prompts
+    far above the plan."""
     from annotate.config import load_config
-    from annotate.executor.doctor import describe, run_doctor
+    from annotate.doctor import describe, run_doctor
 
-    report = run_doctor(load_config(config), input, shard, address, images, regions, max_failed,
+    report = run_doctor(load_config(config), input, shard, address, images, regions, max_failed, prompt_factor,
                         on_event=lambda e: typer.echo(e, err=True))
     typer.echo(describe(report))
     if not report.ok:

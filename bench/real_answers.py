@@ -6,7 +6,7 @@ every text stage; the tiny VLM the VLM stages) over the sample shards through `r
 counted per answer read, so a retried region counts each time):
 
 * read: successful model results that reached the stage's rules;
-* stored as given / cleaned: applied unchanged, or after the stripper removed a label, markdown,
+* accepted as given / cleaned: applied unchanged, or after the stripper removed a label, markdown,
   a preamble or restated inputs;
 * ruled out, by reason: echo (an 8-word run of the prompt's own text), copied example, no
   description, contradictory verdict; each such answer was asked again once, then its region failed
@@ -63,7 +63,7 @@ def run(shards: list[int], work: Path) -> dict:
 
 
 def table(figures: dict) -> str:
-    rows = ["| stage | read | stored as given | cleaned | retried | echo | copied example | no description "
+    rows = ["| stage | read | accepted as given | cleaned | retried | echo | copied example | no description "
             "| contradictory verdict | regions failed here |", "|---|---|---|---|---|---|---|---|---|---|"]
     for stage, c in figures["answers"].items():
         if not c["answers"]:

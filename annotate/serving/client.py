@@ -126,6 +126,7 @@ def result_from_summary(request: ChatRequest, summary: dict[str, Any], reasoning
                     prompt_tokens=summary["prompt_tokens"], completion_tokens=summary["completion_tokens"],
                     latency_s=latency, reasoning=summary.get("reasoning"))
     result.cached_prompt_tokens = summary.get("cached_tokens", 0)
+    result.stop_reason = summary.get("stop_reason")
     return result
 
 
