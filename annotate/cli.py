@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import typer
 
 DAMAGED_EXIT_CODE = 3  # some shard was read only in part: written with what was read, to be redone
+BREAKER_EXIT_CODE = 4  # a stage failed systematically: the run stopped itself (stages/breaker.py)
 
 app = typer.Typer(
     help="LongGRIT: annotate GRIT-20M regions with vision-language models; train PixCLIP on them.",
@@ -72,8 +75,9 @@ def run(
     from annotate.data.shards import parse_shard_spec
     from annotate.executor.runner import run_pipeline
 
-    summary = run_pipeline(load_config(config), input, output, parse_shard_spec(shards), stage=stage,
-                           retry_failed=retry_failed, address=address)
+    with _breaker_exit():
+        summary = run_pipeline(load_config(config), input, output, parse_shard_spec(shards), stage=stage,
+                               retry_failed=retry_failed, address=address)
     _print_run_summary(summary)
     if summary.shards_damaged:
         raise typer.Exit(DAMAGED_EXIT_CODE)
@@ -92,6 +96,35 @@ def serve(
     from annotate.executor.services import serve_models
 
     typer.echo(json.dumps(serve_models(load_config(config), address, stop=stop), default=str))
+
+
+@app.command()
+def doctor(
+    config: str = typer.Option(..., "--config", help="pipeline YAML of the run to check"),
+    input: str = typer.Option("sample_data/grit", "--input", help="folder holding the GRIT shards"),
+    shard: int = typer.Option(0, "--shard", help="the shard whose first images are asked about"),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster to check on (default: a local one)"),
+    images: int = typer.Option(2, "--images", min=1, help="images asked about"),
+    regions: int = typer.Option(2, "--regions", min=1, help="regions per image"),
+    max_failed: float = typer.Option(0.5, "--max-failed", min=0, max=1,
+                                     help="share of a stage's regions that may fail before the check fails"),
+    prompt_factor: float = typer.Option(1.5, "--prompt-factor", min=1,
+                                        help="how far a stage's mean prompt may exceed the planner's assumption"),
+) -> None:
+    """Before a long run: the load-time checkpoint check, then deploy (or find) every model, count the
+    token budgets, send a few real requests per stage from the first images of a shard through the
+    stages' own code, and print each answer, its finish reason, the token it stopped on, its tokens beside
+    the planner's assumption and what the rules made of it. Exits 1 on a load-time refusal, an answer cut
+    by max_tokens or stopped on a token the stage does not name, too many failed regions, or prompts
+    far above the plan."""
+    from annotate.config import load_config
+    from annotate.doctor import describe, run_doctor
+
+    report = run_doctor(load_config(config), input, shard, address, images, regions, max_failed, prompt_factor,
+                        on_event=lambda e: typer.echo(e, err=True))
+    typer.echo(describe(report))
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -142,10 +175,23 @@ def demo(
     from annotate.config import load_config
     from annotate.executor.runner import run_pipeline
 
-    summary = run_pipeline(load_config(config), "sample_data/grit", output, [0, 1], stage="all")
+    with _breaker_exit():
+        summary = run_pipeline(load_config(config), "sample_data/grit", output, [0, 1], stage="all")
     _print_run_summary(summary)
     if summary.shards_damaged:
         raise typer.Exit(DAMAGED_EXIT_CODE)
+
+
+@contextmanager
+def _breaker_exit():
+    """A run its breaker stopped: its message, not a traceback, and exit code 4."""
+    from annotate.stages.breaker import BreakerTripped
+
+    try:
+        yield
+    except BreakerTripped as exc:
+        typer.echo(f"\n{exc}", err=True)
+        raise typer.Exit(BREAKER_EXIT_CODE) from None
 
 
 def _print_run_summary(summary) -> None:

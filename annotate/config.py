@@ -28,16 +28,43 @@ class _Section(BaseModel):
 
 
 # ----------------------------------------------------------------------------------------- data
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # what GRIT and img2dataset produce
+
+
 class ImageConfig(_Section):
-    max_pixels: int = Field(40_000_000, description="images above this are refused before decoding")
-    max_bytes: int = Field(50_000_000, description="encoded payloads above this are refused unread")
+    max_pixels: int = Field(40_000_000, gt=0, description="images above this are refused before decoding")
+    max_bytes: int = Field(50_000_000, gt=0, description="encoded payloads above this are refused unread")
+    formats: tuple[str, ...] = Field(
+        IMAGE_FORMATS, min_length=1,
+        description="Pillow format names an image may have; anything else is refused before Pillow decodes it")
+
+
+class LimitsConfig(_Section):
+    """Bounds on what one sample of a shard may cost; each refusal is a reason in the output."""
+
+    max_json_bytes: int = Field(2_000_000, gt=0, description="a json (or txt) part above this is refused unread")
+    max_json_depth: int = Field(32, ge=2, le=200, description="json nested deeper than this is refused")
+    max_entries: int = Field(
+        128, ge=1, le=100_000,
+        description="source regions per sample (GRIT has a handful): a sample with more has its regions refused "
+                    "unread, before any region is built")
+    max_phrase_chars: int = Field(1000, ge=1, description="a region phrase longer than this fails the region")
+    max_end_zero_bytes: int = Field(
+        11264, ge=1024,
+        description="zero bytes a tar's end-of-archive marker may take (2 blocks + one 10 KiB record of padding); "
+                    "a longer zero run, or zeros followed by data, is damage")
 
 
 class RegionConfig(_Section):
     source: Literal["ref_exps", "noun_chunks"] = "ref_exps"
     min_score: float = Field(0.0, description="minimum GLIP score of a box")
     min_area_frac: float = Field(0.0, ge=0, le=1, description="minimum box area / image area")
-    max_regions_per_image: int = Field(32, ge=1)
+    max_regions_per_image: int = Field(32, ge=1, le=4096)
+    box_tolerance: float = Field(
+        0.01, ge=0, le=0.5,
+        description="normalised coordinates this far outside [0, 1] are clipped; further out the region fails "
+                    "(GRIT boxes are normalised: pixel coordinates must not become whole-image regions)")
+    min_box_pixels: float = Field(1.0, gt=0, description="a box narrower or lower than this many pixels fails")
     merge_iou: float = Field(0.9, gt=0, le=1, description="boxes with IoU above this are merged")
 
 
@@ -62,6 +89,7 @@ class CropConfig(_Section):
 class DataConfig(_Section):
     shard_format: Literal["auto", "webdataset", "parquet"] = "auto"
     images: ImageConfig = ImageConfig()
+    limits: LimitsConfig = LimitsConfig()
     regions: RegionConfig = RegionConfig()
     masks: MaskConfig = MaskConfig()
     crops: CropConfig = CropConfig()
@@ -253,6 +281,25 @@ class StageConfig(_Section):
     stage_class: str | None = Field(
         None, description="module:Class of a Stage subclass to use instead of the built-in one (experiments, "
                           "benchmarks); it must keep the stage's name")
+    # How long one request may take once sent; it changes no record, so the config fingerprint leaves it out.
+    deadline_s: float | None = Field(
+        None, gt=0, exclude=True,
+        description="seconds one request of this stage may take once sent before it is cancelled and counted a "
+                    "retryable `timeout`; None: DEADLINE_START_S + DEADLINE_PER_TOKEN_S x sampling.max_tokens")
+
+    def request_deadline_s(self) -> float:
+        """The deadline of one request: the configured one, else derived from the stage's `max_tokens`."""
+        if self.deadline_s is not None:
+            return self.deadline_s
+        return DEADLINE_START_S + DEADLINE_PER_TOKEN_S * self.sampling.max_tokens
+
+
+# A request's default deadline. Start-up: queueing behind a full batch on the replica, prefill of a
+# multi-image prompt on a 70B+ model, Serve routing. Per token: 0.5 s is 5-25x slower than a large model
+# decodes under full batching (10-30 tokens/s per sequence) and still ends a hung request in minutes
+# (256 tokens: 248 s; 1024: 632 s).
+DEADLINE_START_S = 120.0
+DEADLINE_PER_TOKEN_S = 0.5
 
 
 class SegmentConfig(_Section):
@@ -282,6 +329,16 @@ class QualityConfig(_Section):
 
 
 # ------------------------------------------------------------------------------------------ run
+class BreakerConfig(_Section):
+    """When a stage stops the run (stages/breaker.py): over the last `window` region outcomes of a
+    stage, once at least `min_count` are in, failures of one kind reaching `threshold` of them trip it."""
+
+    enabled: bool = True
+    window: int = Field(200, ge=1, description="region outcomes per stage looked at (the most recent)")
+    min_count: int = Field(50, ge=1, description="outcomes needed before the breaker may trip")
+    threshold: float = Field(0.8, gt=0, le=1, description="share of the window failed with one error kind that trips it")
+
+
 class RunConfig(_Section):
     ray_address: str | None = Field(None, description="join this Ray cluster; None starts a local one")
     dashboard_host: str = Field("127.0.0.1", description="bind address of a local cluster's dashboard")
@@ -314,6 +371,9 @@ class RunConfig(_Section):
     result_cache: bool = Field(
         True, description="keep each finished model result under OUT/cache/SHARD until the shard is committed, "
                           "so a rerun after a crash replays them (engines/result_cache.py)")
+    breaker: BreakerConfig = Field(
+        default_factory=BreakerConfig,
+        description="stop the run when nearly every recent region of a stage fails the same way")
 
 
 # ---------------------------------------------------------------------------------------- train
@@ -440,14 +500,44 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
     return config
 
 
+MAX_PIPELINE_FILE_BYTES = 1_000_000  # the bundled files are a few KB
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """SafeLoader without anchors and aliases: a few hundred bytes of nested aliases (a "billion laughs"
+    file) would otherwise expand into gigabytes; no pipeline file needs them (use `extends:`)."""
+
+    def compose_node(self, parent, index):  # type: ignore[override]
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not allowed in pipeline files", event.start_mark)
+        if self.check_event(yaml.ScalarEvent, yaml.SequenceStartEvent, yaml.MappingStartEvent):
+            event = self.peek_event()
+            if event.anchor is not None:
+                raise yaml.composer.ComposerError(
+                    None, None, f"YAML anchors (&{event.anchor}) are not allowed in pipeline files", event.start_mark)
+        return super().compose_node(parent, index)
+
+
 def _read_pipeline_file(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     path = path.resolve()
     if path in seen:
         raise ValueError(f"pipeline files extend each other in a loop: {' -> '.join(map(str, (*seen, path)))}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        size = path.stat().st_size
+        if size > MAX_PIPELINE_FILE_BYTES:
+            raise ValueError(f"pipeline file {path} is {size} bytes > {MAX_PIPELINE_FILE_BYTES}: not a pipeline file")
+        raw = yaml.load(path.read_text(), Loader=_NoAliasLoader)
     except FileNotFoundError:
         raise FileNotFoundError(f"config file {path} not found (pipelines/ holds the bundled ones)")
+    except yaml.YAMLError as e:
+        raise ValueError(f"pipeline file {path} is not valid YAML: {e}") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ValueError(f"pipeline file {path}: the top level is a {type(raw).__name__}, not a mapping of sections")
+    if not isinstance(raw.get("stages") or {}, dict):
+        raise ValueError(f"pipeline file {path}: `stages` is a {type(raw['stages']).__name__}, not a mapping")
     for stage in (raw.get("stages") or {}).values():
         if isinstance(stage, dict) and stage.get("prompt") and not Path(stage["prompt"]).is_absolute():
             stage["prompt"] = str((path.parent / stage["prompt"]).resolve())

@@ -50,8 +50,8 @@ def _hostile_samples() -> list[tuple[str, list, dict]]:
     png16 = sk.png16((np.arange(96 * 64).reshape(64, 96) * 10) % 65536)
     add("png16", png16, sk.meta(cap, [good_entry], "png16"), {"status": ["pending"]})
     outside = [
-        [0, 12, -0.5, -0.5, 0.5, 0.5, 0.9],  # partly outside: clipped
-        [0, 12, 1.2, 1.2, 1.5, 1.5, 0.9],  # fully outside: failed
+        [0, 12, -0.005, -0.005, 0.5, 0.5, 0.9],  # outside by less than box_tolerance: clipped
+        [0, 12, 1.2, 1.2, 1.5, 1.5, 0.9],  # outside [0, 1]: failed
         [0, 12, 0.6, 0.2, 0.4, 0.8, 0.9],  # inverted: failed
         [0, 12, 0.3, 0.3, 0.3, 0.6, 0.9],  # zero width: failed
         [0, 99, 0.1, 0.1, 0.9, 0.9, 0.9],  # char span past the caption: failed

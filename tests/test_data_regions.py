@@ -40,8 +40,8 @@ def test_non_ascii_offsets_are_str_offsets():
 def test_hostile_entries_fail_with_reasons():
     cap = "a thing"
     rs = _regions(cap, [
-        [0, 7, -0.5, -0.5, 0.5, 0.5, 0.9],  # clipped
-        [0, 7, 1.2, 1.2, 1.5, 1.5, 0.9],
+        [0, 7, -0.005, -0.005, 0.5, 0.5, 0.9],  # within box_tolerance: clipped
+        [0, 7, 1.2, 1.2, 1.5, 1.5, 0.9],  # outside [0, 1]: refused (issue 25), no longer "entirely outside"
         [0, 7, 0.6, 0.2, 0.4, 0.8, 0.9],
         [0, 7, 0.3, 0.3, 0.3, 0.6, 0.9],
         [0, 50, 0.1, 0.1, 0.9, 0.9, 0.9],
@@ -53,7 +53,7 @@ def test_hostile_entries_fail_with_reasons():
     assert rs[0].status == "pending" and rs[0].bbox == pytest.approx([0, 0, 100, 50])
     errors = [r.error for r in rs[1:]]
     assert all(r.status == "failed" for r in rs[1:])
-    assert "entirely outside" in errors[0]
+    assert "outside [0, 1]" in errors[0]
     assert "inverted or zero-area" in errors[1] and "inverted or zero-area" in errors[2]
     assert errors[3] == "char span [0, 50) outside caption of length 7"
     assert "outside caption" in errors[4]

@@ -126,3 +126,27 @@ def test_annotate_prepare_writes_the_store_that_annotate_run_resumes(tmp_path):
 
     ds = datasets.load_dataset(str(out), split="train", cache_dir=str(tmp_path / "hf"))  # the card points at them
     assert len(ds) == first["images"]
+
+
+def test_a_run_redoes_a_shard_whose_source_was_replaced(tmp_path):
+    """A prepared shard whose source file changed since (a re-download) is prepared again by the run;
+    the other one is taken from the store. A single later stage refuses it, naming what to do."""
+    import os
+
+    import pytest
+
+    from annotate.data.prepare import run_prepare
+    from annotate.data.store import PREPARE
+
+    src, out = _shards(tmp_path), tmp_path / "out"
+    run_prepare(str(src), "0-1", str(out), str(TINY))
+    replaced = src / "00001.tar"
+    replaced.write_bytes(replaced.read_bytes() + b"\0" * 1024)  # same samples, another file
+    os.utime(replaced, ns=(replaced.stat().st_atime_ns, replaced.stat().st_mtime_ns + 10**9))
+    cfg = load_config(TINY)
+    fp = config_fingerprint(cfg)
+    items, _ = plan_work(cfg, OutputStore(out), src, [0, 1], stage_io("all"), fp, retry_failed=False)
+    assert [(i["shard"], i["needs_prepare"], i["input"]) for i in items] == [
+        ("00000", False, PREPARE), ("00001", True, PREPARE)]
+    with pytest.raises(RuntimeError, match="changed since it was prepared"):
+        plan_work(cfg, OutputStore(out), src, [1], stage_io("validate"), fp, retry_failed=False)

@@ -2,7 +2,8 @@
 fitting images to a longest side.
 
 The size check happens on the header (PIL's lazy `Image.open`) so an oversized image is refused
-without decoding its pixels. Every failure is an `ImageError` whose message can go into a record.
+without decoding its pixels; only the formats of `ImageConfig.formats` (what GRIT and img2dataset
+produce) are tried at all. Every failure is an `ImageError` whose message can go into a record.
 """
 
 from __future__ import annotations
@@ -31,9 +32,11 @@ def decode_image(data: bytes, cfg: ImageConfig) -> Image.Image:
         # twice its limit) is still caught below so it reads the same.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data))
+            # Only the allowed formats' plugins look at the bytes: an EPS payload never reaches Ghostscript.
+            img = Image.open(io.BytesIO(data), formats=list(cfg.formats))
         except UnidentifiedImageError:
-            raise ImageError(f"not an image (unrecognised format, {len(data)} bytes, starts {data[:8]!r})") from None
+            raise ImageError(f"not an image of an allowed format ({', '.join(cfg.formats)}; {len(data)} bytes, "
+                             f"starts {data[:8]!r})") from None
         except Image.DecompressionBombError as e:
             raise ImageError(f"image refused from header: {e}") from None
         except Exception as e:  # noqa: BLE001 - any header parse failure is a bad payload

@@ -83,6 +83,12 @@ def _given_mask(meta: dict, index: int, field: str, h: int, w: int) -> np.ndarra
     rle = masks[index]
     if not isinstance(rle, dict) or "size" not in rle or "counts" not in rle:
         raise MaskError(f"given mask {index} is not a COCO RLE with size and counts")
+    size = rle["size"]
+    # checked before decoding: a hostile size would allocate its full h x w (10**10 pixels) first
+    if not isinstance(size, (list, tuple)) or len(size) != 2 or list(size) != [h, w] \
+            or not isinstance(rle["counts"], (str, bytes, list)):
+        shown = "x".join(str(v)[:12] for v in size) if isinstance(size, (list, tuple)) else type(size).__name__
+        raise MaskError(f"given mask {index} is {shown} (h x w), image is {h}x{w}")
     mask = decode_rle(rle)
     if mask.shape != (h, w):
         raise MaskError(f"given mask {index} is {mask.shape[0]}x{mask.shape[1]} (h x w), image is {h}x{w}")

@@ -20,9 +20,9 @@ from annotate.data.images import ImageError, decode_image
 from annotate.data.masks import MaskError, encode_rle, make_mask_explained
 from annotate.data.records import ImageRecord, RegionRecord
 from annotate.data.regions import region_entries, regions_from_meta
-from annotate.data.raw_sample import RawSample, ShardRead
+from annotate.data.raw_sample import RawSample, ShardRead, error_text, printable
 from annotate.data.shards import ShardRef, iter_samples
-from annotate.data.store import PREPARE, OutputStore, config_fingerprint
+from annotate.data.store import PREPARE, OutputStore, config_fingerprint, input_changed, input_stamp
 from annotate.data.writer import fill, status_counts
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class ShardStats:
     def add_problem(self, msg: str) -> None:
         self.problem_count += 1
         if len(self.problems) < MAX_KEPT_PROBLEMS:
-            self.problems.append(msg)
+            self.problems.append(printable(msg)[:1000])  # never raw input on a terminal, never a huge line
 
     def add(self, p: PreparedImage) -> None:
         self.images += 1
@@ -88,7 +88,7 @@ def prepare_shard(shard: ShardRef, cfg: DataConfig, stats: ShardStats | None = N
     read = ShardRead()
     stats = stats if stats is not None else ShardStats()
     stats.shard = shard.name
-    for sample in iter_samples(shard, cfg.images, read):
+    for sample in iter_samples(shard, cfg.images, read, cfg.limits, (cfg.regions.source, cfg.masks.given_field)):
         stats.take(read)
         try:
             prepared = prepare_sample(sample, shard.name, cfg)
@@ -129,14 +129,14 @@ def prepare_sample(sample: RawSample, shard_name: str, cfg: DataConfig) -> Prepa
         url=meta.get("url") if meta and isinstance(meta.get("url"), str) else None,
         image_bytes=sample.image_bytes if image is not None else None,
     )
-    entries_problem = region_entries(meta, cfg.regions)[1] if meta is not None else None
+    entries_problem = region_entries(meta, cfg.regions, cfg.limits)[1] if meta is not None else None
     copy = f"exact copy of sample {sample.copy_of!r} (same key, image and json)" if sample.copy_of else None
     record.error = sample.error or "; ".join(e for e in (sample.meta_error, entries_problem, image_error, copy) if e) or None
     if meta is None:
         return PreparedImage(record, image, problems)
     if entries_problem:
         problems.append(entries_problem)
-    regions = regions_from_meta(meta, shard_name, sample.key, max(width, 0), max(height, 0), cfg.regions)
+    regions = regions_from_meta(meta, shard_name, sample.key, max(width, 0), max(height, 0), cfg.regions, cfg.limits)
     record.regions = regions
     if copy is not None:
         _fail_all(regions, f"duplicate: {copy} in shard {shard_name}")
@@ -180,9 +180,10 @@ def _caption(meta: dict | None, text: str | None) -> str:
 def _json_int(meta: dict | None, name: str) -> int:
     v = meta.get(name) if meta else None
     try:
-        return max(0, int(v)) if v is not None and not isinstance(v, bool) else 0
+        n = int(v) if v is not None and not isinstance(v, bool) else 0
     except (TypeError, ValueError, OverflowError):
         return 0
+    return n if 0 < n < 2**31 else 0  # a record's width and height are int32: anything else is unknown
 
 
 def _crashed(sample: RawSample, shard_name: str, cfg: DataConfig, error: str) -> PreparedImage:
@@ -192,7 +193,8 @@ def _crashed(sample: RawSample, shard_name: str, cfg: DataConfig, error: str) ->
     try:
         if meta is not None:
             regions = regions_from_meta(
-                meta, shard_name, sample.key, _json_int(meta, "width"), _json_int(meta, "height"), cfg.regions
+                meta, shard_name, sample.key, _json_int(meta, "width"), _json_int(meta, "height"), cfg.regions,
+                cfg.limits,
             )
     except Exception:  # noqa: BLE001
         regions = []
@@ -217,9 +219,35 @@ def prepare_output(shard: ShardRef, data: DataConfig, store: OutputStore, finger
             if on_record is not None:
                 on_record()
 
-    writer = fill(store.writer(PREPARE, shard.name), records())
+    stamp = input_stamp(shard.path)  # before reading: a file replaced while it is read is redone
+    try:
+        writer = fill(store.writer(PREPARE, shard.name), records())
+    except Exception as e:  # noqa: BLE001 - last resort: the shard is damaged with the reason, the call goes on
+        log.exception("preparing shard %s failed", shard.name)
+        stats.damage = (f"internal error while preparing the shard after {stats.images} sample(s) "
+                        f"({error_text(e)}): nothing of it is stored")
+        writer = fill(store.writer(PREPARE, shard.name), [])
     damage = {"damage": stats.damage, "samples_read": stats.images} if stats.damage else None
-    return store.commit_file(writer, PREPARE, shard.name, fingerprint, damage)
+    line = store.commit_file(writer, PREPARE, shard.name, fingerprint, damage)
+    return {**line, "input": stamp} if stamp else line
+
+
+_CARD_COUNTS = ("images", "image_errors", "regions", "ok", "rejected", "failed", "pending")
+
+
+def _whole_output(store: OutputStore, fingerprint: str, this_call: dict[str, dict]) -> dict:
+    """What the dataset card says: every shard of the output under this config (from the manifest,
+    damaged ones included), not only the shards of this call."""
+    shards: dict[str, dict] = {}
+    for shard, line in store.latest(PREPARE).items():
+        if line.get("config") != fingerprint or line.get("state", "finished") not in ("finished", "damaged"):
+            continue
+        shards[shard] = {**{k: line.get(k, 0) for k in _CARD_COUNTS}, "damage": line.get("damage")}
+    for shard, stats in this_call.items():  # a shard whose output could not be stored has no line
+        shards.setdefault(shard, {**{k: stats.get(k, 0) for k in _CARD_COUNTS}, "damage": stats.get("damage")})
+    totals = {k: sum(int(v.get(k) or 0) for v in shards.values()) for k in _CARD_COUNTS}
+    damaged = {shard: v["damage"] for shard, v in shards.items() if v.get("damage")}
+    return {"shards": shards, "totals": totals, "damaged": damaged}
 
 
 def run_prepare(input_dir: str, shard_spec: str, output: str, config_path: str | None = None) -> dict:
@@ -250,8 +278,9 @@ def run_prepare(input_dir: str, shard_spec: str, output: str, config_path: str |
     with store.lock(), Progress(*columns, console=console) as progress:
         store.remove_stale_temporaries()
         finished = store.finished(PREPARE, fingerprint)
-        skipped = [ref.name for ref in refs if ref.name in finished]
-        todo = [ref for ref in refs if ref.name not in finished]
+        done = {ref.name for ref in refs if ref.name in finished and not input_changed(finished[ref.name], ref.path)}
+        skipped = [ref.name for ref in refs if ref.name in done]
+        todo = [ref for ref in refs if ref.name not in done]
         task = progress.add_task("shards", total=len(todo), images=0)
         images = 0
 
@@ -263,8 +292,13 @@ def run_prepare(input_dir: str, shard_spec: str, output: str, config_path: str |
         for ref in todo:
             progress.update(task, description=f"shard {ref.name}")
             stats = ShardStats()
-            line = prepare_output(ref, cfg.data, store, fingerprint, stats, one_more_image)
-            store.record(line)
+            try:
+                line = prepare_output(ref, cfg.data, store, fingerprint, stats, one_more_image)
+                store.record(line)
+            except Exception as e:  # noqa: BLE001 - e.g. the output cannot be written: say so, go on
+                log.exception("shard %s could not be stored", ref.name)
+                stats.damage = f"not stored ({error_text(e)})"
+                line = {"sha256": None}
             progress.advance(task)
             per_shard[ref.name] = {**stats.summary(), "sha256": line["sha256"]}
             for k, v in stats.regions.items():
@@ -277,8 +311,8 @@ def run_prepare(input_dir: str, shard_spec: str, output: str, config_path: str |
                               f"the {stats.images} sample(s) read were written[/bold red]")
         summary = {"images": sum(s["images"] for s in per_shard.values()),
                    "image_errors": sum(s["image_errors"] for s in per_shard.values()), "damaged": damaged}
-        store.write_card(PREPARE, title=f"{cfg.name}: prepared regions", shards=per_shard, totals=totals,
-                         config_fingerprint=fingerprint, **summary)
+        store.write_card(PREPARE, title=f"{cfg.name}: prepared regions", config_fingerprint=fingerprint,
+                         **_whole_output(store, fingerprint, per_shard))
     if skipped:
         console.print(f"{len(skipped)} shard(s) already prepared under this config: {', '.join(skipped)}")
     console.print(f"wrote {len(todo)} shard(s) to {store.folder(PREPARE)}: {totals}")

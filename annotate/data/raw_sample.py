@@ -4,8 +4,10 @@ besides them (`ShardRead`: benign problems, and damage). Shared by `shards.py` a
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import quote
 
 log = logging.getLogger("annotate.data.shards")
 
@@ -26,8 +28,9 @@ class ShardRead:
     damage: str | None = None
 
     def problem(self, path: Path, msg: str) -> None:
-        log.warning("%s: %s", path, msg)
-        self.problems.append(f"{path.name}: {msg}")
+        msg = printable(msg)
+        log.warning("%s: %s", printable(str(path)), msg)
+        self.problems.append(f"{printable(path.name)}: {msg}")
 
     def damaged(self, path: Path, reason: str) -> None:
         self.problem(path, f"damaged: {reason}")
@@ -61,4 +64,36 @@ class RawSample:
 
 
 def error_text(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}".strip().rstrip(":")
+    return printable(f"{type(e).__name__}: {e}".strip().rstrip(":"))[:500]
+
+
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def printable(text: str) -> str:
+    """`text` safe for a terminal or a log: control characters (escape sequences, bidi overrides,
+    line breaks) and lone surrogates are written as \\xNN / \\uNNNN escapes."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text))
+
+
+def unsafe_reason(name: str) -> str | None:
+    """Why a tar member name or a Parquet key cannot be trusted as a key: it reads as a path outside
+    the shard, or holds characters a terminal or a file system would act on. None when it is safe."""
+    return ("absolute path" if name.startswith("/")
+            else "parent directory reference" if ".." in name.split("/")
+            else "backslash in the name" if "\\" in name
+            else "control character in the name" if _CONTROL.search(name) or "\x00" in name
+            else None)
+
+
+def safe_key(raw_key: str) -> tuple[str, str | None]:
+    """(the key to store, why the raw key is unsafe or None): one rule for tar member names and Parquet
+    keys. Bytes that are not UTF-8 (decoded as surrogates) are %-escaped; an unsafe key is %-quoted
+    whole, so it can never read as a path or reach a terminal raw."""
+    raw_key = _SURROGATE.sub(lambda m: f"%{ord(m.group()) - 0xDC00:02X}" if "\udc80" <= m.group() <= "\udcff"
+                             else "\ufffd", raw_key)
+    unsafe = unsafe_reason(raw_key)
+    if unsafe:
+        return quote(raw_key, safe=""), unsafe
+    return str(PurePosixPath(raw_key)) if raw_key else raw_key, None

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from annotate.config import ImageConfig
-from annotate.data.raw_sample import RawSample, ShardRead, error_text  # ShardRead: re-exported for callers
+from annotate.config import ImageConfig, LimitsConfig
+from annotate.data.raw_sample import RawSample, ShardRead, error_text, printable, safe_key  # ShardRead: re-exported
 from annotate.data.tar_reader import iter_tar
 
 ShardFormat = Literal["webdataset", "parquet"]
@@ -87,12 +87,16 @@ def find_shards(input_dir: str | Path, shard_ids: list[int], fmt: str = "auto") 
     return found
 
 
-def iter_samples(shard: ShardRef, cfg: ImageConfig, read: ShardRead | list[str] | None = None) -> Iterator[RawSample]:
+def iter_samples(shard: ShardRef, cfg: ImageConfig, read: ShardRead | list[str] | None = None,
+                 limits: LimitsConfig | None = None, columns: Iterable[str] = ()) -> Iterator[RawSample]:
     """Stream the shard's samples; never raises for a bad file. Pass a `ShardRead` to learn, once the
-    stream is exhausted, whether the shard was damaged (a plain list collects the problems only)."""
+    stream is exhausted, whether the shard was damaged (a plain list collects the problems only).
+    `columns`: json fields some step reads besides `META_COLUMNS` (Parquet reads no others)."""
     if not isinstance(read, ShardRead):
         read = ShardRead(problems=read if read is not None else [])
-    raw = iter_tar(shard.path, cfg, read) if shard.format == "webdataset" else _iter_parquet(shard.path, cfg, read)
+    limits = limits or LimitsConfig()
+    raw = (iter_tar(shard.path, cfg, read, limits) if shard.format == "webdataset"
+           else _iter_parquet(shard.path, cfg, read, limits, columns))
     yield from _unique_keys(raw)
 
 
@@ -139,9 +143,23 @@ def _content_digest(s: RawSample) -> bytes | None:
     return h.digest()
 
 
-def _iter_parquet(path: Path, cfg: ImageConfig, read: ShardRead) -> Iterator[RawSample]:
+# the json columns some step reads (both region sources, the default given-mask field); others are never decoded
+META_COLUMNS = ("key", "id", "url", "caption", "width", "height", "status", "ref_exps", "noun_chunks", "seudo_masks")
+
+
+class _Bad:
+    """A Parquet value that could not be read: it fails its row, not its batch."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+
+def _iter_parquet(path: Path, cfg: ImageConfig, read: ShardRead, limits: LimitsConfig,
+                  columns: Iterable[str] = ()) -> Iterator[RawSample]:
     """Row group by row group, so one corrupt row group loses only its own rows; those are read again
-    without the image column, so their json still comes out (with an image error) when it can."""
+    without the image column, so their json still comes out (with an image error) when it can. Only
+    the columns some step reads are read (`META_COLUMNS`, `columns`, the image), column by column, so
+    a bad value in a column no step reads costs nothing, and a bad value in one it does fails its row."""
     import pyarrow.parquet as pq
 
     try:
@@ -153,12 +171,14 @@ def _iter_parquet(path: Path, cfg: ImageConfig, read: ShardRead) -> Iterator[Raw
     names = pf.schema_arrow.names
     image_col = next((c for c in ("jpg", "image", "png", "webp") if c in names), None)
     if image_col is None:
-        read.problem(path, f"no image column (jpg or image) among {names}")
+        read.problem(path, f"no image column (jpg or image) among {names[:20]}")
+    wanted = set(META_COLUMNS) | set(columns)
+    meta_cols = [c for c in names if c in wanted and c != image_col]
     first = 0
     for rg, rows in enumerate(groups):
         done = 0
         try:
-            for row in _row_group(pf, rg, None):
+            for row in _row_group(pf, rg, meta_cols + ([image_col] if image_col else []), limits, image_col, cfg):
                 yield _parquet_row_sample(row, image_col, first + done, cfg)
                 done += 1
             if done != rows:
@@ -167,7 +187,7 @@ def _iter_parquet(path: Path, cfg: ImageConfig, read: ShardRead) -> Iterator[Raw
             error = f"row group {rg} unreadable from row {first + done} ({error_text(e)})"
             kept = 0
             try:
-                for i, row in enumerate(_row_group(pf, rg, [c for c in names if c != image_col])):
+                for i, row in enumerate(_row_group(pf, rg, meta_cols, limits, None, cfg)):
                     if i >= done:
                         yield _parquet_row_sample(row, None, first + i, cfg, f"image not read: {error}")
                         kept += 1
@@ -178,16 +198,62 @@ def _iter_parquet(path: Path, cfg: ImageConfig, read: ShardRead) -> Iterator[Raw
         first += rows
 
 
-def _row_group(pf, rg: int, columns: list[str] | None) -> Iterator[dict]:
+def _row_group(pf, rg: int, columns: list[str], limits: LimitsConfig, image_col: str | None,
+               cfg: ImageConfig) -> Iterator[dict]:
     for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[rg], columns=columns):
-        yield from batch.to_pylist()
+        values = {name: _column_values(batch.column(i), name, cfg.max_bytes if name == image_col else limits.max_json_bytes)
+                  for i, name in enumerate(batch.schema.names)}
+        for i in range(batch.num_rows):
+            yield {name: v[i] for name, v in values.items()}
+
+
+def _column_values(col, name: str, max_bytes: int) -> list:
+    """A column as Python values; a value that cannot be converted (not UTF-8, a date out of range) or
+    is larger than `max_bytes` becomes a `_Bad` for its row alone."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    too_big: dict[int, int] = {}
+    if pa.types.is_string(col.type) or pa.types.is_binary(col.type) or pa.types.is_large_string(col.type) \
+            or pa.types.is_large_binary(col.type):
+        lengths = pc.binary_length(col).to_pylist()
+        too_big = {i: n for i, n in enumerate(lengths) if n is not None and n > max_bytes}
+        if too_big:
+            col = pc.if_else(pa.array([i in too_big for i in range(len(col))]), pa.scalar(None, col.type), col)
+    try:
+        values = col.to_pylist()
+    except Exception:  # noqa: BLE001 - one value spoils the column's conversion: convert value by value
+        values = []
+        for i in range(len(col)):
+            try:
+                values.append(col[i].as_py())
+            except Exception as e:  # noqa: BLE001
+                values.append(_Bad(f"column {name!r}: value not readable ({error_text(e)})"))
+    for i, n in too_big.items():
+        values[i] = _Bad(f"column {name!r}: value of {n} bytes > {max_bytes}: not read")
+    return values
 
 
 def _parquet_row_sample(row: dict, image_col: str | None, row_no: int, cfg: ImageConfig,
                         no_image: str | None = None) -> RawSample:
-    key = row.get("key") or row.get("id") or f"row{row_no:09d}"
     payload = row.pop(image_col, None) if image_col else None
-    s = RawSample(str(key), row, None)
+    raw_key = next((row[c] for c in ("key", "id") if row.get(c) not in (None, "") and not isinstance(row[c], _Bad)),
+                   f"row{row_no:09d}")
+    key, unsafe = safe_key(str(raw_key))
+    s = RawSample(key, None, None)
+    if unsafe:
+        s.error = (f"unsafe key {printable(repr(str(raw_key))[:120])} ({unsafe}): sample not read, "
+                   "keys are never used as paths")
+        s.problems.append(s.error)
+        return s
+    bad = [v.why for v in row.values() if isinstance(v, _Bad)]
+    if bad:
+        s.no_meta("; ".join(bad))
+    else:
+        s.meta = row
+    if isinstance(payload, _Bad):
+        s.no_image(payload.why.replace(f"> {cfg.max_bytes}", f"> max_bytes {cfg.max_bytes}"))
+        return s
     if isinstance(payload, dict):  # datasets-style {"bytes": ..., "path": ...}
         payload = payload.get("bytes")
     if payload is not None and not isinstance(payload, (bytes, bytearray)):
@@ -198,7 +264,8 @@ def _parquet_row_sample(row: dict, image_col: str | None, row_no: int, cfg: Imag
         s.no_image(no_image)
     elif payload is None:
         status = row.get("status")
-        s.no_image(f"no image in the row (status: {status})" if status else "no image in the row")
+        s.no_image(f"no image in the row (status: {printable(str(status))[:80]})" if status and not isinstance(status, _Bad)
+                   else "no image in the row")
     else:
         s.image_bytes = bytes(payload)
     return s

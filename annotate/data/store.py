@@ -138,11 +138,8 @@ class OutputStore:
         if not self.manifest_path.exists():
             return []
         lines = []
-        for line in self.manifest_path.read_text().splitlines():
-            try:
-                lines.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash mid-write counts as not written
+        for line in self.manifest_path.read_text(errors="replace").splitlines():
+            lines.extend(_manifest_entries(line))
         return lines
 
     def latest(self, output: str) -> dict[str, dict[str, Any]]:
@@ -182,8 +179,10 @@ class OutputStore:
         `entry["state"]` is `finished` unless given (`damaged`)."""
         entry = {"state": FINISHED, **entry, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.manifest_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry, sort_keys=True) + "\n")
+        with open(self.manifest_path, "a+b") as f:
+            torn = f.tell() > 0 and (f.seek(-1, os.SEEK_END) or f.read(1)) != b"\n"
+            # a line cut by a crash mid-write is ended first, so it can never swallow this one
+            f.write((("\n" if torn else "") + json.dumps(entry, sort_keys=True) + "\n").encode())
             f.flush()
             os.fsync(f.fileno())
 
@@ -220,6 +219,43 @@ class OutputStore:
 
     def lock(self) -> "OutputLock":
         return OutputLock(self.root)
+
+
+def _manifest_entries(line: str) -> list[dict[str, Any]]:
+    """The manifest entries of one line: its object, or, when a crash cut a line and the next was appended
+    to it (files written before torn lines were ended), the whole objects found after the cut."""
+    try:
+        entry = json.loads(line)
+        return [entry] if isinstance(entry, dict) else []
+    except ValueError:
+        pass
+    decoder, found, at = json.JSONDecoder(), [], line.find("{", 1)
+    while at != -1:
+        try:
+            entry, end = decoder.raw_decode(line, at)
+        except ValueError:
+            at = line.find("{", at + 1)
+            continue
+        if isinstance(entry, dict) and "shard" in entry and "output" in entry:
+            found.append(entry)
+        at = line.find("{", end)
+    return found
+
+
+def input_stamp(path: Path) -> dict[str, Any] | None:
+    """What a `prepare` line records of its input file (size, mtime), so a replaced input is redone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def input_changed(line: dict[str, Any] | None, path: Path) -> bool:
+    """Whether the input file differs from the one the line was made from (lines without a stamp:
+    unknown, taken as unchanged)."""
+    recorded = (line or {}).get("input")
+    return isinstance(recorded, dict) and input_stamp(path) != recorded
 
 
 def damage_of(line: dict[str, Any]) -> dict[str, Any]:

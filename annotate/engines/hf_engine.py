@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from annotate.config import ModelConfig, SamplingConfig
-from annotate.engines.base import ChatRequest, ChatResult
+from annotate.engines.base import ChatRequest, ChatResult, EngineDeadError
 from annotate.engines.messages import InvalidMessageError, to_hf_messages
 from annotate.engines.model_path import resolve_model_path
 from annotate.engines.transformers_common import (
@@ -27,6 +27,28 @@ from annotate.engines.transformers_common import (
 from annotate.engines.postprocess import error_result, finish
 
 log = logging.getLogger(__name__)
+
+# An error after which the device (and so the engine) serves nothing more: a CUDA error is sticky for
+# the process, and an out-of-memory one leaves the allocator in doubt. Matched on the type and message.
+DEVICE_ERROR_SIGNS = ("CUDA error", "CUDA out of memory", "out of memory", "OutOfMemoryError", "CUBLAS_STATUS",
+                      "CUDNN_STATUS", "cuDNN error", "NCCL error", "device-side assert", "illegal memory access",
+                      "AcceleratorError", "EngineDeadError")
+
+
+def is_device_error(error: BaseException | str | None) -> bool:
+    """An exception (or a result's error text) that leaves the engine unusable: the replica must go."""
+    if error is None:
+        return False
+    if isinstance(error, EngineDeadError):
+        return True
+    text = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return any(sign in text for sign in DEVICE_ERROR_SIGNS)
+
+
+def raise_if_device_error(model_id: str, exc: BaseException) -> None:
+    """Let a device error through as EngineDeadError (never swallowed into one request's result)."""
+    if is_device_error(exc):
+        raise EngineDeadError(f"{model_id}: device error: {type(exc).__name__}: {str(exc)[:400]}") from exc
 
 
 def _as_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -121,6 +143,7 @@ class HfEngine:
         try:
             generated = self._generate(requests[chunk[0][0]].sampling, chunk)
         except Exception as exc:  # noqa: BLE001 - isolate the request that broke the batch
+            raise_if_device_error(self.model_id, exc)  # no request of this engine can succeed any more
             if len(chunk) == 1:
                 kind = "invalid_input" if isinstance(exc, (ValueError, TypeError, IndexError)) else "internal"
                 i = chunk[0][0]

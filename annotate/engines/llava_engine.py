@@ -34,6 +34,7 @@ from annotate.engines.transformers_common import (
     token_id,
     torch_dtype,
 )
+from annotate.engines.hf_engine import raise_if_device_error
 from annotate.engines.postprocess import error_result, finish
 
 log = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class LlavaEngine:
         try:
             text, finish_reason, n_prompt, n_completion = self._generate(req.sampling, prompt, images)
         except Exception as exc:  # noqa: BLE001 - one request's failure is its own result
+            raise_if_device_error(self.model_id, exc)  # a device error ends the engine, not one request
             kind = "invalid_input" if isinstance(exc, (ValueError, TypeError, IndexError)) else "internal"
             return error_result(req.request_id, kind, f"{type(exc).__name__}: {str(exc)[:500]}", time.perf_counter() - started)
         return finish(req.request_id, text, finish_reason, json_schema=req.json_schema,

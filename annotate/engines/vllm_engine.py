@@ -218,6 +218,7 @@ class VllmEngine:
             latency_s=latency,
         )
         result.cached_prompt_tokens = output.num_cached_tokens or 0
+        result.stop_reason = completion.stop_reason  # the stop token id or string; None for EOS
         return result
 
     def close(self) -> None:

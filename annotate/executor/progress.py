@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from annotate.stages.batch import StageCounts
+from annotate.stages.breaker import BreakerTripped, StageBreakers
 
 
 @ray.remote(num_cpus=0)
@@ -33,6 +34,14 @@ class ProgressTracker:
         agg["rejected"] += counts["rejected"]
         agg["failed"] += counts["failed"]
         agg["tokens"] += counts["prompt_tokens"] + counts["completion_tokens"]
+        agg["timeouts"] = agg.get("timeouts", 0) + counts.get("timeouts", 0)
+        by_kind = agg.setdefault("failures_by_kind", {})
+        for kind, n in (counts.get("failures_by_kind") or {}).items():
+            by_kind[kind] = by_kind.get(kind, 0) + n
+        samples = agg.setdefault("error_samples", {})
+        for kind, messages in (counts.get("error_samples") or {}).items():
+            kept = samples.setdefault(kind, [])
+            kept.extend(m for m in messages if len(kept) < 2 and m not in kept)
         for key in ANSWER_COUNTS:  # what the answer rules did (stages/answers.py), for the run record
             agg[key] = agg.get(key, 0) + counts.get(key, 0)
 
@@ -97,10 +106,14 @@ class StageMetrics:
 
 
 class ProgressDisplay:
-    """Rich bars per stage (done/total regions, regions/s, rejected, failed), refreshed from the tracker."""
+    """Rich bars per stage (done/total regions, regions/s, rejected, failed), refreshed from the tracker.
+    With `breakers`, every look at the tracker also feeds each stage's breaker (stages/breaker.py); the
+    driver's loop calls `raise_if_tripped` to stop the run."""
 
-    def __init__(self, tracker, stages: tuple[str, ...], shards_total: int, console: Console | None = None):
+    def __init__(self, tracker, stages: tuple[str, ...], shards_total: int, console: Console | None = None,
+                 breakers: StageBreakers | None = None):
         self.tracker = tracker
+        self.breakers = breakers
         self.console = console or Console(stderr=True)
         self.progress = Progress(
             TextColumn("{task.description:<10}"),
@@ -115,7 +128,9 @@ class ProgressDisplay:
         self.stage_tasks = {s: self.progress.add_task(s, total=None, detail="") for s in stages}
         self.model_calls: dict[str, dict[str, int]] = {}  # stage -> model calls and replays, once the run ends
         self.answers: dict[str, dict[str, int]] = {}  # stage -> what the answer rules did, once the run ends
+        self.failures: dict[str, dict[str, int]] = {}  # stage -> failed regions by error kind, once the run ends
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
     def __enter__(self) -> "ProgressDisplay":
@@ -132,6 +147,8 @@ class ProgressDisplay:
                             for stage, agg in (snap or {}).get("stages", {}).items()}
         self.answers = {stage: {key: int(agg.get(key, 0)) for key in ANSWER_COUNTS}
                         for stage, agg in (snap or {}).get("stages", {}).items()}
+        self.failures = {stage: dict(agg.get("failures_by_kind") or {})
+                         for stage, agg in (snap or {}).get("stages", {}).items()}
         for stage in self.stage_tasks:  # what the run asked its models, and what it replayed instead
             if snap and stage in snap["stages"]:
                 self.console.print(calls_line(stage, snap["stages"][stage]), markup=False, highlight=False,
@@ -146,6 +163,9 @@ class ProgressDisplay:
         except Exception:
             return None
         elapsed = max(snap["elapsed"], 1e-6)
+        if self.breakers is not None:
+            with self._lock:  # the poll thread and the final look: each change fed once
+                self.breakers.observe(snap["stages"])
         for stage, task in self.stage_tasks.items():
             agg = snap["stages"].get(stage)
             if not agg:
@@ -156,9 +176,20 @@ class ProgressDisplay:
                 completed=finished,
                 total=max(agg["regions"], finished),
                 detail=f"{finished / elapsed:5.1f} reg/s  rejected {int(agg['rejected'])}  failed {int(agg['failed'])}"
-                       + (f"  replayed {int(agg['replayed'])}" if agg.get("replayed") else ""),
+                       + (f"  replayed {int(agg['replayed'])}" if agg.get("replayed") else "")
+                       + (f"  timeouts {int(agg['timeouts'])}" if agg.get("timeouts") else ""),
             )
         return snap
+
+    def raise_if_tripped(self, look: bool = False) -> None:
+        """Raise `BreakerTripped` when a stage's breaker has tripped: at the poll thread's last look, or
+        with `look` at a fresh one (the driver, before it records a shard as finished)."""
+        if self.breakers is None:
+            return
+        if look and self.breakers.trip is None:
+            self.refresh()
+        if self.breakers.trip is not None:
+            raise BreakerTripped(self.breakers.trip)
 
     def _poll(self) -> None:
         while not self._stop.wait(1.0):

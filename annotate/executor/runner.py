@@ -26,7 +26,8 @@ from rich.console import Console
 from annotate.cluster import ensure_ray
 from annotate.config import PipelineConfig, QualityConfig
 from annotate.data.shards import find_shards
-from annotate.data.store import DAMAGED, FINAL, FINISHED, PREPARE, OutputStore, config_fingerprint, count_rows, damage_of
+from annotate.data.store import (DAMAGED, FINAL, FINISHED, PREPARE, OutputStore, config_fingerprint, count_rows,
+                                  damage_of, input_changed)
 from annotate.data.writer import ShardWriter
 from annotate.engines.checkpoint_check import check_checkpoints
 from annotate.engines.result_cache import remove_shard
@@ -36,6 +37,7 @@ from annotate.executor.shard_io import ROW_SHARD, ROW_TOTAL, row_to_record
 from annotate.executor.workers import SegmentWorker, StageWorker
 from annotate.serving.apps import SEGMENT_MODEL, ModelApp, ensure_apps, needed_models, replica_info, replicas
 from annotate.serving.client import ModelClient
+from annotate.stages.breaker import BreakerTripped, StageBreakers
 from annotate.stages.budget import StageBudget, check_budgets
 from annotate.stages.chain import StageIO, chain_of, check_stages, finalize_record, is_retryable, stage_io, stage_writing
 from annotate.stages.quality import write_near_duplicates
@@ -59,6 +61,8 @@ class RunSummary:
     token_budgets: list[dict] = field(default_factory=list)  # each stage's worst case, counted at load time
     model_calls: dict[str, dict] = field(default_factory=dict)  # stage -> calls sent to its model, and replayed
     answers: dict[str, dict] = field(default_factory=dict)  # stage -> answers read, cleaned, retried, ruled out (why)
+    failures: dict[str, dict] = field(default_factory=dict)  # stage -> failed regions by error kind
+    stopped: dict | None = None  # why a stage's breaker stopped the run (stages/breaker.py), when it did
 
 
 def _has_retryable_failures(path: Path) -> bool:
@@ -77,6 +81,7 @@ def plan_work(cfg: PipelineConfig, store: OutputStore, input_dir: Path, shard_id
     input_name, output_name = io.reads, io.writes
     refs = find_shards(input_dir, shard_ids, cfg.data.shard_format)
     latest_out, latest_in = store.latest(output_name), store.latest(input_name)
+    latest_prepare = latest_in if input_name == PREPARE else store.latest(PREPARE)
 
     def holding(line: dict | None, *states: str) -> dict | None:
         return line if line and store.is_current(line, fingerprint, *states) else None
@@ -86,6 +91,13 @@ def plan_work(cfg: PipelineConfig, store: OutputStore, input_dir: Path, shard_id
         item = {"shard": ref.name, "shard_id": ref.shard_id, "source_path": str(ref.path),
                 "source_format": ref.format, "needs_prepare": False, "retry_failed": False, "input": input_name,
                 "damage": None}
+        if input_changed(latest_prepare.get(ref.name), ref.path):  # the source file was replaced since
+            if input_name != PREPARE:
+                raise RuntimeError(f"shard {ref.name}'s source {ref.path} changed since it was prepared; "
+                                   "run all stages (`annotate run` without --stage) on it again")
+            item["needs_prepare"] = True
+            items.append(item)
+            continue
         if holding(latest_out.get(ref.name), FINISHED):
             if retry_failed and _has_retryable_failures(store.output_path(output_name, ref.name)):
                 item.update(input=output_name, retry_failed=True)
@@ -181,8 +193,23 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
             )
         outputs = ShardOutputs(store, output_name, fingerprint, ledger,
                                {i["shard"]: i["damage"] for i in items if i["damage"]}, cfg.quality)
-        with ProgressDisplay(tracker, chain, len(items), console) as display:
-            outputs.write(ds, display)
+        breakers = StageBreakers(cfg.run.breaker, chain)
+        display = ProgressDisplay(tracker, chain, len(items), console, breakers=breakers)
+        try:
+            with display:
+                outputs.write(ds, display)  # raises BreakerTripped when a stage fails systematically
+        except BreakerTripped as exc:  # the run record says what was done and why it stopped
+            trip = exc.trip
+            summary.stopped = {"stage": trip.stage, "kind": trip.kind, "failed": trip.failed, "seen": trip.seen,
+                               "samples": list(trip.samples)}
+            summary.model_calls, summary.answers, summary.failures = display.model_calls, display.answers, display.failures
+            summary.shards_written, summary.shards_damaged = outputs.written, outputs.damaged
+            _write_run_record(store, summary, cfg.name, fingerprint)
+            raise
+        summary.failures = display.failures
+        if breakers.trip is not None:  # tripped at the last look, with every shard through: say so, do not stop
+            console.print(f"warning: stage {breakers.trip.stage!r} failed {breakers.trip.share:.0%} of its last "
+                          f"regions with `{breakers.trip.kind}` errors; see `annotate status`", markup=False)
         summary.model_calls = display.model_calls
         summary.answers = display.answers
         for item in items:  # shards with no image at all produce no row, but still get an (empty) output
@@ -224,6 +251,7 @@ def _write_run_record(store: OutputStore, summary: RunSummary, pipeline: str, fi
     record = {"stage": summary.stage, "config": fingerprint, "pipeline": pipeline,
               "shards_written": summary.shards_written, "shards_skipped": summary.shards_skipped,
               "shards_damaged": summary.shards_damaged, "model_calls": summary.model_calls, "answers": summary.answers,
+              "failures": summary.failures, "stopped": summary.stopped,
               "replicas": summary.replicas, "models_deployed": summary.models_deployed,
               "token_budgets": summary.token_budgets}
     stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -274,11 +302,16 @@ class ShardOutputs:
         remove_shard(self.store.cache_root, shard)  # after its manifest line: its model results are in the output now
 
     def write(self, ds, display: ProgressDisplay) -> None:
+        """Consume the stream, committing each shard once complete. A tripped breaker stops it: the
+        iteration is closed (Ray Data shuts its operators down), shards in flight are aborted, never
+        recorded; committed ones stay; `BreakerTripped` goes up to the command."""
         writers: dict[str, ShardWriter] = {}
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="pyarrow"))
         try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for batch in batches:
                 assert isinstance(batch, pa.Table)
-                self.record_prepared()
+                self.record_prepared()  # prepare outputs made so far are kept even when the run stops here
+                display.raise_if_tripped()
                 for row in batch.to_pylist():
                     shard = row[ROW_SHARD]
                     if shard in self.committed:
@@ -293,9 +326,18 @@ class ShardOutputs:
                     if not writer.add(record):  # the same image again: a read task that Ray ran twice
                         log.info("dropping a repeated row for image %s of shard %s", record.image_key, shard)
                     if writer.complete:
+                        # A fresh look first (the tracker already holds every count of this shard's rows):
+                        # no shard is recorded as finished once its stages are known to fail systematically.
+                        display.raise_if_tripped(look=True)
                         self.commit(writers.pop(shard), shard)
                         display.shard_done()
             self.record_prepared()
         finally:
+            close = getattr(batches, "close", None)
+            if close is not None:  # ends Ray Data's streaming executor now, not at garbage collection
+                try:
+                    close()
+                except Exception as exc:  # noqa: BLE001 - stopping is best effort; the error in flight wins
+                    log.warning("closing the dataset iterator: %s", exc)
             for writer in writers.values():
                 writer.abort()

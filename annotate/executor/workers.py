@@ -34,7 +34,8 @@ class StageWorker:
         self.stage = build_stage(stage_name, stage, app.model_id, model)  # the model's conventions shape requests
         self.config = stage
         self.data = data
-        self.client = ModelClient(app, reasoning, max_in_flight)
+        # Each send has the stage's deadline: a hung replica costs a retryable `timeout`, not a stalled run.
+        self.client = ModelClient(app, reasoning, max_in_flight, deadline_s=stage.request_deadline_s())
         self.tracker = tracker
         self.metrics = StageMetrics(stage_name)
         self.needs_pixels = bool(self.stage.prompt.images)

@@ -253,8 +253,51 @@ def ensure_apps(models: dict[str, ModelConfig | SegmentConfig], run: RunConfig,
         apps[name] = replace(app, deployed_now=True)
         targets.append(RunTarget(target=build_app(name, models[name], run), name=app.app_name,
                                  route_prefix=f"/{app.app_name}" if app.kind == "llm" and run.openai_routes else None))
-    if targets:
-        serve.run_many(targets, wait_for_applications_running=False)
+    deployed = [app.app_name for app in apps.values() if app.deployed_now]
+    try:
+        if targets:
+            serve.run_many(targets, wait_for_applications_running=False)
+        _wait_running(apps, on_event, timeout_s)
+    except BaseException as exc:  # Ctrl-C too: never leave this command's deployments holding GPUs
+        if not deployed:
+            raise
+        note = cleanup_note(deployed, on_event)
+        if not isinstance(exc, Exception):  # Ctrl-C: cleaned up, and on its way
+            raise
+        # The same type when it can be built from one message (RuntimeError, TimeoutError), else RuntimeError.
+        cls = type(exc) if type(exc) in (RuntimeError, TimeoutError, ValueError) else RuntimeError
+        raise cls(f"{exc}\n{note}") from exc
+    return apps
+
+
+def cleanup_note(deployed: list[str], on_event: Callable[[str], None] = log.info) -> str:
+    """Delete the applications this command deployed (never ones it found running); what to tell the user:
+    what was removed, or the exact command that removes what could not be."""
+    from ray import serve
+
+    removed, left = [], []
+    for name in deployed:
+        try:
+            serve.delete(name)
+            removed.append(name)
+        except Exception as exc:  # noqa: BLE001 - the original failure is the one to raise
+            log.warning("could not delete application %s: %s", name, exc)
+            left.append(name)
+    lines = []
+    if removed:
+        lines.append(f"Removed the application(s) this command deployed: {', '.join(removed)}.")
+        on_event(lines[-1])
+    if left:
+        calls = "; ".join(f"serve.delete({name!r})" for name in left)
+        lines.append(f"Could not remove {', '.join(left)}: they may still hold their GPUs. Remove them with:\n"
+                     f"  python -c \"import ray; from ray import serve; ray.init(address='auto'); {calls}\"")
+    return "\n".join(lines)
+
+
+def _wait_running(apps: dict[str, ModelApp], on_event: Callable[[str], None], timeout_s: float) -> None:
+    """Until every app is RUNNING; RuntimeError on a failed deployment, TimeoutError after `timeout_s`."""
+    from ray import serve
+
     started = time.monotonic()
     waiting = {app.app_name: app.model_name for app in apps.values()}
     while waiting:
@@ -274,7 +317,6 @@ def ensure_apps(models: dict[str, ModelConfig | SegmentConfig], run: RunConfig,
             raise TimeoutError(f"models not ready after {timeout_s:.0f} s: {', '.join(waiting.values())}")
         if waiting:
             time.sleep(2)
-    return apps
 
 
 def stop_apps(models: dict[str, ModelConfig | SegmentConfig] | None = None) -> list[str]:

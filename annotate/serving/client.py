@@ -9,6 +9,12 @@ A replica that dies takes its requests with it: Serve replaces the replica and t
 lost requests again, waiting up to `serving.unavailable_timeout_s`, without spending one of the
 stage's attempts (the request was never answered). Nothing is lost or counted twice: the result of
 a request is taken from exactly one response.
+
+A replica can also hang (a stuck all-reduce, a `generate` that never returns) while Serve's health
+check still passes. Every send therefore has the stage's deadline (`StageConfig.request_deadline_s`):
+past it the Serve request is cancelled and the request's result is a retryable `timeout` (the stage
+may ask again, at the cost of an attempt); a late answer is never read. A model whose requests keep
+timing out is reported in the log.
 """
 
 from __future__ import annotations
@@ -32,6 +38,49 @@ _ENGINE_GONE = ("EngineDeadError", "EngineCore", "engine is dead", "Engine loop"
 
 class ReplicaUnavailable(Exception):
     """The replica holding a request went away; the request may be sent again."""
+
+
+class DeadlinePassed(Exception):
+    """A request got no answer within its deadline; its Serve request was cancelled."""
+
+
+# A model's requests timing out this many times in a row (no answer in between) is reported, and again
+# every REPORT_TIMEOUTS_EVERY after that.
+REPORT_TIMEOUTS_AFTER = 3
+REPORT_TIMEOUTS_EVERY = 10
+
+
+async def _answer_of(response):
+    return await response
+
+
+async def within_deadline(response, deadline_s: float | None):
+    """The answer of a Serve `DeploymentResponse` (or any awaitable with `cancel()`), or DeadlinePassed
+    after `deadline_s`, with the request cancelled so that the replica stops working on it."""
+    if deadline_s is None:
+        return await response
+    task = asyncio.ensure_future(_answer_of(response))
+    try:
+        done, _ = await asyncio.wait({task}, timeout=deadline_s)
+    except asyncio.CancelledError:  # the caller gave up: so does the replica
+        _cancel(task, response)
+        raise
+    if task in done:
+        return task.result()
+    _cancel(task, response)
+    raise DeadlinePassed(f"no answer within {deadline_s:g} s")
+
+
+def _cancel(task: asyncio.Future, response) -> None:
+    task.cancel()
+    # Serve may end the task with its own RequestCancelledError: taken here, never logged as unretrieved.
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    cancel = getattr(response, "cancel", None)
+    if cancel is not None:
+        try:
+            cancel()
+        except Exception as exc:  # noqa: BLE001 - cancelling is best effort; the answer is dropped anyway
+            log.debug("cancelling a request past its deadline: %s", exc)
 
 
 def completion_request(model_name: str, request: ChatRequest) -> dict[str, Any]:
@@ -77,6 +126,7 @@ def result_from_summary(request: ChatRequest, summary: dict[str, Any], reasoning
                     prompt_tokens=summary["prompt_tokens"], completion_tokens=summary["completion_tokens"],
                     latency_s=latency, reasoning=summary.get("reasoning"))
     result.cached_prompt_tokens = summary.get("cached_tokens", 0)
+    result.stop_reason = summary.get("stop_reason")
     return result
 
 
@@ -91,16 +141,24 @@ def _unavailable_errors() -> tuple[type[BaseException], ...]:
 class ModelClient:
     """A stage worker's handle on one model deployment."""
 
-    def __init__(self, app: ModelApp, reasoning: bool, max_in_flight: int):
-        from ray import serve
+    def __init__(self, app: ModelApp, reasoning: bool, max_in_flight: int, deadline_s: float | None = None,
+                 handle=None):
+        """`deadline_s`: the most one send may take (the stage's; None: no deadline). `handle`: the
+        deployment handle (default: Serve's, by the app's names; tests pass a stand-in)."""
+        if handle is None:
+            from ray import serve
 
+            handle = serve.get_deployment_handle(app.deployment_name, app.app_name)
         self.app = app
         self.reasoning = reasoning
         self.max_in_flight = max(1, max_in_flight)
-        self.handle = serve.get_deployment_handle(app.deployment_name, app.app_name)
+        self.deadline_s = deadline_s
+        self.handle = handle
         self._semaphore: asyncio.Semaphore | None = None
         self._unavailable = _unavailable_errors()
         self.resent = 0  # requests sent again after their replica died
+        self.timeouts = 0  # sends that passed their deadline (cancelled)
+        self.timeouts_in_a_row = 0  # since the last answer
 
     @property
     def semaphore(self) -> asyncio.Semaphore:
@@ -115,9 +173,16 @@ class ModelClient:
             while True:
                 started = time.perf_counter()
                 try:
-                    return await self._send(request, started)
+                    result = await self._send(request, started)
+                    self.timeouts_in_a_row = 0
+                    return result
                 except InvalidMessageError as exc:
                     return error_result(request.request_id, "invalid_input", f"invalid messages: {exc}")
+                except DeadlinePassed as exc:
+                    self._timed_out(request)
+                    return error_result(request.request_id, "timeout",
+                                        f"model {self.app.model_name}: {exc} (the stage's deadline_s); request cancelled",
+                                        time.perf_counter() - started)
                 except Exception as exc:  # noqa: BLE001 - one request's failure is its own result
                     if not self._replica_gone(exc):
                         return error_result(request.request_id, "internal", f"{type(exc).__name__}: {str(exc)[:500]}",
@@ -131,6 +196,16 @@ class ModelClient:
                                 self.app.model_name, type(exc).__name__, request.request_id, delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 10.0)
+
+    def _timed_out(self, request: ChatRequest) -> None:
+        self.timeouts += 1
+        self.timeouts_in_a_row += 1
+        n = self.timeouts_in_a_row
+        if n == REPORT_TIMEOUTS_AFTER or (n > REPORT_TIMEOUTS_AFTER and (n - REPORT_TIMEOUTS_AFTER) % REPORT_TIMEOUTS_EVERY == 0):
+            log.warning("model %s (app %s): %d requests in a row got no answer within %g s (%d in all, last %s): "
+                        "a replica may be hung; check its logs and `serve status`, or raise the stage's deadline_s",
+                        self.app.model_name, self.app.app_name, n, self.deadline_s or 0, self.timeouts,
+                        request.request_id)
 
     def _replica_gone(self, exc: BaseException) -> bool:
         """The replica (or its engine) died under the request: Serve replaces it, so send it again.
@@ -152,7 +227,12 @@ class ModelClient:
         return answer["id"]
 
     async def _send(self, request: ChatRequest, started: float) -> ChatResult:
+        """One send, within the deadline (DeadlinePassed past it)."""
         if self.app.kind in CHAT_SERVER_KINDS:
-            return await self.handle.chat.remote(request)
-        summary = await self.handle.chat_payload.remote(completion_request(self.app.model_name, request))
+            result = await within_deadline(self.handle.chat.remote(request), self.deadline_s)
+            if not result.ok and result.error_kind == "engine_dead":  # servers.ChatServer: a replica that is gone
+                raise ReplicaUnavailable(result.error)
+            return result
+        payload = completion_request(self.app.model_name, request)
+        summary = await within_deadline(self.handle.chat_payload.remote(payload), self.deadline_s)
         return result_from_summary(request, summary, self.reasoning, time.perf_counter() - started)

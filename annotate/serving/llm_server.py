@@ -29,6 +29,8 @@ def response_summary(response: Any) -> dict[str, Any]:
         # None: no reasoning parser ran (the raw text holds the tags); "" is a parser's empty block.
         "reasoning": getattr(choice.message, "reasoning", None),
         "finish_reason": choice.finish_reason,
+        # vLLM's: the stop token id or stop string that ended the answer; None for EOS (or not said)
+        "stop_reason": getattr(choice, "stop_reason", None),
         "prompt_tokens": usage.prompt_tokens if usage else 0,
         "completion_tokens": usage.completion_tokens if usage else 0,
         "cached_tokens": int(getattr(details, "cached_tokens", 0) or 0),

@@ -2,6 +2,11 @@
 engine), models of the LLaVA code base (`llava` engine, e.g. Griffon-G) and segment-anything. Each replica loads its model once; requests arrive one per region
 (or image) and `serve.batch` groups the ones that arrive together into one forward pass, which is
 what the engines are fast at. The engine call runs in a thread so the replica keeps accepting.
+
+A replica that meets an unrecoverable device error (a CUDA error, out of memory: `hf_engine.is_device_error`)
+marks itself unhealthy: `check_health` raises, so Serve replaces it, and it answers that request and
+every later one with an `engine_dead` result naming `EngineDeadError`, which the client
+(`client.ModelClient`) sends again as for a dead vLLM engine, without spending an attempt.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from ray import serve
 
 from annotate.config import ModelConfig, SegmentConfig
 from annotate.engines.base import ChatRequest, ChatResult, EngineDeadError
+from annotate.engines.postprocess import error_result
 
 
 class ChatServer:
@@ -22,11 +28,40 @@ class ChatServer:
         from annotate.engines.factory import build_engine
 
         self.engine = build_engine(model)
+        self.broken: str | None = None  # why this replica can serve nothing more (a device error)
         self.chat_batch.set_max_batch_size(model.hf.batch_size if model.engine == "hf" else 1)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def chat_batch(self, requests: list[ChatRequest]) -> list[ChatResult]:
-        return await asyncio.to_thread(self.engine.chat, requests)
+        return await self.answer(requests)
+
+    async def answer(self, requests: list[ChatRequest]) -> list[ChatResult]:
+        """The engine's results, unless the device is gone: then every request gets `engine_dead`."""
+        from annotate.engines.hf_engine import is_device_error
+
+        if self.broken is None:
+            try:
+                results = await asyncio.to_thread(self.engine.chat, requests)
+            except Exception as exc:  # noqa: BLE001 - an engine raises only when it cannot go on
+                if not is_device_error(exc):
+                    raise
+                self._break(f"{type(exc).__name__}: {exc}")
+            else:
+                # An engine that swallowed a device error into a result: the replica is just as gone.
+                fatal = next((r.error for r in results if not r.ok and r.error_kind != "invalid_input"
+                              and is_device_error(r.error)), None)
+                if fatal is None:
+                    return results
+                self._break(fatal)
+        return [error_result(r.request_id, "engine_dead", f"EngineDeadError: replica unhealthy after a device "
+                                                          f"error ({self.broken}); send again") for r in requests]
+
+    def _break(self, why: str) -> None:
+        import logging
+
+        self.broken = why[:500]
+        logging.getLogger(__name__).error("replica of %s: unrecoverable device error, marking it unhealthy so "
+                                          "Serve replaces it: %s", self.engine.model_id, self.broken)
 
     async def chat(self, request: ChatRequest) -> ChatResult:
         return await self.chat_batch(request)
@@ -48,6 +83,8 @@ class ChatServer:
         return {"id": found}
 
     def check_health(self) -> None:
+        if self.broken is not None:
+            raise EngineDeadError(f"{self.engine.model_id}: unrecoverable device error: {self.broken}")
         if self.engine.model is None:
             raise EngineDeadError(f"{self.engine.model_id} is closed")
 
@@ -59,6 +96,20 @@ class SamServer:
         from annotate.engines.sam_engine import SamEngine
 
         self.engine = SamEngine(segment.path, segment.device)
+        self.broken: str | None = None
 
     async def segment(self, image, boxes_xyxy: list[list[float]]):
-        return await asyncio.to_thread(self.engine.segment, image, boxes_xyxy)
+        from annotate.engines.hf_engine import is_device_error
+
+        if self.broken is not None:
+            raise EngineDeadError(f"SAM replica unhealthy after a device error ({self.broken})")
+        try:
+            return await asyncio.to_thread(self.engine.segment, image, boxes_xyxy)
+        except Exception as exc:
+            if is_device_error(exc):  # Serve replaces the replica at its next health check
+                self.broken = f"{type(exc).__name__}: {str(exc)[:400]}"
+            raise
+
+    def check_health(self) -> None:
+        if self.broken is not None:
+            raise EngineDeadError(f"SAM: unrecoverable device error: {self.broken}")

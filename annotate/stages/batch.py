@@ -49,13 +49,38 @@ class StageCounts:
     copied_example: int = 0  # rejected: repeats the prompt's worked example
     no_description: int = 0  # rejected: nothing left once stripped
     contradictory_verdict: int = 0  # rejected (or marked unverified): a verdict its reason contradicts
+    timeouts: int = 0  # responses that missed the stage's deadline (each one once; the region may be retried)
+    # Failed regions by error kind (the `kind` of `Stage.fail`: timeout, length, parse, echo, input...), and
+    # up to SAMPLES_PER_KIND of their messages: what the driver's breaker (stages/breaker.py) reads.
+    failures_by_kind: dict[str, int] = field(default_factory=dict)
+    error_samples: dict[str, list[str]] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
 
     def add(self, other: "StageCounts") -> None:
         for f in fields(self):  # every counter, so a new one cannot be left out of the sum
-            if f.name != "latencies":
+            if f.name not in _NOT_SUMMED:
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        for kind, n in other.failures_by_kind.items():
+            self.failures_by_kind[kind] = self.failures_by_kind.get(kind, 0) + n
+        for kind, messages in other.error_samples.items():
+            for message in messages:
+                self._sample(kind, message)
         self.latencies.extend(other.latencies)
+
+    def fail(self, kind: str, message: str) -> None:
+        """Count one failed region, by its error kind, keeping the first messages of each kind."""
+        self.failed += 1
+        self.failures_by_kind[kind] = self.failures_by_kind.get(kind, 0) + 1
+        self._sample(kind, message)
+
+    def _sample(self, kind: str, message: str) -> None:
+        kept = self.error_samples.setdefault(kind, [])
+        if len(kept) < SAMPLES_PER_KIND and message[:300] not in kept:
+            kept.append(message[:300])
+
+
+SAMPLES_PER_KIND = 2
+_NOT_SUMMED = ("latencies", "failures_by_kind", "error_samples")
 
 
 def _requests(stage: Stage, items, crops: CropConfig, counts: StageCounts) -> list[tuple[RegionContext, ChatRequest]]:
@@ -74,7 +99,7 @@ def _requests(stage: Stage, items, crops: CropConfig, counts: StageCounts) -> li
                 pending.append((ctx, stage.build_request(ctx)))
             except Exception as exc:  # a bad crop or a template error fails this region, not the batch
                 stage.fail(region, "input", f"{type(exc).__name__}: {exc}")
-                counts.failed += 1
+                counts.fail("input", f"{region.region_id}: {region.error}")
     return pending
 
 
@@ -88,6 +113,7 @@ def _take(stage: Stage, ctx: RegionContext, request: ChatRequest, result: ChatRe
     counts.completion_tokens += result.completion_tokens
     counts.cached_prompt_tokens += result.cached_prompt_tokens
     counts.latencies.append(result.latency_s)
+    counts.timeouts += result.error_kind == "timeout"
     stage.record_provenance(region, result)
     if result.ok:
         counts.answers += 1
@@ -102,7 +128,7 @@ def _take(stage: Stage, ctx: RegionContext, request: ChatRequest, result: ChatRe
             if reviewed.fallback is None:
                 suffix = f" (after {attempt} attempts)" if attempt > 1 else ""
                 stage.fail(region, reviewed.reason, reviewed.message + suffix)
-                counts.failed += 1
+                counts.fail(counter_of(reviewed.reason), f"{region.region_id}: {region.error}")
                 return None
             reviewed = reviewed.fallback
         problem = stage.apply(region, reviewed)
@@ -119,7 +145,7 @@ def _take(stage: Stage, ctx: RegionContext, request: ChatRequest, result: ChatRe
         return _resampled(request, attempt, retry_temperature)
     suffix = f" (after {attempt} attempts)" if attempt > 1 else ""
     stage.fail(region, kind, message + suffix)
-    counts.failed += 1
+    counts.fail(kind, f"{region.region_id}: {region.error}")
     return None
 
 
