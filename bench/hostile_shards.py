@@ -11,9 +11,11 @@ and one after it (`a`, the hostile sample, `z`), except the baseline, a bundled 
    writer and allocator arenas are paid before measuring);
 2. RSS now (`/proc/self/statm`) is the process's floor;
 3. `prepare_output` over the hostile shard; wall seconds;
-4. peak = `getrusage(RUSAGE_SELF).ru_maxrss` - the floor: what the shard cost (the process's own
-   high-water mark, VmHWM, is kept beside it as a cross-check); CPU seconds beside the wall seconds, so
-   that a slow row on a loaded machine can be told from work.
+4. peak = the process's own high-water RSS (`VmHWM`, /proc/self/status) - the floor: what the shard
+   cost. Not `ru_maxrss`: after the parent's fork + exec it may carry the parent's high-water mark (seen:
+   921 MB for the baseline shard when the parent was a pytest process holding torch); it is kept beside
+   as `ru_maxrss_mb`. CPU seconds beside the wall seconds, so that a slow row on a loaded machine can be
+   told from work.
 
 "over baseline" is that peak minus the baseline shard's. The output file is then read back (its
 `image_key` column only): each sample it holds must be there exactly once, and a shard that lost data
@@ -156,8 +158,8 @@ def _why(res: dict) -> str | None:
 
 
 def _vmhwm_bytes() -> int:
-    """The kernel's high-water RSS of this process's own memory (a cross-check of ru_maxrss, which after
-    a vfork + exec may also hold the parent's high-water mark)."""
+    """The kernel's high-water RSS of this process's own memory image (unlike ru_maxrss, which after a
+    fork + exec may still hold the parent's high-water mark)."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
@@ -176,14 +178,15 @@ def child(shard: Path, out: Path, warm: Path) -> dict:
     fingerprint = config_fingerprint(cfg)
     prepare_output(ShardRef(0, "00000", warm, "webdataset"), cfg.data, OutputStore(out / "warm"), fingerprint)
     gc.collect()
-    floor, peak_before = _rss_bytes(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    floor, peak_before = _rss_bytes(), _vmhwm_bytes()
     stats = ShardStats()
     t0, cpu0 = time.perf_counter(), time.process_time()
     line = prepare_output(ShardRef(0, "00000", shard, "webdataset"), cfg.data, OutputStore(out / "run"),
                           fingerprint, stats)
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"wall_s": wall, "cpu_s": cpu, "vmhwm_mb": _vmhwm_bytes() / 2**20, "floor_rss_mb": floor / 2**20,
+    peak = _vmhwm_bytes()
+    return {"wall_s": wall, "cpu_s": cpu, "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
+            "floor_rss_mb": floor / 2**20,
             "peak_rss_mb": peak / 2**20,
             "peak_before_mb": peak_before / 2**20, "cost_mb": max(0, peak - floor) / 2**20,
             "state": line.get("state", "finished"), "damage": stats.damage, "images": stats.images,

@@ -35,7 +35,17 @@ def config(deadline_s: float | None):
     return load_config(TINY, overrides)
 
 
-def test_a_systematic_timeout_stops_the_run_and_the_fixed_rerun_resumes(ray_session, tmp_path):
+@pytest.fixture
+def hf_models(ray_session):
+    """The hf-engine deployments are this test's alone: deleted after it, so later runs of the session
+    have their CPUs and memory."""
+    yield
+    from annotate.serving.apps import needed_models, stop_apps
+
+    stop_apps(needed_models(config(None)))
+
+
+def test_a_systematic_timeout_stops_the_run_and_the_fixed_rerun_resumes(hf_models, tmp_path):
     from annotate.executor.runner import run_pipeline
 
     with pytest.raises(BreakerTripped) as err:

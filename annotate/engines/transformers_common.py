@@ -39,7 +39,7 @@ def torch_dtype(name: str):
 # --------------------------------------------------------------------------------- generation
 def token_id(tokenizer, token: str) -> int | None:
     """A token string's id in `tokenizer`, or None when it is not one of its tokens."""
-    return tokenizer.convert_tokens_to_ids(token) if token in tokenizer.get_vocab() else None
+    return tokenizer.get_vocab().get(token)  # added tokens included; also a `tokenizers.Tokenizer`'s
 
 
 def end_ids(model, tokenizer, sampling: SamplingConfig) -> list[int]:

@@ -31,11 +31,13 @@ from annotate.data.store import (DAMAGED, FINAL, FINISHED, PREPARE, OutputStore,
 from annotate.data.writer import ShardWriter
 from annotate.engines.checkpoint_check import check_checkpoints
 from annotate.engines.result_cache import remove_shard
+from annotate.executor.admission import check_cpus, cpu_need, ray_cpus
 from annotate.executor.progress import ProgressDisplay, ProgressTracker
 from annotate.executor.reader import ShardLedger, read_shard
 from annotate.executor.shard_io import ROW_SHARD, ROW_TOTAL, row_to_record
 from annotate.executor.workers import SegmentWorker, StageWorker
-from annotate.serving.apps import SEGMENT_MODEL, ModelApp, ensure_apps, needed_models, replica_info, replicas
+from annotate.serving.apps import (SEGMENT_MODEL, ModelApp, ensure_apps, needed_models, replica_info, replicas,
+                                   running_apps)
 from annotate.serving.client import ModelClient
 from annotate.stages.breaker import BreakerTripped, StageBreakers
 from annotate.stages.budget import StageBudget, check_budgets
@@ -158,6 +160,11 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
         summary.token_budgets = [b.as_dict() for b in budgets]
         for budget in budgets:
             console.print(f"token budget: {budget.describe()}")
+        workers = stage_worker_counts(cfg, chain)
+        # Ray waits silently for CPUs it cannot get: refuse (local cluster) or warn before reading a shard.
+        others = sorted(set(running_apps()) - {app.app_name for app in apps.values()})
+        check_cpus(cpu_need(cfg, workers, SEGMENT_MODEL in apps), local=not (address or cfg.run.ray_address),
+                   others=others, warn=console.print, resources=ray_cpus)
         processing_started = time.perf_counter()
         tracker = ProgressTracker.remote()
         ledger = ShardLedger.remote()
@@ -174,7 +181,6 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
                 num_cpus=cfg.run.stage_worker_cpus, max_concurrency=cfg.run.batches_in_flight,
                 fn_constructor_kwargs={"segment": cfg.segment, "app": apps[SEGMENT_MODEL], "data": cfg.data},
             )
-        workers = stage_worker_counts(cfg, chain)
         for name in chain:
             stage_cfg = cfg.stages[name]
             model = cfg.models[stage_cfg.model]

@@ -1,0 +1,63 @@
+"""The driver's CPU admission check (executor/admission.py): a run whose workers cannot get their CPUs
+is refused on a local cluster and warned about on a joined one, instead of waiting without end; and
+in a real run on the session's cluster, nothing is read or written when it is refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from annotate.config import load_config
+from annotate.executor.admission import CpuNeed, NotEnoughCpus, check_cpus, cpu_need
+
+from bench.harness import TINY
+
+
+def test_the_need_counts_every_stage_worker_sams_worker_and_one_reader():
+    cfg = load_config(TINY, {"run": {"stage_worker_cpus": 0.25, "reader_cpus": 0.5}})
+    need = cpu_need(cfg, {"object": 2, "validate": 1, "merge": 1}, segment_worker=True)
+    assert (need.stage_workers, need.total) == (5, 5 * 0.25 + 0.5)
+    assert "5 stage workers x 0.25" in need.describe() and "run.reader_cpus" in need.describe()
+
+
+def test_enough_free_cpus_pass_at_once():
+    calls = []
+    check_cpus(CpuNeed(9, 0.25, 0.5), local=True, others=[], warn=calls.append,
+               resources=lambda: (2.75, 4.0), settle_s=0)
+    assert calls == []
+
+
+def test_a_local_shortfall_is_refused_with_what_to_change():
+    with pytest.raises(NotEnoughCpus) as err:
+        check_cpus(CpuNeed(9, 0.25, 0.5), local=True, others=["longgrit-llm-57cf3754ff"], warn=print,
+                   resources=lambda: (0.25, 4.0), settle_s=0)
+    text = str(err.value)
+    assert "2.75 CPUs" in text and "0.25 of its 4 CPUs free" in text
+    assert "longgrit-llm-57cf3754ff" in text and "--stop" in text and "run.num_cpus" in text
+
+
+def test_a_joined_cluster_is_warned_not_refused():
+    warned = []
+    check_cpus(CpuNeed(9, 0.25, 0.5), local=False, others=[], warn=warned.append,
+               resources=lambda: (1.0, 4.0), settle_s=0)
+    assert len(warned) == 1 and "autoscaling" in warned[0] and "add nodes" in warned[0]
+
+
+def test_cpus_that_come_back_within_the_settling_time_are_waited_for():
+    free = iter([0.5, 1.0, 3.0])
+    check_cpus(CpuNeed(9, 0.25, 0.5), local=True, others=[], warn=print,
+               resources=lambda: (next(free), 4.0), settle_s=5, poll_s=0.01)
+
+
+@pytest.mark.slow
+def test_a_run_that_cannot_fit_is_refused_before_reading_a_shard(ray_session, tmp_path):
+    """On the session's local cluster: stage workers asking for more CPUs than the cluster has."""
+    from annotate.data.store import FINAL, OutputStore
+    from annotate.executor.runner import run_pipeline
+
+    from bench.harness import SAMPLE_SHARDS
+
+    cfg = load_config(TINY, {"run": {"stage_worker_cpus": 64}})
+    with pytest.raises(NotEnoughCpus, match="stage workers x 64"):
+        run_pipeline(cfg, SAMPLE_SHARDS, tmp_path, [0], stage="all")
+    store = OutputStore(tmp_path)
+    assert not list((tmp_path / "data").glob("*.parquet")) and not store.latest(FINAL)
