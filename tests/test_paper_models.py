@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 
 from annotate.config import load_config
 from bench.harness import PAPER_TINY, REPO, SAMPLE_SHARDS, tiny_variant
@@ -103,8 +104,16 @@ def paper_run(tmp_path_factory):
     launcher = tmp / "griffon-python"
     launcher.write_text(f"#!/bin/sh\necho $$ >> {marker}\nexec {sys.executable} \"$@\"\n")
     launcher.chmod(0o755)
-    config = tiny_variant(tmp / "paper-tiny.yaml", {"models": {"griffon_g": {"runtime_env": {"py_executable": str(launcher)}}}},
-                          base=PAPER_TINY)
+    # A random-weight validator's verdict is its weights' bias between `true` and `false`, nearly the
+    # same for every prompt (seen: all 15 regions of a run rejected, so none reached the R1-style merge).
+    # The variant's schema allows `true` alone, so regions go on to context and merge; the reason is
+    # still generated, parsed and reviewed.
+    validate = yaml.safe_load((REPO / "prompts" / "validate.yaml").read_text())
+    validate["json_schema"]["properties"]["consistent"] = {"type": "boolean", "enum": [True]}
+    (tmp / "validate-accepting.yaml").write_text(yaml.safe_dump(validate, sort_keys=False))
+    config = tiny_variant(tmp / "paper-tiny.yaml", {
+        "models": {"griffon_g": {"runtime_env": {"py_executable": str(launcher)}}},
+        "stages": {"validate": {"prompt": str(tmp / "validate-accepting.yaml")}}}, base=PAPER_TINY)
     out = tmp / "out"
     cmd = [sys.executable, "-m", "annotate.cli", "run", "--stage", "all", "--shards", "0-1", "--input", str(SAMPLE_SHARDS),
            "--output", str(out), "--config", str(config)]
