@@ -19,11 +19,10 @@ REAL_TEXT = REPO / "pipelines" / "real-text.yaml"
 
 
 def test_doctor_on_the_real_text_pipeline(ray_session):
-    """Every check runs and every stage is reached. What doctor finds wrong here is the 135M model's
-    own, and true: a few greedy answers run on to max_tokens (its end of turn, <|im_end|>, is a stop
-    token: doctor says so) and merge answers copying the prompt's example. No stop-token mismatch, no
-    prompt above the planner's bound, no load-time refusal. (Seen: 4 problems of those two kinds, 8
-    regions; so `report.ok` is not asserted: doctor does not pass real-text.yaml as it stands.)"""
+    """Every check runs, every stage is reached, and doctor passes: no answer cut by max_tokens, no
+    stop-token mismatch, no prompt above the planner's bound, few failed regions. (It did not at
+    repetition_penalty 1.0: the 135M model's greedy answers repeated to max_tokens; real-text.yaml says
+    what was measured.)"""
     from annotate.doctor import describe, run_doctor
 
     cfg = load_config(REAL_TEXT)
@@ -43,6 +42,4 @@ def test_doctor_on_the_real_text_pipeline(ray_session):
         if (measured := check.measured()) is not None:
             assert 0 < measured[1] <= check.assumption.prompt, text  # a real prompt never above the worst case
     assert "last token EOS (<|im_end|>)" in text
-    wrong = [p for p in report.problems if "stopped on" in p or "measured prompt" in p or "not checked" in p]
-    assert not wrong, text
-    assert all("which the stage stops on" in p or "regions failed" in p for p in report.problems), text
+    assert report.ok and not report.problems, text
