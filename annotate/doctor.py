@@ -5,7 +5,8 @@ In order, each step the run's own:
      reasoning parser), before anything is deployed; a refusal is shown as the run would show it and
      nothing more is done;
   2. deploy (or find) every model of the chain, and the load-time token budgets (stages/budget.py,
-     counted by the deployments: each stage's worst-case prompt, stop tokens known to the tokenizer);
+     counted by the deployments: each stage's worst-case prompt, stop tokens known to the tokenizer),
+     and the run's CPU admission check (executor/admission.py: its stage workers beside these models);
   3. a handful of real requests per stage, built from the first images of a shard through the stages'
      own code (`build_stage`, `run_stage_async` with a `ModelClient`), with the stage's own retries as a
      run makes them; every answer, retries included, is kept and shown.
@@ -13,7 +14,7 @@ In order, each step the run's own:
 It prints per stage the raw answers with their finish reason, the token they stopped on and their token
 counts, the measured prompt/completion tokens beside the planner's per-region assumption, and what the
 stage's rules made of each region. It fails (non-zero exit) on, each with what to change:
-  * the checkpoint check's or the budget check's refusal;
+  * the checkpoint check's, the budget check's or (on a local cluster) the CPU admission check's refusal;
   * an answer cut by `max_tokens` (finish `length`);
   * an answer that stopped on a token or string that is none of the stage's effective stop tokens
     (its own and its model family's) nor the model's EOS ids: the engine stops where the pipeline file
@@ -331,7 +332,8 @@ def run_doctor(cfg: PipelineConfig, input_dir: str | Path, shard_id: int = 0, ad
         raise ValueError(f"shard {shard_id} of {input_dir} has no image with regions to ask about")
 
     from annotate.cluster import ensure_ray
-    from annotate.executor.runner import check_token_budgets
+    from annotate.executor.admission import NotEnoughCpus
+    from annotate.executor.runner import admit_workers, check_token_budgets
     from annotate.serving.apps import ensure_apps, needed_models
     from annotate.serving.client import ModelClient
     from annotate.stages.budget import BudgetError
@@ -345,6 +347,10 @@ def run_doctor(cfg: PipelineConfig, input_dir: str | Path, shard_id: int = 0, ad
         budgets = {b.stage: b for b in check_token_budgets(cfg, apps, chain)}
         notes += [f"token budget: {b.describe()}" for b in budgets.values()]
     except BudgetError as exc:
+        preflight.append(str(exc))
+    try:  # the run's own workers beside these models: what `annotate run` would refuse or warn about
+        admit_workers(cfg, chain, apps, address, warn=notes.append)
+    except NotEnoughCpus as exc:
         preflight.append(str(exc))
 
     async def main() -> DoctorReport:

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,10 +162,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
         for budget in budgets:
             console.print(f"token budget: {budget.describe()}")
         workers = stage_worker_counts(cfg, chain)
-        # Ray waits silently for CPUs it cannot get: refuse (local cluster) or warn before reading a shard.
-        others = sorted(set(running_apps()) - {app.app_name for app in apps.values()})
-        check_cpus(cpu_need(cfg, workers, SEGMENT_MODEL in apps), local=not (address or cfg.run.ray_address),
-                   others=others, warn=console.print, resources=ray_cpus)
+        admit_workers(cfg, chain, apps, address, warn=console.print)  # before a shard is read
         processing_started = time.perf_counter()
         tracker = ProgressTracker.remote()
         ledger = ShardLedger.remote()
@@ -201,23 +199,23 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
                                {i["shard"]: i["damage"] for i in items if i["damage"]}, cfg.quality)
         breakers = StageBreakers(cfg.run.breaker, chain)
         display = ProgressDisplay(tracker, chain, len(items), console, breakers=breakers)
+        tripped: BreakerTripped | None = None
         try:
             with display:
                 outputs.write(ds, display)  # raises BreakerTripped when a stage fails systematically
-        except BreakerTripped as exc:  # the run record says what was done and why it stopped
-            trip = exc.trip
+        except BreakerTripped as exc:
+            tripped = exc
+        summary.model_calls, summary.answers, summary.failures = display.model_calls, display.answers, display.failures
+        if tripped is not None:  # the run record says what was done and why it stopped
+            trip = tripped.trip
             summary.stopped = {"stage": trip.stage, "kind": trip.kind, "failed": trip.failed, "seen": trip.seen,
                                "samples": list(trip.samples)}
-            summary.model_calls, summary.answers, summary.failures = display.model_calls, display.answers, display.failures
             summary.shards_written, summary.shards_damaged = outputs.written, outputs.damaged
             _write_run_record(store, summary, cfg.name, fingerprint)
-            raise
-        summary.failures = display.failures
+            raise tripped
         if breakers.trip is not None:  # tripped at the last look, with every shard through: say so, do not stop
             console.print(f"warning: stage {breakers.trip.stage!r} failed {breakers.trip.share:.0%} of its last "
                           f"regions with `{breakers.trip.kind}` errors; see `annotate status`", markup=False)
-        summary.model_calls = display.model_calls
-        summary.answers = display.answers
         for item in items:  # shards with no image at all produce no row, but still get an (empty) output
             input_path = store.output_path(item["input"], item["shard"])
             if item["shard"] not in outputs.committed and input_path.is_file() and count_rows(input_path) == 0:
@@ -242,6 +240,16 @@ def check_token_budgets(cfg: PipelineConfig, apps: dict[str, ModelApp], chain: t
                for name in {cfg.stages[stage].model for stage in chain}}
     return asyncio.run(check_budgets(cfg, chain, {n: c.count_tokens for n, c in clients.items()},
                                      {n: c.token_id for n, c in clients.items()}))
+
+
+def admit_workers(cfg: PipelineConfig, chain: tuple[str, ...], apps: dict[str, ModelApp], address: str | None,
+                  warn: Callable[[str], None]) -> None:
+    """Ray waits silently for CPUs it cannot get: NotEnoughCpus on a local cluster that cannot hold the
+    run's workers beside the models (`apps`, up), a warning through `warn` on a joined one."""
+    others = sorted(set(running_apps()) - {app.app_name for app in apps.values()})
+    segment_worker = cfg.segment is not None and "object" in chain
+    check_cpus(cpu_need(cfg, stage_worker_counts(cfg, chain), segment_worker),
+               local=not (address or cfg.run.ray_address), others=others, warn=warn, resources=ray_cpus)
 
 
 def stage_worker_counts(cfg: PipelineConfig, chain: tuple[str, ...]) -> dict[str, int]:
