@@ -94,6 +94,9 @@ def test_tiny_replicas_have_the_production_architectures(tiny_model_paths):
     assert prompt.endswith("<think>\n")  # the template opens the reasoning block itself
 
 
+DOCTOR_EXIT = "doctor exit code:"
+
+
 @pytest.fixture(scope="module")
 def paper_run(tmp_path_factory):
     """`annotate run --config paper-tiny.yaml` in its own process and Ray cluster. The Griffon-style
@@ -115,10 +118,20 @@ def paper_run(tmp_path_factory):
         "models": {"griffon_g": {"runtime_env": {"py_executable": str(launcher)}}},
         "stages": {"validate": {"prompt": str(tmp / "validate-accepting.yaml")}}}, base=PAPER_TINY)
     out = tmp / "out"
-    cmd = [sys.executable, "-m", "annotate.cli", "run", "--stage", "all", "--shards", "0-1", "--input", str(SAMPLE_SHARDS),
-           "--output", str(out), "--config", str(config)]
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=2400, cwd=tmp)
-    return run, out, marker
+    # `annotate doctor`, then `annotate run`, as a user runs them before a long run: one process, so the run
+    # finds the models doctor deployed (a user's `--address` cluster keeps them the same way).
+    doctor = ["doctor", "--config", str(config), "--input", str(SAMPLE_SHARDS), "--images", "2", "--regions", "2"]
+    run = ["run", "--stage", "all", "--shards", "0-1", "--input", str(SAMPLE_SHARDS), "--output", str(out),
+           "--config", str(config)]
+    driver = tmp / "doctor_then_run.py"
+    driver.write_text(
+        "import sys\nfrom typer.main import get_command\nfrom annotate.cli import app\n"
+        "cli = get_command(app)\n"
+        f"code = cli.main(args={doctor!r}, prog_name='annotate', standalone_mode=False)\n"
+        f"print('{DOCTOR_EXIT}', code or 0, flush=True)\n"
+        f"sys.exit(cli.main(args={run!r}, prog_name='annotate', standalone_mode=False) or 0)\n")
+    done = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, timeout=2400, cwd=tmp)
+    return done, out, marker
 
 
 @pytest.mark.slow
@@ -127,6 +140,8 @@ def paper_run(tmp_path_factory):
 def test_paper_tiny_runs_end_to_end(paper_run):
     run, out, marker = paper_run
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    record = json.loads(max((out / "runs").glob("*.json")).read_text())
+    assert record["models_deployed"] == []  # the run found every model doctor had deployed
     regions = output_regions(out)
     assert Counter(r["region_id"] for r in regions) == input_region_ids(SAMPLE_SHARDS, [0, 1])  # every region once
     cfg = load_config(PAPER_TINY)
@@ -141,7 +156,6 @@ def test_paper_tiny_runs_end_to_end(paper_run):
             for stage in ("object", "validate", "context", "merge"):
                 assert region["provenance"][stage]["model"] == paper[stage], (stage, region["provenance"])
     assert statuses["ok"] >= 1, statuses  # at least one region through the R1-style merge
-    record = json.loads(max((out / "runs").glob("*.json")).read_text())
     # the Griffon-style replica ran in its own runtime environment (the launcher's pid is the replica's)
     griffon = [r for r in record["replicas"] if r["model"] == "griffon_g"]
     assert griffon and {str(r["pid"]) for r in griffon} <= set(marker.read_text().split())
@@ -172,3 +186,32 @@ def test_the_vllm_alternative_for_the_context_stage_is_one_line():
         assert "model: internvl2_76b" in path.read_text().split("context:", 1)[1].split("merge:", 1)[0]
         cfg = load_config(path, {"stages": {"context": {"model": "internvl2_76b"}}})
         assert set(needed_models(cfg)) == {"internvl2_76b", "qwen2_72b", "deepseek_r1_70b"}
+
+
+@pytest.mark.slow
+@pytest.mark.own_cluster
+def test_doctor_finds_no_convention_defect_in_the_paper_replicas(paper_run):
+    """`annotate doctor` on paper-tiny, through Serve, with the four paper architectures: the checkpoint check
+    of each model's conventions, every stage's token budget counted by its deployment, every stage reached,
+    and every answer stopped on its model's own end of turn (or EOS). Random weights do answer badly: what
+    doctor may report is answers cut by max_tokens with the stop token right (it says so) and failed
+    regions; never a stop-token mismatch, a budget or checkpoint refusal, or a prompt above the plan."""
+    run, _, _ = paper_run
+    report, _, _ = run.stdout.partition(DOCTOR_EXIT)
+    assert DOCTOR_EXIT in run.stdout, run.stdout[-4000:] + run.stderr[-4000:]
+    cfg = load_config(PAPER_TINY)
+    for name, model in cfg.models.items():
+        assert f"checkpoint: model {name}: " in report and "ends an assistant turn with" in report, report
+    assert sorted(re.findall(r"^token budget: (\w+) ", report, re.M)) == sorted(cfg.stages), report
+    sections = dict(re.findall(r"^== (\w+) \(model \w+, max_tokens \d+\): (\d+) regions", report, re.M))
+    assert list(sections) == list(cfg.stages) and all(int(n) > 0 for n in sections.values()), report  # all reached
+    problems = re.findall(r"^\s*PROBLEM (.*)$", report, re.M)
+    for problem in problems:
+        cut = "answers cut by max_tokens" in problem and "which the stage stops on" in problem
+        failed = re.match(r"\w+: \d+ of \d+ regions failed", problem)
+        assert cut or failed, problem  # random weights' answers, not a convention or a budget
+    ends = {"object": "<|im_end|>", "validate": "<|im_end|>", "merge": "<｜end▁of▁sentence｜>"}
+    for stage, token in ends.items():
+        section = report.split(f"== {stage} ", 1)[1].split("\n== ", 1)[0]
+        stops = re.findall(r"finish stop, last token ([^,]+),", section)
+        assert stops and all(token in s or "endoftext" in s for s in stops), (stage, stops)
