@@ -99,7 +99,7 @@ def _rle(x0, x1):
 
 
 def test_coco_instances(tmp_path):
-    """Polygon and RLE masks, crowd annotations skipped, 1.5x box crops."""
+    """Polygon and RLE masks, crowd annotations kept (as PixCLIP's COCO_Masked_Test), 1.5x square box crops."""
     _two_colour_image(tmp_path / "val2017" / "000000000001.jpg", "red", "green")
     _two_colour_image(tmp_path / "val2017" / "000000000002.jpg", "blue", "red")
     images = [{"id": 1, "file_name": "000000000001.jpg", "height": 48, "width": 64},
@@ -112,7 +112,7 @@ def test_coco_instances(tmp_path):
     task = read_task("coco-instances", tmp_path)
     assert task.classes == ["red car", "green tree", "blue sky"] and task.box_crop == 1.5
     res = _score("coco-instances", tmp_path)
-    assert res["top1"] == 1.0 and res["n"] == 3
+    assert res["top1"] == 1.0 and res["n"] == 4 and len(task.boxes) == 4
 
 
 def test_refcoco(tmp_path):

@@ -151,8 +151,8 @@ def test_llm2clip_checkpoint_loads_vision_tower_and_adaptor(tmp_path):
     with torch.no_grad():
         want = ref.encode_image(image)
         assert (model.encode_image(image, torch.rand(1, 1, 224, 224), normalize=False) - want).abs().max() <= 1e-5
-        x = torch.randn(3, text_dim, generator=g)
-        h = x
+        x = 30 * torch.randn(3, text_dim, generator=g)
+        h = F.normalize(x, dim=-1)  # LLM2CLIP's TextProj L2-normalises the LLM2Vec vector first
         for b in range(blocks):
             p = {n: state[f"text.text_adaptor.{b}.{n}"] for n in ("ln.weight", "ln.bias", "fn.0.weight", "fn.0.bias", "fn.3.weight", "fn.3.bias")}
             z = F.layer_norm(h, (text_dim,), p["ln.weight"], p["ln.bias"])
@@ -165,6 +165,6 @@ def test_llm2clip_checkpoint_loads_vision_tower_and_adaptor(tmp_path):
 
     cfg = synthetic_config(lr_mask_conv=1e-5, lr_other=1e-7, lr_adaptor=None)
     assert {g_["name"]: g_["lr"] for g_ in param_groups(model, cfg)}["adaptor"] == 1e-7
-    # the same file into the default MLP adaptor is refused with the hint
+    # the same file into an explicitly asked MLP adaptor is refused with the hint
     with pytest.raises(ValueError, match="adaptor_kind"):
-        from_open_clip("EVA02-B-16", str(tmp_path / "llm2clip.pt"), text_dim=text_dim, adaptor_layers=blocks)
+        from_open_clip("EVA02-B-16", str(tmp_path / "llm2clip.pt"), text_dim=text_dim, adaptor_kind="mlp")

@@ -124,3 +124,30 @@ def test_latest_pointer_survives_a_crash_mid_write(tiny_train_cfg, tmp_path, mon
     assert latest_checkpoint(tmp_path).name == "step_0000002"
     assert not [p for p in pointer.parent.iterdir() if p.name.startswith("latest") and p != pointer], "no temp left"
 
+
+
+def test_resume_at_an_epoch_boundary_with_accumulation(tiny_train_cfg, tmp_path):
+    """grad_accum_steps=2, 30 regions, micro-batches of 6: two steps per epoch and one micro-batch left
+    over. Resumed from the checkpoint of the epoch's last step, the run must not feed that leftover
+    micro-batch (its gradient used to be added to the next epoch's first step) and must equal an
+    uninterrupted run bit for bit, also from a checkpoint written as (epoch, steps_per_epoch)."""
+    cfg = tiny_train_cfg.model_copy(update={"batch_size": 6, "max_steps": 5, "checkpoint_every": 2, "grad_accum_steps": 2})
+    ds = SyntheticDataset(cfg, n_images=10, seed=1)
+    straight = _trainer(cfg, ds, tmp_path / "a")
+    assert straight.steps_per_epoch == 2 and len(straight.sampler) % 12 == 6
+    straight.fit(5, log=lambda _: None)
+
+    first = _trainer(cfg, ds, tmp_path / "b")
+    first.fit(2, log=lambda _: None)
+    ckpt = latest_checkpoint(tmp_path / "b")
+    assert ckpt.name == "step_0000002"
+    state = torch.load(ckpt / "train_state.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"]) == (1, 0)  # saved as the next epoch's start
+    for written_as in ((1, 0), (0, 2)):  # this version's position, and older versions' epoch end
+        torch.save({**state, "epoch": written_as[0], "step_in_epoch": written_as[1]}, ckpt / "train_state.pt")
+        resumed = _trainer(cfg, ds, tmp_path / "b")
+        resumed.load(ckpt)
+        assert (resumed.step, resumed.epoch, resumed.step_in_epoch) == (2, 1, 0)
+        resumed.fit(5, log=lambda _: None)
+        for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+            assert torch.equal(a, b), (written_as, name, float((a - b).abs().max()))

@@ -18,7 +18,8 @@ def test_cache_is_fp16_memmap_keyed_by_text(tmp_path):
     cache = write_text_cache(entries, lambda ts: np.array([[len(t), 1.0 / 3] for t in ts]), tmp_path)
     assert (tmp_path / EMB_FILE).stat().st_size == 3 * 2 * 2  # 3 distinct texts x 2 dims x fp16
     assert isinstance(cache.matrix, np.memmap) and cache.matrix.dtype == np.float16
-    assert cache.get("a red cup").tolist() == [9.0, np.float16(1 / 3)]
+    unit = np.array([9.0, 1 / 3]) / np.hypot(9.0, 1 / 3)  # rows are stored L2-normalised (the adaptor's input)
+    assert cache.get("a red cup").tolist() == unit.astype(np.float16).tolist()
     assert "cup" in cache and "a blue cup" not in cache and len(cache) == 3
     assert cache.keys == [text_hash(t) for t in ("a red cup", "cup", "a table")]
 
@@ -57,6 +58,7 @@ def test_embed_text_with_minilm(pipeline_out, minilm_dir, tmp_path):
     assert keys["fine:astronaut-0"] in cache and keys["image:coffee"] in cache
     assert "fine:astronaut-9" not in keys  # the rejected region has no text to cache
     direct = HFTextEncoder(str(minilm_dir))([keys["fine:coffee-1"]])[0]
+    direct = direct / np.linalg.norm(direct)
     np.testing.assert_allclose(cache.get(keys["fine:coffee-1"]), direct, rtol=2e-3, atol=2e-3)
     # real encoder: a caption is closer to its own short text than to another image's
     e = {k: cache.get(keys[k]) / np.linalg.norm(cache.get(keys[k])) for k in ("fine:chelsea-0", "object:chelsea-0", "object:coffee-0")}
@@ -89,3 +91,19 @@ def test_train_and_eval_on_pipeline_output(pipeline_out, tmp_path, tiny_train_cf
     assert res.exit_code == 0, res.output
     metrics = json.loads((run / "eval.json").read_text())
     assert metrics["n_regions"] == len(held) and 0 <= metrics["m2t_r1"] <= 1
+
+
+def test_rows_are_stored_unit_and_format_1_caches_are_refused(tmp_path):
+    """Rows are L2-normalised as stored (the adaptor's input, LLM2CLIP's TextProj); a cache written by the
+    previous format (raw LLM2Vec means, no "format" key) cannot be told apart by its bytes, so it is refused."""
+    cache = write_text_cache(["a red cup", "a dog", "zero"],
+                             lambda ts: np.array([[60.0 * len(t), -3.0, 0.0] if t != "zero" else [0.0] * 3 for t in ts]),
+                             tmp_path / "c")
+    rows = np.stack([cache.get(t) for t in ("a red cup", "a dog")])
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-3)
+    assert cache.get("zero").tolist() == [0.0, 0.0, 0.0] and cache.meta["format"] == 2
+    meta = json.loads((tmp_path / "c" / "keys.json").read_text())
+    del meta["format"], meta["rows"]
+    (tmp_path / "c" / "keys.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="format 1.*embed-text"):
+        TextCache(tmp_path / "c")

@@ -160,7 +160,18 @@ class PixCLIP(nn.Module):
             self.text_adaptor = adaptor_mlp(text_dim, adaptor_hidden, embed_dim, adaptor_layers)
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
         self.text_dim = text_dim
+        self.adaptor_kind, self.adaptor_layers, self.adaptor_hidden = adaptor_kind, adaptor_layers, adaptor_hidden
         self.adaptor_pretrained = False
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.visual_proj.weight.shape[0])
+
+    def shape_settings(self) -> dict:
+        """The `train:` settings that rebuild this model's shape (recorded in run.json, so that evaluation
+        rebuilds a model whose widths came from a checkpoint file without that file)."""
+        return {"embed_dim": self.embed_dim, "adaptor_kind": self.adaptor_kind,
+                "adaptor_layers": self.adaptor_layers, "adaptor_hidden": self.adaptor_hidden}
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -257,7 +268,11 @@ class PixCLIP(nn.Module):
         return F.normalize(emb, dim=-1) if normalize else emb
 
     def encode_text(self, text_features: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        emb = self.text_adaptor(text_features)
+        """The adaptor reads the frozen encoder's feature L2-normalised, as LLM2CLIP's `TextProj.forward`
+        does (`l2_norm=True`, microsoft/LLM2CLIP `llm2clip/eva_clip/model.py`): its residual blocks are
+        not scale-invariant, so a raw LLM2Vec mean (norm ~60) would land elsewhere in the joint space.
+        Normalising here covers every caller (training, evaluation, scoring) whatever they pass."""
+        emb = self.text_adaptor(F.normalize(text_features, dim=-1))
         return F.normalize(emb, dim=-1) if normalize else emb
 
 

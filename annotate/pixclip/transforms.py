@@ -151,3 +151,16 @@ def _view(image: np.ndarray, mask: np.ndarray, window: tuple[int, int, int, int]
 def full_view(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Only the inference view (I, M) (normalised image, mask in [0, 1]): what evaluation needs."""
     return to_model_input(*_view(np.asarray(image, dtype=np.uint8), mask, full_window(mask), size))
+
+
+def stretch_view(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The whole image and mask resized to size x size, aspect not kept: the reference evaluations'
+    `transforms.Resize((224, 224))` (StuHude/PixCLIP `eval/Flickr30k/load_flickr.py`, `eval/Urban1k/
+    load_urbank.py`, `eval/docci/load_docci.py`, `eval/COCO/mask_image_test.py`), which neither crops nor
+    pads. PIL bicubic for the image (its interpolation), bilinear for the mask (Resize's default);
+    normalised like `full_view`."""
+    from PIL import Image
+
+    img = np.asarray(Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((size, size), Image.BICUBIC))
+    msk = np.asarray(Image.fromarray(np.asarray(mask, dtype=bool).astype(np.uint8) * 255).resize((size, size), Image.BILINEAR))
+    return to_model_input(torch.from_numpy(img.copy()).permute(2, 0, 1), torch.from_numpy(msk.copy())[None])

@@ -37,7 +37,8 @@ class RegionTask:
     classes: list[str]
     items: list[tuple[Path, MaskFn, int]]  # (image, mask loader, class index)
     template: str = "a photo of a {}."
-    box_crop: float | None = None  # COCO protocol: crop the image to this multiple of the box first
+    box_crop: float | None = None  # COCO protocol: a square of this multiple of the box's long side first
+    boxes: list[tuple[float, float, float, float]] | None = None  # per item, COCO's (x, y, w, h), for box_crop
 
 
 @dataclass
@@ -109,19 +110,20 @@ def _coco(annotation_file: Path):
 
 
 def read_coco_instances(root: Path, split: str = "val2017") -> RegionTask:
-    """COCO instance classification (Alpha-CLIP's protocol): `annotations/instances_<split>.json`
-    (polygon or RLE masks, boxes, categories) and `<split>/` images. Every non-crowd instance is an
-    item; the image is cropped to 1.5x the instance box (`box_crop`) before the CLIP transform."""
+    """COCO instance classification, PixCLIP's protocol (StuHude/PixCLIP `eval/COCO/mask_image_test.py`,
+    `COCO_Masked_Test`): `annotations/instances_<split>.json` (polygon or RLE masks, boxes, categories)
+    and `<split>/` images. Every annotation is an item, crowd ones included (the reference iterates
+    `coco.anns`); each is cut as a square of 1.5 x max(w, h) around its box, padded white beyond the
+    image (`box_crop`, `eval_tasks.square_box_crop`)."""
     coco = _coco(_find(root, f"annotations/instances_{split}.json", f"instances_{split}.json"))
     cats = sorted(coco.cats)
-    items = []
+    items, boxes = [], []
     for ann in coco.dataset["annotations"]:
-        if ann.get("iscrowd"):
-            continue
         info = coco.imgs[ann["image_id"]]
         items.append((_find(root, f"{split}/{info['file_name']}", f"images/{split}/{info['file_name']}"),
                       _ann_mask(coco, ann), cats.index(ann["category_id"])))
-    return RegionTask(f"coco-instances-{split}", [coco.cats[c]["name"] for c in cats], items, box_crop=1.5)
+        boxes.append(tuple(float(v) for v in ann["bbox"]))
+    return RegionTask(f"coco-instances-{split}", [coco.cats[c]["name"] for c in cats], items, box_crop=1.5, boxes=boxes)
 
 
 def _ann_mask(coco, ann: dict) -> MaskFn:
@@ -226,6 +228,27 @@ READERS: dict[str, Callable[[Path], RegionTask | ReferringTask | RetrievalTask]]
     "urban1k": read_urban1k,
     "docci": read_docci,
 }
+
+
+# The evaluation protocol of each task, as `annotate eval --task` runs it (also in each result's JSON).
+_REGION = ("top1/top5: the mean over classes of per-class accuracy (Alpha-CLIP eval/imagenet_s_zs_test/"
+           "imagenet_s_zs_test.py, PixCLIP eval/COCO/eval_coco.py); top1_micro/top5_micro: over items; "
+           "prompt 'a photo of a {}.'")
+_RETRIEVAL = "whole image resized to size x size without crop (PixCLIP eval/*/load_*.py), all-ones mask; R@1/5/10 both ways"
+PROTOCOLS: dict[str, str] = {
+    "imagenet-s": f"{_REGION}; one item per (image, class in its mask); CLIP view (centre square, slid onto the region)",
+    "coco-instances": f"{_REGION}; every annotation, crowd included; a square of 1.5 x max(w, h) around the box, "
+                      "padded white, resized to size x size",
+    "refcoco": "accuracy: the expression's best-matching ground-truth instance mask is the referred one (not ReCLIP's "
+               "proposals); split val",
+    **{name: _RETRIEVAL for name in ("flickr30k", "coco-retrieval", "sharegpt4v", "urban1k", "docci")},
+}
+PROTOCOLS["refcoco+"] = PROTOCOLS["refcocog"] = PROTOCOLS["refcoco"]
+
+
+def protocol_help() -> str:
+    """The `--task` help text: each task and its protocol."""
+    return "; ".join(f"{name}: {text}" for name, text in PROTOCOLS.items())
 
 
 def read_task(name: str, root: str | Path):

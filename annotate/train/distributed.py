@@ -54,7 +54,7 @@ def train_on_ray(
     job = job.resolved()
     job.output.mkdir(parents=True, exist_ok=True)
     ensure_ray(run, address)
-    loop = {"job": job.model_dump(mode="json"), "started_at": time.time(),
+    loop = {"job": job.wire(), "started_at": time.time(),
             "threads_per_worker": max(1, int(cpus_per_worker))}
     trainer = TorchTrainer(
         _train_on_worker,

@@ -4,9 +4,10 @@ Texts go through the same frozen encoder as the training cache (`encode_texts`: 
 of frozen features), then the model's adaptor. Images are embedded in batches on the model's device
 and every ranking uses `chunked_topk`, so memory stays bounded on 5k-image / 25k-caption sets.
 
-What each task reports, and the paper's column it matches:
+What each task reports, and the paper's column it matches (`benchmarks.PROTOCOLS` says how):
 - region classification (imagenet-s, coco-instances): `top1`, `top5` over class prompts
-  ("a photo of a {}."), as Table 8's Top1/Top5;
+  ("a photo of a {}."), the mean of per-class accuracies as the reference scripts compute them
+  (Table 8's Top1/Top5); `top1_micro`, `top5_micro` over items;
 - referring (refcoco, refcoco+, refcocog): `accuracy`, the share of expressions whose best-matching
   instance mask is the referred one;
 - retrieval (flickr30k, coco-retrieval, sharegpt4v, urban1k, docci): `i2t_r1/5/10`, `t2i_r1/5/10`
@@ -22,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from annotate.pixclip.transforms import full_view, mask_box
-from annotate.train.benchmarks import ReferringTask, RegionTask, RetrievalTask, load_image, read_task
+from annotate.pixclip.transforms import full_view, stretch_view
+from annotate.train.benchmarks import PROTOCOLS, ReferringTask, RegionTask, RetrievalTask, load_image, read_task
 from annotate.train.evaluate import chunked_topk, load_run, model_device
 
 TextFn = Callable[[list[str]], np.ndarray]
@@ -47,14 +48,39 @@ def _embed_texts(model, encode_texts: TextFn, texts: list[str], batch_size: int 
     return torch.cat(out)
 
 
-def box_crop(image: np.ndarray, mask: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """Image and mask cut to `scale` x the mask's box around its centre (clipped to the image)."""
-    x0, y0, x1, y1 = mask_box(mask)
-    cx, cy, hw, hh = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) * scale / 2, (y1 - y0) * scale / 2
-    h, w = mask.shape
-    a, b = int(max(0, np.floor(cx - hw))), int(min(w, np.ceil(cx + hw)))
-    c, d = int(max(0, np.floor(cy - hh))), int(min(h, np.ceil(cy + hh)))
-    return image[c:d, a:b], mask[c:d, a:b]
+def square_box_crop(image: np.ndarray, mask: np.ndarray, box_xywh, scale: float = 1.5,
+                    pad: int = 600) -> tuple[np.ndarray, np.ndarray]:
+    """PixCLIP's COCO crop (StuHude/PixCLIP `eval/COCO/mask_image_test.py`, `masked_crop` and `crop`): the
+    image padded by `pad` white pixels (mask 0) on every side, then a square of scale x max(w, h) centred
+    on the box, with the reference's integer edges (clipped to the padded image, the far edge at size-1).
+    The padding is not built: the window is read into a white canvas."""
+    H, W = mask.shape
+    w = int(box_xywh[2]) if int(box_xywh[2]) > 0 else 1
+    h = int(box_xywh[3]) if int(box_xywh[3]) > 0 else 1
+    r, half = max(h, w), (scale - 1.0) / 2
+    tl_x = int(box_xywh[0] + pad) - (r - w) / 2
+    tl_y = int(box_xywh[1] + pad) - (r - h) / 2
+
+    def edges(tl: float, limit: int) -> tuple[int, int]:
+        lo, hi = tl - half * r, tl + (1 + half) * r
+        return (int(lo) if lo > 0 else 0), (int(hi) if hi < limit else limit - 1)
+
+    (x0, x1), (y0, y1) = edges(tl_x, W + 2 * pad), edges(tl_y, H + 2 * pad)
+    out_image = np.full((max(y1 - y0, 0), max(x1 - x0, 0), 3), 255, dtype=np.uint8)
+    out_mask = np.zeros(out_image.shape[:2], dtype=bool)
+    sx0, sx1, sy0, sy1 = max(x0, pad), min(x1, pad + W), max(y0, pad), min(y1, pad + H)
+    if sx1 > sx0 and sy1 > sy0:
+        out_image[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = image[sy0 - pad : sy1 - pad, sx0 - pad : sx1 - pad]
+        out_mask[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = mask[sy0 - pad : sy1 - pad, sx0 - pad : sx1 - pad]
+    return out_image, out_mask
+
+
+def class_mean_accuracy(top: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """The mean over the classes present of each class's top-k accuracy (the reference scripts' number:
+    a class with 5 items weighs as much as one with 5,000)."""
+    hit = (top[:, :k] == labels[:, None]).any(1).float()
+    classes = labels.unique()
+    return float(torch.stack([hit[labels == c].mean() for c in classes]).mean()) if len(classes) else 0.0
 
 
 def run_region(model, task: RegionTask, encode_texts: TextFn, size: int, batch_size: int = 64) -> dict:
@@ -62,17 +88,19 @@ def run_region(model, task: RegionTask, encode_texts: TextFn, size: int, batch_s
     tops, labels = [], []
     for i in range(0, len(task.items), batch_size):
         views = []
-        for path, mask_fn, label in task.items[i : i + batch_size]:
+        for j, (path, mask_fn, label) in enumerate(task.items[i : i + batch_size], start=i):
             image, mask = load_image(path), mask_fn()
             if task.box_crop:
-                image, mask = box_crop(image, mask, task.box_crop)
-            views.append(full_view(image, mask, size))
+                views.append(stretch_view(*square_box_crop(image, mask, task.boxes[j], task.box_crop), size))
+            else:
+                views.append(full_view(image, mask, size))
             labels.append(label)
         tops.append(chunked_topk(_embed_views(model, views, batch_size), text, 5))
     top = torch.cat(tops).cpu()
     lab = torch.tensor(labels)
-    return {"top1": float((top[:, 0] == lab).float().mean()), "top5": float((top == lab[:, None]).any(1).float().mean()),
-            "n": len(lab), "classes": len(task.classes)}
+    return {"top1": class_mean_accuracy(top, lab, 1), "top5": class_mean_accuracy(top, lab, 5),
+            "top1_micro": float((top[:, 0] == lab).float().mean()), "top5_micro": float((top == lab[:, None]).any(1).float().mean()),
+            "n": len(lab), "classes": len(task.classes), "classes_present": int(lab.unique().numel())}
 
 
 def run_referring(model, task: ReferringTask, encode_texts: TextFn, size: int, batch_size: int = 64) -> dict:
@@ -94,7 +122,7 @@ def run_retrieval(model, task: RetrievalTask, encode_texts: TextFn, size: int, b
         views = []
         for path in task.images[i : i + batch_size]:
             image = load_image(path)
-            views.append(full_view(image, np.ones(image.shape[:2], dtype=bool), size))
+            views.append(stretch_view(image, np.ones(image.shape[:2], dtype=bool), size))
         embs.append(_embed_views(model, views, batch_size))
     img = torch.cat(embs)
     texts = [t for caps in task.captions for t in caps]
@@ -133,6 +161,7 @@ def evaluate_task(checkpoint: str | Path, task: str, bench_dir: str | Path, outp
     model, cfg, meta = load_run(checkpoint)
     model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     res = run_task(model, read_task(task, bench_dir), text_encoder_for(cfg, meta), cfg.image_size)
+    res["protocol"] = PROTOCOLS[task]
     out = Path(output) if output else Path(checkpoint) / f"eval-{task}.json"
     if out.parent.exists():
         out.write_text(json.dumps(res, indent=2))

@@ -25,6 +25,12 @@ class TrainJob(BaseModel):
             raise ValueError("give --data OUT (a pipeline output) or --synthetic")
         return self
 
+    def wire(self) -> dict:
+        """The job as JSON for another process, only the settings that were given: `build_pixclip` reads
+        the unset ones (joint width, adaptor shape, temperature) from the checkpoint, so a worker must
+        not see the defaults as if the user had written them."""
+        return self.model_dump(mode="json", exclude_unset=True)
+
     def resolved(self) -> "TrainJob":
         """The same job with absolute paths, for workers whose working folder is not ours."""
         def absolute(path: Path | None) -> Path | None:

@@ -1,8 +1,12 @@
 """Frozen-text-encoder features, computed once and memory-mapped, so the LLM never runs in training.
 
-Layout of a cache folder:
-  embeddings.f16  raw float16 matrix (count, dim), row i for keys[i]  (np.memmap)
-  keys.json       {"keys": [...], "key": "sha1(text)", "dim": D, "encoder": ..., "pooling": ...}
+Layout of a cache folder (format 2):
+  embeddings.f16  float16 matrix (count, dim), row i for keys[i], each row L2-normalised  (np.memmap)
+  keys.json       {"keys": [...], "key": "sha1(text)", "format": 2, "rows": "l2-normalized", "dim": D, ...}
+Rows are stored as the adaptor reads them: LLM2CLIP's `TextProj` L2-normalises the LLM2Vec vector
+before its adaptor (microsoft/LLM2CLIP `llm2clip/eva_clip/model.py`, `l2_norm=True`), and so does
+`PixCLIP.encode_text`. Format-1 caches held the raw pooled mean under the same layout; the stored form
+was therefore ambiguous, and they are refused (rebuild with `annotate embed-text`).
 The cache is keyed by the text itself (the SHA-1 of its UTF-8 bytes), never by a region id: a
 pipeline re-run with new captions looks up the new texts, which are either in the cache or missing
 (the region is then skipped), so features of an old caption can never be paired with a new region.
@@ -23,6 +27,8 @@ from annotate.data.store import OutputStore
 EMB_FILE = "embeddings.f16"
 KEYS_FILE = "keys.json"
 KEY_KIND = "sha1(text)"
+FORMAT = 2  # 2: rows L2-normalised; 1 (no "format" key): raw pooled features
+ROWS = "l2-normalized"
 REGION_KINDS = ("fine", "object", "phrase")
 
 
@@ -43,6 +49,9 @@ class TextCache:
         meta = json.loads((self.path / KEYS_FILE).read_text())
         if meta.get("key") != KEY_KIND:
             raise ValueError(f"{self.path} is a region-keyed text cache from an older version: rebuild it with `annotate embed-text`")
+        if meta.get("format") != FORMAT or meta.get("rows") != ROWS:
+            raise ValueError(f"{self.path} is a text cache of format {meta.get('format', 1)} (raw, unnormalised features); "
+                             f"this version stores L2-normalised rows (format {FORMAT}): rebuild it with `annotate embed-text`")
         self.keys: list[str] = meta["keys"]
         self.dim: int = meta["dim"]
         self.meta = {k: v for k, v in meta.items() if k != "keys"}
@@ -76,7 +85,8 @@ def write_text_cache(
     meta: dict | None = None,
 ) -> TextCache:
     """Encode texts (or (label, text) pairs, as `iter_region_texts` yields) with `encode` (texts ->
-    (n, D) array) into a cache folder keyed by text hash, one row per distinct text."""
+    (n, D) array) into a cache folder keyed by text hash, one row per distinct text, L2-normalised in
+    float32 before the cast to float16 (an all-zero row stays zero)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     unique = list(dict.fromkeys(e if isinstance(e, str) else e[1] for e in entries))
@@ -84,6 +94,7 @@ def write_text_cache(
     dim = 0
     for i in range(0, len(unique), batch_size):
         vecs = np.asarray(encode(unique[i : i + batch_size]), dtype=np.float32)
+        vecs = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
         if mm is None:
             dim = vecs.shape[1]
             mm = np.memmap(out / EMB_FILE, dtype=np.float16, mode="w+", shape=(len(unique), dim))
@@ -93,7 +104,8 @@ def write_text_cache(
     mm.flush()
     del mm
     keys = [text_hash(t) for t in unique]
-    (out / KEYS_FILE).write_text(json.dumps({"keys": keys, "key": KEY_KIND, "dim": int(dim), **(meta or {})}))
+    (out / KEYS_FILE).write_text(json.dumps({"keys": keys, "key": KEY_KIND, "format": FORMAT, "rows": ROWS, "dim": int(dim),
+                                                **(meta or {})}))
     return TextCache(out)
 
 

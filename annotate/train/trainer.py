@@ -87,8 +87,16 @@ def warmup_cosine(warmup: int, total: int):
 
 
 def _dist_info() -> tuple[int, int]:
+    """(rank, world size), starting the process group under torchrun. torchrun starts one process per
+    GPU but leaves every process on cuda:0; NCCL's object collectives (`all_gather_object`) use the
+    current device, so without `set_device(LOCAL_RANK)` all ranks land on GPU 0 (duplicate-GPU error or
+    hang). Ray Train sets the device itself and hands over an initialised group, so it is not touched."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -146,6 +154,10 @@ class Trainer:
         self.model.train()
         t0 = time.time()
         while self.step < stop:
+            self._next_epoch_if_done()
+            # Gradients never cross a pass over the loader: an epoch's leftover micro-batches (fewer than
+            # `accum`) must not reach the next epoch's first step.
+            self.optimizer.zero_grad(set_to_none=True)
             self.sampler.set_epoch(self.epoch, self.step_in_epoch * cfg.batch_size * accum)
             loader = DataLoader(
                 self.dataset,
@@ -176,14 +188,23 @@ class Trainer:
                     rec = {"step": self.step, "epoch": self.epoch, **last, "s": round(time.time() - t0, 1)}
                     rec["logit_scale"] = float(self.model.logit_scale.detach().exp())
                     log(json.dumps(rec))
+                self._next_epoch_if_done()  # an epoch's last step is saved as the next epoch's start
                 if self.step % cfg.checkpoint_every == 0 or self.step == stop:
                     self.save()
-                if self.step >= stop or self.step_in_epoch >= self.steps_per_epoch:
+                if self.step >= stop or self.step_in_epoch == 0:
                     break
-            if self.step_in_epoch >= self.steps_per_epoch:
-                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            self._next_epoch_if_done()
         self.check_replicas_in_sync()
         return last
+
+    def _next_epoch_if_done(self) -> None:
+        """Move to the next epoch once this one has all its steps. Also run after `load`: a checkpoint
+        written on an epoch's last step (by older versions, as (epoch, steps_per_epoch)) would otherwise
+        start the sampler at the epoch's end, where the leftover samples (fewer than batch_size x
+        grad_accum_steps, but possibly a whole micro-batch) were fed forward and their gradient added to
+        the next epoch's first step: a resumed run then differed from an uninterrupted one."""
+        if self.step_in_epoch >= self.steps_per_epoch:
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
 
     def check_ranks_agree(self) -> None:
         """Fail fast, with the numbers, when ranks would run different step counts (they would
@@ -243,6 +264,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        self._next_epoch_if_done()
 
 
 LATEST = "latest"  # RUN/checkpoints/latest: the name of the newest complete checkpoint folder
@@ -289,6 +311,12 @@ def cpu_threads(limit: int | None = None) -> None:
         torch.set_num_threads(max(1, min(torch.get_num_threads(), limit)))
 
 
+def run_record(cfg: TrainConfig, model: PixCLIP, text_dim: int, source: dict) -> dict:
+    """run.json: the config with the shape actually built (a width or adaptor read from a checkpoint
+    file included), so that `evaluate.load_run` rebuilds the same model without that file."""
+    return {"config": {**cfg.model_dump(mode="json"), **model.shape_settings()}, "text_dim": text_dim, **source}
+
+
 def train(job: TrainJob, log=_print, device: str | None = None) -> dict:
     """`annotate train`: on a pipeline output (with its text cache) or on the synthetic benchmark."""
     cfg, output = job.cfg, job.output
@@ -309,8 +337,9 @@ def train(job: TrainJob, log=_print, device: str | None = None) -> dict:
         cache = TextCache(cache_path)
         dataset, text_dim = RegionDataset(job.data, cache, cfg, "train"), cache.dim
         source = {"synthetic": False, "data_dir": str(job.data), "text_cache": str(cache_path)}
-    run_meta = {"config": cfg.model_dump(mode="json"), "text_dim": text_dim, **source}
-    trainer = Trainer(cfg, build_pixclip(cfg, text_dim), dataset, output, device)
+    model = build_pixclip(cfg, text_dim)
+    run_meta = run_record(cfg, model, text_dim, source)
+    trainer = Trainer(cfg, model, dataset, output, device)
     if trainer.rank == 0:
         (output / RUN_FILE).write_text(json.dumps(run_meta, indent=2))
     else:
