@@ -389,7 +389,8 @@ class TrainConfig(_Section):
         default_factory=dict, description="extra timm.create_model args (patch_size, depth...) for small models"
     )
     image_size: int = Field(224, description="must be the open_clip model's own resolution (336 for *-336)")
-    embed_dim: int = Field(512, description="joint space width of a timm tower; an open_clip model brings its own")
+    embed_dim: int = Field(512, description="joint space width of a timm tower; an open_clip tower's is read from its "
+                                            "checkpoint (LLM2CLIP's EVA02-CLIP-B-16: 1280) unless set, and must agree")
     text_encoder: str | None = Field(None, description="local HF model dir for embed-text")
     text_encoder_type: Literal["hf", "llm2vec"] = Field(
         "hf", description="llm2vec: bidirectional Llama-family decoder, mean pooling over the text (LLM2CLIP)"
@@ -400,7 +401,8 @@ class TrainConfig(_Section):
     text_pooling: Literal["mean", "cls", "last"] = "mean"
     text_embed_cache: str | None = None
     adaptor_kind: Literal["mlp", "llm2clip"] = Field(
-        "mlp", description="llm2clip: LLM2CLIP's residual adaptor (adaptor_layers blocks), loadable from its checkpoint"
+        "mlp", description="llm2clip: LLM2CLIP's residual adaptor (adaptor_layers blocks), loadable from its checkpoint; "
+                           "kind, layers and hidden width are read from a trained adaptor unless set"
     )
     adaptor_layers: int = 4
     adaptor_hidden: int = 2048
@@ -437,7 +439,8 @@ class TrainConfig(_Section):
     )
     group_by_image: bool = Field(True, description="batch an image's regions together (mask-only negatives)")
     short_text_ratio: float = 0.3
-    logit_scale_init: float = 4.0652
+    logit_scale_init: float = Field(4.0652, description="log of the contrastive temperature's inverse; written, it "
+                                                      "replaces a checkpoint's; unwritten, the checkpoint's is kept")
     amp_bf16: bool = True
     num_workers: int = 2
     checkpoint_every: int = 500
