@@ -220,14 +220,23 @@ def _print_run_summary(summary) -> None:
 def plan(
     regions: int = typer.Option(..., "--regions", min=1, help="regions entering the object stage"),
     config: str = typer.Option("pipelines/longgrit.yaml", "--config", help="pipeline YAML (models, GPUs per replica)"),
-    gpu: str | None = typer.Option(None, "--gpu", help="GPU type in the throughput table (default: the pipeline's)"),
-    from_run: str | None = typer.Option(None, "--from-run", help="a finished run's --output: measure tokens and reach"),
+    gpu: str | None = typer.Option(None, "--gpu-type", "--gpu", help="GPU type in the throughput table (default: the pipeline's)"),
+    from_run: str | None = typer.Option(None, "--from-run", help="a finished run's --output: measure tokens and reach, "
+                                        "and check the prediction against them"),
     throughput: str | None = typer.Option(None, "--throughput", help="throughput table (default pipelines/throughput.yaml)"),
+    sample_shards: int | None = typer.Option(None, "--sample-shards", min=1,
+                                             help="read the first N shards of --input for the regions' crop shapes"),
+    input_dir: str | None = typer.Option(None, "--input", help="shard folder for --sample-shards"),
+    gpus: int | None = typer.Option(None, "--gpus", min=1, help="cluster size: balance replicas per model on N GPUs "
+                                    "and print the `models:` snippet"),
 ) -> None:
-    """Estimate GPU-hours per stage for N regions; prints the table and every assumption behind it."""
+    """Estimate busy and billed GPU-hours and the wall time for N regions; with --gpus, the balanced layout."""
     from annotate.plan import run_plan
 
-    run_plan(config, regions, gpu, from_run, throughput)
+    try:
+        run_plan(config, regions, gpu, from_run, throughput, sample_shards, input_dir, gpus)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise typer.BadParameter(str(e)) from e
 
 
 @app.command("train")
@@ -260,7 +269,8 @@ def eval_cmd(
     zero_shot: str | None = typer.Option(None, "--zero-shot", help="zero-shot classification JSON (see evaluate.py)"),
     output: str | None = typer.Option(None, "--output", help="results JSON (default RUN/eval.json)"),
     task: str | None = typer.Option(None, "--task", help="a paper benchmark: imagenet-s, coco-instances, refcoco, "
-                                    "refcoco+, refcocog, flickr30k, coco-retrieval, sharegpt4v, urban1k, docci"),
+                                    "refcoco+, refcocog, flickr30k, coco-retrieval, sharegpt4v, urban1k, docci; each follows "
+                                    "the reference script's protocol (written into the result's `protocol`; BENCHMARKS 14)"),
     bench_dir: str | None = typer.Option(None, "--bench-dir", help="the benchmark's local copy, in its published layout"),
 ) -> None:
     """Mask<->text retrieval R@1/5/10, zero-shot region classification, or one paper benchmark (--task)."""

@@ -284,9 +284,10 @@ def _token_problem(check: StageCheck, factor: float) -> str | None:
         return None
     if assumed.source.startswith("annotate plan"):
         change = (f"`annotate plan` underestimates this stage's GPU-hours (about x{mean / assumed.prompt:.1f} on "
-                  f"prefill): set default_tokens.{check.stage}.prompt in pipelines/throughput.yaml, or plan with "
-                  "--from-run OUT after a short run; if the prompt should not be this long, check crops.max_side, "
-                  f"the stage's prompt and the model's image tiling")
+                  f"prefill): set default_tokens.{check.stage}.text in pipelines/throughput.yaml (image tokens come from "
+                  "the models' own processors: plan with --sample-shards N on your input), or plan with --from-run "
+                  "OUT after a short run; if the prompt should not be this long, check crops.max_side, the stage's "
+                  "prompt and the model's image tiling")
     else:
         change = ("the load-time budget check under-counts this stage's prompt, so a region may not fit max_model_len "
                   "at run time: raise run.budget_caption_words / run.budget_phrase_words (stages/budget.py)")

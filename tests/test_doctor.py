@@ -134,16 +134,18 @@ def test_prompts_far_above_the_planners_bound_fail_it():
 
 
 def test_prompts_far_above_the_plan_fail_it_naming_the_plan():
-    """paper-tiny names the paper's models: `annotate plan`'s defaults per region are the assumption."""
+    """paper-tiny names the paper's models: `annotate plan`'s prediction per region is the assumption (the
+    object prompt: two images through InternVL2's tiling, about 3,450 tokens, plus the text)."""
     cfg = load_config(PAPER_TINY)
     assumed = token_assumptions(cfg, chain_of(cfg))
-    assert assumed["object"].prompt == 2200 and assumed["object"].source.startswith("annotate plan")
-    report = check(answering(prompt_tokens=4000), cfg)
+    plan_prompt = assumed["object"].prompt
+    assert 3000 < plan_prompt < 4000 and assumed["object"].source.startswith("annotate plan")
+    report = check(answering(prompt_tokens=6000), cfg)
     by_stage = {s.stage: s.problems for s in report.stages}
-    assert any("object: measured prompt 4,000 tokens per request, above 1.5 x the assumed 2,200" in p
-               and "default_tokens.object.prompt" in p for p in by_stage["object"]), by_stage
-    assert all(any("measured prompt 4,000" in p for p in by_stage[s]) for s in by_stage), by_stage
-    assert check(answering(prompt_tokens=500), cfg).stages[0].problems == []  # below object's 2,200
+    assert any(f"object: measured prompt 6,000 tokens per request, above 1.5 x the assumed {plan_prompt:,.0f}" in p
+               and "default_tokens.object.text" in p for p in by_stage["object"]), by_stage
+    assert all(any("measured prompt 6,000" in p for p in by_stage[s]) for s in by_stage), by_stage
+    assert check(answering(prompt_tokens=500), cfg).stages[0].problems == []  # below object's plan
 
 
 def test_a_wrong_stop_token_is_refused_before_anything_is_deployed(tiny_model_paths, monkeypatch):

@@ -1,15 +1,18 @@
-"""`annotate plan`: GPU-hours per stage from tokens per region and the throughput table (fast, no Ray)."""
+"""`annotate plan`: busy and billed GPU-hours per stage from tokens per region and the throughput
+table (fast, no Ray, no engine; vLLM's InternVL processor code is called, not an engine)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import yaml
 
 from annotate.config import load_config
 from annotate.data.records import ImageRecord, Provenance, RegionRecord, StageProvenance
 from annotate.data.writer import write_parquet_atomic
 from annotate.plan import gpus_per_replica, load_throughput, make_plan, measure_run
+from annotate.plan.core import model_row, region_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 LONGGRIT = REPO / "pipelines" / "longgrit.yaml"
@@ -20,29 +23,63 @@ def cfg():
     return load_config(LONGGRIT)
 
 
+@pytest.fixture(scope="module")
+def plan(cfg):
+    return make_plan(cfg, 1_000_000)
+
+
 def test_throughput_table_covers_the_production_models(cfg):
     table = load_throughput()
     for key, model in cfg.models.items():
-        row = table["models"][model.paper_model]
-        assert row["gpus"] == gpus_per_replica(model), key
+        _, row = model_row(table, key, model)
+        assert row["gpus"] >= 1 and row["params_b"] > 0, key
         for gpu in table["gpus"]:
             assert row[gpu]["prefill_tok_s"] > 0 and row[gpu]["decode_tok_s"] > 0
+    assert table["models"]["Griffon-G-26B"]["gpus"] == 1  # vLLM, one 80 GB GPU (27B in bf16)
 
 
-def test_default_plan_arithmetic(cfg):
-    plan = make_plan(cfg, 1_000_000)
+def test_default_plan_arithmetic(cfg, plan):
     assert plan.gpu == "H100"  # the pipeline's accelerator_type
     assert [s.stage for s in plan.stages] == ["object", "validate", "context", "merge"]
-    assert [s.gpus_per_replica for s in plan.stages] == [4, 4, 2, 4]
+    assert [s.gpus_per_replica for s in plan.stages] == [gpus_per_replica(cfg.models[s.model]) for s in plan.stages]
     obj = plan.stages[0]
-    expected = 1_000_000 * (obj.prompt_tokens / obj.prefill_tok_s + obj.completion_tokens / obj.decode_tok_s) * 4 / 3600
-    assert obj.gpu_hours == pytest.approx(expected)
+    lm_seconds = obj.prompt_tokens / obj.prefill_tok_s + obj.completion_tokens / obj.decode_tok_s
+    vit_seconds = obj.vit_tflops * 1e12 / (obj.prefill_tok_s * 2 * 70e9)  # at the replica's prefill FLOP rate
+    assert obj.gpu_hours == pytest.approx(1_000_000 * (lm_seconds + vit_seconds) * 4 / 3600)
+    assert 0.25 < vit_seconds / (obj.image_tokens / obj.prefill_tok_s) < 0.4  # ViT: about +1/3 per image token
+    assert region_seconds(1000, 0, 0, 1000, 1, 70) == 1.0
     assert plan.total_gpu_hours == pytest.approx(sum(s.gpu_hours for s in plan.stages))
     assert plan.stages[2].regions < plan.stages[0].regions  # rejected regions go no further
-    double = make_plan(cfg, 2_000_000)
-    assert double.total_gpu_hours == pytest.approx(2 * plan.total_gpu_hours)
+    assert make_plan(cfg, 2_000_000).total_gpu_hours == pytest.approx(2 * plan.total_gpu_hours)
     assert make_plan(cfg, 1_000_000, gpu="A100").total_gpu_hours > plan.total_gpu_hours
     assert any("ESTIMATES" in a for a in plan.assumptions)
+
+
+def test_image_tokens_per_stage(plan):
+    by = {s.stage: s for s in plan.stages}
+    assert by["context"].image_tokens == 1369 and by["context"].prompt_tokens == 150 + 1369  # Griffon-G: any size
+    assert by["validate"].image_tokens == 0 and by["merge"].vit_tflops == 0
+    # object: crop + mask, each >= 1 tile and <= 13 tiles (+ <img></img>)
+    assert 2 * 258 <= by["object"].image_tokens <= 2 * (13 * 256 + 2)
+
+
+def test_busy_billed_and_wall(cfg, plan):
+    """Billed = GPUs held x the slowest deployment's wall time, at least the busy GPU-hours."""
+    walls = plan.wall_hours()
+    held = sum(m.resources.replicas * gpus_per_replica(m) for k, m in cfg.models.items() if k in walls)
+    assert plan.gpus_held == held
+    assert plan.run_wall_hours == max(walls.values())
+    assert plan.billed_gpu_hours == pytest.approx(held * plan.run_wall_hours)
+    assert plan.billed_gpu_hours > plan.total_gpu_hours
+    util = plan.utilisation()
+    assert max(util.values()) == pytest.approx(1.0) and min(util.values()) < 1
+    on_cluster = make_plan(cfg, 1_000_000, cluster_gpus=32)
+    assert on_cluster.billed_gpu_hours == pytest.approx(32 * plan.run_wall_hours)
+
+
+def test_engine_the_table_assumes_is_checked(plan):
+    """longgrit.yaml serves Griffon-G with the LLaVA engine; the table assumes vLLM's batching."""
+    assert any("Griffon-G-26B assumes engine vllm" in a and "llava" in a for a in plan.assumptions)
 
 
 def test_unknown_gpu_is_refused(cfg):
@@ -85,14 +122,23 @@ def test_measure_run_needs_a_finished_run(tmp_path):
         measure_run(tmp_path)
 
 
-def test_cli_prints_table_and_assumptions():
+def test_cli_prints_busy_billed_and_the_balanced_snippet():
     from typer.testing import CliRunner
 
     from annotate.cli import app
 
-    result = CliRunner().invoke(app, ["plan", "--regions", "1000", "--config", str(LONGGRIT), "--gpu", "H200"])
+    result = CliRunner().invoke(app, ["plan", "--regions", "1000", "--config", str(LONGGRIT), "--gpu-type", "H100",
+                                      "--gpus", "24", "--sample-shards", "1", "--input", str(REPO / "sample_data" / "grit")])
     assert result.exit_code == 0, result.output
-    assert "GPU-hours" in result.output and "Assumptions" in result.output and "merge" in result.output
+    out = result.output
+    assert "busy GPU-hours" in out and "billed GPU-hours" in out and "run wall time" in out and "Assumptions" in out
+    assert "shard(s) of" in out  # shapes from the sampled shard, not the default distribution
+    block = out[out.index("models:"):out.index("Assumptions")]
+    models = yaml.safe_load(block)["models"]
+    assert sum(m["resources"]["num_gpus"] * m["resources"]["replicas"] for m in models.values()) <= 24
+    assert models["griffon_g"]["resources"]["num_gpus"] == 1
+    bad = CliRunner().invoke(app, ["plan", "--regions", "10", "--config", str(LONGGRIT), "--sample-shards", "1"])
+    assert bad.exit_code != 0 and "--input" in bad.output
 
 
 def test_load_time_budgets_from_the_run_record(cfg, tmp_path):

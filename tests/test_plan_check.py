@@ -1,0 +1,68 @@
+"""`annotate plan --from-run`: the processor-and-table prediction against a run's provenance.
+
+A real paper-tiny run needs Ray and vLLM engines, so the check (annotate/plan/check.py) is tested
+here on a synthetic run whose recorded tokens are worked out by hand from what the prompts send."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from annotate.config import load_config
+from annotate.data.records import ImageRecord, Provenance, RegionRecord, StageProvenance
+from annotate.data.writer import write_parquet_atomic
+from annotate.plan.check import compare_with_run, within
+
+REPO = Path(__file__).resolve().parents[1]
+LONGGRIT = REPO / "pipelines" / "longgrit.yaml"
+
+# Regions of a 1000 x 1000 image: a 400 x 300 box (crop 480 x 360, 4:3: 13 tiles) and a 100 x 100 one
+# (crop 120 x 120: 1 tile). Object prompt = 150 text + 2 images x (tiles x 256 + 2).
+BOXES = ([100, 100, 400, 300], [500, 500, 100, 100])
+OBJECT = (150 + 2 * (13 * 256 + 2), 150 + 2 * (1 * 256 + 2))  # 6,810 and 666
+RECORDED = {"object": OBJECT, "validate": (400, 400), "context": (150 + 1369,) * 2, "merge": (350, 350)}
+COMPLETIONS = {"object": (63, 60), "validate": (48, 50), "context": (57, 60), "merge": (720, 700)}  # within 10%
+
+
+def _run(tmp_path: Path, recorded: dict) -> Path:
+    regions = []
+    for i, box in enumerate(BOXES):
+        prov = Provenance(**{("validate_" if s == "validate" else s): StageProvenance(
+            model="x", prompt_tokens=recorded[s][i], completion_tokens=COMPLETIONS[s][i]) for s in recorded})
+        regions.append(RegionRecord(region_id=f"00000:k:{i}", region_index=i, phrase="a mug", bbox=box, status="ok",
+                                    provenance=prov))
+    record = ImageRecord(image_key="k", shard="00000", width=1000, height=1000, caption="a mug", regions=regions)
+    write_parquet_atomic([record], tmp_path / "data" / "00000.parquet")
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return load_config(LONGGRIT)
+
+
+def test_prediction_matches_a_run_within_10_percent(cfg, tmp_path):
+    rows = compare_with_run(cfg, _run(tmp_path, RECORDED))
+    assert [r["stage"] for r in rows] == ["object", "validate", "context", "merge"]
+    by = {r["stage"]: r for r in rows}
+    assert by["object"]["predicted_prompt"] == pytest.approx(sum(OBJECT) / 2)  # 3,738
+    assert within(rows) == []
+
+
+def test_a_run_that_sent_one_image_is_caught(cfg, tmp_path):
+    """Had the run sent the crop alone, the two-image prediction is ~90% high: the check says so."""
+    one_image = {**RECORDED, "object": (150 + 13 * 256 + 2, 150 + 256 + 2)}
+    misses = within(compare_with_run(cfg, _run(tmp_path, one_image)))
+    assert len(misses) == 1 and misses[0].startswith("object prompt")
+
+
+def test_cli_from_run_prints_the_comparison(tmp_path):
+    from typer.testing import CliRunner
+
+    from annotate.cli import app
+
+    out = _run(tmp_path, RECORDED)
+    result = CliRunner().invoke(app, ["plan", "--regions", "1000", "--config", str(LONGGRIT), "--from-run", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "every stage within 10%" in result.output and "predicted" in result.output
