@@ -89,12 +89,11 @@ def test_gpu_dockerfile_matches_the_pins():
     instrs = dockerfile("Dockerfile.gpu")
     args = arg_defaults(instrs)
     assert from_image(instrs) == f"vllm/vllm-openai:v{vllm_pin()}"
-    griffon = args.pop("GRIFFON_TRANSFORMERS")
     assert args == {"VLLM_VERSION": vllm_pin(), "RAY_VERSION": ray_pin(), "UV_VERSION": uv_pin()}
     runs = " ".join(rest for instr, rest in instrs if instr == "RUN")
-    # Griffon-G's prebuilt environment, at the path pipelines/longgrit.yaml names, with transformers 4.x
-    python = load_config(REPO / "pipelines" / "longgrit.yaml").models["griffon_g"].runtime_env["py_executable"]
-    assert griffon.startswith("4.") and f"uv venv --system-site-packages {Path(python).parent.parent}" in runs
+    # Griffon-G is served by the image's vLLM (the package's plugin), not from an environment of its own
+    assert load_config(REPO / "pipelines" / "longgrit.yaml").models["griffon_g"].engine == "vllm"
+    assert "GriffonGemma2ForCausalLM" in runs and "/opt/envs/griffon" not in runs
     assert '"ray[data,default,serve]==${RAY_VERSION}"' in runs and '".[gpu]"' in runs
     assert ("ENTRYPOINT", "[]") in instrs, "the vLLM image's `vllm serve` entrypoint is reset for Ray"
 

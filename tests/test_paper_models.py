@@ -1,8 +1,7 @@
 """The paper's four architectures as tiny replicas: pipelines/paper-tiny.yaml keeps to
 pipelines/longgrit.yaml, the replicas have the production architectures and chat-template formats,
-and `annotate run --config pipelines/paper-tiny.yaml` finishes on the sample shards with InternVL2,
-Qwen2-Instruct and R1-distill replicas in vLLM and the Griffon-style replica in the llava engine
-(a Serve deployment in a runtime environment of its own)."""
+and `annotate run --config pipelines/paper-tiny.yaml` finishes on the sample shards with all four
+replicas in vLLM behind Serve LLM (Griffon-G as the out-of-tree model of engines/griffon_vllm.py)."""
 
 from __future__ import annotations
 
@@ -36,7 +35,7 @@ MAY_DIFFER = {
     "model.llava": {"code_path", "vision_tower", "device", "dtype"},
     "stage": {"batch_size"},
 }
-TINY_KIND = {"internvl2_76b": "internvl2", "qwen2_72b": "qwen2_instruct", "griffon_g": "griffon", "deepseek_r1_70b": "r1_llama"}
+TINY_KIND = {"internvl2_76b": "internvl2", "qwen2_72b": "qwen2_instruct", "griffon_g": "griffon_g", "deepseek_r1_70b": "r1_llama"}
 
 
 def _without(section: dict, keys: set[str]) -> dict:
@@ -82,7 +81,9 @@ def test_tiny_replicas_have_the_production_architectures(tiny_model_paths):
     assert config("qwen2_instruct")["architectures"] == ["Qwen2ForCausalLM"]
     r1 = config("r1_llama")
     assert r1["architectures"] == ["LlamaForCausalLM"] and r1["max_position_embeddings"] >= 8192
-    assert config("griffon")["model_type"] == "gemma2_Griffon"
+    griffon = config("griffon_g")
+    assert griffon["model_type"] == "gemma2_Griffon" and griffon["architectures"] == ["GriffonGemma2ForCausalLM"]
+    assert griffon["mm_projector_type"] == "conv_reduce"
     for kind in ("internvl2", "qwen2_instruct", "r1_llama"):
         template = AutoTokenizer.from_pretrained(tiny_model_paths[kind], trust_remote_code=True).chat_template
         assert _detect_content_format(template, default="openai") == "string", kind  # as the real models'
@@ -99,14 +100,9 @@ DOCTOR_EXIT = "doctor exit code:"
 
 @pytest.fixture(scope="module")
 def paper_run(tmp_path_factory):
-    """`annotate run --config paper-tiny.yaml` in its own process and Ray cluster. The Griffon-style
-    model's replicas get a prebuilt environment: a Python launcher that notes its pid, then runs ours."""
+    """`annotate run --config paper-tiny.yaml` in its own process and Ray cluster."""
     free_session_models()
     tmp = tmp_path_factory.mktemp("paper-run")
-    marker = tmp / "griffon-env-pids"
-    launcher = tmp / "griffon-python"
-    launcher.write_text(f"#!/bin/sh\necho $$ >> {marker}\nexec {sys.executable} \"$@\"\n")
-    launcher.chmod(0o755)
     # A random-weight validator's verdict is its weights' bias between `true` and `false`, nearly the
     # same for every prompt (seen: all 15 regions of a run rejected, so none reached the R1-style merge).
     # The variant's schema allows `true` alone, so regions go on to context and merge; the reason is
@@ -115,7 +111,6 @@ def paper_run(tmp_path_factory):
     validate["json_schema"]["properties"]["consistent"] = {"type": "boolean", "enum": [True]}
     (tmp / "validate-accepting.yaml").write_text(yaml.safe_dump(validate, sort_keys=False))
     config = tiny_variant(tmp / "paper-tiny.yaml", {
-        "models": {"griffon_g": {"runtime_env": {"py_executable": str(launcher)}}},
         "stages": {"validate": {"prompt": str(tmp / "validate-accepting.yaml")}}}, base=PAPER_TINY)
     out = tmp / "out"
     # `annotate doctor`, then `annotate run`, as a user runs them before a long run: one process, so the run
@@ -131,14 +126,14 @@ def paper_run(tmp_path_factory):
         f"print('{DOCTOR_EXIT}', code or 0, flush=True)\n"
         f"sys.exit(cli.main(args={run!r}, prog_name='annotate', standalone_mode=False) or 0)\n")
     done = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, timeout=2400, cwd=tmp)
-    return done, out, marker
+    return done, out
 
 
 @pytest.mark.slow
 @pytest.mark.own_cluster  # frees the session's deployments: run before the tests that share them (conftest.py)
 @pytest.mark.timeout(2700)
 def test_paper_tiny_runs_end_to_end(paper_run):
-    run, out, marker = paper_run
+    run, out = paper_run
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     record = json.loads(max((out / "runs").glob("*.json")).read_text())
     assert record["models_deployed"] == []  # the run found every model doctor had deployed
@@ -156,9 +151,10 @@ def test_paper_tiny_runs_end_to_end(paper_run):
             for stage in ("object", "validate", "context", "merge"):
                 assert region["provenance"][stage]["model"] == paper[stage], (stage, region["provenance"])
     assert statuses["ok"] >= 1, statuses  # at least one region through the R1-style merge
-    # the Griffon-style replica ran in its own runtime environment (the launcher's pid is the replica's)
-    griffon = [r for r in record["replicas"] if r["model"] == "griffon_g"]
-    assert griffon and {str(r["pid"]) for r in griffon} <= set(marker.read_text().split())
+    # Griffon-G ran in vLLM: Serve LLM's server class holds its replica, as the other three models'
+    servers = {r["model"]: r["class"] for r in record["replicas"]}
+    assert set(servers) == set(cfg.models), servers
+    assert all(c.endswith(f":StageLLMServer:{m}") for m, c in servers.items()), servers
     # the load-time token budget of every stage, counted by its model's own deployment
     budgets = {b["stage"]: b for b in record["token_budgets"]}
     assert set(budgets) == {"object", "validate", "context", "merge"}
@@ -196,7 +192,7 @@ def test_doctor_finds_no_convention_defect_in_the_paper_replicas(paper_run):
     and every answer stopped on its model's own end of turn (or EOS). Random weights do answer badly: what
     doctor may report is answers cut by max_tokens with the stop token right (it says so) and failed
     regions; never a stop-token mismatch, a budget or checkpoint refusal, or a prompt above the plan."""
-    run, _, _ = paper_run
+    run, _ = paper_run
     report, _, _ = run.stdout.partition(DOCTOR_EXIT)
     assert DOCTOR_EXIT in run.stdout, run.stdout[-4000:] + run.stderr[-4000:]
     cfg = load_config(PAPER_TINY)
