@@ -33,7 +33,9 @@ from annotate.stages.base import PromptTemplate, RegionContext
 from annotate.stages.chain import build_stage
 from annotate.stages.negatives import NegativesParams
 
-ASPECT_RATIOS = (1.0, 2.0, 0.5, 3.0, 1 / 3, 5.0, 0.2)  # width / height
+# width / height. InternVL2's tiling (max 12 tiles + a thumbnail) is largest at 4:3 and 3:4 (a 4 x 3 grid,
+# 13 tiles), above a square's 3 x 3 + 1: tests/test_budget_shapes.py checks these hold the maximum.
+ASPECT_RATIOS = (1.0, 4 / 3, 0.75, 2.0, 0.5, 3.0, 1 / 3, 5.0, 0.2)
 FILLER = "the "  # one token in every tokenizer we know (the tiny ones too): a caption of N tokens is about N of these
 
 # (messages) -> {"count", "max_model_len"} or {"error"}, and (token) -> id, both answered by the model
