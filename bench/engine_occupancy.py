@@ -1,6 +1,12 @@
 """Engine occupancy: how busy the pipeline keeps a model's engine, counted in vLLM engine steps, against
 the limit of handing the same requests to the same engine all at once.
 
+`--stage merge` (default; pipelines/tiny.yaml, the tiny text model) or `--stage context`
+(pipelines/paper-tiny.yaml: the context stage's requests, the full image and the region's box, to
+the tiny Griffon-G replica `tiny:griffon_g` served by vLLM as an out-of-tree model). Below, "merge"
+stands for the stage measured: the context side stores the records as a finished `validate` output
+(regions validated, with object captions) and runs `--stage context` with `FixedLengthContext`.
+
 Wall time on a CPU says little about a GPU cluster; engine steps do. Each merge request gets a fixed
 output length L_i (`min_tokens = max_tokens = L_i`, `ignore_eos`), drawn from a long-tailed
 lognormal (median 300, 95th percentile 1,500 tokens, the shape of reasoning-model answers) by a hash
@@ -37,7 +43,7 @@ The old design (one Ray actor per model running one synchronous `LLM.chat(batch)
 workers sending batches of `batch_size` images' regions) was measured with this same bench at commit
 3d599e8: steps 1,958 (limit) vs 7,983 (pipeline), ratio 0.245, 7,248 starved steps (`OLD_DESIGN`).
 
-    python -m bench.engine_occupancy [--copies 8] [--small] [--skip-pipeline] [--json FILE]
+    python -m bench.engine_occupancy [--stage merge|context] [--copies 8] [--small] [--skip-pipeline] [--json FILE]
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from statistics import NormalDist
 from typing import Any
 
 from annotate.config import MaskConfig, PipelineConfig, StageConfig, load_config
+from annotate.data.images import ImageError, decode_image
 from annotate.data.prepare import prepare_shard
 from annotate.data.records import ImageRecord, Validation
 from annotate.data.shards import find_shards
@@ -63,12 +70,19 @@ from annotate.data.store import OutputStore, config_fingerprint
 from annotate.data.writer import fill
 from annotate.engines.base import ChatRequest
 from annotate.engines.step_stats import ENV_DIR, plugin_site, read_steps, summarize
-from annotate.stages.base import PromptTemplate, RegionContext
+from annotate.stages.base import RegionContext, Stage
+from annotate.stages.chain import build_stage, chain_of, stage_io
+from annotate.stages.context import ContextStage
 from annotate.stages.merge import MergeStage
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "sample_data" / "grit"
-STAGE_CLASS = "bench.engine_occupancy:FixedLengthMerge"
+STAGE_CLASSES = {"merge": "bench.engine_occupancy:FixedLengthMerge",
+                 "context": "bench.engine_occupancy:FixedLengthContext"}
+STAGE_CLASS = STAGE_CLASSES["merge"]
+# The pipeline file each stage is measured with by default: the merge stage on the tiny text model, the
+# context stage on the tiny Griffon-G replica (vLLM, out-of-tree model) of the paper's models.
+DEFAULT_CONFIGS = {"merge": REPO / "pipelines" / "tiny.yaml", "context": REPO / "pipelines" / "paper-tiny.yaml"}
 
 # The issue's output lengths (tokens): lognormal with this median and 95th percentile.
 MEDIAN, P95 = 300.0, 1500.0
@@ -76,6 +90,10 @@ MEDIAN, P95 = 300.0, 1500.0
 # max_model_len 2048 minus the merge prompt (up to ~400 tokens with the tiny tokenizer) and a margin.
 SCALE_QUANTILE = 0.995
 CAP = 1400
+# The context stage on tiny Griffon-G: max_model_len 4096 minus the context prompt (up to ~300 tokens
+# with its 25 image tokens, measured 271 + 25 on the sample shards) and a margin. The issue's
+# distribution is scaled by 0.94 only (its 99.5th percentile is ~3,730).
+CONTEXT_CAP = 3500
 
 # The old design, measured with this bench (default settings: 192 requests, sum(L_i) = 38,772) at its
 # last commit, in a scratch worktree whose VllmEngine attaches the step logger and whose merge worker
@@ -111,17 +129,19 @@ def fixed_length(region_id: str, median: float, p95: float, cap: int) -> int:
 
 
 TINY_MEDIAN, TINY_P95 = scaled_distribution(MEDIAN, P95, CAP)
+CONTEXT_MEDIAN, CONTEXT_P95 = scaled_distribution(MEDIAN, P95, CONTEXT_CAP)
 
 
-class FixedLengthMerge(MergeStage):
-    """The merge stage with every answer exactly L_i tokens long (temperature 0, EOS ignored).
+class FixedLength:
+    """A stage with every answer exactly L_i tokens long (temperature 0, EOS ignored; `min_tokens` also
+    holds back the model's stop tokens and strings until L_i).
 
-    Used by the pipeline side through the stage's `stage_class` ("bench.engine_occupancy:FixedLengthMerge").
-    The distribution is a class attribute so that every stage worker draws the same L_i."""
+    Used by the pipeline side through the stage's `stage_class` (`STAGE_CLASSES`). The distribution is a
+    class attribute so that every stage worker draws the same L_i."""
 
-    median: float = TINY_MEDIAN
-    p95: float = TINY_P95
-    cap: int = CAP
+    median: float
+    p95: float
+    cap: int
 
     @classmethod
     def length(cls, region_id: str) -> int:
@@ -135,13 +155,31 @@ class FixedLengthMerge(MergeStage):
         return request
 
 
+class FixedLengthMerge(FixedLength, MergeStage):
+    """The merge stage with fixed-length answers ("bench.engine_occupancy:FixedLengthMerge")."""
+
+    median: float = TINY_MEDIAN
+    p95: float = TINY_P95
+    cap: int = CAP
+
+
+class FixedLengthContext(FixedLength, ContextStage):
+    """The context stage with fixed-length answers ("bench.engine_occupancy:FixedLengthContext")."""
+
+    median: float = CONTEXT_MEDIAN
+    p95: float = CONTEXT_P95
+    cap: int = CONTEXT_CAP
+
+
 # ---------------------------------------------------------------------------------------- requests
 def merge_records(cfg: PipelineConfig, shard_ids: list[int], input_dir: Path = SAMPLE,
-                  copies: int = 1) -> dict[str, list[ImageRecord]]:
-    """shard -> its records as the context stage would leave them: every pending region validated and
-    captioned (synthetic captions from its phrase and the image caption). Copy c > 0 of an image gets
-    the key `KEY-cC` and region ids to match."""
-    data = cfg.data.model_copy(update={"masks": MaskConfig(source="box")})  # merge uses no mask: skip GrabCut
+                  copies: int = 1, stage: str = "merge") -> dict[str, list[ImageRecord]]:
+    """shard -> its records as the stage before `stage` would leave them: every pending region validated
+    and captioned (synthetic captions from its phrase and the image caption; for `context`, the object
+    caption and verdict only). Copy c > 0 of an image gets the key `KEY-cC` and region ids to match
+    (the image bytes are the same)."""
+    # Neither merge nor context shows a mask (context: the full image and the box): skip GrabCut.
+    data = cfg.data.model_copy(update={"masks": MaskConfig(source="box")})
     out: dict[str, list[ImageRecord]] = {}
     for ref in find_shards(input_dir, shard_ids, data.shard_format):
         prepared = [p.record for p in prepare_shard(ref, data)]
@@ -157,52 +195,83 @@ def merge_records(cfg: PipelineConfig, shard_ids: list[int], input_dir: Path = S
                         continue
                     region.object_caption = f"{region.phrase}, {region.phrase}"
                     region.validation = Validation(consistent=True, reason="synthetic (bench.engine_occupancy)")
-                    region.context_caption = f"{region.phrase} in a picture of {record.caption}"
+                    if stage == "merge":
+                        region.context_caption = f"{region.phrase} in a picture of {record.caption}"
                 records.append(record)
         out[ref.name] = records
     return out
 
 
-def store_context_output(records: dict[str, list[ImageRecord]], cfg: PipelineConfig, run_dir: Path) -> OutputStore:
-    """Write `records` as finished `context` outputs of a run folder (one shard file each, plus its
-    manifest line under `config_fingerprint(cfg)`), so that `annotate run --stage merge` with the same
-    config takes them as its input."""
+def store_context_output(records: dict[str, list[ImageRecord]], cfg: PipelineConfig, run_dir: Path,
+                         stage: str = "merge") -> OutputStore:
+    """Write `records` as finished outputs of the stage before `stage` (`context` for merge, `validate`
+    for context) in a run folder (one shard file each, plus its manifest line under
+    `config_fingerprint(cfg)`), so that `annotate run --stage STAGE` with the same config takes them
+    as its input."""
     store = OutputStore(Path(run_dir))
     fingerprint = config_fingerprint(cfg)
+    output = stage_io(stage, chain_of(cfg)).reads
     for shard, recs in records.items():
-        store.commit(fill(store.writer("context", shard), recs), "context", shard, fingerprint)
+        store.commit(fill(store.writer(output, shard), recs), output, shard, fingerprint)
     return store
 
 
-def make_stage(cfg: PipelineConfig) -> FixedLengthMerge:
-    sc = cfg.stages["merge"]
+def make_stage(cfg: PipelineConfig, stage: str = "merge") -> Stage:
+    """The stage as a stage worker builds it (`build_stage`: the model's conventions shape the prompt,
+    stop tokens and box format), with the fixed-length class of `bench_config`."""
+    sc = cfg.stages[stage]
     model = cfg.models[sc.model]
-    return FixedLengthMerge(PromptTemplate.load(sc.prompt), sc.sampling, model.paper_model or model.path)
+    built = build_stage(stage, sc, model.paper_model or model.path, model)
+    if not isinstance(built, FixedLength):  # a code base without `stage_class`
+        cls = FixedLengthMerge if stage == "merge" else FixedLengthContext
+        built = cls(built.prompt, built.sampling, built.model_id, sc.params, built.conventions)
+    return built
 
 
-def merge_requests(records: dict[str, list[ImageRecord]], stage: MergeStage, cfg: PipelineConfig) -> list[ChatRequest]:
-    """The stage's request for every region it wants, in record order."""
+def _image(record: ImageRecord, cfg: PipelineConfig):
+    """The record's decoded image, as a stage worker decodes it (None without one)."""
+    if not record.image_bytes:
+        return None
+    try:
+        return decode_image(record.image_bytes, cfg.data.images)
+    except ImageError:
+        return None
+
+
+def merge_requests(records: dict[str, list[ImageRecord]], stage: Stage, cfg: PipelineConfig) -> list[ChatRequest]:
+    """The stage's request for every region it wants, in record order (with the decoded image when the
+    stage's prompt shows one)."""
     out = []
     for recs in records.values():
         for record in recs:
+            image = _image(record, cfg) if stage.prompt.images else None
             for region in record.regions:
                 if stage.wants(region):
-                    out.append(stage.build_request(RegionContext(record=record, region=region, image=None,
+                    out.append(stage.build_request(RegionContext(record=record, region=region, image=image,
                                                                  crops=cfg.data.crops)))
     return out
 
 
-def bench_config(path: str | Path, stage_class: bool = True) -> PipelineConfig:
-    """The pipeline file with what the bench needs: merge without retries (every answer is cut by
-    max_tokens by design) and, when this code base has the option, `stage_class` set to
-    FixedLengthMerge; the merge model keeps stats (`disable_log_stats: false`, for the sync engine)."""
+def bench_config(path: str | Path, stage_class: bool = True, stage: str = "merge") -> PipelineConfig:
+    """The pipeline file with what the bench needs: `stage` without retries (every answer is cut by
+    max_tokens by design) and, when this code base has the option, `stage_class` set to its
+    fixed-length class; the stage's model keeps stats (`disable_log_stats: false`, for the sync engine)."""
     raw = load_config(path)
-    merge: dict[str, Any] = {"max_attempts": 1}
+    settings: dict[str, Any] = {"max_attempts": 1}
     if stage_class and "stage_class" in StageConfig.model_fields:
-        merge["stage_class"] = STAGE_CLASS
-    model = raw.stages["merge"].model
+        settings["stage_class"] = STAGE_CLASSES[stage]
+    if "deadline_s" in StageConfig.model_fields:
+        # The default deadline follows the stage's configured max_tokens (context: 128 -> 184 s), not the
+        # L_i of the fixed-length class (up to its cap): a long answer on a busy CPU would time out
+        # (and then not be asked again). The same formula over the cap.
+        from annotate.config import DEADLINE_PER_TOKEN_S, DEADLINE_START_S
+
+        cap = (FixedLengthMerge if stage == "merge" else FixedLengthContext).cap
+        settings["deadline_s"] = max(raw.stages[stage].request_deadline_s(),
+                                     DEADLINE_START_S + DEADLINE_PER_TOKEN_S * cap)
+    model = raw.stages[stage].model
     extra = {**raw.models[model].vllm.extra, "disable_log_stats": False}
-    return load_config(path, {"stages": {"merge": merge}, "models": {model: {"vllm": {"extra": extra}}}})
+    return load_config(path, {"stages": {stage: settings}, "models": {model: {"vllm": {"extra": extra}}}})
 
 
 # ----------------------------------------------------------------------------------------- figures
@@ -223,8 +292,8 @@ def _window(stats_dir: Path, t0: float, t1: float, n: int, max_num_seqs: int) ->
 
 
 # ------------------------------------------------------------------------------------------- sides
-def limit_steps(requests: list[ChatRequest], cfg: PipelineConfig, stats_dir: Path) -> dict[str, Any]:
-    """The limit: every request handed to one engine at once (one `LLM.chat` call) with the merge
+def limit_steps(requests: list[ChatRequest], cfg: PipelineConfig, stats_dir: Path, stage: str = "merge") -> dict[str, Any]:
+    """The limit: every request handed to one engine at once (one `LLM.chat` call) with the stage's
     model's settings; the step summary of that call.
 
     The engine runs in this process (`in_process`), so that every request is in vLLM's scheduler
@@ -233,7 +302,7 @@ def limit_steps(requests: list[ChatRequest], cfg: PipelineConfig, stats_dir: Pat
     from annotate.engines.step_stats import attach_to_llm
     from annotate.engines.vllm_engine import VllmEngine
 
-    model = cfg.models[cfg.stages["merge"].model]
+    model = cfg.models[cfg.stages[stage].model]
     if "in_process" in type(model.vllm).model_fields:
         model = model.model_copy(update={"vllm": model.vllm.model_copy(update={"in_process": True})})
     stats_dir.mkdir(parents=True, exist_ok=True)
@@ -264,9 +333,9 @@ def limit_steps(requests: list[ChatRequest], cfg: PipelineConfig, stats_dir: Pat
 
 
 def pipeline_steps(cfg: PipelineConfig, run_dir: Path, stats_dir: Path, shard_ids: list[int], n_requests: int,
-                   max_num_seqs: int, input_dir: Path = SAMPLE) -> dict[str, Any]:
-    """`run_pipeline(--stage merge)` over the stored context output in `run_dir`; the step summary of
-    the merge model's engine over the run. LONGGRIT_STEP_STATS_DIR is set before Ray starts, so the
+                   max_num_seqs: int, input_dir: Path = SAMPLE, stage: str = "merge") -> dict[str, Any]:
+    """`run_pipeline(--stage STAGE)` over the stored output of the stage before it in `run_dir`; the
+    step summary of the stage's model's engine over the run. LONGGRIT_STEP_STATS_DIR is set before Ray starts, so the
     engine processes of a local cluster inherit it (a Serve replica needs it in its runtime_env)."""
     import ray
 
@@ -281,7 +350,7 @@ def pipeline_steps(cfg: PipelineConfig, run_dir: Path, stats_dir: Path, shard_id
     os.environ["PYTHONPATH"] = os.pathsep.join([site, *([previous_path] if previous_path else [])])
     try:
         t0 = time.time()
-        summary = run_pipeline(cfg, input_dir, run_dir, shard_ids, stage="merge")
+        summary = run_pipeline(cfg, input_dir, run_dir, shard_ids, stage=stage)
         t1 = time.time()
     finally:
         os.environ.pop(ENV_DIR, None)
@@ -310,45 +379,54 @@ def _free_port() -> int:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=str(REPO / "pipelines" / "tiny.yaml"))
+    parser.add_argument("--stage", choices=sorted(STAGE_CLASSES), default="merge",
+                        help="the stage measured: merge (tiny text model) or context (tiny Griffon-G replica)")
+    parser.add_argument("--config", default=None,
+                        help="pipeline file (default: pipelines/tiny.yaml for merge, pipelines/paper-tiny.yaml for context)")
     parser.add_argument("--shards", type=int, default=2, help="sample-data shards to take")
-    parser.add_argument("--copies", type=int, default=8, help="copies of each sample image (2 shards x 8: 192 requests)")
+    parser.add_argument("--copies", type=int, default=8,
+                        help="copies of each sample image (2 shards x 8: 192 merge / 152 context requests)")
     parser.add_argument("--skip-pipeline", action="store_true", help="the limit only (no Ray)")
     parser.add_argument("--work-dir", default=None, help="run folder and step logs (default: a temporary folder)")
-    parser.add_argument("--small", action="store_true", help="CI: 2 copies (48 requests)")
+    parser.add_argument("--small", action="store_true", help="CI: 2 copies (48 merge / 38 context requests)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if args.small:
         args.copies = 2
+    stage_name = args.stage
+    config_path = args.config or str(DEFAULT_CONFIGS[stage_name])
 
-    cfg = bench_config(args.config)
+    cfg = bench_config(config_path, stage=stage_name)
     cfg.run.dashboard_port = _free_port()  # another local cluster on this machine may hold Ray's default
     shard_ids = list(range(args.shards))
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="occupancy-"))
     for sub in ("run", "steps-limit", "steps-pipeline"):
         shutil.rmtree(work / sub, ignore_errors=True)
 
-    records = merge_records(cfg, shard_ids, SAMPLE, args.copies)
-    stage = make_stage(cfg)
+    records = merge_records(cfg, shard_ids, SAMPLE, args.copies, stage=stage_name)
+    stage = make_stage(cfg, stage_name)
     requests = merge_requests(records, stage, cfg)
     lengths = [r.sampling.max_tokens for r in requests]
-    model = cfg.models[cfg.stages["merge"].model]
+    model_name = cfg.stages[stage_name].model
+    model = cfg.models[model_name]
     max_num_seqs = model.vllm.max_num_seqs or 256
-    store_context_output(records, cfg, work / "run")
+    store_context_output(records, cfg, work / "run", stage=stage_name)
 
     res: dict[str, Any] = {
+        "stage": stage_name, "config": config_path, "model": model_name, "model_path": model.path,
         "requests": len(requests), "sum_lengths": sum(lengths), "max_length": max(lengths),
         "length_distribution": {"median": round(stage.median, 1), "p95": round(stage.p95, 1), "cap": stage.cap,
                                 "scaled_from": {"median": MEDIAN, "p95": P95, "quantile_at_cap": SCALE_QUANTILE}},
-        "max_num_seqs": max_num_seqs, "batch_size": cfg.stages["merge"].batch_size,
+        "max_num_seqs": max_num_seqs, "batch_size": cfg.stages[stage_name].batch_size,
         "lower_bound_steps": max(-(-sum(lengths) // max_num_seqs), max(lengths)),
-        "old_design": OLD_DESIGN, "old_design_ratio": OLD_DESIGN.get("ratio"),
     }
-    limit = figures(limit_steps(requests, cfg, work / "steps-limit"), lengths, max_num_seqs)
+    if stage_name == "merge":
+        res.update(old_design=OLD_DESIGN, old_design_ratio=OLD_DESIGN.get("ratio"))
+    limit = figures(limit_steps(requests, cfg, work / "steps-limit", stage_name), lengths, max_num_seqs)
     res["limit"] = limit
     if not args.skip_pipeline:
         pipe = figures(pipeline_steps(cfg, work / "run", work / "steps-pipeline", shard_ids, len(requests),
-                                      max_num_seqs), lengths, max_num_seqs)
+                                      max_num_seqs, stage=stage_name), lengths, max_num_seqs)
         res["pipeline"] = pipe
         res["occupancy_ratio"] = ratio(limit, pipe)
         res["starved_steps"] = pipe["starved_steps"]
@@ -361,16 +439,20 @@ def main(argv: list[str] | None = None) -> dict:
         res["occupancy_ratio"] = None
         res["starved_steps"] = None
 
-    print(f"engine occupancy, merge stage: {res['requests']} requests, sum(L_i) = {res['sum_lengths']} tokens "
-          f"(max {res['max_length']}), max_num_seqs {max_num_seqs}; lower bound {res['lower_bound_steps']} steps")
-    print("| side | engine steps | occupancy | starved steps |")
-    print("| --- | --- | --- | --- |")
+    print(f"engine occupancy, {stage_name} stage ({model_name}: {model.path}): {res['requests']} requests, "
+          f"sum(L_i) = {res['sum_lengths']} tokens (max {res['max_length']}), max_num_seqs {max_num_seqs}; "
+          f"lower bound {res['lower_bound_steps']} steps")
+    print("| side | engine steps | occupancy | starved steps | wall s |")
+    print("| --- | --- | --- | --- | --- |")
     for name in ("limit", "pipeline"):
         if name in res:
             s = res[name]
-            print(f"| {name} | {s['steps']} | {s['occupancy']:.3f} | {s['starved_steps']} |")
-    print(f"occupancy ratio steps(limit)/steps(pipeline): {res['occupancy_ratio']}; old design "
-          f"({OLD_DESIGN['commit']}): {res['old_design_ratio']}")
+            wall = s.get("processing_s", s["wall_s"])
+            print(f"| {name} | {s['steps']} | {s['occupancy']:.3f} | {s['starved_steps']} | {wall:.1f} |")
+    line = f"occupancy ratio steps(limit)/steps(pipeline): {res['occupancy_ratio']}"
+    if stage_name == "merge":
+        line += f"; old design ({OLD_DESIGN['commit']}): {res['old_design_ratio']}"
+    print(line)
     if "wall_ratio" in res:
         print(f"wall time pipeline / limit: {res['wall_ratio']:.2f} (whole run), {res['engine_span_ratio']:.2f} "
               "(first to last engine step)")
