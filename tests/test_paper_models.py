@@ -125,13 +125,13 @@ def paper_run(tmp_path_factory):
         f"code = cli.main(args={doctor!r}, prog_name='annotate', standalone_mode=False)\n"
         f"print('{DOCTOR_EXIT}', code or 0, flush=True)\n"
         f"sys.exit(cli.main(args={run!r}, prog_name='annotate', standalone_mode=False) or 0)\n")
-    done = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, timeout=2400, cwd=tmp)
+    done = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, timeout=3300, cwd=tmp)
     return done, out
 
 
 @pytest.mark.slow
 @pytest.mark.own_cluster  # frees the session's deployments: run before the tests that share them (conftest.py)
-@pytest.mark.timeout(2700)
+@pytest.mark.timeout(3600)
 def test_paper_tiny_runs_end_to_end(paper_run):
     run, out = paper_run
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
