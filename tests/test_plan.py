@@ -77,9 +77,13 @@ def test_busy_billed_and_wall(cfg, plan):
     assert on_cluster.billed_gpu_hours == pytest.approx(32 * plan.run_wall_hours)
 
 
-def test_engine_the_table_assumes_is_checked(plan):
-    """longgrit.yaml serves Griffon-G with the LLaVA engine; the table assumes vLLM's batching."""
-    assert any("Griffon-G-26B assumes engine vllm" in a and "llava" in a for a in plan.assumptions)
+def test_engine_the_table_assumes_is_checked(cfg, plan):
+    """The table's Griffon-G row assumes vLLM's continuous batching: a file serving it otherwise is warned of."""
+    assert cfg.models["griffon_g"].engine == "vllm"
+    assert not any("assumes engine" in a for a in plan.assumptions)
+    on_hf = load_config(LONGGRIT, {"models": {"griffon_g": {"engine": "hf"}}})
+    warned = [a for a in make_plan(on_hf, 1_000).assumptions if "assumes engine" in a]
+    assert len(warned) == 1 and "Griffon-G-26B assumes engine vllm" in warned[0] and "engine hf" in warned[0]
 
 
 def test_unknown_gpu_is_refused(cfg):

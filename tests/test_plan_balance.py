@@ -43,7 +43,9 @@ def test_snippet_pastes_into_the_pipeline_file(tmp_path):
     layout = {"internvl2_76b": (3, 4), "qwen2_72b": (1, 4), "griffon_g": (2, 1), "deepseek_r1_70b": (2, 4)}
     util = {m: 0.5 for m in layout}
     text = snippet(str(LONGGRIT), layout, "H100", util, {"griffon_g": "vllm"})
-    assert "expected utilisation 50%" in text and "assumes engine vllm" in text
+    assert "expected utilisation 50%" in text and "assumes engine" not in text  # the file serves Griffon-G on vLLM
+    assert "griffon_g: the throughput table assumes engine llava; this file says vllm" in \
+        snippet(str(LONGGRIT), layout, "H100", util, {"griffon_g": "llava"})
     raw = yaml.safe_load(LONGGRIT.read_text())
     raw["models"] = yaml.safe_load(text)["models"]
     for stage in raw["stages"].values():

@@ -25,27 +25,22 @@ def test_production_models_get_a_gpu_bundle_per_parallel_worker(ray_session):
     for name, model in models.items():
         options = deployment_options(name, model)
         res = model.resources
-        if model.engine == "vllm":
-            workers = model.vllm.tensor_parallel_size * model.vllm.pipeline_parallel_size
-            bundles = options["placement_group_bundles"]
-            assert len(bundles) == workers == res.num_gpus, (name, bundles)
-            for bundle in bundles:
-                assert bundle["GPU"] == 1, (name, bundle)
-                assert bundle[f"accelerator_type:{res.accelerator_type}"] > 0, (name, bundle)
-            assert options["placement_group_strategy"] == "STRICT_PACK"  # a replica never spans nodes
-            assert options["ray_actor_options"]["num_cpus"] == 0  # the replica holds no device itself
-            assert options.get("ray_actor_options", {}).get("num_gpus", 0) == 0
-            checked += 1
-        else:  # llava (Griffon-G): a plain deployment that reserves the GPUs it declares, in its own environment
-            actor = options["ray_actor_options"]
-            assert actor["num_gpus"] == res.num_gpus == 2 and actor["accelerator_type"] == res.accelerator_type
-            assert model.engine == "llava" and actor["runtime_env"] == {"py_executable": "/opt/envs/griffon/bin/python"}
-            assert options["name"] == model_app(name, model).deployment_name
+        assert model.engine == "vllm", name  # every production model, Griffon-G included, is served by vLLM
+        workers = model.vllm.tensor_parallel_size * model.vllm.pipeline_parallel_size
+        bundles = options["placement_group_bundles"]
+        assert len(bundles) == workers == res.num_gpus, (name, bundles)
+        for bundle in bundles:
+            assert bundle["GPU"] == 1, (name, bundle)
+            assert bundle[f"accelerator_type:{res.accelerator_type}"] > 0, (name, bundle)
+        assert options["placement_group_strategy"] == "STRICT_PACK"  # a replica never spans nodes
+        assert options["ray_actor_options"]["num_cpus"] == 0  # the replica holds no device itself
+        assert options.get("ray_actor_options", {}).get("num_gpus", 0) == 0
+        checked += 1
         assert options["num_replicas"] == res.replicas
         router = options.get("request_router_config") or {}
         if res.replicas > 1:
             assert router["request_router_class"].endswith("ImageAffinityRouter"), name
-    assert checked == 3
+    assert checked == 4
 
 
 def test_parallel_size_and_gpus_must_agree():
