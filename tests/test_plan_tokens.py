@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from annotate.config import CropConfig, load_config
-from annotate.engines.image_tokens import GriffonImage, InternVLTiling, ViT, conv_reduce_side
+from annotate.engines.image_tokens import GriffonImage, InternVLTiling, ViT
 from annotate.plan.shapes import default_shapes, region_shape, shapes_from_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,10 +45,10 @@ def test_vision_encoder_flops():
 def test_griffon_image_tokens_and_the_model_code_agree():
     """1022 / 14 = 73 patches a side; Conv2d(3, stride 2, pad 1) -> 37; 37^2 = 1,369 at any size.
     engines/griffon_processing.py (the vLLM model's own count) must say the same."""
-    from annotate.engines.griffon_processing import GriffonGemma2Config, num_image_tokens
+    from annotate.engines.griffon_processing import GriffonGemma2Config, conv_out, num_image_tokens
 
     g = GriffonImage()
-    assert g.grid == 73 and conv_reduce_side(73) == 37
+    assert g.grid == 73 and conv_out(73) == 37
     assert g.tokens(1024, 768) == g.tokens(50, 900) == 1369
     assert num_image_tokens(GriffonGemma2Config()) == g.tokens()
 

@@ -99,16 +99,10 @@ def _internvl_tokens(t: InternVLTiling, width: int, height: int) -> int:
     return processor.get_num_image_tokens(image_width=width, image_height=height)
 
 
-def conv_reduce_side(grid: int, kernel: int = 3, stride: int = 2, padding: int = 1) -> int:
-    """One side of a Conv2d's output grid: floor((grid + 2 padding - kernel) / stride) + 1."""
-    return (grid + 2 * padding - kernel) // stride + 1
-
-
 @dataclass(frozen=True)
 class GriffonImage:
     image_size: int = 1022
     patch: int = 14
-    stride: int = 2
     vit: ViT = ViT(layers=24, hidden=1024, mlp=4096)  # CLIP ViT-L/14
     source: str = GRIFFON_SOURCE
 
@@ -117,8 +111,11 @@ class GriffonImage:
         return self.image_size // self.patch  # 1022 / 14 = 73
 
     def tokens(self, width: int = 0, height: int = 0) -> int:
-        """37^2 = 1,369 for every image: it is stretched to image_size square first."""
-        return conv_reduce_side(self.grid, stride=self.stride) ** 2
+        """37^2 = 1,369 for every image: it is stretched to image_size square first. The side is the
+        vLLM model's own `conv_out` (imported here: griffon_processing imports transformers)."""
+        from annotate.engines.griffon_processing import conv_out
+
+        return conv_out(self.grid) ** 2
 
     def tiles(self, width: int = 0, height: int = 0) -> int:
         return 1
