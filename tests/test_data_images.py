@@ -1,4 +1,5 @@
-"""decode_image: modes, EXIF orientation, refusals, readable errors; fit_within / fitted_size."""
+"""decode_image: modes, EXIF orientation, refusals, readable errors; decode_array (the trainer's: the same
+limits and pixels, JPEGs through OpenCV); fit_within / fitted_size."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from PIL import Image, ImageFile
 
 import shardkit as sk
 from annotate.config import ImageConfig
-from annotate.data.images import ImageError, decode_image, fit_within, fitted_size
+from annotate.data.images import ImageError, decode_array, decode_image, fit_within, fitted_size
 
 CFG = ImageConfig()
 
@@ -83,6 +84,46 @@ def test_byte_limit():
     data = sk.jpeg()
     with pytest.raises(ImageError, match="max_bytes"):
         decode_image(data, ImageConfig(max_bytes=len(data) - 1))
+
+
+@pytest.mark.parametrize("payload", [
+    sk.jpeg(_arr()),
+    sk.encode(Image.fromarray(_arr()).convert("L"), "JPEG"),
+    sk.encode(Image.fromarray(_arr()).convert("CMYK"), "JPEG", quality=95),  # PIL's conversion
+    sk.encode(Image.fromarray(np.dstack([_arr(), np.full((30, 40), 128, np.uint8)]), "RGBA"), "PNG"),
+    sk.png16(np.array([[0, 257, 32896, 65535]] * 2, np.uint16)),
+])
+def test_decode_array_gives_decode_images_pixels(payload):
+    """The trainer sees what the models were shown: same size, orientation, alpha on white, 16-bit
+    scaled. OpenCV's and PIL's JPEG decoders may differ by rounding, never by more than a few levels."""
+    ours, reference = decode_array(payload), np.asarray(decode_image(payload, CFG))
+    assert ours.dtype == np.uint8 and ours.shape == reference.shape
+    assert np.abs(ours.astype(int) - reference.astype(int)).mean() < 2
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_decode_array_applies_exif_orientation(orientation):
+    displayed = np.zeros((30, 60, 3), np.uint8)
+    displayed[0:10, 0:10] = (255, 0, 0)
+    out = decode_array(sk.jpeg_with_orientation(displayed, orientation))
+    assert out.shape == (30, 60, 3) and out[5, 5, 0] > 200 and out[25, 55, 0] < 60
+
+
+def test_decode_array_keeps_the_limits(monkeypatch):
+    """A bomb is refused from its header before OpenCV or PIL decodes a pixel; junk reads as junk."""
+    import cv2
+
+    def no_decode(*a, **k):
+        raise AssertionError("pixels were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
+    monkeypatch.setattr(cv2, "imdecode", no_decode)
+    with pytest.raises(ImageError, match=r"64x48 = 3072 pixels > max_pixels 3000 \(not decoded\)"):
+        decode_array(sk.jpeg(sk.photo(64, 48)), ImageConfig(max_pixels=3000))
+    with pytest.raises(ImageError, match="not an image"):
+        decode_array(b"<html>nope</html>")
+    with pytest.raises(ImageError, match="max_bytes"):
+        decode_array(sk.jpeg(), ImageConfig(max_bytes=10))
 
 
 @pytest.mark.parametrize(("size", "max_side", "fitted"), [

@@ -5,7 +5,8 @@ import pytest
 import torch
 from pycocotools import mask as mask_utils
 
-from annotate.pixclip.transforms import _MEAN, _STD, decode_rle, full_window, mask_box, prepare_views
+from annotate.data.masks import decode_rle
+from annotate.pixclip.transforms import _MEAN, _STD, full_window, mask_box, prepare_views
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -41,15 +41,15 @@ def _jpeg(array: np.ndarray, orientation: int | None) -> dict:
 
 
 def test_decode_keeps_exif_rotation():
-    from annotate.train.data import _decode_image
+    from annotate.data.images import decode_array  # the trainer's decoder
 
     array = np.zeros((20, 40, 3), dtype=np.uint8)
     array[:, :10] = 255  # white left edge
-    plain = _decode_image(_jpeg(array, None))
+    plain = decode_array(_jpeg(array, None)["bytes"])
     assert plain.shape == (20, 40, 3) and plain.dtype == np.uint8 and plain[:, :5].mean() > 200
-    rotated = _decode_image(_jpeg(array, 6))  # "rotate 90 CW to view": the white edge goes to the top
+    rotated = decode_array(_jpeg(array, 6)["bytes"])  # "rotate 90 CW to view": the white edge goes to the top
     assert rotated.shape == (40, 20, 3) and rotated[:5].mean() > 200 and rotated[-5:].mean() < 50
-    gray = _decode_image(_png_gray())  # a grayscale PNG comes back as RGB
+    gray = decode_array(_png_gray()["bytes"])  # a grayscale PNG comes back as RGB
     assert gray.shape == (8, 8, 3)
 
 
@@ -70,9 +70,9 @@ def test_loader_bench_small():
 
 def test_decode_falls_back_to_pil():
     """A format OpenCV does not read (GIF here) still decodes, through PIL."""
-    from annotate.train.data import _decode_image
+    from annotate.data.images import decode_array  # the trainer's decoder
 
     buf = io.BytesIO()
     Image.fromarray(np.full((6, 9, 3), 200, dtype=np.uint8)).save(buf, format="GIF")
-    out = _decode_image({"bytes": buf.getvalue()})
+    out = decode_array(buf.getvalue())
     assert out.shape == (6, 9, 3) and abs(int(out.mean()) - 200) < 8

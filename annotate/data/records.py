@@ -161,6 +161,15 @@ class ImageRecord(BaseModel):
     schema_version: str = SCHEMA_VERSION
 
 
+def is_trainable(region: "RegionRecord | dict") -> bool:
+    """The one definition of a region PixCLIP trains on, whose texts the text cache embeds and which
+    `annotate score` scores: annotated (status "ok"), with a fine caption and a mask."""
+    if isinstance(region, RegionRecord):
+        region = region.model_dump()
+    mask = region.get("mask")
+    return region.get("status") == "ok" and bool(region.get("fine_caption")) and bool(mask and mask.get("counts"))
+
+
 @functools.cache
 def features() -> "datasets.Features":
     """The file schema as Hugging Face `datasets.Features`.

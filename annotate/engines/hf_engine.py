@@ -1,4 +1,4 @@
-"""transformers generation, for models vLLM does not serve (e.g. Griffon-G with remote code).
+"""transformers generation, for models vLLM does not serve (remote-code models without a vLLM port).
 
 Requests are grouped by (sampling, has images) and generated in batches of `hf.batch_size` with left
 padding. There is no constrained decoding here: with a JSON schema the output is only parsed (and
@@ -104,7 +104,7 @@ class HfEngine:
         auto_map = getattr(hf_config, "auto_map", None) or {}
         vision = hasattr(hf_config, "vision_config") or "AutoModelForImageTextToText" in auto_map
         if "AutoModelForCausalLM" in auto_map and "AutoModelForImageTextToText" not in auto_map:
-            vision = False  # remote-code VLMs (e.g. Griffon-G) often register as causal LMs only
+            vision = False  # remote-code VLMs (LLaVA-style ones) often register as causal LMs only
         order = [AutoModelForImageTextToText, AutoModelForCausalLM] if vision else [AutoModelForCausalLM, AutoModelForImageTextToText]
         kwargs = {"trust_remote_code": trust, "dtype": torch_dtype(self.args.dtype), **self.placement}
         errors = []

@@ -4,7 +4,8 @@ from annotate.pixclip.build import build_pixclip
 from annotate.pixclip.loss import PixCLIPLoss, patch_coverage, region_pool
 from annotate.pixclip.model import MaskConv, MaskPatchEmbed, PixCLIP, create_vision
 from annotate.pixclip.open_clip_models import from_open_clip
-from annotate.pixclip.transforms import decode_rle, prepare_views
+from annotate.data.masks import decode_rle  # the data plane's one RLE decoder, part of this library's API
+from annotate.pixclip.transforms import prepare_views
 
 __all__ = [
     "MaskConv",

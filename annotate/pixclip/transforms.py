@@ -20,15 +20,6 @@ _MEAN = torch.tensor(OPENAI_DATASET_MEAN).view(3, 1, 1)
 _STD = torch.tensor(OPENAI_DATASET_STD).view(3, 1, 1)
 
 
-def decode_rle(rle: dict) -> np.ndarray:
-    """COCO RLE ({size: [h, w], counts: str}) -> bool array (h, w)."""
-    from pycocotools import mask as mask_utils
-
-    counts = rle["counts"]
-    obj = {"size": list(rle["size"]), "counts": counts.encode() if isinstance(counts, str) else counts}
-    return mask_utils.decode(obj).astype(bool)
-
-
 def mask_box(mask: np.ndarray, margin: float = 0.0, min_side: int = 4) -> tuple[int, int, int, int]:
     """Tight box (x0, y0, x1, y1) of a mask, grown by `margin` of its size, clipped to the image."""
     h, w = mask.shape

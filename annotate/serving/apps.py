@@ -7,7 +7,7 @@ two stages that name one model share it.
 
 vLLM models go through Ray Serve LLM (`LLMConfig` -> `LLMServer`): vLLM's async engine, one
 placement group per replica with a bundle per tensor/pipeline-parallel worker (GPU, accelerator
-type), replicas or autoscaling from the config. `hf` and SAM models are plain deployments
+type), replicas or autoscaling from the config. `hf`, `llava` and SAM models are plain deployments
 (`servers.py`) that reserve what their `resources` declare.
 """
 

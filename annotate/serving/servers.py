@@ -1,5 +1,6 @@
 """Plain Serve deployments for the models Serve LLM does not hold: transformers chat models (`hf`
-engine), models of the LLaVA code base (`llava` engine, e.g. Griffon-G) and segment-anything. Each replica loads its model once; requests arrive one per region
+engine), models of the LLaVA code base (`llava` engine: only the test replica `tiny:griffon` now; Griffon-G
+is served by vLLM) and segment-anything. Each replica loads its model once; requests arrive one per region
 (or image) and `serve.batch` groups the ones that arrive together into one forward pass, which is
 what the engines are fast at. The engine call runs in a thread so the replica keeps accepting.
 

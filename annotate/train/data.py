@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import heapq
-import io
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from annotate.data.images import decode_array
+from annotate.data.masks import decode_rle
+from annotate.data.records import is_trainable
 from annotate.data.store import OutputStore
-from annotate.pixclip.transforms import decode_rle, prepare_views
+from annotate.pixclip.transforms import prepare_views
 from annotate.train.text_cache import TextCache
 
 
@@ -84,26 +86,6 @@ class RegionRef:
     negatives: tuple[str, ...] = ()  # verified hard negatives (stage `negatives_visual`), when run
 
 
-def _decode_image(payload: dict) -> np.ndarray:
-    """Image bytes -> uint8 RGB array, EXIF-rotated (bbox and masks are in rotated pixels).
-
-    OpenCV's decoder first (it applies the EXIF orientation itself, and took ~0.5 ms less than PIL
-    per 384 px JPEG, same pixels: bench/train_loader.py); PIL for formats OpenCV cannot read, copying
-    only when there is something to do (`exif_transpose` / `convert` copy even when idle).
-    """
-    import cv2
-
-    bgr = cv2.imdecode(np.frombuffer(payload["bytes"], np.uint8), cv2.IMREAD_COLOR)
-    if bgr is not None:
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    from PIL import Image, ImageOps
-
-    with Image.open(io.BytesIO(payload["bytes"])) as im:
-        if im.getexif().get(0x0112, 1) != 1:  # Orientation tag
-            im = ImageOps.exif_transpose(im)
-        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
-
-
 def load_rows(data_dir: str | Path, cache_dir: str | None = None):
     """The pipeline output as a `datasets.Dataset`, images left encoded (decoded in the workers)."""
     import datasets
@@ -136,8 +118,7 @@ class RegionDataset(Dataset):
             if not row["image"] or in_eval_split(row["image_key"], cfg.eval_fraction) == self.train:
                 continue
             for r in row["regions"] or []:
-                usable = r["status"] == "ok" and r["fine_caption"] and r["mask"] and r["mask"]["counts"]
-                usable = usable and r.get("mask_source") not in skip
+                usable = is_trainable(r) and r.get("mask_source") not in skip
                 if usable and r["fine_caption"] in cache:
                     short = tuple(t for t in (r.get("object_caption"), r.get("phrase")) if t)
                     summary = r.get("summary") if r.get("summary") in cache else ""  # schema 1.1 rows: none
@@ -172,7 +153,7 @@ class RegionDataset(Dataset):
     def __getitem__(self, key) -> dict:
         epoch, idx = key if isinstance(key, tuple) else (0, key)
         ref = self.refs[idx]
-        image = _decode_image(self.images[ref.row]["image"])
+        image = decode_array(self.images[ref.row]["image"]["bytes"])
         mask = decode_rle(ref.rle)
         if mask.shape != image.shape[:2]:  # defensive: RLE made at another resolution
             from PIL import Image

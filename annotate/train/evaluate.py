@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 from annotate.config import TrainConfig
 from annotate.pixclip.build import build_pixclip
 from annotate.pixclip.model import PixCLIP
-from annotate.pixclip.transforms import decode_rle, prepare_views, to_model_input
+from annotate.data.masks import decode_rle
+from annotate.pixclip.transforms import prepare_views, to_model_input
 
 SYNTHETIC_EVAL_IMAGES = 100
 

@@ -16,8 +16,11 @@ import pyarrow as pa
 import torch
 
 from annotate.data.store import OutputStore
-from annotate.pixclip.transforms import decode_rle, prepare_views
-from annotate.train.data import _decode_image, load_rows
+from annotate.data.images import decode_array
+from annotate.data.masks import decode_rle
+from annotate.data.records import is_trainable
+from annotate.pixclip.transforms import prepare_views
+from annotate.train.data import load_rows
 from annotate.train.evaluate import load_run, model_device
 from annotate.train.text_cache import TextCache
 
@@ -47,10 +50,10 @@ def score_output(output: str | Path, checkpoint: str | Path, text_cache: str | P
     ids, scores, pending, not_cached = [], [], [], 0
     rows = load_rows(store.root).select_columns(["image", "regions"])
     for row in rows:
-        regions = [r for r in row["regions"] or [] if r.get("fine_caption") and r.get("mask") and r["mask"]["counts"]]
+        regions = [r for r in row["regions"] or [] if is_trainable(r)]
         if not row["image"] or not regions:
             continue
-        image = _decode_image(row["image"])
+        image = decode_array(row["image"]["bytes"])
         for r in regions:
             if r["fine_caption"] not in cache:
                 not_cached += 1

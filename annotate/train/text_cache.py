@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from annotate.data.records import is_trainable
 from annotate.data.store import OutputStore
 
 EMB_FILE = "embeddings.f16"
@@ -118,7 +119,7 @@ def iter_region_texts(data_dir: str | Path, summaries: bool = False, negatives: 
     for file in OutputStore(data_dir).dataset_files():
         table = pq.read_table(file, columns=["image_key", "caption", "regions"])
         for row in table.to_pylist():
-            usable = [r for r in row["regions"] or [] if r["status"] == "ok" and r.get("fine_caption")]
+            usable = [r for r in row["regions"] or [] if is_trainable(r)]
             if usable and row.get("caption"):
                 yield text_key("image", row["image_key"]), row["caption"]
             for r in usable:
