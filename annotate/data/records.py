@@ -1,9 +1,10 @@
 """The output record: one row per image with its regions. Defined once, versioned.
 
-`ImageRecord`/`RegionRecord` (pydantic) are what the code builds; `features()` (Hugging Face
-`datasets.Features`) is the file schema, and `arrow_schema()` is derived from it, so the Parquet files
-carry the `huggingface` metadata that makes `datasets` decode `image` to PIL. Bump `SCHEMA_VERSION`
-on any change of fields; readers check it.
+`ImageRecord`/`RegionRecord` (pydantic) are the schema, kept here only: the file schema `features()`
+(Hugging Face `datasets.Features`) is derived from them, `arrow_schema()` from that (so the Parquet
+files carry the `huggingface` metadata that makes `datasets` decode `image` to PIL), and the dataset
+card's field table from their descriptions. Bump `SCHEMA_VERSION` on any change of fields; readers
+check it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ FINAL_STATUSES = ("ok", "rejected", "failed")
 class RleMask(BaseModel):
     """COCO run-length encoding, as `pycocotools.mask.encode` makes it, with `counts` as text."""
 
-    size: list[int]  # [height, width]
+    size: list[int] = Field(min_length=2, max_length=2)  # [height, width]
     counts: str
 
 
@@ -120,29 +121,52 @@ class Provenance(BaseModel):
 
 
 class RegionRecord(BaseModel):
-    region_id: str
-    region_index: int
-    phrase: str
-    bbox: list[float]  # [x, y, w, h] in pixels of the displayed (EXIF-rotated) image
-    score: float | None = None  # GLIP score from GRIT
-    mask: RleMask | None = None
-    mask_source: str | None = None  # given | grabcut | box | sam | none
-    object_caption: str | None = None
-    validation: Validation | None = None
-    context_caption: str | None = None
-    fine_caption: str | None = None
+    """One region of an image. Each field's description is what the dataset card says of it."""
+
+    region_id: str = Field(description="`shard:image_key:index`, unique in the dataset")
+    region_index: int = Field(description="the region's place in its image's GRIT annotations")
+    phrase: str = Field(description="the GRIT noun phrase of the region")
+    bbox: list[float] = Field(min_length=4, max_length=4,
+                              description="[x, y, w, h] in pixels of the displayed (EXIF-rotated) image")
+    score: float | None = Field(None, description="the GRIT (GLIP) box score")
+    mask: RleMask | None = Field(
+        None, description="COCO RLE (`size` [h, w], `counts` as text); `mask_source` says where it came from")
+    mask_source: str | None = Field(None, description="given, grabcut, box (a box-shaped fallback), sam or none")
+    object_caption: str | None = Field(
+        None, description="object-level caption from the crop and mask (stage `object`)")
+    validation: Validation | None = Field(
+        None, description="`consistent` and `reason`: the check of the object caption (stage `validate`)")
+    context_caption: str | None = Field(
+        None, description="context-level caption from the image and box (stage `context`)")
+    fine_caption: str | None = Field(None, description="the fine-grained description merging both (stage `merge`)")
     # Optional stages after merge (schema 1.2); None: the stage did not run on this region.
-    summary: str | None = None  # at most 77 CLIP tokens
-    summary_tokens: int | None = None  # its open_clip token count, start and end tokens included
-    sentences: list[TextSpan] | None = None  # the description's sentences, in order
-    phrases: list[GroundedPhrase] | None = None
-    negative_candidates: list[HardNegative] | None = None  # proposed, one-span edits (checked in code)
-    negative_text_verdicts: list[Verdict] | None = None  # one per candidate: contradicts the description?
-    negatives: list[HardNegative] | None = None  # the verified ones, both verdicts recorded
-    quality: Quality | None = None
-    status: Status = "pending"
-    error: str | None = None
-    provenance: Provenance = Provenance()
+    summary: str | None = Field(None, description="a summary of at most 77 open_clip tokens (stage `summarize`)")
+    summary_tokens: int | None = Field(
+        None, description="the summary's open_clip token count, start and end tokens included")
+    sentences: list[TextSpan] | None = Field(
+        None, description="the description's sentences: `start`, `end`, `text`, with `fine_caption[start:end] == text`")
+    phrases: list[GroundedPhrase] | None = Field(
+        None, description="the description's noun phrases as spans (`start`, `end`, `text`), each naming the region "
+        "itself (`target` self), another region of the image (`target` region, `region_id`) or nothing known "
+        "(`target` none) (stage `ground`)")
+    negative_candidates: list[HardNegative] | None = Field(
+        None, description="proposed hard negatives that change exactly one span (`start`, `end` in the description, "
+        "`replacement`; `text == fine_caption[:start] + replacement + fine_caption[end:]`), with `edit_type` and the "
+        "verdicts they got (stage `negatives`)")
+    negative_text_verdicts: list[Verdict] | None = Field(
+        None, description="per candidate, a text model's verdict that it contradicts the description "
+        "(stage `negatives_text`)")
+    negatives: list[HardNegative] | None = Field(
+        None, description="the verified hard negatives: both the text model (`contradiction`) and the VLM looking at "
+        "the region (`visual`: false of it) judged them so (stage `negatives_visual`)")
+    quality: Quality | None = Field(
+        None, description="`words`, format `flags` (too_short, too_long, repetition, markup), `nouns` and "
+        "`unsupported_noun_share` (head nouns of `phrases` in neither the phrase nor the object caption)")
+    status: Status = Field("pending", description="ok, rejected or failed")
+    error: str | None = Field(
+        None, description="why a region is rejected or failed, prefixed with the stage (or the data plane) that decided")
+    provenance: Provenance = Field(
+        Provenance(), description="per stage: model, prompt version, prompt and completion tokens")
 
 
 class ImageRecord(BaseModel):
@@ -172,67 +196,51 @@ def is_trainable(region: "RegionRecord | dict") -> bool:
 
 @functools.cache
 def features() -> "datasets.Features":
-    """The file schema as Hugging Face `datasets.Features`.
+    """The file schema as Hugging Face `datasets.Features`, derived from `ImageRecord`: the encoded
+    image as a `datasets.Image` column first, then every other field by its schema name (`validate`,
+    not `validate_`); int -> int32, float -> float32, a list of fixed length (`min_length ==
+    max_length`) as such, a Literal as a string. The schema is kept in one place, the pydantic models.
 
     Built on first use: importing `datasets` costs ~3.6 CPU-s, paid by every Ray worker process
     that imports the data plane, and most of them (stage workers) never write a file.
     """
     import datasets
 
-    stage_provenance = {
-        "model": datasets.Value("string"),
-        "prompt_version": datasets.Value("string"),
-        "prompt_tokens": datasets.Value("int32"),
-        "completion_tokens": datasets.Value("int32"),
-    }
-    span = {"start": datasets.Value("int32"), "end": datasets.Value("int32"), "text": datasets.Value("string")}
-    verdict = {"holds": datasets.Value("bool"), "reason": datasets.Value("string")}
-    negative = {"text": datasets.Value("string"), "edit_type": datasets.Value("string"), "start": datasets.Value("int32"),
-                "end": datasets.Value("int32"), "replacement": datasets.Value("string"), "contradiction": verdict,
-                "visual": verdict}
-    region = {
-        "region_id": datasets.Value("string"),
-        "region_index": datasets.Value("int32"),
-        "phrase": datasets.Value("string"),
-        "bbox": datasets.List(datasets.Value("float32"), length=4),
-        "score": datasets.Value("float32"),
-        "mask": {"size": datasets.List(datasets.Value("int32"), length=2), "counts": datasets.Value("string")},
-        "mask_source": datasets.Value("string"),
-        "object_caption": datasets.Value("string"),
-        "validation": {"consistent": datasets.Value("bool"), "reason": datasets.Value("string")},
-        "context_caption": datasets.Value("string"),
-        "fine_caption": datasets.Value("string"),
-        "summary": datasets.Value("string"),
-        "summary_tokens": datasets.Value("int32"),
-        "sentences": datasets.List(span),
-        "phrases": datasets.List({**span, "target": datasets.Value("string"), "region_id": datasets.Value("string")}),
-        "negative_candidates": datasets.List(negative),
-        "negative_text_verdicts": datasets.List(verdict),
-        "negatives": datasets.List(negative),
-        "quality": {
-            "nouns": datasets.Value("int32"),
-            "unsupported_noun_share": datasets.Value("float32"),
-            "words": datasets.Value("int32"),
-            "flags": datasets.List(datasets.Value("string")),
-        },
-        "status": datasets.Value("string"),
-        "error": datasets.Value("string"),
-        "provenance": {stage: dict(stage_provenance) for stage in Provenance.stage_names()},
-    }
-    return datasets.Features(
-        {
-            "image": datasets.Image(),
-            "image_key": datasets.Value("string"),
-            "shard": datasets.Value("string"),
-            "width": datasets.Value("int32"),
-            "height": datasets.Value("int32"),
-            "caption": datasets.Value("string"),
-            "url": datasets.Value("string"),
-            "error": datasets.Value("string"),
-            "regions": datasets.List(region),
-            "schema_version": datasets.Value("string"),
-        }
-    )
+    columns = {"image": datasets.Image()}
+    columns.update((name, feature) for name, feature in _model_features(ImageRecord).items() if name != "image_bytes")
+    return datasets.Features(columns)
+
+
+def _model_features(model: type[BaseModel]) -> dict:
+    return {info.alias or name: _feature(info.annotation, info.metadata) for name, info in model.model_fields.items()}
+
+
+def _feature(annotation, metadata=()):
+    """One field's `datasets` feature (see `features`)."""
+    import types
+    import typing
+
+    import datasets
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):  # X | None: nullable anyway
+        (inner,) = [a for a in args if a is not type(None)]
+        return _feature(inner, metadata)
+    if origin is Literal:
+        if not all(isinstance(a, str) for a in args):
+            raise TypeError(f"only string Literals are stored: {annotation}")
+        return datasets.Value("string")
+    if origin is list:
+        lengths = {getattr(m, "min_length", None) for m in metadata} | {getattr(m, "max_length", None) for m in metadata}
+        lengths.discard(None)
+        length = lengths.pop() if len(lengths) == 1 else -1
+        return datasets.List(_feature(args[0]), length=length)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return _model_features(annotation)
+    scalars = {str: "string", int: "int32", float: "float32", bool: "bool", bytes: "binary"}
+    if annotation in scalars:
+        return datasets.Value(scalars[annotation])
+    raise TypeError(f"no stored form for {annotation!r}: add one to records._feature")
 
 
 @functools.cache

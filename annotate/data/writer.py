@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from annotate.data.records import SCHEMA_VERSION, ImageRecord, arrow_schema, features, image_record_to_row
+from annotate.data.records import SCHEMA_VERSION, ImageRecord, RegionRecord, arrow_schema, features, image_record_to_row
 
 ROWS_PER_BATCH = 64
 
@@ -179,38 +179,9 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-# What the card says of each region field (a test checks that every field of the schema is here).
-REGION_FIELDS = {
-    "region_id": "`shard:image_key:index`, unique in the dataset",
-    "region_index": "the region's place in its image's GRIT annotations",
-    "phrase": "the GRIT noun phrase of the region",
-    "bbox": "[x, y, w, h] in pixels of the displayed (EXIF-rotated) image",
-    "score": "the GRIT (GLIP) box score",
-    "mask": "COCO RLE (`size` [h, w], `counts` as text); `mask_source` says where it came from",
-    "mask_source": "given, grabcut, box (a box-shaped fallback), sam or none",
-    "object_caption": "object-level caption from the crop and mask (stage `object`)",
-    "validation": "`consistent` and `reason`: the check of the object caption (stage `validate`)",
-    "context_caption": "context-level caption from the image and box (stage `context`)",
-    "fine_caption": "the fine-grained description merging both (stage `merge`)",
-    "summary": "a summary of at most 77 open_clip tokens (stage `summarize`)",
-    "summary_tokens": "the summary's open_clip token count, start and end tokens included",
-    "sentences": "the description's sentences: `start`, `end`, `text`, with `fine_caption[start:end] == text`",
-    "phrases": "the description's noun phrases as spans (`start`, `end`, `text`), each naming the region itself "
-               "(`target` self), another region of the image (`target` region, `region_id`) or nothing known "
-               "(`target` none) (stage `ground`)",
-    "negative_candidates": "proposed hard negatives that change exactly one span (`start`, `end` in the description, "
-                           "`replacement`; `text == fine_caption[:start] + replacement + fine_caption[end:]`), with "
-                           "`edit_type` and the verdicts they got (stage `negatives`)",
-    "negative_text_verdicts": "per candidate, a text model's verdict that it contradicts the description "
-                              "(stage `negatives_text`)",
-    "negatives": "the verified hard negatives: both the text model (`contradiction`) and the VLM looking at the "
-                 "region (`visual`: false of it) judged them so (stage `negatives_visual`)",
-    "quality": "`words`, format `flags` (too_short, too_long, repetition, markup), `nouns` and "
-               "`unsupported_noun_share` (head nouns of `phrases` in neither the phrase nor the object caption)",
-    "status": "ok, rejected or failed",
-    "error": "why a region is rejected or failed, prefixed with the stage (or the data plane) that decided",
-    "provenance": "per stage: model, prompt version, prompt and completion tokens",
-}
+def region_field_descriptions() -> dict[str, str]:
+    """What the card says of each region field: its description in `RegionRecord` (one place)."""
+    return {name: info.description or "" for name, info in RegionRecord.model_fields.items()}
 
 
 def write_dataset_card(out_dir: Path, data_files: str, **info) -> None:
@@ -244,7 +215,7 @@ def write_dataset_card(out_dir: Path, data_files: str, **info) -> None:
         "",
         "| Field | What it holds |",
         "| --- | --- |",
-        *(f"| `{name}` | {text} |" for name, text in REGION_FIELDS.items()),
+        *(f"| `{name}` | {text} |" for name, text in region_field_descriptions().items()),
         "",
         "Fields of stages a run did not have are null. Near-duplicate clusters are in `quality/near_duplicates.parquet`",
         "(`region_id`, `cluster_id`: the smallest region id of the cluster, `cluster_size`), written after the",

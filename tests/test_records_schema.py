@@ -1,0 +1,96 @@
+"""The file schema derived from the pydantic records (data/records.features) is the schema the
+files were written with, and the dataset card describes every region field from the same models."""
+
+from __future__ import annotations
+
+import pytest
+
+from annotate.data.records import Provenance, RegionRecord, arrow_schema, features
+from annotate.data.writer import region_field_descriptions, write_dataset_card
+
+
+def schema_1_2_as_written_by_hand():
+    """`features()` of schema 1.2 as it was written by hand before it was derived (kept verbatim):
+    the stored files must not change by a byte of schema."""
+    import datasets
+
+    stage_provenance = {
+        "model": datasets.Value("string"),
+        "prompt_version": datasets.Value("string"),
+        "prompt_tokens": datasets.Value("int32"),
+        "completion_tokens": datasets.Value("int32"),
+    }
+    span = {"start": datasets.Value("int32"), "end": datasets.Value("int32"), "text": datasets.Value("string")}
+    verdict = {"holds": datasets.Value("bool"), "reason": datasets.Value("string")}
+    negative = {"text": datasets.Value("string"), "edit_type": datasets.Value("string"), "start": datasets.Value("int32"),
+                "end": datasets.Value("int32"), "replacement": datasets.Value("string"), "contradiction": verdict,
+                "visual": verdict}
+    region = {
+        "region_id": datasets.Value("string"),
+        "region_index": datasets.Value("int32"),
+        "phrase": datasets.Value("string"),
+        "bbox": datasets.List(datasets.Value("float32"), length=4),
+        "score": datasets.Value("float32"),
+        "mask": {"size": datasets.List(datasets.Value("int32"), length=2), "counts": datasets.Value("string")},
+        "mask_source": datasets.Value("string"),
+        "object_caption": datasets.Value("string"),
+        "validation": {"consistent": datasets.Value("bool"), "reason": datasets.Value("string")},
+        "context_caption": datasets.Value("string"),
+        "fine_caption": datasets.Value("string"),
+        "summary": datasets.Value("string"),
+        "summary_tokens": datasets.Value("int32"),
+        "sentences": datasets.List(span),
+        "phrases": datasets.List({**span, "target": datasets.Value("string"), "region_id": datasets.Value("string")}),
+        "negative_candidates": datasets.List(negative),
+        "negative_text_verdicts": datasets.List(verdict),
+        "negatives": datasets.List(negative),
+        "quality": {
+            "nouns": datasets.Value("int32"),
+            "unsupported_noun_share": datasets.Value("float32"),
+            "words": datasets.Value("int32"),
+            "flags": datasets.List(datasets.Value("string")),
+        },
+        "status": datasets.Value("string"),
+        "error": datasets.Value("string"),
+        "provenance": {stage: dict(stage_provenance) for stage in Provenance.stage_names()},
+    }
+    return datasets.Features(
+        {
+            "image": datasets.Image(),
+            "image_key": datasets.Value("string"),
+            "shard": datasets.Value("string"),
+            "width": datasets.Value("int32"),
+            "height": datasets.Value("int32"),
+            "caption": datasets.Value("string"),
+            "url": datasets.Value("string"),
+            "error": datasets.Value("string"),
+            "regions": datasets.List(region),
+            "schema_version": datasets.Value("string"),
+        }
+    )
+
+
+def test_derived_features_are_the_hand_written_ones():
+    assert features() == schema_1_2_as_written_by_hand()
+    assert arrow_schema() == schema_1_2_as_written_by_hand().arrow_schema
+
+
+def test_an_unstorable_field_is_refused():
+    from typing import Literal
+
+    from annotate.data.records import _feature
+
+    with pytest.raises(TypeError, match="only string Literals"):
+        _feature(Literal[1, 2])
+    with pytest.raises(TypeError, match="no stored form"):
+        _feature(complex)
+
+
+def test_the_card_describes_every_region_field(tmp_path):
+    described = region_field_descriptions()
+    assert list(described) == list(RegionRecord.model_fields)
+    assert all(text.strip() for text in described.values()), [k for k, v in described.items() if not v.strip()]
+    write_dataset_card(tmp_path, "data/*.parquet")
+    card = (tmp_path / "README.md").read_text()
+    for name, text in described.items():
+        assert f"| `{name}` | {text} |" in card
