@@ -311,10 +311,11 @@ def write_gallery(out_dir: str | Path, html_dir: str | Path | None = None, shard
     if not dataset_dir(out_dir).is_dir():
         raise FileNotFoundError(f"{dataset_dir(out_dir)} does not exist: pass the --output folder of a run")
     files = dataset_files(out_dir, shards)
-    html_dir = Path(html_dir) if html_dir is not None else out_dir / "gallery"
+    store = OutputStore(out_dir)
+    html_dir = Path(html_dir) if html_dir is not None else store.gallery_dir
     html_dir.mkdir(parents=True, exist_ok=True)
     pages = []
-    side = SideFiles.of_output(OutputStore(out_dir))
+    side = SideFiles.of_output(store)
     for data_file in files:
         shard = re.sub(r"[^A-Za-z0-9_-]+", "_", data_file.stem)
         page = ShardPage(shard=shard, path=html_dir / f"shard-{shard}.html")

@@ -91,6 +91,11 @@ class OutputStore:
         return self.root / "runs"
 
     @property
+    def gallery_dir(self) -> Path:
+        """OUT/gallery: `annotate show`'s HTML pages, when no other folder is given."""
+        return self.root / "gallery"
+
+    @property
     def near_duplicates_path(self) -> Path:
         """OUT/quality/near_duplicates.parquet: region_id -> near-duplicate cluster over the whole
         dataset, a run-level side file (stages/quality.py), so committed shard files never change."""
