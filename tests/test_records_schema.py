@@ -94,3 +94,21 @@ def test_the_card_describes_every_region_field(tmp_path):
     card = (tmp_path / "README.md").read_text()
     for name, text in described.items():
         assert f"| `{name}` | {text} |" in card
+
+
+def test_outside_readers_ask_the_store_for_columns_it_has(tmp_path):
+    """`read_columns` is how code outside the store reads a few fields: names are checked against the
+    schema (a typo is an error, not an empty column), and only the asked columns are read."""
+    from annotate.data.records import ImageRecord, stored_columns
+    from annotate.data.store import read_columns, read_region_lists
+    from annotate.data.writer import write_parquet_atomic
+
+    assert stored_columns() == tuple(arrow_schema().names)
+    record = ImageRecord(image_key="k", shard="00000", width=4, height=4, caption="a dog",
+                         regions=[RegionRecord(region_id="00000:k:0", region_index=0, phrase="dog", bbox=[0, 0, 2, 2])])
+    path = tmp_path / "00000.parquet"
+    write_parquet_atomic([record], path)
+    assert read_columns(path, ["image_key", "width"]) == [{"image_key": "k", "width": 4}]
+    assert [[r["region_id"] for r in rs] for rs in read_region_lists(path)] == [["00000:k:0"]]
+    with pytest.raises(KeyError, match="'fine_caption'.* are not columns of the stored schema"):
+        read_columns(path, ["fine_caption"])  # a region field, not a column

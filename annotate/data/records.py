@@ -206,9 +206,15 @@ def features() -> "datasets.Features":
     """
     import datasets
 
-    columns = {"image": datasets.Image()}
-    columns.update((name, feature) for name, feature in _model_features(ImageRecord).items() if name != "image_bytes")
-    return datasets.Features(columns)
+    fields = _model_features(ImageRecord)
+    return datasets.Features({name: datasets.Image() if name == "image" else fields[name] for name in stored_columns()})
+
+
+@functools.cache
+def stored_columns() -> tuple[str, ...]:
+    """The stored file's columns in order: the encoded image (`image_bytes` is stored as `image`), then
+    every other `ImageRecord` field. Without importing `datasets`."""
+    return ("image", *(info.alias or name for name, info in ImageRecord.model_fields.items() if name != "image_bytes"))
 
 
 def _model_features(model: type[BaseModel]) -> dict:

@@ -29,7 +29,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from annotate.config import PipelineConfig
-from annotate.data.records import SCHEMA_VERSION, ImageRecord, row_to_image_record
+from annotate.data.records import SCHEMA_VERSION, ImageRecord, row_to_image_record, stored_columns
 from annotate.data.writer import ShardWriter, file_sha256, write_dataset_card
 
 FINAL = "final"  # the output name of the dataset itself (OUT/data)
@@ -300,6 +300,21 @@ class OutputLock:
 # ------------------------------------------------------------------- reading
 def count_rows(path: Path) -> int:
     return pq.ParquetFile(path).metadata.num_rows
+
+
+def read_columns(path: Path, columns: Sequence[str]) -> list[dict]:
+    """The rows of one stored file with only `columns` (so no image bytes unless asked), as plain dicts:
+    the way code outside the store reads a few fields of many regions. A name the schema does not have
+    is refused here, not read as a missing column."""
+    unknown = [c for c in columns if c not in stored_columns()]
+    if unknown:
+        raise KeyError(f"{unknown} are not columns of the stored schema ({', '.join(stored_columns())})")
+    return pq.read_table(path, columns=list(columns)).to_pylist()
+
+
+def read_region_lists(path: Path) -> list[list[dict]]:
+    """Each stored image's regions (a list of dicts, [] for none), images left unread."""
+    return [row["regions"] or [] for row in read_columns(path, ["regions"])]
 
 
 def iter_stored_records(path: Path, batch_rows: int = 64) -> Iterator[ImageRecord]:

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 from rich.console import Console
 
@@ -28,7 +27,7 @@ from annotate.cluster import ensure_ray
 from annotate.config import PipelineConfig, QualityConfig
 from annotate.data.shards import find_shards
 from annotate.data.store import (DAMAGED, FINAL, FINISHED, PREPARE, OutputStore, config_fingerprint, count_rows,
-                                  damage_of, input_changed)
+                                  damage_of, input_changed, read_region_lists)
 from annotate.data.writer import ShardWriter
 from annotate.engines.checkpoint_check import check_checkpoints
 from annotate.engines.result_cache import remove_shard
@@ -69,8 +68,7 @@ class RunSummary:
 
 
 def _has_retryable_failures(path: Path) -> bool:
-    regions = pq.read_table(path, columns=["regions"]).column("regions").to_pylist()  # no images read
-    return any(is_retryable(r["status"], r["error"]) for rs in regions for r in rs or [])
+    return any(is_retryable(r["status"], r["error"]) for rs in read_region_lists(path) for r in rs)
 
 
 def plan_work(cfg: PipelineConfig, store: OutputStore, input_dir: Path, shard_ids: list[int], io: StageIO,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from annotate.config import PipelineConfig
-from annotate.data.store import OutputStore
+from annotate.data.store import OutputStore, read_region_lists
 from annotate.stages.chain import STAGE_ORDER
 
 TOLERANCE = 0.10
@@ -19,7 +19,6 @@ TOLERANCE = 0.10
 
 def measure_run(output_dir: str | Path) -> dict[str, Any]:
     """Tokens per region and reach per stage from a run's final output (OUT/data/*.parquet)."""
-    import pyarrow.parquet as pq
 
     files = OutputStore(output_dir).dataset_files()
     if not files:
@@ -30,8 +29,8 @@ def measure_run(output_dir: str | Path) -> dict[str, Any]:
     models: dict[str, set[str]] = {s: set() for s in STAGE_ORDER}
     status = {"ok": 0, "rejected": 0, "failed": 0, "pending": 0}
     for f in files:
-        for regions in pq.read_table(f, columns=["regions"]).column("regions").to_pylist():
-            for r in regions or []:
+        for regions in read_region_lists(f):
+            for r in regions:
                 status[r["status"]] = status.get(r["status"], 0) + 1
                 for s in STAGE_ORDER:
                     p = (r.get("provenance") or {}).get(s) or {}

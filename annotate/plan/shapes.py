@@ -87,14 +87,12 @@ def shapes_from_shards(input_dir: str | Path, n: int, data: DataConfig) -> Shape
 
 def shapes_from_run(output_dir: str | Path, crops: CropConfig) -> Shapes:
     """Every region of a run's dataset that reached the object stage (it spent tokens there)."""
-    import pyarrow.parquet as pq
 
-    from annotate.data.store import OutputStore
+    from annotate.data.store import OutputStore, read_columns
 
     out: list[RegionShape] = []
     for f in OutputStore(output_dir).dataset_files():
-        table = pq.read_table(f, columns=["width", "height", "regions"]).to_pylist()
-        for row in table:
+        for row in read_columns(f, ["width", "height", "regions"]):
             for r in row["regions"] or []:
                 if ((r.get("provenance") or {}).get("object") or {}).get("prompt_tokens"):
                     out.append(region_shape(row["width"], row["height"], r["bbox"], crops))

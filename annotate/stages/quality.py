@@ -12,12 +12,11 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from annotate.config import QualityConfig
 from annotate.data.quality import format_flags, near_duplicate_clusters, unsupported_noun_share
 from annotate.data.records import Quality, RegionRecord
-from annotate.data.store import OutputStore
+from annotate.data.store import OutputStore, read_region_lists
 
 
 def assess(region: RegionRecord, cfg: QualityConfig) -> Quality:
@@ -39,8 +38,8 @@ def write_near_duplicates(store: OutputStore, cfg: QualityConfig) -> Path:
     files = store.dataset_files()
     items = []
     for path in files:
-        for regions in pq.read_table(path, columns=["regions"]).column("regions").to_pylist():
-            items += [(r["region_id"], r["fine_caption"]) for r in regions or [] if r.get("fine_caption")]
+        for regions in read_region_lists(path):
+            items += [(r["region_id"], r["fine_caption"]) for r in regions if r.get("fine_caption")]
     clusters = near_duplicate_clusters(items, threshold=cfg.duplicate_threshold)
     sizes = Counter(clusters.values())
     ids = sorted(clusters)

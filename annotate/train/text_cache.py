@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from annotate.data.records import is_trainable
-from annotate.data.store import OutputStore
+from annotate.data.store import OutputStore, read_columns
 
 EMB_FILE = "embeddings.f16"
 KEYS_FILE = "keys.json"
@@ -114,11 +114,9 @@ def iter_region_texts(data_dir: str | Path, summaries: bool = False, negatives: 
     """Every trainable text of a pipeline output (OUT/data/*.parquet), as (label, text); with
     `summaries` / `negatives`, also the regions' summaries and verified hard negatives (the texts of
     the short-text and hard-negative branches; K per region, so only when a branch needs them)."""
-    import pyarrow.parquet as pq
 
     for file in OutputStore(data_dir).dataset_files():
-        table = pq.read_table(file, columns=["image_key", "caption", "regions"])
-        for row in table.to_pylist():
+        for row in read_columns(file, ["image_key", "caption", "regions"]):
             usable = [r for r in row["regions"] or [] if is_trainable(r)]
             if usable and row.get("caption"):
                 yield text_key("image", row["image_key"]), row["caption"]
