@@ -67,6 +67,7 @@ def run(
     config: str = typer.Option("pipelines/tiny.yaml", "--config", help="pipeline YAML"),
     address: str | None = typer.Option(None, "--address", help="Ray cluster to join (default: start a local one)"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="redo only regions a model stage failed"),
+    verbose: bool = typer.Option(False, "--verbose", help="show Ray's, Serve's and vLLM's logs here, not in OUT/logs/"),
 ) -> None:
     """Annotate GRIT shards with the model chain on Ray; rerun the same command to resume.
 
@@ -75,10 +76,11 @@ def run(
     from annotate.data.shards import parse_shard_spec
     from annotate.executor.runner import run_pipeline
 
-    with _breaker_exit():
-        summary = run_pipeline(load_config(config), input, output, parse_shard_spec(shards), stage=stage,
-                               retry_failed=retry_failed, address=address)
-    _print_run_summary(summary)
+    cfg, shard_ids = load_config(config), parse_shard_spec(shards)  # a bad argument is said on the terminal
+    with _breaker_exit(), _quiet(output, verbose) as (console, log_path):
+        summary = run_pipeline(cfg, input, output, shard_ids, stage=stage, retry_failed=retry_failed,
+                               address=address, console=console)
+    _print_run_summary(summary, log_path)
     if summary.shards_damaged:
         raise typer.Exit(DAMAGED_EXIT_CODE)
 
@@ -170,16 +172,31 @@ def show(
 def demo(
     output: str = typer.Option("out/demo", "--output", help="where the demo dataset goes"),
     config: str = typer.Option("pipelines/tiny.yaml", "--config", help="pipeline YAML"),
+    verbose: bool = typer.Option(False, "--verbose", help="show Ray's, Serve's and vLLM's logs here, not in OUT/logs/"),
 ) -> None:
     """Run the whole chain on the bundled sample shards with the tiny CPU models."""
     from annotate.config import load_config
     from annotate.executor.runner import run_pipeline
 
-    with _breaker_exit():
-        summary = run_pipeline(load_config(config), "sample_data/grit", output, [0, 1], stage="all")
-    _print_run_summary(summary)
+    cfg = load_config(config)
+    with _breaker_exit(), _quiet(output, verbose) as (console, log_path):
+        summary = run_pipeline(cfg, "sample_data/grit", output, [0, 1], stage="all", console=console)
+    _print_run_summary(summary, log_path)
     if summary.shards_damaged:
         raise typer.Exit(DAMAGED_EXIT_CODE)
+
+
+@contextmanager
+def _quiet(output: str, verbose: bool):
+    """(console, log path): the libraries' output in OUT/logs/ unless --verbose (annotate/console.py)."""
+    from annotate.console import library_logs_to
+    from annotate.data.store import OutputStore
+
+    log_path = None if verbose else OutputStore(output).library_log_path()
+    with library_logs_to(log_path) as console:
+        if log_path is not None:
+            console.print(f"Ray, Serve and vLLM log to {log_path} (--verbose shows them here)", highlight=False)
+        yield console, log_path
 
 
 @contextmanager
@@ -194,8 +211,7 @@ def _breaker_exit():
         raise typer.Exit(BREAKER_EXIT_CODE) from None
 
 
-def _print_run_summary(summary) -> None:
-    from pathlib import Path
+def _print_run_summary(summary, log_path=None) -> None:
 
     typer.echo(f"\n{summary.stage}: wrote {len(summary.shards_written)} shard(s), "
                f"{len(summary.shards_skipped)} already finished")
@@ -214,6 +230,8 @@ def _print_run_summary(summary) -> None:
         typer.echo(f"\nDataset: {store.folder(FINAL)}  (card: {store.root / 'README.md'})\n"
                    f"Load it with:\n  from datasets import load_dataset\n"
                    f"  ds = load_dataset(\"{store.root}\", split=\"train\")")
+    if log_path is not None:
+        typer.echo(f"Library logs (Ray, Serve, vLLM): {log_path}")
 
 
 @app.command()

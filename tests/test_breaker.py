@@ -197,8 +197,10 @@ def test_the_driver_loop_stops_and_closes_the_stream(tmp_path, monkeypatch):
     assert ds.yielded == 4 and ds.closed == 1 and outputs.committed == set()
 
 
-def test_annotate_run_ends_with_the_message_and_exit_code_4(monkeypatch):
+def test_annotate_run_ends_with_the_message_and_exit_code_4(monkeypatch, tmp_path):
     from typer.testing import CliRunner
+
+    monkeypatch.chdir(tmp_path)  # `--output y`: its logs/ folder is made here, not in the checkout
 
     import annotate.executor.runner as runner
     from annotate.cli import BREAKER_EXIT_CODE, app
@@ -212,3 +214,4 @@ def test_annotate_run_ends_with_the_message_and_exit_code_4(monkeypatch):
     assert result.exit_code == BREAKER_EXIT_CODE == 4
     assert "stage 'merge'" in result.output and "merge: length: cut 2" in result.output
     assert "Traceback" not in result.output
+    assert list((tmp_path / "y" / "logs").glob("*.log"))  # the libraries' log, outside the terminal

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,6 +61,16 @@ def test_sigkill_worker_and_driver_then_rerun(tmp_path):
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    # A quiet console: Ray's, Serve's and vLLM's output (the cluster and the models start again here) is in
+    # the log file the summary names, not on the terminal among the bars and counts.
+    terminal = rerun.stdout + rerun.stderr
+    named = re.search(r"^Library logs \(Ray, Serve, vLLM\): (\S+)$", rerun.stdout, re.M)
+    assert named, terminal[-3000:]
+    logged = Path(named.group(1)).read_text()
+    assert "Started a local Ray instance" in logged and "Started a local Ray instance" not in terminal
+    library_line = re.compile(r'^(\{"asctime"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING)|(INFO|WARNING) \d{4}-)')
+    assert not [line for line in terminal.splitlines() if library_line.match(line)], terminal[-3000:]
+    assert "Deployment Options" not in terminal and "model vlm: deploying" in terminal
     lines = final_lines(out)
     per_shard = Counter(e["shard"] for e in lines)
     assert set(per_shard) == {f"{i:05d}" for i in range(SHARDS)}

@@ -90,6 +90,10 @@ class OutputStore:
     def runs_dir(self) -> Path:
         return self.root / "runs"
 
+    def library_log_path(self) -> Path:
+        """OUT/logs/TIME-PID.log: what Ray, Serve and vLLM printed during one command (annotate/console.py)."""
+        return self.root / "logs" / f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+
     @property
     def gallery_dir(self) -> Path:
         """OUT/gallery: `annotate show`'s HTML pages, when no other folder is given."""
