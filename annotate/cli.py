@@ -25,7 +25,7 @@ def make_tiny(
 ) -> None:
     """Build the tiny random-weight models, no network: the CPU pipeline's (a Qwen2 text model, a LLaVA
     VLM, SAM) and replicas of the paper's architectures (InternVL2, Qwen2-Instruct, R1-distill Llama,
-    Griffon-G for vLLM, and the LLaVA-code-base Griffon replica the `llava` engine tests use)."""
+    Griffon-G for vLLM's out-of-tree model)."""
     from annotate.models.registry import build_all
 
     for kind, path in build_all(out_dir, force=force).items():

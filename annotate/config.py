@@ -144,25 +144,6 @@ class HfArgs(_Section):
     batch_size: int = Field(8, ge=1)
 
 
-class LlavaArgs(_Section):
-    """A model published in the LLaVA code base (Griffon-G: `griffon`, LLaVA: `llava`): its own package
-    registers the model classes; prompts come from its conversation templates. The package follows
-    LLaVA's layout: `<package>.conversation.conv_templates`, `<package>.mm_utils.tokenizer_image_token`,
-    `<package>.constants.IMAGE_TOKEN_INDEX`."""
-
-    code_path: str | None = Field(None, description="folder holding the package (the repository checkout); "
-                                                    "None: the package is installed in the replica's environment")
-    package: str = Field(description="the package to import, e.g. griffon")
-    model_class: str = Field(description="module:Class of the causal LM, e.g. griffon.model:GriffonGemma2ForCausalLM")
-    conversation: str = Field(description="key of conv_templates, e.g. gemma_instruct")
-    vision_tower: str | None = Field(
-        None, description="local CLIP folder replacing the config's mm_vision_tower (None: the config's, a relative "
-                          "one looked up in the model folder)")
-    square_images: bool = Field(True, description="resize images to the processor's square first, as Griffon does")
-    dtype: str = "auto"
-    device: str = Field("auto", description="auto: spread over the replica's GPUs (device_map) when it has any")
-
-
 class ResourceConfig(_Section):
     """What one replica of a model reserves on the Ray cluster."""
 
@@ -197,13 +178,12 @@ ModelFamily = Literal["internvl2_hermes2", "griffon_gemma2", "qwen2_chatml", "r1
 
 
 class ModelConfig(_Section):
-    engine: Literal["vllm", "openai", "hf", "llava"]
+    engine: Literal["vllm", "openai", "hf"]
     path: str = Field(description="local path or model name as the engine understands it")
     paper_model: str | None = Field(None, description="the model the paper used for this role")
     vllm: VllmArgs = VllmArgs()
     openai: OpenAIArgs = OpenAIArgs()
     hf: HfArgs = HfArgs()
-    llava: LlavaArgs | None = None
     resources: ResourceConfig = ResourceConfig()
     serving: ServingConfig = ServingConfig()
     reasoning: bool = Field(False, description="output holds <think>...</think> to split off")
@@ -219,9 +199,7 @@ class ModelConfig(_Section):
                           "and this project installed), `conda` (an existing env's name) or `image_uri`, plus `env_vars`")
 
     @model_validator(mode="after")
-    def _engine_settings(self) -> "ModelConfig":
-        if self.engine == "llava" and self.llava is None:
-            raise ValueError("engine llava needs a `llava:` section (package, model_class, conversation)")
+    def _prebuilt_runtime_env(self) -> "ModelConfig":
         env = self.runtime_env or {}
         unknown = set(env) - PREBUILT_RUNTIME_ENV_KEYS
         if unknown or not isinstance(env.get("conda", ""), str):

@@ -124,7 +124,7 @@ def test_r1_gets_no_system_prompt():
 # -------------------------------------------------------------------------- the pipeline files
 @pytest.mark.parametrize("path", [LONGGRIT, PAPER_TINY], ids=lambda p: p.name)
 def test_the_paper_pipelines_follow_the_models_conventions(path):
-    """Checked on the files alone, no weights: every vLLM/llava model names its family, each stage
+    """Checked on the files alone, no weights: every vLLM model names its family, each stage
     stops on its model's end of turn and on no other model's, the context box is the model's."""
     cfg = load_config(path)
     expected = {"internvl2_76b": "internvl2_hermes2", "qwen2_72b": "qwen2_chatml", "griffon_g": "griffon_gemma2",

@@ -15,7 +15,7 @@ from annotate.engines.model_path import resolve_model_path
 def test_tiny_paths_resolve_to_the_session_cache(tiny_model_paths):
     assert resolve_model_path("tiny:text") == str(tiny_model_paths["text"])
     assert resolve_model_path("tiny:vlm") == str(tiny_model_paths["vlm"])
-    assert resolve_model_path("tiny:griffon/code") == str(tiny_model_paths["griffon"] / "code")
+    assert resolve_model_path("tiny:vlm/config.json") == str(tiny_model_paths["vlm"] / "config.json")
     assert resolve_model_path("Qwen/Qwen2.5-VL-7B-Instruct") == "Qwen/Qwen2.5-VL-7B-Instruct"
     with pytest.raises(ValueError, match="tiny:text"):
         resolve_model_path("tiny:huge")
@@ -32,8 +32,6 @@ def test_tiny_models_are_small_and_complete(tiny_model_paths):
         assert size < 10_000_000, (kind, size)
         if kind == "sam":  # not a chat model: checked in tests/test_segment.py
             assert AutoConfig.from_pretrained(path).model_type == "sam"
-            continue
-        if kind == "griffon":  # LLaVA code base, loadable with its own package only: tests/test_engines_llava.py
             continue
         cfg = AutoConfig.from_pretrained(path, trust_remote_code=True)
         text_cfg = getattr(cfg, "text_config", None) or getattr(cfg, "llm_config", None) or cfg
@@ -67,7 +65,7 @@ def test_cached_build_is_skipped(tiny_model_paths, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["text", "internvl2", "r1_llama", "griffon"])
+@pytest.mark.parametrize("kind", ["text", "internvl2", "r1_llama"])
 def test_tiny_build_is_deterministic(tiny_model_paths, tmp_path, kind):
     from annotate.models.registry import build_tiny
 

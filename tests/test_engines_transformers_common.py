@@ -1,4 +1,4 @@
-"""Where the hf and llava engines put a model's weights (no GPU here: torch's CUDA probe is patched,
+"""Where the hf engine puts a model's weights (no GPU here: torch's CUDA probe is patched,
 which is the one thing this machine cannot show; the loading itself is covered on CPU elsewhere)."""
 
 from __future__ import annotations

@@ -178,7 +178,7 @@ def test_a_fresh_vllm_process_loads_the_plugin():
 
 def test_chat_template_renders_griffons_conversation():
     """The replica's chat template against gemma_instruct's prompt (griffon/conversation.py) with the
-    system text folded before the user's, as the `llava` engine does: images first, then the text."""
+    system text folded into the user's turn: images first, then the system text, then the user's."""
     from transformers import AutoTokenizer
 
     from annotate.models.registry import tiny_path

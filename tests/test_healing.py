@@ -3,7 +3,7 @@ unrecoverable device error (CUDA error, out of memory) marks itself unhealthy, s
 and Serve replaces it, and answers that request and every later one `engine_dead`; the client sends
 them again as for a dead vLLM engine, without spending an attempt. Unit tests: the ChatServer runs with a
 stub engine and outside Serve, the client with a stand-in handle (tests/test_deadline.py `FakeHandle`);
-the hf and llava engines with their generate call replaced by one that raises. No GPU, no Ray cluster."""
+the hf engine with its generate call replaced by one that raises. No GPU, no Ray cluster."""
 
 from __future__ import annotations
 
@@ -108,17 +108,3 @@ def test_the_hf_engine_lets_a_device_error_through():
     results = engine._run(requests, [(0, [], []), (1, [], [])])
     assert [r.error_kind for _, r in results] == ["invalid_input", "invalid_input"]
 
-
-def test_the_llava_engine_lets_a_device_error_through():
-    from annotate.engines.llava_engine import LlavaEngine
-
-    engine = object.__new__(LlavaEngine)
-    engine.model_id = "tiny-griffon"
-    engine.prompt = lambda messages: ("prompt", [])
-
-    def cuda(sampling, prompt, images):
-        raise RuntimeError("CUDA error: device-side assert triggered")
-
-    engine._generate = cuda
-    with pytest.raises(EngineDeadError, match="device-side assert"):
-        engine._one(ChatRequest(messages=[], request_id="r0"))

@@ -32,7 +32,6 @@ MAY_DIFFER = {
                    "max_num_seqs", "dtype", "enforce_eager", "in_process",
                    "enable_chunked_prefill"},  # scheduling/memory: CPU engines turn it off (config.py says why)
     "model.hf": {"device", "dtype", "batch_size"},
-    "model.llava": {"code_path", "vision_tower", "device", "dtype"},
     "stage": {"batch_size"},
 }
 TINY_KIND = {"internvl2_76b": "internvl2", "qwen2_72b": "qwen2_instruct", "griffon_g": "griffon_g", "deepseek_r1_70b": "r1_llama"}
@@ -48,7 +47,7 @@ def comparable(path: Path) -> dict:
     out["models"] = {}
     for name, model in dumped["models"].items():
         model = _without(model, MAY_DIFFER["model"])
-        for engine in ("vllm", "hf", "llava"):
+        for engine in ("vllm", "hf"):
             if model.get(engine) is not None:
                 model[engine] = _without(model[engine], MAY_DIFFER[f"model.{engine}"])
         out["models"][name] = model

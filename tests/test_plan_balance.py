@@ -44,8 +44,8 @@ def test_snippet_pastes_into_the_pipeline_file(tmp_path):
     util = {m: 0.5 for m in layout}
     text = snippet(str(LONGGRIT), layout, "H100", util, {"griffon_g": "vllm"})
     assert "expected utilisation 50%" in text and "assumes engine" not in text  # the file serves Griffon-G on vLLM
-    assert "griffon_g: the throughput table assumes engine llava; this file says vllm" in \
-        snippet(str(LONGGRIT), layout, "H100", util, {"griffon_g": "llava"})
+    assert "griffon_g: the throughput table assumes engine hf; this file says vllm" in \
+        snippet(str(LONGGRIT), layout, "H100", util, {"griffon_g": "hf"})
     raw = yaml.safe_load(LONGGRIT.read_text())
     raw["models"] = yaml.safe_load(text)["models"]
     for stage in raw["stages"].values():

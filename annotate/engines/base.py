@@ -44,7 +44,7 @@ class ChatResult:
     reasoning: str | None = None
     finish_reason: str | None = None
     # Why a `stop` finish stopped, as vLLM reports it: the stop token's id (int) or the stop string
-    # (str); None for the model's EOS, or when the backend does not say (hf, llava, some servers).
+    # (str); None for the model's EOS, or when the backend does not say (hf, some servers).
     stop_reason: int | str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0

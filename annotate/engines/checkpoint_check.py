@@ -4,13 +4,13 @@ model is deployed or shard read). Pure: reads files, no Ray, no vLLM.
 A model whose answers never meet a stop token runs every answer to `max_tokens`, is retried and
 fails: hours of GPU time and every region of the stage. The token that ends an assistant turn is the
 chat template's to say, so this renders a two-turn conversation (user, assistant "XYZ", user) with the
-model folder's own template (the tokenizer's chat template; for the `llava` engine, the package's
-conversation template named in the `llava:` section), takes the token the template writes right after
-the assistant's text (ChatML `<|im_end|>`, Gemma `<end_of_turn>`, R1 `<｜end▁of▁sentence｜>`...), and
-refuses when neither the stage's effective stop tokens (its own and its model family's,
-engines/conventions.py) nor the model's EOS ids cover it. The model's EOS ids are what its engine
-stops on by itself: vLLM the tokenizer's EOS and generation_config.json's `eos_token_id`; the
-transformers engines (`hf`, `llava`) generation_config's, else the config's, else the tokenizer's.
+model folder's own template (the tokenizer's chat template), takes the token the template writes
+right after the assistant's text (ChatML `<|im_end|>`, Gemma `<end_of_turn>`, R1
+`<｜end▁of▁sentence｜>`...), and refuses when neither the stage's effective stop tokens (its own and
+its model family's, engines/conventions.py) nor the model's EOS ids cover it. The model's EOS ids
+are what its engine stops on by itself: vLLM the tokenizer's EOS and generation_config.json's
+`eos_token_id`; the transformers engine (`hf`) generation_config's, else the config's, else the
+tokenizer's.
 
 It also refuses:
   * a model whose declared family (`models.*.family`) ends turns with another token than its
@@ -27,10 +27,8 @@ log line says so), the reasoning rule still applies.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,39 +81,8 @@ def _conversation() -> list[dict[str, str]]:
             {"role": "user", "content": USER_2}]
 
 
-def _load_module(path: Path):
-    """A module from its file alone: a LLaVA-style package's `conversation.py` without importing the
-    package (whose `__init__` imports its model code and pins)."""
-    name = f"_checkpoint_check_{abs(hash(str(path)))}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise CheckpointError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(name, None)
-    return module
-
-
 def render_two_turns(model: ModelConfig, folder: Path, tokenizer) -> tuple[str, str]:
     """The two-turn conversation as the model's engine writes it, and which template wrote it."""
-    if model.engine == "llava":
-        assert model.llava is not None
-        code = Path(resolve_model_path(model.llava.code_path)) if model.llava.code_path else None
-        if code is None:  # the package is installed in the replicas' environment
-            spec = importlib.util.find_spec(model.llava.package)
-            if spec is None or not spec.submodule_search_locations:
-                raise FileNotFoundError(f"package {model.llava.package} is not importable here")
-            package_dir = Path(next(iter(spec.submodule_search_locations)))
-        else:
-            package_dir = code / model.llava.package
-        module = _load_module(package_dir / "conversation.py")
-        conv = module.conv_templates[model.llava.conversation].copy()
-        for role, text in zip(conv.roles * 2, (USER_1, ASSISTANT, USER_2, None)):
-            conv.append_message(role, text)
-        return conv.get_prompt(), f"{model.llava.package}.conversation.conv_templates[{model.llava.conversation!r}]"
     if not getattr(tokenizer, "chat_template", None):
         raise CheckpointError(f"{folder} has no chat template (tokenizer_config.json / chat_template.jinja)")
     text = tokenizer.apply_chat_template(_conversation(), tokenize=False, add_generation_prompt=False)

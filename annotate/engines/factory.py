@@ -20,8 +20,4 @@ def build_engine(model: ModelConfig) -> Engine:
         from annotate.engines.hf_engine import HfEngine
 
         return HfEngine(model)
-    if model.engine == "llava":
-        from annotate.engines.llava_engine import LlavaEngine
-
-        return LlavaEngine(model)
     raise ValueError(f"unknown engine {model.engine!r}")

@@ -67,7 +67,7 @@ class GriffonGemma2Config(Gemma2Config):
 
 def register_config() -> None:
     """Let AutoConfig read ``model_type: gemma2_Griffon``. ``exist_ok``: this class replaces one that
-    Griffon's own package (or the `llava` engine's stand-in) registered in this process first."""
+    Griffon's own package registered in this process first."""
     from transformers import AutoConfig
 
     AutoConfig.register(MODEL_TYPE, GriffonGemma2Config, exist_ok=True)

@@ -14,8 +14,8 @@ PACKAGED_PREFIX = "packaged:"
 
 def resolve_model_path(path: str) -> str:
     """``tiny:KIND`` -> the cached tiny model's directory (built on first use, under
-    $LONGGRIT_CACHE_DIR, default ~/.cache/longgrit), ``tiny:KIND/sub`` -> a folder inside it (e.g. the
-    Griffon-style model's ``code``); ``packaged:KIND`` -> the folder of a real model converted from a
+    $LONGGRIT_CACHE_DIR, default ~/.cache/longgrit), ``tiny:KIND/sub`` -> a path inside it (e.g.
+    ``tiny:vlm/config.json``); ``packaged:KIND`` -> the folder of a real model converted from a
     package of the index (`annotate.models.packaged`, built on first use in the same cache); a local
     path with ``~`` is expanded; anything else (a hub name, an absolute path) is returned as it is."""
     if path.startswith(TINY_PREFIX):

@@ -1,5 +1,6 @@
-"""What the `hf` and `llava` engines share (both generate with transformers): where a model's weights
-go on a replica, which tokens end a generation, `generate`'s arguments, and reading its output."""
+"""The `hf` engine's transformers helpers (also read by the load-time checkpoint check): where a
+model's weights go on a replica, which tokens end a generation, `generate`'s arguments, and reading
+its output."""
 
 from __future__ import annotations
 

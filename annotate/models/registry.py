@@ -2,9 +2,8 @@
 
 Kinds: ``text`` and ``vlm`` (the CPU pipeline's stand-ins, `tiny.py`), ``sam`` (segment stage),
 and tiny replicas of the production architectures of pipelines/longgrit.yaml: ``internvl2``,
-``qwen2_instruct``, ``r1_llama`` (`tiny_paper.py`, served by vLLM), ``griffon`` (`tiny_griffon.py`,
-a LLaVA-code-base model for the `llava` engine) and ``griffon_g`` (`tiny_griffon.py`, Griffon-G's real
-structure and weight names, served by vLLM through annotate/engines/griffon_vllm.py).
+``qwen2_instruct``, ``r1_llama`` (`tiny_paper.py`, served by vLLM) and ``griffon_g`` (`tiny_griffon.py`,
+Griffon-G's real structure and weight names, served by vLLM through annotate/engines/griffon_vllm.py).
 
 A built model directory holds ``tiny_recipe.json``; a directory whose recipe matches is reused.
 """
@@ -20,8 +19,8 @@ from typing import Callable, Literal
 
 from annotate.models.tiny import SEED
 
-TinyKind = Literal["text", "vlm", "sam", "internvl2", "qwen2_instruct", "r1_llama", "griffon", "griffon_g"]
-KINDS: tuple[TinyKind, ...] = ("text", "vlm", "sam", "internvl2", "qwen2_instruct", "r1_llama", "griffon", "griffon_g")
+TinyKind = Literal["text", "vlm", "sam", "internvl2", "qwen2_instruct", "r1_llama", "griffon_g"]
+KINDS: tuple[TinyKind, ...] = ("text", "vlm", "sam", "internvl2", "qwen2_instruct", "r1_llama", "griffon_g")
 
 # Bump when a builder changes what it writes: cached builds with another version are rebuilt.
 RECIPE_VERSION = 7  # 7: InternVL2 replica speaks ChatML (Hermes-2); Griffon's EOS is <eos> alone
@@ -31,8 +30,7 @@ RECIPE_FILE = "tiny_recipe.json"
 def _builder(kind: str) -> Callable[[Path], None]:
     from annotate.models import tiny, tiny_griffon, tiny_paper
 
-    builders = {**tiny.BUILDERS, **tiny_paper.BUILDERS, "griffon": tiny_griffon.build_griffon,
-                "griffon_g": tiny_griffon.build_griffon_g}
+    builders = {**tiny.BUILDERS, **tiny_paper.BUILDERS, "griffon_g": tiny_griffon.build_griffon_g}
     if kind not in KINDS or kind not in builders:
         raise ValueError(f"unknown tiny model {kind!r}; known: {', '.join(KINDS)}")
     return builders[kind]

@@ -7,7 +7,7 @@ two stages that name one model share it.
 
 vLLM models go through Ray Serve LLM (`LLMConfig` -> `LLMServer`): vLLM's async engine, one
 placement group per replica with a bundle per tensor/pipeline-parallel worker (GPU, accelerator
-type), replicas or autoscaling from the config. `hf`, `llava` and SAM models are plain deployments
+type), replicas or autoscaling from the config. `hf` and SAM models are plain deployments
 (`servers.py`) that reserve what their `resources` declare.
 """
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 APP_PREFIX = "longgrit-"
 SEGMENT_MODEL = "segment"  # the name the optional SAM model is served under
 IMAGE_AFFINITY_ROUTER = "annotate.serving.routing:ImageAffinityRouter"
-CHAT_SERVER_KINDS = ("hf", "llava")  # engines served by servers.ChatServer (one request per call)
+CHAT_SERVER_KINDS = ("hf",)  # engines served by servers.ChatServer (one request per call)
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class ModelApp:
     model_name: str
     app_name: str
     deployment_name: str
-    kind: str  # "llm" (Serve LLM), "hf", "llava" (CHAT_SERVER_KINDS: servers.ChatServer), "sam"
+    kind: str  # "llm" (Serve LLM), "hf" (CHAT_SERVER_KINDS: servers.ChatServer), "sam"
     max_in_flight: int
     unavailable_timeout_s: float
     model_id: str  # what provenance records: the paper's model name, else the path
@@ -66,8 +66,6 @@ def in_flight_cap(model: ModelConfig | SegmentConfig) -> int:
         per_replica = model.batch_images
     elif model.engine == "hf":
         per_replica = model.hf.batch_size
-    elif model.engine == "llava":
-        per_replica = 1  # one prompt at a time (llava_engine)
     else:
         per_replica = model.vllm.max_num_seqs or 256  # vLLM's default on GPUs
     return 2 * per_replica * replicas(model)

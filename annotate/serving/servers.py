@@ -1,6 +1,5 @@
 """Plain Serve deployments for the models Serve LLM does not hold: transformers chat models (`hf`
-engine), models of the LLaVA code base (`llava` engine: only the test replica `tiny:griffon` now; Griffon-G
-is served by vLLM) and segment-anything. Each replica loads its model once; requests arrive one per region
+engine) and segment-anything. Each replica loads its model once; requests arrive one per region
 (or image) and `serve.batch` groups the ones that arrive together into one forward pass, which is
 what the engines are fast at. The engine call runs in a thread so the replica keeps accepting.
 
@@ -22,7 +21,7 @@ from annotate.engines.postprocess import error_result
 
 
 class ChatServer:
-    """An `hf` or `llava` engine behind Serve: `chat(request) -> ChatResult`; `count_tokens` and
+    """An `hf` engine behind Serve: `chat(request) -> ChatResult`; `count_tokens` and
     `token_id` answer the token-budget check at load time with the model's own tokenizer."""
 
     def __init__(self, model: ModelConfig):
@@ -30,7 +29,7 @@ class ChatServer:
 
         self.engine = build_engine(model)
         self.broken: str | None = None  # why this replica can serve nothing more (a device error)
-        self.chat_batch.set_max_batch_size(model.hf.batch_size if model.engine == "hf" else 1)
+        self.chat_batch.set_max_batch_size(model.hf.batch_size)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
     async def chat_batch(self, requests: list[ChatRequest]) -> list[ChatResult]:

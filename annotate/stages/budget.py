@@ -3,7 +3,7 @@
 A stage whose longest prompt plus its `max_tokens` does not fit the model's context fails every
 region that gets near that size, hours into a run. So at load time each stage renders its worst-case
 request and the model's own deployment counts it (vLLM's renderer: chat template, image processor,
-dynamic tiling; the `llava` and `hf` engines: their prompt builders), and the run refuses to start
+dynamic tiling; the `hf` engine: its prompt builder), and the run refuses to start
 when a stage does not fit. The worst case:
   * images at every aspect ratio in `ASPECT_RATIOS`, at `crops.max_side` (the data plane's largest):
     tiling processors (InternVL) make the most tiles at some ratio, not always at a square;
