@@ -281,20 +281,37 @@ def train_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    checkpoint: str = typer.Option(..., "--checkpoint", help="run folder or one of its checkpoints"),
-    data: str | None = typer.Option(None, "--data", help="pipeline output (held-out regions by id hash)"),
+    checkpoint: str | None = typer.Option(None, "--checkpoint", help="run folder or one of its checkpoints "
+                                          "(needed by all but --make-benchmark)"),
+    data: str | None = typer.Option(None, "--data", help="pipeline output OUT: M2T/T2M retrieval on exactly the regions of "
+                                    "its frozen benchmark (OUT/benchmarks/longgrit-N.json) when it has one, else on the "
+                                    "images whose key hashes into train.eval_fraction"),
     synthetic: bool = typer.Option(False, "--synthetic", help="evaluate on the synthetic benchmark"),
-    zero_shot: str | None = typer.Option(None, "--zero-shot", help="zero-shot classification JSON (see evaluate.py)"),
+    zero_shot: str | None = typer.Option(None, "--zero-shot", help="zero-shot classification JSON (see evaluate.py); "
+                                         "samples are decoded --batch-size at a time"),
     output: str | None = typer.Option(None, "--output", help="results JSON (default RUN/eval.json)"),
     task: str | None = typer.Option(None, "--task", help="a paper benchmark: imagenet-s, coco-instances, refcoco, "
                                     "refcoco+, refcocog, flickr30k, coco-retrieval, sharegpt4v, urban1k, docci; each follows "
                                     "the reference script's protocol (written into the result's `protocol`; BENCHMARKS 14)"),
     bench_dir: str | None = typer.Option(None, "--bench-dir", help="the benchmark's local copy, in its published layout"),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="images embedded (and, for --task and --zero-shot, "
+                                   "decoded and held) at a time; scores do not depend on it"),
+    make_benchmark: str | None = typer.Option(None, "--make-benchmark", metavar="OUT", help=(
+        "freeze a LongGRIT-N evaluation split of pipeline output OUT into OUT/benchmarks/longgrit-N.json (no model "
+        "needed): trainable regions (status ok, fine caption, mask; box/none mask fallbacks left out), whole images "
+        "in a --seed'ed order until --n regions (the last image cut to make exactly N), recorded by region id. "
+        "Then `eval --data OUT` scores exactly those N, and `train --data OUT` never trains on their images "
+        "(retrain after freezing). One per output; the same data, --n and --seed give the same file")),
+    n: int = typer.Option(2000, "--n", min=1, help="--make-benchmark: regions in the split (the gallery size)"),
+    seed: int = typer.Option(0, "--seed", help="--make-benchmark: the seed of the image order"),
 ) -> None:
-    """Mask<->text retrieval R@1/5/10, zero-shot region classification, or one paper benchmark (--task)."""
+    """Mask<->text retrieval R@1/5/10, zero-shot region classification, one paper benchmark (--task), or
+    freeze a LongGRIT-N evaluation split of a pipeline output (--make-benchmark)."""
     from annotate.train.commands import run_eval
 
-    run_eval(checkpoint, data, synthetic, zero_shot, output, task, bench_dir)
+    if not make_benchmark and not checkpoint:
+        raise typer.BadParameter("--checkpoint is needed (all but --make-benchmark evaluate a model)")
+    run_eval(checkpoint, data, synthetic, zero_shot, output, task, bench_dir, batch_size, make_benchmark, n, seed)
 
 
 @app.command("embed-text")

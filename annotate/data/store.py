@@ -100,6 +100,12 @@ class OutputStore:
         return self.root / "gallery"
 
     @property
+    def benchmarks_dir(self) -> Path:
+        """OUT/benchmarks: the frozen evaluation split (`annotate eval --make-benchmark`, train/frozen.py),
+        longgrit-N.json, region ids chosen by image; the trainer leaves its images out."""
+        return self.root / "benchmarks"
+
+    @property
     def near_duplicates_path(self) -> Path:
         """OUT/quality/near_duplicates.parquet: region_id -> near-duplicate cluster over the whole
         dataset, a run-level side file (stages/quality.py), so committed shard files never change."""

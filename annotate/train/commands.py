@@ -45,7 +45,20 @@ def run_train(output, data=None, synthetic=False, config=None, max_steps=None, r
     return train(job)
 
 
-def run_eval(checkpoint, data=None, synthetic=False, zero_shot=None, output=None, task=None, bench_dir=None) -> dict:
+def run_eval(checkpoint=None, data=None, synthetic=False, zero_shot=None, output=None, task=None, bench_dir=None,
+             batch_size: int = 64, make_benchmark=None, n: int = 2000, seed: int = 0) -> dict:
+    """One of: freeze a benchmark split of a pipeline output (`make_benchmark`, no model involved), one
+    paper benchmark (`task`), or retrieval / zero-shot on pipeline output or the synthetic set."""
+    if make_benchmark:
+        from annotate.train.frozen import make_benchmark as freeze
+
+        res = freeze(make_benchmark, n, seed)
+        print(json.dumps(res, indent=2))
+        return res
+    if not checkpoint:
+        raise ValueError("--checkpoint is needed (all but --make-benchmark evaluate a model)")
+    if batch_size < 1:
+        raise ValueError("--batch-size must be at least 1")
     from annotate.train.eval_tasks import evaluate_task
     from annotate.train.evaluate import evaluate, print_table
 
@@ -53,9 +66,9 @@ def run_eval(checkpoint, data=None, synthetic=False, zero_shot=None, output=None
     if task:
         if not bench_dir:
             raise ValueError("--task needs --bench-dir (the benchmark's local copy)")
-        res = evaluate_task(checkpoint, task, bench_dir, output)
+        res = evaluate_task(checkpoint, task, bench_dir, output, batch_size)
     else:
-        res = evaluate(checkpoint, data, synthetic, zero_shot, output)
+        res = evaluate(checkpoint, data, synthetic, zero_shot, output, batch_size)
     print(json.dumps(res, indent=2))
     print_table(res)
     return res

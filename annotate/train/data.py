@@ -23,6 +23,7 @@ from annotate.data.masks import decode_rle
 from annotate.data.records import is_trainable
 from annotate.data.store import OutputStore
 from annotate.pixclip.transforms import prepare_views
+from annotate.train.frozen import load_benchmark
 from annotate.train.text_cache import TextCache
 
 
@@ -100,6 +101,9 @@ def load_rows(data_dir: str | Path, cache_dir: str | None = None):
 class RegionDataset(Dataset):
     """Regions with status "ok", a fine caption, a mask and a cached text, in the requested split.
 
+    Split: with a frozen benchmark in OUT/benchmarks (train/frozen.py), "eval" is exactly its listed
+    regions and "train" every image it does not list; without one, by a hash of the image key.
+
     Regions whose `mask_source` is in cfg.skip_mask_sources (default: box fallbacks) are left out:
     a box is not the region's shape, and training on it teaches the mask branch the wrong thing.
     Full-image samples: per (epoch, image) at most one of the image's regions may become one (with
@@ -111,14 +115,19 @@ class RegionDataset(Dataset):
         self.rows = load_rows(data_dir, cache_dir)
         self.images = self.rows.select_columns(["image"])  # per sample: read the image cell, not the regions
         self.cache, self.cfg, self.train = cache, cfg, split == "train"
+        self.benchmark = load_benchmark(data_dir)  # a frozen split replaces the hash split both ways
         self.refs: list[RegionRef] = []
         skip = set(getattr(cfg, "skip_mask_sources", ()))
+        frozen_eval = self.benchmark is not None and not self.train
         meta = self.rows.select_columns(["image_key", "caption", "regions", "image"])
         for i, row in enumerate(meta):
-            if not row["image"] or in_eval_split(row["image_key"], cfg.eval_fraction) == self.train:
+            if not row["image"] or self._held_out(row["image_key"]) == self.train:
                 continue
             for r in row["regions"] or []:
-                usable = is_trainable(r) and r.get("mask_source") not in skip
+                if frozen_eval:  # exactly the listed regions, whatever this run's skip_mask_sources
+                    usable = r["region_id"] in self.benchmark.region_ids and is_trainable(r)
+                else:
+                    usable = is_trainable(r) and r.get("mask_source") not in skip
                 if usable and r["fine_caption"] in cache:
                     short = tuple(t for t in (r.get("object_caption"), r.get("phrase")) if t)
                     summary = r.get("summary") if r.get("summary") in cache else ""  # schema 1.1 rows: none
@@ -132,6 +141,13 @@ class RegionDataset(Dataset):
         for ref in self.refs:
             self.siblings.append((seen[ref.row], counts[ref.row]))
             seen[ref.row] += 1
+
+    def _held_out(self, image_key: str) -> bool:
+        """In the evaluation split: an image of the frozen benchmark when the output has one, else one
+        whose key hashes into `eval_fraction`."""
+        if self.benchmark is not None:
+            return image_key in self.benchmark.images
+        return in_eval_split(image_key, self.cfg.eval_fraction)
 
     def __len__(self) -> int:
         return len(self.refs)

@@ -155,12 +155,13 @@ def text_encoder_for(cfg, meta: dict) -> TextFn:
     return make_text_encoder(cfg)
 
 
-def evaluate_task(checkpoint: str | Path, task: str, bench_dir: str | Path, output: str | Path | None = None) -> dict:
+def evaluate_task(checkpoint: str | Path, task: str, bench_dir: str | Path, output: str | Path | None = None,
+                  batch_size: int = 64) -> dict:
     """`annotate eval --task NAME --bench-dir PATH`: one benchmark (benchmarks.READERS), JSON out
     (default RUN/eval-NAME.json)."""
     model, cfg, meta = load_run(checkpoint)
     model = model.to("cuda" if torch.cuda.is_available() else "cpu")
-    res = run_task(model, read_task(task, bench_dir), text_encoder_for(cfg, meta), cfg.image_size)
+    res = run_task(model, read_task(task, bench_dir), text_encoder_for(cfg, meta), cfg.image_size, batch_size)
     res["protocol"] = PROTOCOLS[task]
     out = Path(output) if output else Path(checkpoint) / f"eval-{task}.json"
     if out.parent.exists():

@@ -1,8 +1,10 @@
 """PixCLIP evaluation: mask<->text retrieval (R@1/5/10) and zero-shot region classification.
 
 Retrieval treats identical texts as one item (see `retrieval_metrics`) and ranks in chunks on the
-model's device (`chunked_topk`). Held-out data: the regions of images whose key hashes into
-`eval_fraction` (see data.in_eval_split), or a freshly generated synthetic set (seed 2).
+model's device (`chunked_topk`). Held-out data: the regions of a frozen benchmark when the output has
+one (`annotate eval --make-benchmark`, train/frozen.py), else those of images whose key hashes into
+`eval_fraction` (see data.in_eval_split), or a freshly generated synthetic set (seed 2). Images are
+embedded `batch_size` at a time (`--batch-size`), zero-shot samples decoded one batch at a time.
 
 Zero-shot JSON format (paths relative to the JSON file):
   {"classes": ["cat", "dog"], "template": "a photo of a {}.",
@@ -12,6 +14,8 @@ Zero-shot JSON format (paths relative to the JSON file):
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -120,34 +124,71 @@ def chance_r1(ids: list[str]) -> float:
 
 
 @torch.no_grad()
-def zero_shot(model: PixCLIP, items: list[tuple[np.ndarray, np.ndarray, str]], classes: list[str], class_feats: np.ndarray, image_size: int) -> dict[str, float]:
-    """Top-1/top-5 accuracy of classifying (image, mask) pairs by their nearest class-text embedding."""
+def zero_shot(model: PixCLIP, items: Sequence[tuple[np.ndarray, np.ndarray, str]], classes: list[str], class_feats: np.ndarray,
+              image_size: int, batch_size: int = 64) -> dict[str, float]:
+    """Top-1/top-5 accuracy of classifying (image, mask) pairs by their nearest class-text embedding.
+
+    `items` is read one batch at a time (a `ZeroShotSamples` decodes on access), so at most
+    `batch_size` decoded images and their views are held, as `--task` does; scores do not depend on it."""
     dev = model_device(model)
     text = model.encode_text(torch.from_numpy(np.asarray(class_feats, dtype=np.float32)).to(dev))
-    labels = torch.tensor([classes.index(lbl) for _, _, lbl in items], device=dev)
-    views = [prepare_views(img, msk, image_size) for img, msk, _ in items]
-    emb = model.encode_image(torch.stack([v["image"] for v in views]).to(dev), torch.stack([v["mask"] for v in views]).to(dev))
-    top = chunked_topk(emb, text, 5)
+    tops, labels = [], []
+    for start in range(0, len(items), batch_size):
+        tops.append(_classify_batch(model, items, range(start, min(start + batch_size, len(items))), text, image_size,
+                                    labels, classes))
+    top = torch.cat(tops) if tops else torch.zeros((0, 5), dtype=torch.long, device=dev)
+    lab = torch.tensor(labels, dtype=torch.long, device=top.device)
     return {
-        "zs_top1": float((top[:, 0] == labels).float().mean()),
-        "zs_top5": float((top == labels[:, None]).any(dim=1).float().mean()),
+        "zs_top1": float((top[:, 0] == lab).float().mean()) if len(lab) else 0.0,
+        "zs_top5": float((top == lab[:, None]).any(dim=1).float().mean()) if len(lab) else 0.0,
         "zs_classes": len(classes),
+        "zs_n": len(lab),
     }
 
 
-def load_zero_shot_json(path: str | Path) -> tuple[list, list[str], str]:
-    from PIL import Image
+def _classify_batch(model, items, indices, text, image_size, labels: list, classes: list[str]) -> torch.Tensor:
+    """(B, k<=5) nearest classes of items[indices]; the batch's images die when this returns."""
+    views = []
+    for j in indices:
+        image, mask, label = items[j]
+        views.append(prepare_views(image, mask, image_size))
+        labels.append(classes.index(label))
+    dev = model_device(model)
+    emb = model.encode_image(torch.stack([v["image"] for v in views]).to(dev), torch.stack([v["mask"] for v in views]).to(dev))
+    return chunked_topk(emb, text, 5)
 
+
+class ZeroShotSamples(Sequence):
+    """The samples of a zero-shot JSON; an item (image, mask, label) is decoded when read."""
+
+    def __init__(self, root: Path, samples: list[dict]):
+        self.root, self.samples = root, samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        s = self.samples[i]
+        with Image.open(self.root / s["image"]) as im:
+            return np.asarray(im.convert("RGB")), decode_rle(s["mask"]), s["label"]
+
+
+def load_zero_shot_json(path: str | Path) -> tuple[ZeroShotSamples, list[str], str]:
+    """(samples, decoded lazily; classes; template). A label not among the classes is refused here."""
     path = Path(path)
     spec = json.loads(path.read_text())
-    items = []
-    for s in spec["samples"]:
-        with Image.open(path.parent / s["image"]) as im:
-            items.append((np.asarray(im.convert("RGB")), decode_rle(s["mask"]), s["label"]))
-    return items, list(spec["classes"]), spec.get("template", "{}")
+    classes = list(spec["classes"])
+    unknown = sorted({s["label"] for s in spec["samples"]} - set(classes))
+    if unknown:
+        raise ValueError(f"{path}: labels not in `classes`: {unknown[:5]}")
+    return ZeroShotSamples(path.parent, list(spec["samples"])), classes, spec.get("template", "{}")
 
 
-def _synthetic_eval(model: PixCLIP, cfg: TrainConfig) -> dict:
+def _synthetic_eval(model: PixCLIP, cfg: TrainConfig, batch_size: int = 64) -> dict:
     from annotate.train.synthetic import COLORS, SHAPES, BagOfWordsEncoder, SyntheticDataset
 
     ds = SyntheticDataset(cfg, SYNTHETIC_EVAL_IMAGES, seed=2, train=False)
@@ -172,7 +213,7 @@ def _synthetic_eval(model: PixCLIP, cfg: TrainConfig) -> dict:
     res.update({"i2t_r1": full["m2t_r1"], "t2i_r1": full["t2m_r1"]})
     classes = [f"{c} {s}" for c in COLORS for s in SHAPES]
     items = [(img, r["mask"], r["short"][2:]) for img, regs in ds.scenes for r in regs]
-    res.update(zero_shot(model, items, classes, enc([f"a {c}" for c in classes]), cfg.image_size))
+    res.update(zero_shot(model, items, classes, enc([f"a {c}" for c in classes]), cfg.image_size, batch_size))
     res["n_regions"] = len(ds)
     res.update(_short_and_negative_scores(model, ds, regions, BagOfWordsEncoder(seed=cfg.seed)))
     return res
@@ -205,26 +246,46 @@ def evaluate(
     synthetic: bool = False,
     zero_shot_json: str | Path | None = None,
     output: str | Path | None = None,
+    batch_size: int = 64,
 ) -> dict:
-    """`annotate eval`: metrics as a dict, also written to OUTPUT (default RUN/eval.json)."""
+    """`annotate eval`: metrics as a dict, also written to OUTPUT (default RUN/eval.json).
+
+    On pipeline output with a frozen benchmark (OUT/benchmarks/longgrit-N.json, train/frozen.py) the
+    gallery is exactly its N regions (an error if any is missing), `benchmark` names it and
+    `benchmark_excluded_from_training` says whether the run recorded leaving that very file's images out."""
     model, cfg, meta = load_run(checkpoint)
     model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     if synthetic or (data_dir is None and meta.get("synthetic")):
-        res = _synthetic_eval(model, cfg)
+        res = _synthetic_eval(model, cfg, batch_size)
     else:
         from annotate.train.data import RegionDataset
         from annotate.train.text_cache import TextCache
 
         ds = RegionDataset(data_dir or meta["data_dir"], TextCache(meta["text_cache"]), cfg, split="eval")
+        frozen = ds.benchmark
+        if frozen is not None and len(ds) != frozen.n:
+            found = {r.region_id for r in ds.refs}
+            missing = sorted(frozen.region_ids - found)
+            raise ValueError(f"{frozen.path} lists {frozen.n} regions; {len(missing)} are not in the data as trainable "
+                             f"regions with a cached text (e.g. {missing[:3]}): re-run embed-text, or re-freeze")
         ids = [ds.text_id(i) for i in range(len(ds))]
-        res = retrieval_metrics(*embed_pairs(model, ds), ids) if len(ds) else {}
+        res = retrieval_metrics(*embed_pairs(model, ds, batch_size), ids) if len(ds) else {}
         res.update({"chance_r1": chance_r1(ids) if ids else 0.0, "n_regions": len(ds)})
+        if frozen is not None:
+            clean = (meta.get("benchmark") or {}).get("sha256") == frozen.digest
+            res.update({"benchmark": frozen.name, "benchmark_excluded_from_training": clean})
+            if not clean:
+                print(f"warning: the run did not record leaving {frozen.path.name}'s images out of training "
+                      "(trained before it was frozen, or on other data); its scores may be contaminated", file=sys.stderr)
+        else:
+            res["split"] = f"image-key hash, eval_fraction {cfg.eval_fraction}"
     if zero_shot_json:
         from annotate.train.text_cache import make_text_encoder
 
         items, classes, template = load_zero_shot_json(zero_shot_json)
         encoder = make_text_encoder(cfg)
-        res.update(zero_shot(model, items, classes, encoder([template.format(c) for c in classes]), cfg.image_size))
+        res.update(zero_shot(model, items, classes, encoder([template.format(c) for c in classes]), cfg.image_size,
+                             batch_size))
     out = Path(output) if output else Path(checkpoint) / "eval.json"
     if out.parent.exists():
         out.write_text(json.dumps(res, indent=2))

@@ -337,6 +337,8 @@ def train(job: TrainJob, log=_print, device: str | None = None) -> dict:
         cache = TextCache(cache_path)
         dataset, text_dim = RegionDataset(job.data, cache, cfg, "train"), cache.dim
         source = {"synthetic": False, "data_dir": str(job.data), "text_cache": str(cache_path)}
+        if dataset.benchmark is not None:  # its images were left out; `annotate eval` checks this
+            source["benchmark"] = {"name": dataset.benchmark.name, "sha256": dataset.benchmark.digest}
     model = build_pixclip(cfg, text_dim)
     run_meta = run_record(cfg, model, text_dim, source)
     trainer = Trainer(cfg, model, dataset, output, device)
