@@ -420,7 +420,14 @@ class TrainConfig(_Section):
     logit_scale_init: float = Field(4.0652, description="log of the contrastive temperature's inverse; written, it "
                                                       "replaces a checkpoint's; unwritten, the checkpoint's is kept")
     amp_bf16: bool = True
-    num_workers: int = 2
+    num_workers: int | Literal["auto"] = Field(
+        "auto", description="DataLoader workers per rank. auto: enough to feed a fast GPU step, as far as the rank's "
+                            "cores allow: ceil(batch_size x 5 ms / 100 ms) (the loader costs 3-5 ms per sample per core, "
+                            "BENCHMARKS.md 8; 100 ms is half an H100 step of EVA02-B/16 at batch 128), at most the CPUs "
+                            "per local rank minus one (the rank's own process); on a CPU-only run also less the "
+                            "intra-op threads (the model shares those cores). 2 workers cap a rank at ~0.3 s per step")
+    persistent_workers: bool = Field(
+        True, description="keep the loader's workers alive across epochs (one DataLoader per fit; only with workers > 0)")
     checkpoint_every: int = 500
     log_every: int = 10
     seed: int = 0

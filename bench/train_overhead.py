@@ -2,7 +2,8 @@
 
 * loop: `Trainer.fit` with its DataLoader over a pipeline output on disk (`RegionDataset`: Arrow rows,
   JPEG and RLE decode, crop views, text features from the fp16 memmap made by `embed_text` with
-  MiniLM), with `num_workers` 0 and 2;
+  MiniLM), with `num_workers` 0 and 2 (persistent workers: one DataLoader per `fit`, i.e. per block;
+  losses read on the host only at log steps, never within a block);
 * bare: the same Trainer's `losses()` + backward + AdamW step on one batch of that dataset held in
   memory (same model, batch size and optimizer);
 * text: that bare step with the batch's text features read from the cache, vs produced inside the

@@ -146,56 +146,91 @@ class Trainer:
         return self.loss_fn.of_branches(branches, self.model.logit_scale)
 
     # ------------------------------------------------------------------ loop
+    def loader(self) -> DataLoader:
+        """The DataLoader over the sampler, built once per `fit` (not per epoch): with workers > 0 and
+        persistent_workers they stay alive across epochs. Each pass calls iter() on it after
+        `sampler.set_epoch`, and the sampler's iterator is made in this process at that moment, so the
+        epoch and start position still change every pass (samples depend only on (seed, epoch, index),
+        so a resumed run is unaffected by which worker loads what)."""
+        workers = loader_workers(self.cfg, self.device)
+        return DataLoader(
+            self.dataset,
+            batch_size=self.cfg.batch_size,
+            sampler=self.sampler,
+            num_workers=workers,
+            persistent_workers=bool(self.cfg.persistent_workers and workers > 0),
+            drop_last=True,
+            pin_memory=self.device.type == "cuda",
+        )
+
     def fit(self, max_steps: int | None = None, log=_print) -> dict:
-        """Train until `max_steps` (or the config's total) optimizer steps; returns the last losses."""
+        """Train until `max_steps` (or the config's total) optimizer steps; returns the last losses.
+
+        Host syncs: losses stay on the device and are summed there; they are read (`float`) only at log
+        steps (the logged losses are the mean over the micro-batches since the previous log) and once at
+        the end (the returned dict: the last micro-batch's losses). Under DDP with gradient accumulation,
+        all micro-batches but a step's last run under `no_sync()`, so gradients are all-reduced once
+        per optimizer step."""
         cfg, last = self.cfg, {}
         stop = min(max_steps or self.total_steps, self.total_steps)
         accum = cfg.grad_accum_steps
         self.model.train()
         t0 = time.time()
-        while self.step < stop:
-            self._next_epoch_if_done()
-            # Gradients never cross a pass over the loader: an epoch's leftover micro-batches (fewer than
-            # `accum`) must not reach the next epoch's first step.
-            self.optimizer.zero_grad(set_to_none=True)
-            self.sampler.set_epoch(self.epoch, self.step_in_epoch * cfg.batch_size * accum)
-            loader = DataLoader(
-                self.dataset,
-                batch_size=cfg.batch_size,
-                sampler=self.sampler,
-                num_workers=cfg.num_workers,
-                drop_last=True,
-                pin_memory=self.device.type == "cuda",
-            )
-            micro = 0
-            for batch in loader:
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-                out = self.losses(batch)
-                (out["total"] / accum).backward()
-                micro += 1
-                if micro % accum:
-                    continue
-                self.optimizer.step()
-                clamp_logit_scale(self.model.logit_scale)
-                if cfg.use_hard_negatives:
-                    clamp_logit_scale(self.model.negative_logit_scale)
-                self.scheduler.step()
+        loader = self.loader()
+        window: dict[str, list] = {}  # loss name -> [sum on the device, micro-batches] since the last log
+        try:
+            while self.step < stop:
+                self._next_epoch_if_done()
+                # Gradients never cross a pass over the loader: an epoch's leftover micro-batches (fewer
+                # than `accum`) must not reach the next epoch's first step.
                 self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                self.step_in_epoch += 1
-                last = {k: float(v.detach()) for k, v in out.items()}
-                if self.rank == 0 and (self.step % cfg.log_every == 0 or self.step == stop):
-                    rec = {"step": self.step, "epoch": self.epoch, **last, "s": round(time.time() - t0, 1)}
-                    rec["logit_scale"] = float(self.model.logit_scale.detach().exp())
-                    log(json.dumps(rec))
-                self._next_epoch_if_done()  # an epoch's last step is saved as the next epoch's start
-                if self.step % cfg.checkpoint_every == 0 or self.step == stop:
-                    self.save()
-                if self.step >= stop or self.step_in_epoch == 0:
-                    break
-            self._next_epoch_if_done()
+                self.sampler.set_epoch(self.epoch, self.step_in_epoch * cfg.batch_size * accum)
+                micro = 0
+                for batch in loader:
+                    batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                    micro += 1
+                    with self._grad_sync(micro % accum == 0):
+                        out = self.losses(batch)
+                        (out["total"] / accum).backward()
+                    last = {k: v.detach() for k, v in out.items()}
+                    for k, v in last.items():
+                        acc = window.setdefault(k, [torch.zeros_like(v), 0])
+                        acc[0] += v
+                        acc[1] += 1
+                    if micro % accum:
+                        continue
+                    self.optimizer.step()
+                    clamp_logit_scale(self.model.logit_scale)
+                    if cfg.use_hard_negatives:
+                        clamp_logit_scale(self.model.negative_logit_scale)
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.step += 1
+                    self.step_in_epoch += 1
+                    if self.step % cfg.log_every == 0 or self.step == stop:
+                        if self.rank == 0:
+                            means = {k: float(total) / n for k, (total, n) in window.items()}
+                            rec = {"step": self.step, "epoch": self.epoch, **means, "s": round(time.time() - t0, 1)}
+                            rec["logit_scale"] = float(self.model.logit_scale.detach().exp())
+                            log(json.dumps(rec))
+                        window = {}
+                    self._next_epoch_if_done()  # an epoch's last step is saved as the next epoch's start
+                    if self.step % cfg.checkpoint_every == 0 or self.step == stop:
+                        self.save()
+                    if self.step >= stop or self.step_in_epoch == 0:
+                        break
+                self._next_epoch_if_done()
+        finally:
+            _shutdown_workers(loader)
         self.check_replicas_in_sync()
-        return last
+        return {k: float(v) for k, v in last.items()}
+
+    def _grad_sync(self, sync: bool):
+        """DDP's `no_sync()` for a micro-batch whose gradient is only accumulated (forward and backward
+        both inside it, as DDP requires); the step's last micro-batch all-reduces the summed gradients."""
+        if sync or self.ddp is self.model:
+            return nullcontext()
+        return self.ddp.no_sync()
 
     def _next_epoch_if_done(self) -> None:
         """Move to the next epoch once this one has all its steps. Also run after `load`: a checkpoint
@@ -265,6 +300,36 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
         self._next_epoch_if_done()
+
+
+LOADER_MS_PER_SAMPLE = 5.0  # loader CPU per sample: 3.1-3.4 ms at 224 px on a loaded core (BENCHMARKS.md 8), with margin
+FAST_STEP_MS = 100.0  # the fastest step auto keeps fed: half an H100 step of EVA02-B/16 at batch 128
+
+
+def loader_workers(cfg: TrainConfig, device: torch.device) -> int:
+    """`train.num_workers`, with "auto" resolved per rank.
+
+    A rank needs batch_size x LOADER_MS_PER_SAMPLE / step time workers to load a batch per step; auto
+    provisions for a FAST_STEP_MS step (batch 128: 7 workers), but takes no more than the cores this
+    rank has (its CPU affinity split over LOCAL_WORLD_SIZE ranks) less one for the rank's own process,
+    and on a CPU-only run less the intra-op threads instead, since the model runs on the same cores (a
+    2-core box with one thread: 1 worker). A fixed number is used as given."""
+    if cfg.num_workers != "auto":
+        return int(cfg.num_workers)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    spare = cores // local - (1 if device.type == "cuda" else torch.get_num_threads())
+    needed = math.ceil(cfg.batch_size * LOADER_MS_PER_SAMPLE / FAST_STEP_MS)
+    return max(0, min(needed, spare))
+
+
+def _shutdown_workers(loader: DataLoader) -> None:
+    """Stop a persistent loader's workers now rather than whenever the loader is garbage-collected
+    (an exception's traceback can keep it alive)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+        iterator._shutdown_workers()  # pylint: disable=protected-access
+    loader._iterator = None  # pylint: disable=protected-access
 
 
 LATEST = "latest"  # RUN/checkpoints/latest: the name of the newest complete checkpoint folder
