@@ -17,14 +17,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from annotate.data.records import ImageRecord, RegionRecord
-from annotate.data.store import OutputStore
+from annotate.data.store import OutputStore, write_bytes_atomic
 from annotate.show import (
     STATUSES,
     backdrops,
@@ -249,11 +248,8 @@ def _filters() -> str:
 
 
 def _write_atomic(path: Path, chunks: Iterable[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for chunk in chunks:
-            f.write(chunk)
-    os.replace(tmp, path)
+    """A page streamed from its generator, whole or not at all (a drawing that fails leaves the old page)."""
+    write_bytes_atomic(path, (chunk.encode("utf-8") for chunk in chunks))
 
 
 def _shard_page(data_file: Path, html_dir: Path, page: ShardPage, thumb_side: int, full_side: int | None,

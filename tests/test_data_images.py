@@ -126,6 +126,21 @@ def test_decode_array_keeps_the_limits(monkeypatch):
         decode_array(sk.jpeg(), ImageConfig(max_bytes=10))
 
 
+
+@pytest.mark.parametrize("payload", [
+    sk.encode(Image.fromarray(_arr()), "PNG"),  # not a JPEG: PIL decodes it
+    sk.encode(Image.fromarray(_arr()).convert("CMYK"), "JPEG", quality=95),  # a JPEG OpenCV is not given
+])
+def test_decode_array_reads_a_pil_decoded_header_once(monkeypatch, payload):
+    """The header `decode_array` opened and checked is the one it decodes, not parsed a second time."""
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    out = decode_array(payload)
+    assert out.shape == (30, 40, 3) and len(opened) == 1
+    with pytest.raises(ImageError, match="truncated or corrupt"):  # a truncated body is still refused
+        decode_array(payload[: len(payload) // 2])
+
 @pytest.mark.parametrize(("size", "max_side", "fitted"), [
     ((400, 200), 100, (100, 50)),  # landscape: the width becomes max_side, aspect kept
     ((200, 400), 100, (50, 100)),  # portrait

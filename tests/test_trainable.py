@@ -37,3 +37,15 @@ def test_a_mask_without_counts_is_not_trainable():
     row = _region().model_dump()
     row["mask"] = {"size": [4, 4], "counts": ""}
     assert not is_trainable(row)
+
+
+def test_a_region_record_is_judged_by_its_fields_without_dumping_it(monkeypatch):
+    """The text cache and the trainer ask for every region: a RegionRecord is read field by field, not dumped
+    to a dict first."""
+    def no_dump(self, *a, **k):
+        raise AssertionError("RegionRecord.model_dump was called")
+
+    monkeypatch.setattr(RegionRecord, "model_dump", no_dump)
+    assert is_trainable(_region())
+    assert not is_trainable(_region(mask=None)) and not is_trainable(_region(status="rejected"))
+    assert not is_trainable(_region(mask={"size": [4, 4], "counts": ""}))  # an empty RLE is no mask

@@ -23,7 +23,12 @@ class ImageError(ValueError):
 
 def decode_image(data: bytes, cfg: ImageConfig) -> Image.Image:
     """Decode to an RGB PIL image, EXIF orientation applied; refuses over-size images unread."""
-    img = _open_checked(data, cfg)
+    return _decode_opened(_open_checked(data, cfg))
+
+
+def _decode_opened(img: Image.Image) -> Image.Image:
+    """`decode_image`'s pixels from an image `_open_checked` already opened and checked, so a caller that
+    looked at the header first does not parse it twice."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
@@ -50,7 +55,7 @@ def decode_array(data: bytes, cfg: ImageConfig | None = None) -> np.ndarray:
         bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
         if bgr is not None:
             return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-    return np.asarray(decode_image(data, cfg))
+    return np.asarray(_decode_opened(header))
 
 
 def _open_checked(data: bytes, cfg: ImageConfig) -> Image.Image:

@@ -188,10 +188,13 @@ class ImageRecord(BaseModel):
 def is_trainable(region: "RegionRecord | dict") -> bool:
     """The one definition of a region PixCLIP trains on, whose texts the text cache embeds and which
     `annotate score` scores: annotated (status "ok"), with a fine caption and a mask."""
-    if isinstance(region, RegionRecord):
-        region = region.model_dump()
-    mask = region.get("mask")
-    return region.get("status") == "ok" and bool(region.get("fine_caption")) and bool(mask and mask.get("counts"))
+    if isinstance(region, RegionRecord):  # read three fields, not a dump of the whole model
+        status, caption, mask = region.status, region.fine_caption, region.mask
+        counts = mask.counts if mask is not None else None
+    else:
+        status, caption, mask = region.get("status"), region.get("fine_caption"), region.get("mask")
+        counts = mask.get("counts") if mask else None
+    return status == "ok" and bool(caption) and bool(counts)
 
 
 @functools.cache

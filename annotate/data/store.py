@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 from annotate.config import PipelineConfig
 from annotate.data.records import SCHEMA_VERSION, ImageRecord, row_to_image_record, stored_columns
-from annotate.data.writer import ShardWriter, file_sha256, write_dataset_card
+from annotate.data.writer import ShardWriter, atomic_file, file_sha256, write_bytes_atomic, write_dataset_card
 
 FINAL = "final"  # the output name of the dataset itself (OUT/data)
 PREPARE = "prepare"  # the data plane's output: regions and masks, before any model stage
@@ -52,6 +52,17 @@ def config_fingerprint(cfg: PipelineConfig) -> str:
     two). A run computes it once: it reads every prompt file."""
     payload = {**cfg.record_settings(), "schema_version": SCHEMA_VERSION}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def json_bytes(obj: Any, *, indent: int | None = 1, sort_keys: bool = False) -> bytes:
+    """What `write_json_atomic` writes for `obj`, for a caller that compares a file with it first."""
+    return (json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n").encode()
+
+
+def write_json_atomic(path: Path, obj: Any, *, indent: int | None = 1, sort_keys: bool = False) -> Path:
+    """The one way the store's JSON files (run records, frozen benchmarks) are written: whole or not at
+    all, fsynced with their folder (`write_bytes_atomic`), so a crash never leaves a torn file to read."""
+    return write_bytes_atomic(path, json_bytes(obj, indent=indent, sort_keys=sort_keys))
 
 
 @dataclass(frozen=True)
@@ -117,10 +128,8 @@ class OutputStore:
         can tell a side file older than the data. A crash leaves the previous one."""
         covers = {f.name: file_sha256(f) for f in self.dataset_files()}
         table = table.replace_schema_metadata({"longgrit": json.dumps({**meta, "files": covers})})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as fh:
+            pq.write_table(table, fh)
         return path
 
     @property

@@ -11,9 +11,11 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -120,7 +122,7 @@ class ShardWriter:
             os.chmod(self._tmp, 0o644)  # mkstemp makes it 0600; the dataset is meant to be shared
             self.stats.sha256, self.stats.bytes = file_sha256(self._tmp), self._tmp.stat().st_size
             os.replace(self._tmp, self.path)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
         except BaseException:
             self.abort()
             raise
@@ -166,7 +168,8 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` survive a power loss (the rename is a change of the folder, not the file)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # e.g. platforms without directory fds
@@ -177,6 +180,35 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary file that appears at `path` whole or not at all: written to a hidden temporary in the same
+    folder (a rename never crosses file systems), fsynced, renamed over `path`, the folder fsynced. An
+    error inside leaves the previous file and no temporary; readers never see a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp_name, 0o644)  # mkstemp makes it 0600; outputs are meant to be shared
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: Path, data: bytes | Iterable[bytes]) -> Path:
+    """`data` (bytes, or chunks so a large page is never held whole) at `path`, by `atomic_file`."""
+    with atomic_file(path) as fh:
+        for chunk in [data] if isinstance(data, bytes) else data:
+            fh.write(chunk)
+    return Path(path)
 
 
 def region_field_descriptions() -> dict[str, str]:
@@ -226,7 +258,4 @@ def write_dataset_card(out_dir: Path, data_files: str, **info) -> None:
     ]
     if info:
         lines += ["## Run", "", "```json", json.dumps(info, indent=2, sort_keys=True, default=str), "```", ""]
-    path = out_dir / "README.md"
-    tmp = out_dir / ".README.md.tmp"
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    os.replace(tmp, path)
+    write_bytes_atomic(out_dir / "README.md", "\n".join(lines).encode("utf-8"))

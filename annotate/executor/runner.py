@@ -11,7 +11,6 @@ input could be read only in part still goes through the chain with what was read
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import time
@@ -27,7 +26,7 @@ from annotate.cluster import ensure_ray
 from annotate.config import PipelineConfig, QualityConfig
 from annotate.data.shards import find_shards
 from annotate.data.store import (DAMAGED, FINAL, FINISHED, PREPARE, OutputStore, config_fingerprint, count_rows,
-                                  damage_of, input_changed, read_region_lists)
+                                  damage_of, input_changed, read_region_lists, write_json_atomic)
 from annotate.data.writer import ShardWriter
 from annotate.engines.checkpoint_check import check_checkpoints
 from annotate.engines.result_cache import remove_shard
@@ -173,8 +172,9 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
         if SEGMENT_MODEL in apps:
             ds = ds.map_batches(
                 SegmentWorker, batch_size=cfg.segment.batch_images, batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=cfg.run.batches_in_flight),
-                num_cpus=cfg.run.stage_worker_cpus, max_concurrency=cfg.run.batches_in_flight,
+                compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=cfg.run.batches_in_flight,
+                                                   max_concurrent_calls_per_actor=cfg.run.batches_in_flight),
+                num_cpus=cfg.run.stage_worker_cpus,
                 fn_constructor_kwargs={"segment": cfg.segment, "app": apps[SEGMENT_MODEL], "data": cfg.data},
             )
         for name in chain:
@@ -186,8 +186,9 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
             ds = ds.map_batches(
                 StageWorker, batch_size=stage_cfg.batch_size, batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=workers[name],
-                                                   max_tasks_in_flight_per_actor=cfg.run.batches_in_flight),
-                num_cpus=cfg.run.stage_worker_cpus, max_concurrency=cfg.run.batches_in_flight,
+                                                   max_tasks_in_flight_per_actor=cfg.run.batches_in_flight,
+                                                   max_concurrent_calls_per_actor=cfg.run.batches_in_flight),
+                num_cpus=cfg.run.stage_worker_cpus,
                 fn_constructor_kwargs={"stage_name": name, "stage": stage_cfg, "app": apps[stage_cfg.model],
                                        "reasoning": model.reasoning, "max_in_flight": share, "data": cfg.data,
                                        "tracker": tracker, "model": model,
@@ -258,8 +259,6 @@ def stage_worker_counts(cfg: PipelineConfig, chain: tuple[str, ...]) -> dict[str
 
 def _write_run_record(store: OutputStore, summary: RunSummary, pipeline: str, fingerprint: str) -> None:
     """OUT/runs/TIME.json: what one invocation did and where its model replicas ran."""
-    runs = store.runs_dir
-    runs.mkdir(parents=True, exist_ok=True)
     record = {"stage": summary.stage, "config": fingerprint, "pipeline": pipeline,
               "shards_written": summary.shards_written, "shards_skipped": summary.shards_skipped,
               "shards_damaged": summary.shards_damaged, "model_calls": summary.model_calls, "answers": summary.answers,
@@ -267,7 +266,7 @@ def _write_run_record(store: OutputStore, summary: RunSummary, pipeline: str, fi
               "replicas": summary.replicas, "models_deployed": summary.models_deployed,
               "token_budgets": summary.token_budgets}
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    (runs / f"{stamp}-{os.getpid()}.json").write_text(json.dumps(record, indent=2, sort_keys=True))
+    write_json_atomic(store.runs_dir / f"{stamp}-{os.getpid()}.json", record, indent=2, sort_keys=True)
 
 
 def describe_damaged(damaged: dict[str, dict]) -> str:

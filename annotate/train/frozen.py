@@ -18,17 +18,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from annotate.data.records import is_trainable
-from annotate.data.store import OutputStore, read_columns
+from annotate.data.store import OutputStore, json_bytes, read_columns, write_json_atomic
 
 PREFIX = "longgrit-"
-DEFAULT_SKIP = ("box", "none")  # TrainConfig.skip_mask_sources' default, fixed here so the split never moves
+# A copy, on purpose, of TrainConfig.skip_mask_sources' default: the frozen split must not move when that
+# default does. tests/test_mend_frozen_skip.py checks they agree today, so a change to either is a choice.
+DEFAULT_SKIP = ("box", "none")
 
 
 @dataclass(frozen=True)
@@ -109,18 +110,13 @@ def make_benchmark(data_dir: str | Path, n: int = 2000, seed: int = 0) -> dict:
         "files": [p.name for p in OutputStore(data_dir).dataset_files()],
         "images": images, "region_ids": regions,
     }
-    folder = OutputStore(data_dir).benchmarks_dir
-    path = folder / f"{name}.json"
-    text = json.dumps(spec, indent=1) + "\n"
+    path = OutputStore(data_dir).benchmarks_dir / f"{name}.json"
     others = [f for f in benchmark_files(data_dir) if f != path]
     if others:
         raise ValueError(f"{others[0]} is already frozen for this output (one benchmark per output: the trainer "
                          "leaves its images out); remove it first, and retrain, to freeze another")
-    if path.exists() and path.read_text() != text:
+    if path.exists() and path.read_bytes() != json_bytes(spec):
         raise ValueError(f"{path} exists and differs (other data or --seed); remove it first, and retrain, to re-freeze")
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{path.name}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_json_atomic(path, spec)
     return {"benchmark": str(path), "regions": len(regions), "images": len(images),
             "eligible_regions": total, "eligible_images": len(by_image), "seed": seed}

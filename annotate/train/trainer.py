@@ -345,7 +345,7 @@ def _point_latest(checkpoint: Path) -> None:
     is fsynced, and os.replace swaps it in. A crash at any moment leaves either the old pointer or the
     new one, never an empty or torn file (a resume would otherwise find no checkpoint and start over);
     the folder is fsynced so the swap itself survives a power loss."""
-    from annotate.data.writer import _fsync_dir
+    from annotate.data.writer import fsync_dir
 
     folder = checkpoint.parent
     tmp = folder / f".{LATEST}.{os.getpid()}.tmp"
@@ -357,7 +357,7 @@ def _point_latest(checkpoint: Path) -> None:
         os.replace(tmp, folder / LATEST)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
 def latest_checkpoint(run: str | Path) -> Path | None:
