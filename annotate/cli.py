@@ -291,8 +291,11 @@ def eval_cmd(
                                          "samples are decoded --batch-size at a time"),
     output: str | None = typer.Option(None, "--output", help="results JSON (default RUN/eval.json)"),
     task: str | None = typer.Option(None, "--task", help="a paper benchmark: imagenet-s, coco-instances, refcoco, "
-                                    "refcoco+, refcocog, flickr30k, coco-retrieval, sharegpt4v, urban1k, docci; each follows "
-                                    "the reference script's protocol (written into the result's `protocol`; BENCHMARKS 14)"),
+                                    "refcoco+, refcocog, flickr30k, coco-retrieval, sharegpt4v, urban1k, docci, refsav "
+                                    "(Table 5, on the refsav_1000.jsonl list you supply: the paper's list is not published), "
+                                    "winoground (Table 10), rec-refcoco-{val,testA,testB}, rec-refcoco+-{val,testA,testB}, "
+                                    "rec-refcocog-{val,test} (ReCLIP's REC on detector proposals with given SAM masks); each "
+                                    "follows the reference script's protocol (written into the result's `protocol`; BENCHMARKS 14)"),
     bench_dir: str | None = typer.Option(None, "--bench-dir", help="the benchmark's local copy, in its published layout"),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="images embedded (and, for --task and --zero-shot, "
                                    "decoded and held) at a time; scores do not depend on it"),
@@ -304,11 +307,48 @@ def eval_cmd(
         "(retrain after freezing). One per output; the same data, --n and --seed give the same file")),
     n: int = typer.Option(2000, "--n", min=1, help="--make-benchmark: regions in the split (the gallery size)"),
     seed: int = typer.Option(0, "--seed", help="--make-benchmark: the seed of the image order"),
+    audit_overlap: str | None = typer.Option(None, "--audit-overlap", metavar="TRAIN_OUT", help=(
+        "with --task: before evaluating, find the benchmark's images that also appear in training output TRAIN_OUT "
+        "(an `annotate run` --output) by a 64-bit perceptual hash (dHash) within --overlap-threshold bits; the "
+        "count, ids and matched training keys go into the result's `overlap`. Without --checkpoint: the audit alone")),
+    exclude_overlap: bool = typer.Option(False, "--exclude-overlap", help="with --audit-overlap: leave the overlapping "
+                                         "images out of the evaluated set (a Winoground example when either image overlaps)"),
+    overlap_threshold: int = typer.Option(6, "--overlap-threshold", min=0, max=63, help="--audit-overlap: the largest "
+                                          "Hamming distance (of 64 bits) counted as the same image"),
 ) -> None:
     """Mask<->text retrieval R@1/5/10, zero-shot region classification, one paper benchmark (--task), or
     freeze a LongGRIT-N evaluation split of a pipeline output (--make-benchmark)."""
     from annotate.train.commands import run_eval
 
+    if audit_overlap or exclude_overlap:
+        import json
+
+        if not task or not bench_dir:
+            raise typer.BadParameter("--audit-overlap / --exclude-overlap need --task and --bench-dir")
+        if exclude_overlap and not audit_overlap:
+            raise typer.BadParameter("--exclude-overlap needs --audit-overlap TRAIN_OUT")
+        from annotate.train.commands import cpu_threads
+        from annotate.train.eval_tasks import audit_and_exclude, evaluate_task
+        from annotate.train.evaluate import print_table
+
+        cpu_threads()
+        if not checkpoint:  # the audit alone
+            from annotate.train.benchmarks import read_task
+
+            _, res = audit_and_exclude(read_task(task, bench_dir), audit_overlap, bench_dir, False, overlap_threshold)
+            print(json.dumps(res, indent=2))
+            if output:
+                with open(output, "w") as f:
+                    json.dump(res, f, indent=2)
+            return
+        res = evaluate_task(checkpoint, task, bench_dir, output, batch_size, audit_overlap, exclude_overlap,
+                            overlap_threshold)
+        print(json.dumps(res, indent=2))
+        print_table({k: v for k, v in res.items() if k != "overlap"})
+        over = res["overlap"]
+        left = f", left out ({over['units_evaluated']} of {over['units_before']} evaluated)" if exclude_overlap else ""
+        typer.echo(f"overlap with {audit_overlap}: {over['count']} of {over['eval_images']} images{left}", err=True)
+        return
     if not make_benchmark and not checkpoint:
         raise typer.BadParameter("--checkpoint is needed (all but --make-benchmark evaluate a model)")
     run_eval(checkpoint, data, synthetic, zero_shot, output, task, bench_dir, batch_size, make_benchmark, n, seed)

@@ -39,12 +39,13 @@ def region_pool(dense: torch.Tensor, coverage: torch.Tensor, tau: float) -> torc
 
     A region that covers no patch above tau (small or thin objects) falls back to its single patch of
     highest coverage, so every sample still gets a local feature instead of a NaN from an empty mean.
+    The fallback is chosen per row by `torch.where`, never by a Python branch on a tensor's value, so
+    no step waits for the GPU here (scatter, not `F.one_hot`, which may range-check its input on device).
     """
     keep = (coverage > tau).to(dense.dtype)
-    empty = keep.sum(dim=1) == 0
-    if empty.any():
-        fallback = F.one_hot(coverage.argmax(dim=1), coverage.shape[1]).to(dense.dtype)
-        keep = torch.where(empty[:, None], fallback, keep)
+    empty = keep.sum(dim=1, keepdim=True) == 0
+    fallback = torch.zeros_like(keep).scatter_(1, coverage.argmax(dim=1, keepdim=True), 1.0)
+    keep = torch.where(empty, fallback, keep)
     return torch.einsum("bp,bpc->bc", keep, dense) / keep.sum(dim=1, keepdim=True)
 
 
@@ -52,16 +53,21 @@ def hard_negative_loss(main: torch.Tensor, texts: torch.Tensor, mask: torch.Tens
     """Cross-entropy of each region over its own 1+K texts: `texts` (B, 1+K, E) holds its description
     first, then its negatives; `mask` (B, 1+K) marks the texts that exist. Regions without a negative
     are left out (their loss would be 0 anyway); a batch with none gives 0, still in the graph.
-    Local to each rank: a region's texts are its own, so nothing is gathered."""
+    Local to each rank: a region's texts are its own, so nothing is gathered.
+
+    The mean cross-entropy over the regions with a negative, computed as a masked sum over all rows
+    divided by their count (at least 1): no boolean indexing or branch on `has`, so nothing is read
+    back to the host. Rows without a negative get zero logits before the softmax (a row with every
+    text masked would otherwise be NaN) and weigh 0."""
     e = F.normalize(main.float(), dim=-1)
     t = F.normalize(texts.float(), dim=-1)
     logits = scale * torch.einsum("be,bke->bk", e, t)
     logits = logits.masked_fill(~mask, float("-inf"))
     has = mask[:, 1:].any(dim=1)
-    if not has.any():
-        return logits.new_zeros(()) + 0.0 * scale
-    target = torch.zeros(int(has.sum()), dtype=torch.long, device=logits.device)
-    return F.cross_entropy(logits[has], target)
+    logits = torch.where(has[:, None], logits, torch.zeros_like(logits))
+    own = -F.log_softmax(logits, dim=1)[:, 0]  # each region's cross-entropy with target 0, its description
+    weight = has.to(own.dtype)
+    return (own * weight).sum() / weight.sum().clamp(min=1.0)
 
 
 class PixCLIPLoss(nn.Module):

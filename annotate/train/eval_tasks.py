@@ -11,7 +11,14 @@ What each task reports, and the paper's column it matches (`benchmarks.PROTOCOLS
 - referring (refcoco, refcoco+, refcocog): `accuracy`, the share of expressions whose best-matching
   instance mask is the referred one;
 - retrieval (flickr30k, coco-retrieval, sharegpt4v, urban1k, docci): `i2t_r1/5/10`, `t2i_r1/5/10`
-  with the all-ones mask (whole image), as the I2T / T2I columns of the retrieval tables.
+  with the all-ones mask (whole image), as the I2T / T2I columns of the retrieval tables;
+- mask-text retrieval (refsav): `m2t_r1/5/10`, `t2m_r1/5/10` (Table 5), on the sample list supplied;
+- winoground: `text_score`, `image_score`, `group_score` (Table 10's T., I., G.);
+- REC on proposals (rec-refcoco-val, rec-refcoco-testA, ...): `accuracy`, the share of expressions whose
+  best-matching proposal (with its given SAM mask) has IoU > 0.5 with the referred box (ReCLIP's test).
+
+`--audit-overlap TRAIN_OUT` (train/overlap.py) first reports the evaluation images that also appear in a
+training output, by perceptual hash; `--exclude-overlap` evaluates without them.
 """
 
 from __future__ import annotations
@@ -24,8 +31,19 @@ import numpy as np
 import torch
 
 from annotate.pixclip.transforms import full_view, stretch_view
-from annotate.train.benchmarks import PROTOCOLS, ReferringTask, RegionTask, RetrievalTask, load_image, read_task
-from annotate.train.evaluate import chunked_topk, load_run, model_device
+from annotate.train.benchmarks import (
+    PROTOCOLS,
+    MaskRetrievalTask,
+    ProposalReferringTask,
+    ReferringTask,
+    RegionTask,
+    RetrievalTask,
+    WinogroundTask,
+    list_digest,
+    load_image,
+    read_task,
+)
+from annotate.train.evaluate import chunked_topk, load_run, model_device, retrieval_metrics
 
 TextFn = Callable[[list[str]], np.ndarray]
 
@@ -139,9 +157,112 @@ def run_retrieval(model, task: RetrievalTask, encode_texts: TextFn, size: int, b
     return {**out, "images": len(task.images), "texts": len(texts)}
 
 
+def box_iou(a, b) -> float:
+    """IoU of two (x, y, w, h) boxes on continuous coordinates (ReCLIP's `Box` / `iou`)."""
+    iw = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    ih = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    inter = max(iw, 0.0) * max(ih, 0.0)
+    union = a[2] * a[3] + b[2] * b[3] - inter
+    return inter / union if union > 0 else 0.0
+
+
+def run_proposal_referring(model, task: ProposalReferringTask, encode_texts: TextFn, size: int,
+                           batch_size: int = 64) -> dict:
+    """Each expression picks the proposal whose (image, mask) embedding is nearest its text; right when that
+    proposal's box has IoU > 0.5 with a box of the referred object (strict, as ReCLIP)."""
+    hits = total = 0
+    for path, boxes, mask_fns, sentences in task.images:
+        image = load_image(path)
+        h, w = image.shape[:2]
+        views = []
+        for m in mask_fns:
+            mask = m()
+            if mask.shape != (h, w):
+                raise ValueError(f"{path}: proposal mask {mask.shape} does not match the image {(h, w)}")
+            views.append(full_view(image, mask, size))
+        cands = _embed_views(model, views, batch_size)
+        text = _embed_texts(model, encode_texts, [s for s, _ in sentences])
+        best = (text @ cands.T).argmax(dim=1).cpu().tolist()
+        for (_, gold), k in zip(sentences, best):
+            box = boxes[k] if boxes[k] is not None else (0.0, 0.0, float(w), float(h))
+            hits += any(box_iou(box, g) > 0.5 for g in gold)
+            total += 1
+    return {"accuracy": hits / max(total, 1), "n": total, "images": len(task.images), "masks": task.masks}
+
+
+def _whole(image: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return stretch_view(image, np.ones(image.shape[:2], dtype=bool), size)
+
+
+def run_mask_retrieval(model, task: MaskRetrievalTask, encode_texts: TextFn, size: int, batch_size: int = 64,
+                       ks=(1, 5, 10)) -> dict:
+    """(image, mask) <-> text recall@k, each sample's own text its positive (`evaluate.retrieval_metrics`:
+    identical texts are one item, a text query hit by any of its masks). Views: the whole frame and its
+    mask resized to size x size."""
+    embs = []
+    for i in range(0, len(task.items), batch_size):
+        views = []
+        for path, mask_fn, _ in task.items[i : i + batch_size]:
+            image, mask = load_image(path), mask_fn()
+            if mask.shape != image.shape[:2]:
+                raise ValueError(f"{path}: mask {mask.shape} does not match the image {image.shape[:2]}")
+            views.append(stretch_view(image, mask, size))
+        embs.append(_embed_views(model, views, batch_size))
+    texts = [t for _, _, t in task.items]
+    if not texts:
+        return {"n": 0}
+    res = retrieval_metrics(torch.cat(embs), _embed_texts(model, encode_texts, texts), texts, ks)
+    return {**res, "n": len(texts)}
+
+
+def winoground_scores(s: torch.Tensor) -> dict:
+    """`s` (N, 2, 2): s[n, c, i] the similarity of caption c and image i of example n. Winoground's
+    definitions (facebook/winoground; Thrush et al. 2022), strict '>':
+    text: s(c0,i0) > s(c1,i0) and s(c1,i1) > s(c0,i1); image: s(c0,i0) > s(c0,i1) and s(c1,i1) > s(c1,i0);
+    group: both."""
+    text = (s[:, 0, 0] > s[:, 1, 0]) & (s[:, 1, 1] > s[:, 0, 1])
+    image = (s[:, 0, 0] > s[:, 0, 1]) & (s[:, 1, 1] > s[:, 1, 0])
+    group = text & image
+    n = max(int(s.shape[0]), 1)
+    return {"text_score": float(text.sum()) / n, "image_score": float(image.sum()) / n,
+            "group_score": float(group.sum()) / n, "n": int(s.shape[0])}
+
+
+def run_winoground(model, task: WinogroundTask, encode_texts: TextFn, size: int, batch_size: int = 64) -> dict:
+    """Both images of each example whole (all-ones mask), both captions; scores by `winoground_scores`."""
+    sims = []
+    per = max(batch_size // 2, 1)  # examples per batch: two images each
+    for i in range(0, len(task.examples), per):
+        chunk = task.examples[i : i + per]
+        views = [_whole(load_image(p), size) for _, paths, _ in chunk for p in paths]
+        img = _embed_views(model, views, batch_size).view(len(chunk), 2, -1)
+        txt = _embed_texts(model, encode_texts, [c for _, _, caps in chunk for c in caps]).view(len(chunk), 2, -1)
+        sims.append(torch.einsum("nce,nie->nci", txt.float(), img.float()).cpu())
+    s = torch.cat(sims) if sims else torch.zeros(0, 2, 2)
+    return winoground_scores(s)
+
+
 def run_task(model, task, encode_texts: TextFn, size: int, batch_size: int = 64) -> dict:
-    runner = {RegionTask: run_region, ReferringTask: run_referring, RetrievalTask: run_retrieval}[type(task)]
+    runner = {RegionTask: run_region, ReferringTask: run_referring, RetrievalTask: run_retrieval,
+              MaskRetrievalTask: run_mask_retrieval, WinogroundTask: run_winoground,
+              ProposalReferringTask: run_proposal_referring}[type(task)]
     return {"task": task.name, **runner(model, task, encode_texts, size, batch_size)}
+
+
+def audit_and_exclude(bench, train_out: str | Path, bench_dir: str | Path | None = None, exclude: bool = False,
+                      threshold: int | None = None):
+    """(task, report): the overlap audit of `bench` against training output `train_out` (train/overlap.py)
+    and, with `exclude`, the task without the overlapping images; the report says how many evaluated
+    units (items, images or examples) there were before and after."""
+    from annotate.train.overlap import DEFAULT_THRESHOLD, audit_task, exclude_images, task_size
+
+    audit = audit_task(bench, train_out, DEFAULT_THRESHOLD if threshold is None else threshold, bench_dir)
+    audit["units_before"] = task_size(bench)
+    if exclude:
+        bench = exclude_images(bench, {m["eval_image"] for m in audit["matches"]})
+    audit["excluded"] = bool(exclude)
+    audit["units_evaluated"] = task_size(bench)
+    return bench, audit
 
 
 def text_encoder_for(cfg, meta: dict) -> TextFn:
@@ -156,13 +277,27 @@ def text_encoder_for(cfg, meta: dict) -> TextFn:
 
 
 def evaluate_task(checkpoint: str | Path, task: str, bench_dir: str | Path, output: str | Path | None = None,
-                  batch_size: int = 64) -> dict:
+                  batch_size: int = 64, audit_overlap: str | Path | None = None, exclude_overlap: bool = False,
+                  overlap_threshold: int | None = None) -> dict:
     """`annotate eval --task NAME --bench-dir PATH`: one benchmark (benchmarks.READERS), JSON out
-    (default RUN/eval-NAME.json)."""
+    (default RUN/eval-NAME.json). With `audit_overlap` (a training output), the evaluation images also
+    found in it by perceptual hash are reported under `overlap` (train/overlap.py) and, with
+    `exclude_overlap`, left out of the evaluated set."""
+    if exclude_overlap and not audit_overlap:
+        raise ValueError("--exclude-overlap needs --audit-overlap TRAIN_OUT (the training output to compare with)")
     model, cfg, meta = load_run(checkpoint)
     model = model.to("cuda" if torch.cuda.is_available() else "cpu")
-    res = run_task(model, read_task(task, bench_dir), text_encoder_for(cfg, meta), cfg.image_size, batch_size)
+    bench = read_task(task, bench_dir)
+    audit = None
+    if audit_overlap:
+        bench, audit = audit_and_exclude(bench, audit_overlap, bench_dir, exclude_overlap, overlap_threshold)
+    res = run_task(model, bench, text_encoder_for(cfg, meta), cfg.image_size, batch_size)
     res["protocol"] = PROTOCOLS[task]
+    digest = list_digest(Path(bench_dir), task)
+    if digest:
+        res["list_sha256"] = digest
+    if audit is not None:
+        res["overlap"] = audit
     out = Path(output) if output else Path(checkpoint) / f"eval-{task}.json"
     if out.parent.exists():
         out.write_text(json.dumps(res, indent=2))
