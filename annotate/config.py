@@ -84,6 +84,8 @@ class CropConfig(_Section):
     highlight_color: tuple[int, int, int] = (255, 0, 0)
     highlight_width: int = Field(3, ge=1)
     max_side: int = Field(1024, ge=32, description="images sent to models are resized to fit this")
+    mask_square_side: int = Field(448, ge=16, description=(
+        "crop_mask_square's side at most: a square of up to 633 px is one InternVL tile (data/crops.py)"))
 
 
 class DataConfig(_Section):

@@ -135,11 +135,12 @@ def test_prompts_far_above_the_planners_bound_fail_it():
 
 def test_prompts_far_above_the_plan_fail_it_naming_the_plan():
     """paper-tiny names the paper's models: `annotate plan`'s prediction per region is the assumption (the
-    object prompt: two images through InternVL2's tiling, about 3,450 tokens, plus the text)."""
+    object prompt, object-v2: the crop at 6 tiles or fewer and the mask as one tile through InternVL2's
+    tiling, about 1,300 tokens, plus the text)."""
     cfg = load_config(PAPER_TINY)
     assumed = token_assumptions(cfg, chain_of(cfg))
     plan_prompt = assumed["object"].prompt
-    assert 3000 < plan_prompt < 4000 and assumed["object"].source.startswith("annotate plan")
+    assert 1300 < plan_prompt < 1600 and assumed["object"].source.startswith("annotate plan")
     report = check(answering(prompt_tokens=6000), cfg)
     by_stage = {s.stage: s.problems for s in report.stages}
     assert any(f"object: measured prompt 6,000 tokens per request, above 1.5 x the assumed {plan_prompt:,.0f}" in p

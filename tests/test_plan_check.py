@@ -17,10 +17,11 @@ from annotate.plan.check import compare_with_run, within
 REPO = Path(__file__).resolve().parents[1]
 LONGGRIT = REPO / "pipelines" / "longgrit.yaml"
 
-# Regions of a 1000 x 1000 image: a 400 x 300 box (crop 480 x 360, 4:3: 13 tiles) and a 100 x 100 one
-# (crop 120 x 120: 1 tile). Object prompt = 150 text + 2 images x (tiles x 256 + 2).
+# Regions of a 1000 x 1000 image: a 400 x 300 box (crop 480 x 360, 4:3: 3 x 2 + 1 tiles under object-v2's
+# cap of 6) and a 100 x 100 one (crop 120 x 120: 1 tile). Object prompt (object-v2) = 150 text + the crop
+# (tiles x 256 + 2) + the mask on a square of at most 448 px (one tile: 258).
 BOXES = ([100, 100, 400, 300], [500, 500, 100, 100])
-OBJECT = (150 + 2 * (13 * 256 + 2), 150 + 2 * (1 * 256 + 2))  # 6,810 and 666
+OBJECT = (150 + (7 * 256 + 2) + 258, 150 + (1 * 256 + 2) + 258)  # 2,202 and 666
 RECORDED = {"object": OBJECT, "validate": (400, 400), "context": (150 + 1369,) * 2, "merge": (350, 350)}
 COMPLETIONS = {"object": (63, 60), "validate": (48, 50), "context": (57, 60), "merge": (720, 700)}  # within 10%
 
@@ -46,13 +47,13 @@ def test_prediction_matches_a_run_within_10_percent(cfg, tmp_path):
     rows = compare_with_run(cfg, _run(tmp_path, RECORDED))
     assert [r["stage"] for r in rows] == ["object", "validate", "context", "merge"]
     by = {r["stage"]: r for r in rows}
-    assert by["object"]["predicted_prompt"] == pytest.approx(sum(OBJECT) / 2)  # 3,738
+    assert by["object"]["predicted_prompt"] == pytest.approx(sum(OBJECT) / 2)  # 1,434
     assert within(rows) == []
 
 
 def test_a_run_that_sent_one_image_is_caught(cfg, tmp_path):
-    """Had the run sent the crop alone, the two-image prediction is ~90% high: the check says so."""
-    one_image = {**RECORDED, "object": (150 + 13 * 256 + 2, 150 + 256 + 2)}
+    """Had the run sent the crop alone, the two-image prediction is 22% high: the check says so."""
+    one_image = {**RECORDED, "object": (150 + 7 * 256 + 2, 150 + 256 + 2)}
     misses = within(compare_with_run(cfg, _run(tmp_path, one_image)))
     assert len(misses) == 1 and misses[0].startswith("object prompt")
 

@@ -66,13 +66,14 @@ def test_region_shape_is_the_crop_the_prompt_sends():
 
 def test_sample_shards_give_the_regions_prepare_gives():
     """--sample-shards reads the shards through annotate.data and keeps the regions prepare would
-    send to the object stage (pending ones), with the same boxes."""
+    send to the object stage (pending ones), cropped around their masks' tight boxes as the run crops."""
+    from annotate.data.masks import decode_rle
     from annotate.data.prepare import prepare_shard
     from annotate.data.shards import find_shards
 
     data = load_config(REPO / "pipelines" / "longgrit.yaml").data
     shapes = shapes_from_shards(SAMPLES, 2, data)
-    expected = [region_shape(p.record.width, p.record.height, r.bbox, data.crops)
+    expected = [region_shape(p.record.width, p.record.height, r.bbox, data.crops, decode_rle(r.mask).astype(bool))
                 for shard in find_shards(SAMPLES, [0, 1]) for p in prepare_shard(shard, data)
                 for r in p.record.regions if r.status == "pending"]
     assert expected and [s.crop for s in shapes.shapes] == [s.crop for s in expected]

@@ -1,5 +1,12 @@
 """The views of one region that prompts need: the tight crop I' and its mask M' (paper's notation),
-and the full image with the region outlined and its mask tinted."""
+the mask on a square canvas, the crop with the mask's outline drawn on it, and the full image with
+the region outlined and its mask tinted.
+
+Why the square mask and the outlined crop: a tiling model (InternVL) cuts an image into tiles by its
+aspect ratio, not its size, so a 4:3 mask costs as many tokens as its crop (13 tiles). On a square
+canvas of at most `crops.mask_square_side` px it is one tile; drawn on the crop it costs nothing more.
+BENCHMARKS.md section 2 compares the three forms of the object prompt.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +14,17 @@ import math
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import cv2
 import numpy as np
 from PIL import Image, ImageDraw
 
 from annotate.config import CropConfig
 from annotate.data.images import fit_within
 from annotate.data.masks import box_bounds
+
+
+# What a prompt's `images:` may name besides "image" (stages/base.py); plan/shapes.py sizes each.
+VIEW_NAMES = ("highlighted", "crop", "crop_mask", "crop_mask_square", "crop_outlined")
 
 
 @dataclass
@@ -31,6 +43,17 @@ class RegionViews:
         show the whole image need it, and building it was a third of the data plane's time."""
         return fit_within(highlight(self._image, self._mask, self._bbox_xywh, self._cfg), self._cfg.max_side,
                           Image.Resampling.BICUBIC)
+
+    @cached_property
+    def crop_mask_square(self) -> Image.Image:
+        """The crop's mask centred on a black square (black is "not the object", as in the mask), fitted
+        in `mask_square_side`: one tile for InternVL whatever the crop's shape."""
+        return square_mask(self.crop_mask, self._cfg.mask_square_side)
+
+    @cached_property
+    def crop_outlined(self) -> Image.Image:
+        """The crop with the mask's outline drawn in `highlight_color`: the region and its mask in one image."""
+        return outline(self.crop, self.crop_mask, self._cfg)
 
 
 def crop_box_for(mask: np.ndarray, bbox_xywh, width: int, height: int, cfg: CropConfig) -> tuple[int, int, int, int]:
@@ -77,6 +100,24 @@ def region_views(image: Image.Image, mask: np.ndarray, bbox_xywh, cfg: CropConfi
         _bbox_xywh=bbox_xywh,
         _cfg=cfg,
     )
+
+
+def square_mask(mask: Image.Image, side: int) -> Image.Image:
+    """`mask` (mode L) centred on a black square canvas of its long side, fitted in `side` (NEAREST: stays 0/255)."""
+    long_side = max(mask.size)
+    canvas = Image.new("L", (long_side, long_side), 0)
+    canvas.paste(mask, ((long_side - mask.width) // 2, (long_side - mask.height) // 2))
+    return fit_within(canvas, side, Image.Resampling.NEAREST)
+
+
+def outline(crop: Image.Image, mask: Image.Image, cfg: CropConfig) -> Image.Image:
+    """The crop with every contour of the mask (holes too) drawn `highlight_width` px wide, scaled with
+    the crop so that it stays visible after the model's resize to its tiles."""
+    arr = np.array(crop.convert("RGB"))
+    contours, _ = cv2.findContours((np.asarray(mask) > 127).astype(np.uint8), cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+    width = max(cfg.highlight_width, round(max(crop.size) / 200))
+    cv2.drawContours(arr, contours, -1, tuple(int(c) for c in cfg.highlight_color), width)
+    return Image.fromarray(arr, "RGB")
 
 
 def highlight(image: Image.Image, mask: np.ndarray, bbox_xywh, cfg: CropConfig, alpha: float = 0.35) -> Image.Image:

@@ -35,6 +35,10 @@ class ChatRequest:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     json_schema: dict[str, Any] | None = None
     request_id: str = ""
+    # The image processor's arguments for this request alone (vLLM's `mm_processor_kwargs`), e.g.
+    # InternVL's `max_dynamic_patch`: a stage sets them from its model's conventions. The hf engine
+    # (tiny models that do not tile) ignores them.
+    mm_processor_kwargs: dict[str, Any] | None = None
 
 
 @dataclass

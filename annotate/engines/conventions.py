@@ -66,6 +66,9 @@ class ImageProcessing:
     max_tiles: int  # dynamic tiling: at most this many tiles (plus a thumbnail when split)
     thumbnail: bool
     tokens_per_tile: int
+    # The processor argument that caps the tiles of one request's images (a prompt's `max_tiles`);
+    # None: the model does not tile, and the cap is not sent.
+    tiles_kwarg: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,8 @@ CONVENTIONS: dict[str, ModelConventions] = {c.family: c for c in (
         end_of_turn="<|im_end|>",
         stop_tokens=("<|im_end|>",),
         box=INTERNVL_BOX,
-        image=ImageProcessing(tile_size=448, max_tiles=12, thumbnail=True, tokens_per_tile=256),
+        image=ImageProcessing(tile_size=448, max_tiles=12, thumbnail=True, tokens_per_tile=256,
+                              tiles_kwarg="max_dynamic_patch"),
         facts=(
             Fact("its language model is Hermes-2-Theta-Llama-3-70B: a Llama-3 vocabulary that speaks ChatML",
                  "OpenGVLab/InternVL README.md (model table)"),
@@ -117,6 +121,12 @@ CONVENTIONS: dict[str, ModelConventions] = {c.family: c for c in (
             Fact("448-px tiles, dynamic tiling up to 12 tiles plus a thumbnail; (448/14)^2 x 0.5^2 = 256 tokens per tile",
                  "OpenGVLab/InternVL README.md (load_image(..., max_num=12), use_thumbnail=True); " + INTERNVL_MODEL
                  + " (num_image_token)"),
+            Fact("the tile cap is the processor's `max_dynamic_patch`, which vLLM takes per request in "
+                 "`mm_processor_kwargs` (a thumbnail is added when an image makes more than one tile; a square "
+                 "image of at most 633 px makes one tile: its 2 x 2 grid wins the tie only above half its area)",
+                 "vllm-project/vllm vllm/transformers_utils/processors/internvl.py (resolve_min_max_num, "
+                 "find_closest_aspect_ratio); OpenGVLab/InternVL internvl_chat/internvl/train/dataset.py "
+                 "(dynamic_preprocess)"),
         ),
     ),
     ModelConventions(

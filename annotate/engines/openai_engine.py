@@ -119,6 +119,8 @@ class OpenAIEngine:
             if any(isinstance(t, str) for t in s.stop_token_ids):
                 raise InvalidMessageError("the openai engine has no tokenizer to look stop tokens up: give ids")
             body["stop_token_ids"] = list(s.stop_token_ids)
+        if request.mm_processor_kwargs:
+            body["mm_processor_kwargs"] = dict(request.mm_processor_kwargs)
         if request.json_schema is not None:
             body["response_format"] = {
                 "type": "json_schema",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -164,8 +165,12 @@ class VllmEngine:
                 results[i] = error_result(req.request_id, "invalid_input", _describe(exc))
                 continue
             batch.append((i, messages, params))
-        if batch:
-            for i, result in self._run(requests, batch):
+        # `LLM.chat` takes one set of image-processor arguments per call: one call per distinct set.
+        groups: dict[str, list[tuple[int, list[dict[str, Any]], Any]]] = {}
+        for item in batch:
+            groups.setdefault(json.dumps(requests[item[0]].mm_processor_kwargs or {}, sort_keys=True), []).append(item)
+        for key, group in groups.items():
+            for i, result in self._run(requests, group, json.loads(key) or None):
                 results[i] = result
         return [r for r in results if r is not None]
 
@@ -174,12 +179,12 @@ class VllmEngine:
             self._token_ids[token] = self.llm.get_tokenizer().get_vocab().get(token)
         return self._token_ids[token]
 
-    def _run(self, requests, batch):
+    def _run(self, requests, batch, mm_kwargs=None):
         """Generate for `batch`; if vLLM rejects the batch (one bad request makes `LLM.chat` raise),
         bisect it so that the good requests still run batched and each bad one fails alone."""
         started = time.perf_counter()
         try:
-            outputs = self._generate([m for _, m, _ in batch], [p for _, _, p in batch])
+            outputs = self._generate([m for _, m, _ in batch], [p for _, _, p in batch], mm_kwargs)
         except EngineDeadError:
             raise
         except Exception as exc:
@@ -190,15 +195,15 @@ class VllmEngine:
                                          time.perf_counter() - started))]
             log.info("batch of %d failed (%s); bisecting to isolate the bad request", len(batch), _describe(exc))
             half = len(batch) // 2
-            return self._run(requests, batch[:half]) + self._run(requests, batch[half:])
+            return self._run(requests, batch[:half], mm_kwargs) + self._run(requests, batch[half:], mm_kwargs)
         latency = time.perf_counter() - started
         return [
             (i, self._result(requests[i], output, latency)) for (i, _, _), output in zip(batch, outputs)
         ]
 
-    def _generate(self, messages, params):
+    def _generate(self, messages, params, mm_kwargs=None):
         try:
-            return self.llm.chat(messages, params, use_tqdm=False)
+            return self.llm.chat(messages, params, use_tqdm=False, mm_processor_kwargs=mm_kwargs)
         except self._dead_types as exc:
             self._closed = True
             raise EngineDeadError(f"vLLM engine for {self.model_id} died: {exc}") from exc

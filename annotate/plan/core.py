@@ -139,13 +139,26 @@ def stage_images(cfg: PipelineConfig, stage: str) -> tuple[str, ...]:
     return PromptTemplate.load(cfg.stages[stage].prompt).images
 
 
+def capped(proc, cfg: PipelineConfig, stage: str):
+    """The processor with the stage prompt's `max_tiles` (what the stage sends as `max_dynamic_patch`);
+    a processor that does not tile is returned as it is."""
+    import dataclasses
+
+    from annotate.stages.base import PromptTemplate
+
+    cap = PromptTemplate.load(cfg.stages[stage].prompt).max_tiles
+    if cap is None or proc is None or not hasattr(proc, "max_tiles"):
+        return proc
+    return dataclasses.replace(proc, max_tiles=cap)
+
+
 def predicted_tokens(cfg: PipelineConfig, stage: str, table: dict, shapes: Shapes) -> dict[str, float]:
     """Prompt (text + images), image and completion tokens, and ViT TFLOPs, per region of a stage."""
     model = cfg.models[cfg.stages[stage].model]
     _, row = model_row(table, cfg.stages[stage].model, model)
     d = table["default_tokens"][stage]
     images = stage_images(cfg, stage)
-    proc = image_processing(row) if images else None
+    proc = capped(image_processing(row), cfg, stage) if images else None
     if images and proc is None:
         raise ValueError(f"stage {stage} shows images {images} but the throughput row of its model has no `image:`")
     image_tokens = vit = 0.0

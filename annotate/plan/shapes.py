@@ -4,8 +4,9 @@ Why: tokens per image follow the crop's aspect ratio (dynamic tiling), so a plan
 user's boxes. Three sources, best first: the first N shards of the input (`--sample-shards`), the
 records of a finished run (`--from-run`), or the throughput file's documented default distribution.
 A region's crop is its box + `data.crops.margin`, grown to `min_side`, clipped, fitted in
-`max_side` (data/crops.py); the run crops the mask's tight box, which for GRIT's SAM masks lies
-inside the box, so the box is a close stand-in (no mask is decoded here).
+`max_side` (data/crops.py). Both sampled shards (prepared as the run prepares them) and a run's
+records give each region's mask, so the crop is around the mask's tight box, as the run crops;
+the box stands in only where a region has no mask.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from pathlib import Path
 
 from annotate.config import CropConfig, DataConfig
 
-CROP_IMAGES = ("crop", "crop_mask")  # prompt image names shown at the crop's size (stages/base.py image_part)
+CROP_IMAGES = ("crop", "crop_mask", "crop_outlined")  # prompt images at the crop's size (data/crops.py VIEW_NAMES)
 FULL_IMAGES = ("image", "highlighted")  # at the whole image's size
+SQUARE_IMAGES = ("crop_mask_square",)  # a square of the crop's long side, fitted in crops.mask_square_side
 
 
 @dataclass(frozen=True)
@@ -25,13 +27,17 @@ class RegionShape:
     image: tuple[int, int]  # the full image as sent (fitted in crops.max_side)
     crop: tuple[int, int]  # the crop (and its mask) as sent
     weight: float = 1.0
+    square_side: int = 448  # crops.mask_square_side
 
     def size_of(self, image_name: str) -> tuple[int, int]:
         if image_name in CROP_IMAGES:
             return self.crop
         if image_name in FULL_IMAGES:
             return self.image
-        raise ValueError(f"prompt image {image_name!r} is not one of {CROP_IMAGES + FULL_IMAGES}")
+        if image_name in SQUARE_IMAGES:
+            side = min(max(self.crop), self.square_side)
+            return side, side
+        raise ValueError(f"prompt image {image_name!r} is not one of {CROP_IMAGES + FULL_IMAGES + SQUARE_IMAGES}")
 
 
 @dataclass
@@ -48,21 +54,23 @@ class Shapes:
         return sum(s.weight * f(s) for s in self.shapes) / self.total_weight
 
 
-def region_shape(width: int, height: int, bbox_xywh, crops: CropConfig) -> RegionShape:
+def region_shape(width: int, height: int, bbox_xywh, crops: CropConfig, mask=None) -> RegionShape:
+    """The sizes sent for one region: its crop around the mask's tight box (the box without a mask)."""
     from annotate.data.crops import crop_box_for
     from annotate.data.images import fitted_size
 
-    x0, y0, x1, y1 = crop_box_for(None, bbox_xywh, width, height, crops)
+    x0, y0, x1, y1 = crop_box_for(mask, bbox_xywh, width, height, crops)
     return RegionShape(fitted_size((width, height), crops.max_side),
-                       fitted_size((max(1, x1 - x0), max(1, y1 - y0)), crops.max_side))
+                       fitted_size((max(1, x1 - x0), max(1, y1 - y0)), crops.max_side), square_side=crops.mask_square_side)
 
 
 def shapes_from_shards(input_dir: str | Path, n: int, data: DataConfig) -> Shapes:
-    """Pending regions (those the object stage would get) of the first n shards found in input_dir.
-    Images are decoded for their displayed size, as prepare does; masks are not made."""
-    from annotate.data.images import ImageError, decode_image
-    from annotate.data.regions import regions_from_meta
-    from annotate.data.shards import find_shards, iter_samples
+    """Pending regions (those the object stage would get) of the first n shards found in input_dir,
+    prepared as the run prepares them (data/prepare.py): the image's displayed size, and the crop
+    around the region's mask's tight box when the data config makes a mask (as the run crops)."""
+    from annotate.data.masks import decode_rle
+    from annotate.data.prepare import prepare_shard
+    from annotate.data.shards import find_shards
 
     ids = sorted(int(p.stem) for p in Path(input_dir).iterdir() if p.stem.isdigit() and p.suffix in (".tar", ".parquet"))
     if not ids:
@@ -70,16 +78,12 @@ def shapes_from_shards(input_dir: str | Path, n: int, data: DataConfig) -> Shape
     out: list[RegionShape] = []
     shards = find_shards(input_dir, ids[:n], data.shard_format)
     for shard in shards:
-        for sample in iter_samples(shard, data.images, None, data.limits, (data.regions.source,)):
-            if sample.meta is None or sample.image_bytes is None or sample.copy_of:
-                continue
-            try:
-                width, height = decode_image(sample.image_bytes, data.images).size
-            except ImageError:
-                continue
-            for r in regions_from_meta(sample.meta, shard.name, sample.key, width, height, data.regions, data.limits):
+        for prepared in prepare_shard(shard, data):
+            record = prepared.record
+            for r in record.regions:
                 if r.status == "pending":
-                    out.append(region_shape(width, height, r.bbox, data.crops))
+                    mask = decode_rle(r.mask).astype(bool) if r.mask is not None else None
+                    out.append(region_shape(record.width, record.height, r.bbox, data.crops, mask))
     if not out:
         raise ValueError(f"the first {n} shard(s) of {input_dir} hold no usable region")
     return Shapes(out, f"{len(out):,} regions of {len(shards)} shard(s) of {input_dir} (--sample-shards)")
@@ -88,6 +92,7 @@ def shapes_from_shards(input_dir: str | Path, n: int, data: DataConfig) -> Shape
 def shapes_from_run(output_dir: str | Path, crops: CropConfig) -> Shapes:
     """Every region of a run's dataset that reached the object stage (it spent tokens there)."""
 
+    from annotate.data.masks import decode_rle
     from annotate.data.store import OutputStore, read_columns
 
     out: list[RegionShape] = []
@@ -95,7 +100,8 @@ def shapes_from_run(output_dir: str | Path, crops: CropConfig) -> Shapes:
         for row in read_columns(f, ["width", "height", "regions"]):
             for r in row["regions"] or []:
                 if ((r.get("provenance") or {}).get("object") or {}).get("prompt_tokens"):
-                    out.append(region_shape(row["width"], row["height"], r["bbox"], crops))
+                    mask = decode_rle(r["mask"]).astype(bool) if r.get("mask") else None
+                    out.append(region_shape(row["width"], row["height"], r["bbox"], crops, mask))
     if not out:
         raise ValueError(f"no region of {output_dir} reached the object stage")
     return Shapes(out, f"{len(out):,} regions of the run {output_dir}")
@@ -115,7 +121,7 @@ def default_shapes(spec: dict, crops: CropConfig) -> Shapes:
         z = -3 + 6 * k / (steps - 1)
         aspect = median * math.exp(sigma * z)
         crop = (long_side, max(1, round(long_side / aspect))) if aspect >= 1 else (max(1, round(long_side * aspect)), long_side)
-        out.append(RegionShape(image, crop, math.exp(-z * z / 2)))
+        out.append(RegionShape(image, crop, math.exp(-z * z / 2), crops.mask_square_side))
     return Shapes(out, f"the throughput file's default_shapes (ASSUMED: crop aspect log-normal, median {median}, "
                        f"sigma {sigma} in ln; crops {long_side} px long side; images {image[0]}x{image[1]}); "
                        "pass --sample-shards N --input DIR to use your boxes")

@@ -105,6 +105,8 @@ def completion_request(model_name: str, request: ChatRequest) -> dict[str, Any]:
         # the last ':' is the image, which the image-affinity router reads.
         request_id=f"{request.request_id or 'req'}|{uuid.uuid4().hex[:8]}",
     )
+    if request.mm_processor_kwargs:
+        payload["mm_processor_kwargs"] = dict(request.mm_processor_kwargs)
     if request.json_schema is not None:
         payload["response_format"] = {"type": "json_schema",
                                       "json_schema": {"name": "answer", "schema": request.json_schema}}
@@ -217,7 +219,8 @@ class ModelClient:
         if self.app.kind in CHAT_SERVER_KINDS:
             return await self.handle.count_tokens.remote({"messages": request.messages})
         return await self.handle.count_tokens.remote({"model": self.app.model_name,
-                                                      "messages": to_vllm_messages(request.messages)})
+                                                      "messages": to_vllm_messages(request.messages),
+                                                      "mm_processor_kwargs": request.mm_processor_kwargs})
 
     async def token_id(self, token: str) -> int:
         """A stop token's id in the model's tokenizer; ValueError when it is not one of its tokens."""

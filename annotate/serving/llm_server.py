@@ -109,7 +109,8 @@ class StageLLMServer(LLMServer):
         from vllm.entrypoints.serve.tokenize.protocol import TokenizeChatRequest, TokenizeCompletionRequest
 
         if "messages" in payload:
-            request = TokenizeChatRequest(model=payload["model"], messages=payload["messages"], add_generation_prompt=True)
+            request = TokenizeChatRequest(model=payload["model"], messages=payload["messages"], add_generation_prompt=True,
+                                          mm_processor_kwargs=payload.get("mm_processor_kwargs"))
         else:
             request = TokenizeCompletionRequest(model=payload["model"], prompt=payload["prompt"], add_special_tokens=False)
         response = await _last(self.tokenize(request))

@@ -21,7 +21,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from annotate.config import CropConfig, SamplingConfig
-from annotate.data.crops import RegionViews, region_views
+from annotate.data.crops import VIEW_NAMES, RegionViews, region_views
 from annotate.data.images import fit_within
 from annotate.data.masks import decode_rle
 from annotate.data.records import ImageRecord, RegionRecord
@@ -51,6 +51,9 @@ class PromptTemplate:
     user: str
     images: tuple[str, ...] = ()
     json_schema: dict[str, Any] | None = None
+    # At most this many tiles per image for a tiling model (InternVL), sent as its processor's
+    # argument (engines/conventions.py `tiles_kwarg`); None: the model's own maximum.
+    max_tiles: int | None = None
     # The model's makers advise no system prompt (DeepSeek-R1): the system text opens the user turn.
     system_in_user: bool = False
 
@@ -67,6 +70,7 @@ class PromptTemplate:
             user=raw["user"],
             images=tuple(raw.get("images") or ()),
             json_schema=raw.get("json_schema"),
+            max_tiles=_positive(raw.get("max_tiles"), "max_tiles", path),
         )
 
     def for_model(self, conventions: ModelConventions | None) -> "PromptTemplate":
@@ -110,16 +114,27 @@ class RegionContext:
         return self._views
 
     def image_part(self, name: str) -> Image.Image:
-        """The named image a template asks for: image | highlighted | crop | crop_mask."""
+        """The named image a template asks for (`IMAGE_NAMES`, data/crops.py says what each is)."""
         if name == "image":
             return _fit(self.image, self.crops.max_side)
-        if name in ("highlighted", "crop", "crop_mask"):
+        if name in IMAGE_NAMES:
             return _fit(getattr(self.views, name), self.crops.max_side)
-        raise ValueError(f"prompt asks for unknown image {name!r} (image, highlighted, crop, crop_mask)")
+        raise ValueError(f"prompt asks for unknown image {name!r} ({', '.join(IMAGE_NAMES)})")
 
     def box(self, fmt: BoxFormat) -> str:
         """The region's box as the stage's model writes boxes (engines/conventions.py `BoxFormat`)."""
         return fmt.format(self.region.bbox, self.record.width, self.record.height)
+
+
+IMAGE_NAMES = ("image",) + VIEW_NAMES  # what a prompt's `images:` may name
+
+
+def _positive(value: Any, key: str, path: str) -> int | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"prompt template {path}: {key} must be a positive integer, not {value!r}")
+    return value
 
 
 def _fit(image: Image.Image | None, max_side: int) -> Image.Image:
@@ -216,7 +231,15 @@ class Stage:
             sampling=self.sampling,
             json_schema=self.prompt.json_schema,
             request_id=ctx.region.region_id,
+            mm_processor_kwargs=self.processor_kwargs(),
         )
+
+    def processor_kwargs(self) -> dict[str, Any] | None:
+        """The prompt's tile cap as the stage's model takes it, or None (no cap, or a model that does not tile)."""
+        image = self.conventions.image if self.conventions else None
+        if self.prompt.max_tiles is None or image is None or image.tiles_kwarg is None:
+            return None
+        return {image.tiles_kwarg: self.prompt.max_tiles}
 
     def record_provenance(self, region: RegionRecord, result: ChatResult) -> None:
         prov = region.provenance.of(self.name)
