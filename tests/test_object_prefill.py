@@ -129,3 +129,20 @@ def test_the_production_file_sends_the_v2_form():
     cfg = load_config(LONGGRIT)
     assert Path(cfg.stages["object"].prompt).name == "object.yaml"
     assert PromptTemplate.load(cfg.stages["object"].prompt).images == ("crop", "crop_mask_square")
+
+
+def test_a_tiling_models_server_accepts_the_cap():
+    """vLLM's server refuses per-request `mm_processor_kwargs` unless started with
+    `trust_request_mm_kwargs` (seen: the paper run's load-time budget count failed on it). Serve LLM
+    reads it from the engine arguments as one of vLLM's frontend arguments."""
+    import dataclasses
+
+    from vllm.entrypoints.launchers.cli_args import FrontendArgs
+
+    from annotate.serving.apps import engine_kwargs
+
+    cfg = load_config(LONGGRIT)
+    assert "trust_request_mm_kwargs" in {f.name for f in dataclasses.fields(FrontendArgs)}
+    assert engine_kwargs(cfg.models["internvl2_76b"])["trust_request_mm_kwargs"] is True
+    assert all("trust_request_mm_kwargs" not in engine_kwargs(cfg.models[m])
+               for m in ("qwen2_72b", "griffon_g", "deepseek_r1_70b"))  # they take no per-request cap

@@ -88,10 +88,18 @@ def model_app(name: str, model: ModelConfig | SegmentConfig) -> ModelApp:
 # ------------------------------------------------------------------------------- vLLM (Serve LLM)
 def engine_kwargs(model: ModelConfig) -> dict[str, Any]:
     """vLLM engine arguments for Serve LLM (engine and OpenAI-frontend arguments in one dict): the
-    in-process engine's, plus per-request cached-token counts; `vllm.extra` wins."""
+    in-process engine's, plus per-request cached-token counts; `vllm.extra` wins.
+
+    A model that tiles its images (InternVL: its conventions name a `tiles_kwarg`) takes a prompt's tile
+    cap per request (`mm_processor_kwargs`), which vLLM's server refuses unless started with
+    `trust_request_mm_kwargs`. Its callers are the run's own workers; the OpenAI route, when
+    `run.openai_routes` serves it, binds to `run.serve_http_host` (127.0.0.1 unless configured)."""
+    from annotate.engines.conventions import conventions_of
     from annotate.engines.vllm_engine import engine_args
 
-    return {**engine_args(model), "enable_prompt_tokens_details": True, **model.vllm.extra}
+    image = getattr(conventions_of(model), "image", None)
+    trusted = {"trust_request_mm_kwargs": True} if image is not None and image.tiles_kwarg else {}
+    return {**engine_args(model), "enable_prompt_tokens_details": True, **trusted, **model.vllm.extra}
 
 
 def placement_group_config(model: ModelConfig) -> dict[str, Any]:
