@@ -157,11 +157,11 @@ class ResourceConfig(_Section):
 
 
 class ServingConfig(_Section):
-    """How a model is served on Ray Serve and how hard stage workers may push it."""
+    """How a model is served on Ray Serve and how hard the run's chain workers may push it."""
 
     max_in_flight: int | None = Field(
         None, ge=1,
-        description="requests in flight to this model from all stage workers together (split evenly "
+        description="requests in flight to this model from all chain workers together (split evenly "
                     "between them). None: 2 x max_num_seqs (vLLM's default 256 when unset; hf: batch_size) x "
                     "replicas, so a full batch runs on every replica and as many wait behind it",
     )
@@ -326,12 +326,14 @@ class RunConfig(_Section):
     num_cpus: int | None = Field(None, description="CPUs of a local Ray cluster (None: all)")
     log_to_driver: bool = Field(False, description="stream worker logs (vLLM is verbose) to the console")
     reader_cpus: float = Field(1.0, gt=0, description="CPUs per shard-reading task (decode, masks)")
-    stage_worker_cpus: float = Field(0.25, gt=0, description="CPUs per stage worker (prompts, crops)")
-    stage_workers_per_replica: int = Field(2, ge=1, description="stage workers per model replica")
+    # The names say "stage worker" from when each stage had its own pool; one chain worker now runs them all.
+    stage_worker_cpus: float = Field(0.25, gt=0, description="CPUs per chain worker (prompts, crops), and for SAM's worker")
+    stage_workers_per_replica: int = Field(
+        2, ge=1, description="chain workers per replica of the chain's most replicated model")
     batches_in_flight: int = Field(
         4, ge=1,
-        description="batches one stage worker works on at once: it starts the next batch while the slowest "
-                    "request of the last one is still generating")
+        description="batches one chain worker works on at once, each at its own stage: it starts the next "
+                    "batch while the slowest request of the last one is still generating")
     serve_http_host: str = Field("127.0.0.1", description="bind address of Serve's HTTP proxy (OpenAI routes)")
     serve_http_port: int = Field(8000, description="port of Serve's HTTP proxy")
     openai_routes: bool = Field(

@@ -6,7 +6,7 @@ In order, each step the run's own:
      nothing more is done;
   2. deploy (or find) every model of the chain, and the load-time token budgets (stages/budget.py,
      counted by the deployments: each stage's worst-case prompt, stop tokens known to the tokenizer),
-     and the run's CPU admission check (executor/admission.py: its stage workers beside these models);
+     and the run's CPU admission check (executor/admission.py: its chain workers beside these models);
   3. a handful of real requests per stage, built from the first images of a shard through the stages'
      own code (`build_stage`, `run_stage_async` with a `ModelClient`), with the stage's own retries as a
      run makes them; every answer, retries included, is kept and shown.
@@ -107,7 +107,7 @@ class DoctorReport:
 
 def first_items(cfg: PipelineConfig, input_dir: str | Path, shard_id: int, images: int, regions: int):
     """The first `images` images of a shard that have regions, each with at most `regions` regions, as
-    (record, decoded image) pairs: what a stage worker holds."""
+    (record, decoded image) pairs: what a chain worker holds."""
     from annotate.data.prepare import prepare_shard
     from annotate.data.shards import find_shards
 

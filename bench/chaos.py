@@ -16,7 +16,7 @@ Why this shape:
   moment is random: a seeded delay after the first process of the kind appears in the round.
 - Targets are found by process title among the cluster's own processes (its process session), the
   way tests/test_pipeline_crash.py finds them; Ray 2.60 titles a Ray Data actor's process
-  `ray::MapWorker(MapBatches(StageWorker))`, the map task `ray::MapBatches(read_shard)` (the
+  `ray::MapWorker(MapBatches(ChainWorker))`, the map task `ray::MapBatches(read_shard)` (the
   operator name Ray Data gives the task) and a Serve replica `ray::ServeReplica:APP:DEPLOYMENT`.
 - After each killed round the manifest is checked: a shard marked finished (its newest line) must
   have its file, with the sha256 of the line.
@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
 KINDS = ("driver", "stage_worker", "replica", "read_task")
 # Process titles (see the module docstring); the driver is the `annotate run` process itself.
-TITLES = {"stage_worker": "MapBatches(StageWorker)", "read_task": "MapBatches(read_shard)", "replica": "ServeReplica:"}
+TITLES = {"stage_worker": "MapBatches(ChainWorker)", "read_task": "MapBatches(read_shard)", "replica": "ServeReplica:"}
 # `ray start --head` (Ray 2.60) turns token auth on when ~/.ray/auth_token exists; whatever joins the
 # cluster must then run in token mode too.
 CLUSTER_ENV = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO)}

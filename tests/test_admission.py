@@ -12,11 +12,27 @@ from annotate.executor.admission import CpuNeed, NotEnoughCpus, check_cpus, cpu_
 from bench.harness import TINY
 
 
-def test_the_need_counts_every_stage_worker_sams_worker_and_one_reader():
+def test_the_need_counts_every_chain_worker_sams_worker_and_one_reader():
     cfg = load_config(TINY, {"run": {"stage_worker_cpus": 0.25, "reader_cpus": 0.5}})
-    need = cpu_need(cfg, {"object": 2, "validate": 1, "merge": 1}, segment_worker=True)
-    assert (need.stage_workers, need.total) == (5, 5 * 0.25 + 0.5)
-    assert "5 stage workers x 0.25" in need.describe() and "run.reader_cpus" in need.describe()
+    need = cpu_need(cfg, 4, segment_worker=True)
+    assert (need.workers, need.total) == (5, 5 * 0.25 + 0.5)
+    assert "5 chain and segment workers x 0.25" in need.describe() and "run.reader_cpus" in need.describe()
+
+
+def test_one_pool_of_chain_workers_per_run():
+    """The chain runs in one worker pool, sized by the chain's most replicated model: the tiny chain's
+    five stages no longer ask for a pool each."""
+    from annotate.executor.runner import chain_worker_count
+    from annotate.serving.apps import replicas
+    from annotate.stages.chain import chain_of
+
+    cfg = load_config(TINY, {"run": {"stage_workers_per_replica": 2},
+                             "models": {"vlm": {"resources": {"replicas": 3}}}})
+    chain = chain_of(cfg)
+    assert len(chain) >= 4 and max(replicas(cfg.models[cfg.stages[s].model]) for s in chain) == 3
+    assert chain_worker_count(cfg, chain) == 2 * 3  # not one pool of 2 x replicas per stage
+    text_only = tuple(s for s in chain if cfg.stages[s].model != "vlm")
+    assert chain_worker_count(cfg, text_only) == 2 * max(replicas(cfg.models[cfg.stages[s].model]) for s in text_only)
 
 
 def test_enough_free_cpus_pass_at_once():
@@ -57,7 +73,7 @@ def test_a_run_that_cannot_fit_is_refused_before_reading_a_shard(ray_session, tm
     from bench.harness import SAMPLE_SHARDS
 
     cfg = load_config(TINY, {"run": {"stage_worker_cpus": 64}})
-    with pytest.raises(NotEnoughCpus, match="stage workers x 64"):
+    with pytest.raises(NotEnoughCpus, match="workers x 64"):
         run_pipeline(cfg, SAMPLE_SHARDS, tmp_path, [0], stage="all")
     store = OutputStore(tmp_path)
     assert not list((tmp_path / "data").glob("*.parquet")) and not store.latest(FINAL)

@@ -42,10 +42,10 @@ def test_sigkill_worker_and_driver_then_rerun(tmp_path):
     # A new session, so that killing its process group takes the local Ray cluster down with the driver.
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
-        # 1. A stage worker dies while the models are busy: Ray restarts it and the run goes on.
-        wait_for(lambda: bool(session_pids("StageWorker", proc.pid)) and any((out / "stages" / "prepare").glob("*.parquet")),
-                 900, proc, "stage workers running")
-        os.kill(session_pids("StageWorker", proc.pid)[0], signal.SIGKILL)
+        # 1. A chain worker dies while the models are busy: Ray restarts it and the run goes on.
+        wait_for(lambda: bool(session_pids("ChainWorker", proc.pid)) and any((out / "stages" / "prepare").glob("*.parquet")),
+                 900, proc, "chain workers running")
+        os.kill(session_pids("ChainWorker", proc.pid)[0], signal.SIGKILL)
         # 2. Once a shard is finished, the driver dies at once, with everything it started.
         wait_for(lambda: len(final_lines(out)) >= 1, 900, proc, "the first shard finished after a worker was killed")
         os.killpg(proc.pid, signal.SIGKILL)

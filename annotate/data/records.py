@@ -205,7 +205,7 @@ def features() -> "datasets.Features":
     max_length`) as such, a Literal as a string. The schema is kept in one place, the pydantic models.
 
     Built on first use: importing `datasets` costs ~3.6 CPU-s, paid by every Ray worker process
-    that imports the data plane, and most of them (stage workers) never write a file.
+    that imports the data plane, and most of them (chain workers) never write a file.
     """
     import datasets
 

@@ -208,7 +208,7 @@ class CallTally:
 
 
 class ResultCache:
-    """A stage worker's view of the store: one `ShardStore` per shard it works on, the most recent
+    """A chain worker stage's view of the store: one `ShardStore` per shard it works on, the most recent
     `open_shards` kept open (a long run moves through many shards; each open file costs descriptors)."""
 
     def __init__(self, root: str | Path, prefix: str, model: str, open_shards: int = 8):

@@ -26,24 +26,23 @@ class NotEnoughCpus(RuntimeError):
 
 @dataclass(frozen=True)
 class CpuNeed:
-    """Logical CPUs the run's own actors ask Ray for: stage workers, SAM's worker, one reading task."""
+    """Logical CPUs the run's own actors ask Ray for: chain workers, SAM's worker, one reading task."""
 
-    stage_workers: int
+    workers: int
     worker_cpus: float
     reader_cpus: float
 
     @property
     def total(self) -> float:
-        return self.stage_workers * self.worker_cpus + self.reader_cpus
+        return self.workers * self.worker_cpus + self.reader_cpus
 
     def describe(self) -> str:
-        return (f"{self.total:g} CPUs ({self.stage_workers} stage workers x {self.worker_cpus:g} "
+        return (f"{self.total:g} CPUs ({self.workers} chain and segment workers x {self.worker_cpus:g} "
                 f"(run.stage_worker_cpus) + one shard reader x {self.reader_cpus:g} (run.reader_cpus))")
 
 
-def cpu_need(cfg: PipelineConfig, worker_counts: dict[str, int], segment_worker: bool) -> CpuNeed:
-    return CpuNeed(sum(worker_counts.values()) + int(segment_worker), cfg.run.stage_worker_cpus,
-                   cfg.run.reader_cpus)
+def cpu_need(cfg: PipelineConfig, chain_workers: int, segment_worker: bool) -> CpuNeed:
+    return CpuNeed(chain_workers + int(segment_worker), cfg.run.stage_worker_cpus, cfg.run.reader_cpus)
 
 
 def shortfall_message(need: CpuNeed, free: float, total: float, others: list[str], local: bool) -> str:

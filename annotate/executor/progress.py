@@ -1,4 +1,4 @@
-"""Progress of a run: stage workers report counts to one small actor; the driver draws them.
+"""Progress of a run: chain workers report each stage's counts to one small actor; the driver draws them.
 
 Counts also go to Ray's metrics API (`ray.util.metrics`), so they appear on the Ray dashboard's
 metrics page and in Prometheus under `ray_longgrit_*`.
@@ -66,7 +66,7 @@ def parse_calls(text: str) -> dict[str, tuple[int, int]]:
 
 
 class StageMetrics:
-    """Ray metrics for one stage worker; cheap to call per batch."""
+    """Ray metrics for one stage of a chain worker; cheap to call per batch."""
 
     def __init__(self, stage: str):
         from ray.util import metrics

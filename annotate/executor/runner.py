@@ -34,7 +34,7 @@ from annotate.executor.admission import check_cpus, cpu_need, ray_cpus
 from annotate.executor.progress import ProgressDisplay, ProgressTracker
 from annotate.executor.reader import ShardLedger, read_shard
 from annotate.executor.shard_io import ROW_SHARD, ROW_TOTAL, row_to_record
-from annotate.executor.workers import SegmentWorker, StageWorker
+from annotate.executor.workers import ChainWorker, SegmentWorker, StepSpec
 from annotate.serving.apps import (SEGMENT_MODEL, ModelApp, ensure_apps, needed_models, replica_info, replicas,
                                    running_apps)
 from annotate.serving.client import ModelClient
@@ -158,7 +158,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
         summary.token_budgets = [b.as_dict() for b in budgets]
         for budget in budgets:
             console.print(f"token budget: {budget.describe()}")
-        workers = stage_worker_counts(cfg, chain)
+        workers = chain_worker_count(cfg, chain)
         admit_workers(cfg, chain, apps, address, warn=console.print)  # before a shard is read
         processing_started = time.perf_counter()
         tracker = ProgressTracker.remote()
@@ -177,23 +177,18 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
                 num_cpus=cfg.run.stage_worker_cpus,
                 fn_constructor_kwargs={"segment": cfg.segment, "app": apps[SEGMENT_MODEL], "data": cfg.data},
             )
-        for name in chain:
-            stage_cfg = cfg.stages[name]
-            model = cfg.models[stage_cfg.model]
-            # The model's in-flight cap is shared by every stage worker that calls it.
-            app = apps[stage_cfg.model]
-            share = -(-app.max_in_flight // sum(n for s, n in workers.items() if cfg.stages[s].model == stage_cfg.model))
-            ds = ds.map_batches(
-                StageWorker, batch_size=stage_cfg.batch_size, batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=workers[name],
-                                                   max_tasks_in_flight_per_actor=cfg.run.batches_in_flight,
-                                                   max_concurrent_calls_per_actor=cfg.run.batches_in_flight),
-                num_cpus=cfg.run.stage_worker_cpus,
-                fn_constructor_kwargs={"stage_name": name, "stage": stage_cfg, "app": apps[stage_cfg.model],
-                                       "reasoning": model.reasoning, "max_in_flight": share, "data": cfg.data,
-                                       "tracker": tracker, "model": model,
-                                       "cache_root": str(store.cache_root) if cfg.run.result_cache else None},
-            )
+        # The chain runs in one pool of workers: each model's in-flight cap is shared by them all.
+        steps = [StepSpec(name, cfg.stages[name], apps[cfg.stages[name].model], cfg.models[cfg.stages[name].model])
+                 for name in chain]
+        shares = {key: -(-apps[key].max_in_flight // workers) for key in {step.model_key for step in steps}}
+        ds = ds.map_batches(
+            ChainWorker, batch_size=max(cfg.stages[name].batch_size for name in chain), batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=cfg.run.batches_in_flight,
+                                               max_concurrent_calls_per_actor=cfg.run.batches_in_flight),
+            num_cpus=cfg.run.stage_worker_cpus,
+            fn_constructor_kwargs={"steps": steps, "shares": shares, "data": cfg.data, "tracker": tracker,
+                                   "cache_root": str(store.cache_root) if cfg.run.result_cache else None},
+        )
         outputs = ShardOutputs(store, output_name, fingerprint, ledger,
                                {i["shard"]: i["damage"] for i in items if i["damage"]}, cfg.quality)
         breakers = StageBreakers(cfg.run.breaker, chain)
@@ -247,14 +242,14 @@ def admit_workers(cfg: PipelineConfig, chain: tuple[str, ...], apps: dict[str, M
     run's workers beside the models (`apps`, up), a warning through `warn` on a joined one."""
     others = sorted(set(running_apps()) - {app.app_name for app in apps.values()})
     segment_worker = cfg.segment is not None and "object" in chain
-    check_cpus(cpu_need(cfg, stage_worker_counts(cfg, chain), segment_worker),
+    check_cpus(cpu_need(cfg, chain_worker_count(cfg, chain), segment_worker),
                local=not (address or cfg.run.ray_address), others=others, warn=warn, resources=ray_cpus)
 
 
-def stage_worker_counts(cfg: PipelineConfig, chain: tuple[str, ...]) -> dict[str, int]:
-    """Stage workers per stage: `run.stage_workers_per_replica` per replica of the stage's model (its
-    autoscaling maximum when it autoscales)."""
-    return {name: replicas(cfg.models[cfg.stages[name].model]) * cfg.run.stage_workers_per_replica for name in chain}
+def chain_worker_count(cfg: PipelineConfig, chain: tuple[str, ...]) -> int:
+    """Chain workers: `run.stage_workers_per_replica` per replica of the chain's most replicated model
+    (its autoscaling maximum when it autoscales); each worker sends to every model of the chain."""
+    return max(replicas(cfg.models[cfg.stages[name].model]) for name in chain) * cfg.run.stage_workers_per_replica
 
 
 def _write_run_record(store: OutputStore, summary: RunSummary, pipeline: str, fingerprint: str) -> None:

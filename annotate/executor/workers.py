@@ -1,11 +1,15 @@
-"""The Ray Data actors of a run: one worker class that runs any stage, and the segment worker.
+"""The Ray Data actors of a run: the chain worker, which runs every stage of the chain over a batch
+of images, and the segment worker.
 
-Both take and return `pyarrow.Table` batches of the flat rows defined in `shard_io`.
+Both take and return `pyarrow.Table` batches of the flat rows defined in `shard_io`. A record is
+parsed once and its image decoded once per batch, however many stages it goes through: the chain runs
+in one actor, so a record never travels between stages as a row.
 """
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 
 import pyarrow as pa
 
@@ -21,42 +25,40 @@ from annotate.stages.chain import build_stage
 from annotate.stages.segment import segment_records
 
 
-class StageWorker:
-    """A Ray Data actor that runs one stage against its model's Serve deployment.
+@dataclass
+class StepSpec:
+    """What a chain worker needs to run one stage: its config, its model's deployment and settings."""
 
-    `__call__` is a coroutine: Ray Data runs `run.batches_in_flight` batches on one worker at once,
-    and within a batch every region is its own request, so the next batch's requests are queued at the
-    engine while the last batch's slowest answer is still being generated.
-    """
+    stage_name: str
+    stage: StageConfig
+    app: ModelApp
+    model: ModelConfig | None = None
 
-    def __init__(self, stage_name: str, stage: StageConfig, app: ModelApp, reasoning: bool, max_in_flight: int,
-                 data: DataConfig, tracker, cache_root: str | None = None, model: ModelConfig | None = None):
-        self.stage = build_stage(stage_name, stage, app.model_id, model)  # the model's conventions shape requests
+    @property
+    def model_key(self) -> str:
+        return self.stage.model
+
+
+class ChainStep:
+    """One stage inside a chain worker: its prompt and conventions, its model client (with the stage's
+    deadline: a hung replica costs a retryable `timeout`, not a stalled run), its result cache and metrics."""
+
+    def __init__(self, spec: StepSpec, data: DataConfig, limit: asyncio.Semaphore | None = None,
+                 cache_root: str | None = None):
+        stage, app, model = spec.stage, spec.app, spec.model
+        self.stage = build_stage(spec.stage_name, stage, app.model_id, model)  # the model's conventions shape requests
         self.config = stage
         self.data = data
-        # Each send has the stage's deadline: a hung replica costs a retryable `timeout`, not a stalled run.
-        self.client = ModelClient(app, reasoning, max_in_flight, deadline_s=stage.request_deadline_s())
-        self.tracker = tracker
-        self.metrics = StageMetrics(stage_name)
+        reasoning = bool(model.reasoning) if model is not None else False
+        self.client = ModelClient(app, reasoning, app.max_in_flight, deadline_s=stage.request_deadline_s(), limit=limit)
+        self.metrics = StageMetrics(spec.stage_name)
         self.needs_pixels = bool(self.stage.prompt.images)
         # OUT/cache (OutputStore.cache_root): finished model results, so a rerun replays them. None: off.
         # The model's own settings key the results when given; else its deployment's name, which
         # covers every setting but changes with the replica count too.
         settings = model.model_dump(mode="json") if model is not None else {"app": app.app_name}
         fingerprint = model_fingerprint(app.model_id, {**settings, "reasoning": reasoning})
-        self.cache = ResultCache(cache_root, stage_name, fingerprint) if cache_root else None
-
-    async def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        items = []
-        for row in rows:
-            record = row_to_record(row)
-            items.append((record, decode_or_none(record, self.data) if self.needs_pixels else None))
-        counts = await self.run(items)
-        self.metrics.record(counts)
-        # Awaited, so the driver's last look at the tracker sees this batch once it holds the batch.
-        await self.tracker.report.remote(self.stage.name, counts.__dict__ | {"latencies": []})
-        return pa.Table.from_pylist([record_to_row(record, row["shard_total"]) for (record, _), row in zip(items, rows)])
+        self.cache = ResultCache(cache_root, spec.stage_name, fingerprint) if cache_root else None
 
     async def run(self, items) -> StageCounts:
         """The stage over a batch, each shard's regions through that shard's stored results (a batch
@@ -79,6 +81,39 @@ class StageWorker:
         if self.cache is None:
             return counting(self.client.chat, tally)
         return self.cache.wrap(shard, self.client.chat, tally)
+
+
+class ChainWorker:
+    """A Ray Data actor that runs the whole chain (or, for `--stage X`, a chain of one) over a batch of
+    images: each record parsed once and its image decoded once, then every stage in order, each
+    region of the batch its own request within the stage.
+
+    `__call__` is a coroutine: Ray Data runs `run.batches_in_flight` batches on one worker at once, at
+    different stages, so every model's engine is fed while a batch waits on another. A model's
+    requests from this worker are bounded by one semaphore, its in-flight share, whichever stage sends
+    them. Each stage's counts go to the tracker per batch, which feeds the bars and the breaker.
+    """
+
+    def __init__(self, steps: list[StepSpec], shares: dict[str, int], data: DataConfig, tracker,
+                 cache_root: str | None = None):
+        limits = {key: asyncio.Semaphore(max(1, n)) for key, n in shares.items()}
+        self.steps = [ChainStep(spec, data, limits.get(spec.model_key), cache_root) for spec in steps]
+        self.data = data
+        self.tracker = tracker
+        self.needs_pixels = any(step.needs_pixels for step in self.steps)
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        items = []
+        for row in rows:
+            record = row_to_record(row)
+            items.append((record, decode_or_none(record, self.data) if self.needs_pixels else None))
+        for step in self.steps:
+            counts = await step.run(items)
+            step.metrics.record(counts)
+            # Awaited, so the driver's last look at the tracker sees this batch once it holds the batch.
+            await self.tracker.report.remote(step.stage.name, counts.__dict__ | {"latencies": []})
+        return pa.Table.from_pylist([record_to_row(record, row["shard_total"]) for (record, _), row in zip(items, rows)])
 
 
 class SegmentWorker:

@@ -58,7 +58,7 @@ def replicas(model: ModelConfig | SegmentConfig) -> int:
 
 
 def in_flight_cap(model: ModelConfig | SegmentConfig) -> int:
-    """Requests in flight to a model from all stage workers: the configured cap, else twice what its
+    """Requests in flight to a model from all chain workers: the configured cap, else twice what its
     replicas run at once, so that every engine has a full batch running and a full batch queued."""
     if model.serving.max_in_flight:
         return model.serving.max_in_flight
@@ -158,7 +158,7 @@ def llm_config(name: str, model: ModelConfig):
         deployment_config=deployment_config(model, replica_cpus=0),
         runtime_env=runtime_env,
         log_engine_metrics=model.serving.log_engine_metrics,
-        server_cls=StageLLMServer,  # LLMServer + chat_payload(dict): stage workers never import vLLM
+        server_cls=StageLLMServer,  # LLMServer + chat_payload(dict): chain workers never import vLLM
     )
 
 

@@ -1,7 +1,7 @@
-"""Calling a model deployment from a stage worker: one async request per region.
+"""Calling a model deployment from a chain worker: one async request per region.
 
 `ModelClient.chat(request)` sends one `ChatRequest` to the model's Serve deployment and returns its
-`ChatResult`, never raising for one bad request. Many calls run at once (the stage worker gathers a
+`ChatResult`, never raising for one bad request. Many calls run at once (the chain worker gathers a
 batch's regions, and works on several batches), bounded by the model's `serving.max_in_flight`
 share, so the engine's scheduler always has requests queued and a long answer holds back nothing.
 
@@ -141,12 +141,14 @@ def _unavailable_errors() -> tuple[type[BaseException], ...]:
 
 
 class ModelClient:
-    """A stage worker's handle on one model deployment."""
+    """A stage's handle on one model deployment, inside a chain worker."""
 
     def __init__(self, app: ModelApp, reasoning: bool, max_in_flight: int, deadline_s: float | None = None,
-                 handle=None):
+                 handle=None, limit: asyncio.Semaphore | None = None):
         """`deadline_s`: the most one send may take (the stage's; None: no deadline). `handle`: the
-        deployment handle (default: Serve's, by the app's names; tests pass a stand-in)."""
+        deployment handle (default: Serve's, by the app's names; tests pass a stand-in). `limit`: a
+        semaphore shared with the other stages' clients of the same model in one chain worker (the
+        model's in-flight share); None: `max_in_flight` for this client alone."""
         if handle is None:
             from ray import serve
 
@@ -156,7 +158,7 @@ class ModelClient:
         self.max_in_flight = max(1, max_in_flight)
         self.deadline_s = deadline_s
         self.handle = handle
-        self._semaphore: asyncio.Semaphore | None = None
+        self._semaphore: asyncio.Semaphore | None = limit
         self._unavailable = _unavailable_errors()
         self.resent = 0  # requests sent again after their replica died
         self.timeouts = 0  # sends that passed their deadline (cancelled)

@@ -1,8 +1,8 @@
-"""Serve LLM's `LLMServer` with one more method for stage workers: `chat_payload(dict) -> dict`.
+"""Serve LLM's `LLMServer` with one more method for chain workers: `chat_payload(dict) -> dict`.
 
-A stage worker that built vLLM's `ChatCompletionRequest` itself, or read its response objects,
-would import vLLM (and torch with it): 20-30 CPU-seconds per stage worker process on a small machine,
-paid again by every run, since Ray Data starts fresh stage workers (measured: 96 of 145 CPU-seconds
+A chain worker that built vLLM's `ChatCompletionRequest` itself, or read its response objects,
+would import vLLM (and torch with it): 20-30 CPU-seconds per chain worker process on a small machine,
+paid again by every run, since Ray Data starts fresh chain workers (measured: 96 of 145 CPU-seconds
 outside the engine in a 504-region run, BENCHMARKS.md 7c). The replica already has vLLM loaded, so
 the request object is built here from a plain dict and the answer goes back as a plain dict.
 People and other clients keep the OpenAI route and `chat` unchanged.

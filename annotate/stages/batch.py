@@ -40,7 +40,7 @@ class StageCounts:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0  # prefix-cache hits (bench/prefix_cache.py)
-    model_calls: int = 0  # requests sent to the model (set by the executor's stage worker)
+    model_calls: int = 0  # requests sent to the model (set by the executor's chain worker)
     replayed: int = 0  # requests answered from the result cache instead (engines/result_cache.py)
     # What the answer rules (stages/answers.py) did, per answer read (a retried region counts each time):
     answers: int = 0  # successful results read

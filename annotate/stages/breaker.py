@@ -6,7 +6,7 @@ is fed every region outcome of one stage (ok, rejected, or failed with its kind)
 the last `window` outcomes, once at least `min_count` are in, the failures of one kind reach
 `threshold` of them. Scattered failures of mixed kinds never trip it.
 
-Outcomes may arrive in counts (the driver sees what stage workers reported since its last look): a
+Outcomes may arrive in counts (the driver sees what chain workers reported since its last look): a
 chunk is taken as spread evenly over its outcomes, so a window shared by several chunks keeps their
 proportions. Pure: no Ray, no clock.
 """
