@@ -209,38 +209,47 @@ def test_seeded_random_sampling_with_chunked_prefill(vllm_text_engine):
     _generated(vllm_text_engine.chat([text_request("Still alive?", "after")])[0])
 
 
+TILE_CAP_SCRIPT = """
+import json, sys
+from PIL import Image
+from annotate.config import ModelConfig, SamplingConfig, VllmArgs
+from annotate.engines.base import ChatRequest
+from annotate.engines.vllm_engine import VllmEngine
+engine = VllmEngine(ModelConfig(engine="vllm", path=sys.argv[1], vllm=VllmArgs(
+    max_model_len=2048, kv_cache_space_gib=1, gpu_memory_utilization=0.1, max_num_seqs=8, in_process=True,
+    trust_remote_code=True, limit_mm_per_prompt={"image": 2})))
+crop, square = Image.new("RGB", (480, 360), (90, 120, 30)), Image.new("RGB", (448, 448), (0, 0, 0))
+counts = []
+for kwargs in (None, {"max_dynamic_patch": 6}):
+    content = [{"type": "image", "image": im} for im in (crop, square)] + [{"type": "text", "text": "Describe it."}]
+    (result,) = engine.chat([ChatRequest(messages=[{"role": "user", "content": content}],
+                                         sampling=SamplingConfig(max_tokens=2), request_id="r", mm_processor_kwargs=kwargs)])
+    counts.append(result.prompt_tokens)
+engine.close()
+print(json.dumps(counts))
+"""
+
+
 def test_a_tile_cap_reaches_internvls_processor(tiny_model_paths):
     """A prompt's `max_tiles` travels as `mm_processor_kwargs` and vLLM's InternVL processor tiles by it:
-    the prompt grows by exactly what engines/image_tokens.py (which the planner uses) predicts. A 4:3
-    image makes 4 x 3 + 1 tiles uncapped, 3 x 2 + 1 at six; a square mask of 448 px is one tile either way
-    on the production model, and 2 x 2 + 1 on this replica's 56-px tiles."""
-    from PIL import Image
+    the prompt shrinks by exactly what engines/image_tokens.py (which the planner uses) predicts. A 4:3
+    image makes 4 x 3 + 1 tiles uncapped, 3 x 2 + 1 at six; a square mask of 448 px is one tile on the
+    production model, and 2 x 2 + 1 on this replica's 56-px tiles. The engine runs in a child process,
+    so that its memory is returned when it ends (the session's other engines stay in this one)."""
+    import json
+    import subprocess
+    import sys
 
     from annotate.engines.image_tokens import InternVLTiling
-    from annotate.engines.vllm_engine import VllmEngine
 
-    from fixtures_engines import tiny_model_config
-
-    engine = VllmEngine(tiny_model_config("internvl2", tiny_model_paths["internvl2"], trust_remote_code=True,
-                                          limit_mm_per_prompt={"image": 2}, max_model_len=2048))
-    try:
-        crop, square = Image.new("RGB", (480, 360), (90, 120, 30)), Image.new("RGB", (448, 448), (0, 0, 0))
-
-        def prompt_tokens(images, kwargs):
-            content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": "Describe it."}]
-            request = ChatRequest(messages=[{"role": "user", "content": content}],
-                                  sampling=SamplingConfig(max_tokens=2), request_id="r", mm_processor_kwargs=kwargs)
-            (result,) = engine.chat([request])
-            assert result.prompt_tokens > 0, result.error
-            return result.prompt_tokens
-
-        replica = InternVLTiling(tile=56, max_tiles=12)
-        capped = InternVLTiling(tile=56, max_tiles=6)
-        base = prompt_tokens([crop, square], None)
-        assert base - prompt_tokens([crop, square], {"max_dynamic_patch": 6}) == (
-            replica.tokens(480, 360) + replica.tokens(448, 448) - capped.tokens(480, 360) - capped.tokens(448, 448))
-        assert replica.tiles(480, 360) == 13 and capped.tiles(480, 360) == 7
-        assert InternVLTiling(max_tiles=6).tiles(448, 448) == 1 == InternVLTiling().tiles(633, 633)
-        assert InternVLTiling().tiles(634, 634) == 5  # past 633 px a square makes 2 x 2 + 1
-    finally:
-        engine.close()
+    child = subprocess.run([sys.executable, "-c", TILE_CAP_SCRIPT, str(tiny_model_paths["internvl2"])],
+                           capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+    base, capped_tokens = json.loads(child.stdout.strip().splitlines()[-1])
+    assert base > 0 and capped_tokens > 0
+    replica, capped = InternVLTiling(tile=56, max_tiles=12), InternVLTiling(tile=56, max_tiles=6)
+    assert base - capped_tokens == (replica.tokens(480, 360) + replica.tokens(448, 448)
+                                    - capped.tokens(480, 360) - capped.tokens(448, 448))
+    assert replica.tiles(480, 360) == 13 and capped.tiles(480, 360) == 7
+    assert InternVLTiling(max_tiles=6).tiles(448, 448) == 1 == InternVLTiling().tiles(633, 633)
+    assert InternVLTiling().tiles(634, 634) == 5  # past 633 px a square makes 2 x 2 + 1
