@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import typer
 
@@ -112,6 +113,9 @@ def doctor(
                                      help="share of a stage's regions that may fail before the check fails"),
     prompt_factor: float = typer.Option(1.5, "--prompt-factor", min=1,
                                         help="how far a stage's mean prompt may exceed the planner's assumption"),
+    log_file: str | None = typer.Option(None, "--log-file",
+                                        help="where Ray's, Serve's and vLLM's logs go (default: a new file in the temp folder)"),
+    verbose: bool = typer.Option(False, "--verbose", help="show Ray's, Serve's and vLLM's logs here, not in the log file"),
 ) -> None:
     """Before a long run: the load-time checkpoint check, then deploy (or find) every model, count the
     token budgets, send a few real requests per stage from the first images of a shard through the
@@ -122,8 +126,13 @@ def doctor(
     from annotate.config import load_config
     from annotate.doctor import describe, run_doctor
 
-    report = run_doctor(load_config(config), input, shard, address, images, regions, max_failed, prompt_factor,
-                        on_event=lambda e: typer.echo(e, err=True))
+    from annotate.console import doctor_log_path
+
+    cfg = load_config(config)  # a bad file is said on the terminal, before anything is redirected
+    log_path = None if verbose else (Path(log_file) if log_file else doctor_log_path())
+    with _libraries_logging_to(log_path) as console:
+        report = run_doctor(cfg, input, shard, address, images, regions, max_failed, prompt_factor,
+                            on_event=lambda e: console.print(e, highlight=False, markup=False))
     typer.echo(describe(report))
     if not report.ok:
         raise typer.Exit(1)
@@ -189,14 +198,22 @@ def demo(
 @contextmanager
 def _quiet(output: str, verbose: bool):
     """(console, log path): the libraries' output in OUT/logs/ unless --verbose (annotate/console.py)."""
-    from annotate.console import library_logs_to
     from annotate.data.store import OutputStore
 
     log_path = None if verbose else OutputStore(output).library_log_path()
+    with _libraries_logging_to(log_path) as console:
+        yield console, log_path
+
+
+@contextmanager
+def _libraries_logging_to(log_path: Path | None):
+    """The quiet console (annotate/console.py), saying first where the libraries' logs go."""
+    from annotate.console import library_logs_to
+
     with library_logs_to(log_path) as console:
         if log_path is not None:
             console.print(f"Ray, Serve and vLLM log to {log_path} (--verbose shows them here)", highlight=False)
-        yield console, log_path
+        yield console
 
 
 @contextmanager

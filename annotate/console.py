@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,3 +46,9 @@ def library_logs_to(path: Path | None) -> Iterator[Console]:
             os.dup2(terminal, 2)
             os.close(terminal)
             ui.close()
+
+
+def doctor_log_path() -> Path:
+    """Where `annotate doctor` puts the libraries' logs: it has no output folder, so a new file in the
+    temp folder, named by time and process like a run's `OUT/logs/` file."""
+    return Path(tempfile.gettempdir()) / "longgrit" / f"doctor-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"

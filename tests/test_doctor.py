@@ -172,10 +172,37 @@ def test_the_command_exits_non_zero_naming_the_token(tmp_path, tiny_model_paths)
 
     wrong = tmp_path / "wrong-stop.yaml"
     wrong.write_text(f"extends: {PAPER_TINY}\nmodels:\n  griffon_g:\n    family: null\n")
-    result = CliRunner().invoke(app, ["doctor", "--config", str(wrong), "--input", str(SAMPLE_SHARDS)])
+    log = tmp_path / "doctor.log"
+    result = CliRunner().invoke(app, ["doctor", "--config", str(wrong), "--input", str(SAMPLE_SHARDS),
+                                      "--log-file", str(log)])
     assert result.exit_code == 1, result.output
     assert 'Add "<end_of_turn>" to stages.context.sampling.stop_token_ids' in result.output
     assert "problem(s); fix them before a long run" in result.output
+    assert log.exists()  # fd 2 pointed there for the command's duration
+
+
+def test_doctor_is_quiet_and_says_where_the_logs_went(tmp_path, tiny_model_paths):
+    """Run as a user runs it (its own process, so fd 2 is a real stream): the terminal gets the log
+    file's name and the report; what the command's libraries write to stderr meanwhile goes to the file."""
+    import subprocess
+    import sys
+
+    wrong = tmp_path / "wrong-stop.yaml"
+    wrong.write_text(f"extends: {PAPER_TINY}\nmodels:\n  griffon_g:\n    family: null\n")
+    log = tmp_path / "logs" / "doctor.log"
+    script = ("import logging, sys; import annotate.doctor as d; real = d.run_doctor\n"
+              "def noisy(*a, **k):\n"
+              "    logging.getLogger('ray.serve').warning('LIBRARY LINE'); return real(*a, **k)\n"
+              "d.run_doctor = noisy\n"
+              "from annotate.cli import app; app()\n")
+    done = subprocess.run([sys.executable, "-c", script, "doctor", "--config", str(wrong), "--input", str(SAMPLE_SHARDS),
+                           "--log-file", str(log)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 1, done.stderr
+    terminal = done.stdout + done.stderr
+    assert f"Ray, Serve and vLLM log to {log}" in " ".join(terminal.split())
+    assert "problem(s); fix them before a long run" in done.stdout
+    assert "LIBRARY LINE" in log.read_text() and "LIBRARY LINE" not in terminal
 
 
 def test_the_stop_reason_is_carried_from_serve_and_from_the_in_process_engine():
