@@ -9,9 +9,10 @@ files written:
   model deployment ready to the end of the run: no Ray start, no model load). The first call deploys
   the models on Serve; later calls find them running and reuse them.
 * direct: `build_engine` for both models of the pipeline file in this process, then
-  `stages.chain.run_chain` over the stored records (each stage in chain order, in its batch size,
-  against `engine.chat`, with decoded images for the VLM stages as a stage worker does, then
-  `finalize_record`), then the store's `ShardWriter`. Time inside `engine.chat` is reported separately (the models' own time).
+  `stages.chain.run_chain`, the chain workers' own function, over the stored records with
+  `direct_links` (each stage in chain order, in its batch size, against `engine.chat`, images decoded
+  once), then `finalize_record` and the store's `ShardWriter`. Time inside `engine.chat` is reported
+  separately (the models' own time).
 
 An untimed warm-up (one shard through each side) loads the deployments and first-call costs. Then
 rounds alternate pipeline, direct, pipeline, direct... into fresh output folders; the ratio is
@@ -26,6 +27,8 @@ machine both sides compete for the CPU on equal terms (-1 keeps Ray's default). 
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import argparse
 import json
@@ -142,7 +145,7 @@ def run_direct(cfg, engines: dict, prepared: Path, shard_names: list[str], out: 
     from annotate.data.store import FINAL, PREPARE, OutputStore, iter_stored_records
     from annotate.data.writer import fill
     from annotate.executor.workers import decode_or_none
-    from annotate.stages.chain import run_chain
+    from annotate.stages.chain import direct_links, finalize_record, run_chain
 
     source = OutputStore(prepared)
     model_s = 0.0
@@ -161,7 +164,9 @@ def run_direct(cfg, engines: dict, prepared: Path, shard_names: list[str], out: 
 
     started, cpu = time.perf_counter(), time.process_time()
     records = [rec for name in shard_names for rec in iter_stored_records(source.output_path(PREPARE, name))]
-    totals = run_chain(cfg, timed, records, lambda record: decode_or_none(record, cfg.data))
+    totals = asyncio.run(run_chain(direct_links(cfg, timed), records, lambda record: decode_or_none(record, cfg.data)))
+    for record in records:
+        finalize_record(record, cfg.quality)
     by_shard: dict[str, list] = {}
     for record in records:
         by_shard.setdefault(record.shard, []).append(record)

@@ -45,12 +45,21 @@ class CountingHandle:
     async def _answer(self, request):
         self.in_flight += 1
         self.most = max(self.most, self.in_flight)
-        stage, text = next(a for key, a in ANSWERS.items() if key in str(request.messages[0]))
-        self.sent.append((stage, request.request_id))
+        self.sent.append((_stage_of(request), request.request_id))
         await asyncio.sleep(0.01)
         self.in_flight -= 1
-        return finish(request.request_id, text, "stop", json_schema=request.json_schema, reasoning_model=False,
-                      prompt_tokens=50, completion_tokens=12)
+        return answer(request)
+
+
+def _stage_of(request) -> str:
+    return next(stage for key, (stage, _) in ANSWERS.items() if key in str(request.messages[0]))
+
+
+def answer(request):
+    """The canned answer of the stage whose system prompt the request carries."""
+    text = next(text for key, (_, text) in ANSWERS.items() if key in str(request.messages[0]))
+    return finish(request.request_id, text, "stop", json_schema=request.json_schema, reasoning_model=False,
+                  prompt_tokens=50, completion_tokens=12)
 
 
 class Tracker:
@@ -121,3 +130,31 @@ def test_stages_on_one_model_share_its_limit(batch, monkeypatch):
 def _app(model: str) -> ModelApp:
     return ModelApp(model_name=model, app_name=f"longgrit-{model}-0", deployment_name=f"{model}-hf", kind="hf",
                     max_in_flight=64, unavailable_timeout_s=5, model_id=model)
+
+
+def test_the_direct_side_runs_the_same_chain_function_to_the_same_records(batch, monkeypatch):
+    """`run_chain` with `direct_links` (the benchmark's in-process side, batch calls) and the chain worker
+    (served models, one request per region) leave the same fields in the same records."""
+    from annotate.stages.chain import direct_links, run_chain
+
+    data, table = batch
+    cfg = load_config(TINY)
+    handles = {"vlm": CountingHandle(), "llm": CountingHandle()}
+    served = [workers.row_to_record(row) for row in asyncio.run(_worker(cfg, data, {"vlm": 3, "llm": 3}, handles,
+                                                                          monkeypatch)(table)).to_pylist()]
+    batches: list[tuple[str, int]] = []
+
+    def chat(model):
+        def call(requests):
+            batches.append((model, len(requests)))
+            return [answer(request) for request in requests]
+        return call
+
+    records = [workers.row_to_record(row) for row in table.to_pylist()]
+    totals = asyncio.run(run_chain(direct_links(cfg, chat, CHAIN), records,
+                                   lambda record: workers.decode_or_none(record, data)))
+    assert list(totals) == list(CHAIN) and all(c.done == c.regions_in > 3 and not c.failed for c in totals.values())
+    assert [model for model, _ in batches] == ["vlm", "llm", "vlm"]  # one batch call per stage for 3 images
+    fields = ("status", "object_caption", "validation", "context_caption")
+    assert [[tuple(getattr(g, f) for f in fields) for g in r.regions] for r in records] == \
+        [[tuple(getattr(g, f) for f in fields) for g in r.regions] for r in served]

@@ -3,7 +3,8 @@ of images, and the segment worker.
 
 Both take and return `pyarrow.Table` batches of the flat rows defined in `shard_io`. A record is
 parsed once and its image decoded once per batch, however many stages it goes through: the chain runs
-in one actor, so a record never travels between stages as a row.
+in one actor (`stages.chain.run_chain`, which the benchmarks' direct side calls too), so a record never
+travels between stages as a row.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from annotate.executor.shard_io import record_to_row, row_to_record
 from annotate.serving.apps import ModelApp
 from annotate.serving.client import ModelClient
 from annotate.stages.batch import StageCounts, run_stage_async
-from annotate.stages.chain import build_stage
+from annotate.stages.chain import build_stage, run_chain
 from annotate.stages.segment import segment_records
 
 
@@ -52,7 +53,6 @@ class ChainStep:
         reasoning = bool(model.reasoning) if model is not None else False
         self.client = ModelClient(app, reasoning, app.max_in_flight, deadline_s=stage.request_deadline_s(), limit=limit)
         self.metrics = StageMetrics(spec.stage_name)
-        self.needs_pixels = bool(self.stage.prompt.images)
         # OUT/cache (OutputStore.cache_root): finished model results, so a rerun replays them. None: off.
         # The model's own settings key the results when given; else its deployment's name, which
         # covers every setting but changes with the replica count too.
@@ -100,20 +100,18 @@ class ChainWorker:
         self.steps = [ChainStep(spec, data, limits.get(spec.model_key), cache_root) for spec in steps]
         self.data = data
         self.tracker = tracker
-        self.needs_pixels = any(step.needs_pixels for step in self.steps)
+        self.metrics = {step.stage.name: step.metrics for step in self.steps}
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        items = []
-        for row in rows:
-            record = row_to_record(row)
-            items.append((record, decode_or_none(record, self.data) if self.needs_pixels else None))
-        for step in self.steps:
-            counts = await step.run(items)
-            step.metrics.record(counts)
-            # Awaited, so the driver's last look at the tracker sees this batch once it holds the batch.
-            await self.tracker.report.remote(step.stage.name, counts.__dict__ | {"latencies": []})
-        return pa.Table.from_pylist([record_to_row(record, row["shard_total"]) for (record, _), row in zip(items, rows)])
+        records = [row_to_record(row) for row in rows]
+        await run_chain(self.steps, records, lambda record: decode_or_none(record, self.data), self._report)
+        return pa.Table.from_pylist([record_to_row(record, row["shard_total"]) for record, row in zip(records, rows)])
+
+    async def _report(self, stage: str, counts: StageCounts) -> None:
+        self.metrics[stage].record(counts)
+        # Awaited, so the driver's last look at the tracker sees this batch once it holds the batch.
+        await self.tracker.report.remote(stage, counts.__dict__ | {"latencies": []})
 
 
 class SegmentWorker:

@@ -1,18 +1,20 @@
 """The chain: the stages in order, the region field each writes, which stored output each `--stage`
 reads and writes, the reset of failed regions for `--retry-failed`, and the last step before the
-dataset. All of it is derived from the stage classes below, in one place; the executor's operators
-and `run_chain` (the Ray-less path of the benchmarks) only run it.
+dataset, and `run_chain`, the one function that runs a chain over a batch of records (the executor's
+chain worker and the benchmarks' direct side both call it). All of it is derived from the stage
+classes below, in one place.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from PIL import Image
 
-from annotate.config import ModelConfig, PipelineConfig, QualityConfig, StageConfig
+from annotate.config import CropConfig, ModelConfig, PipelineConfig, QualityConfig, StageConfig
 from annotate.data.records import ImageRecord
 from annotate.data.store import FINAL, PREPARE
 from annotate.engines.base import ChatRequest, ChatResult
@@ -157,24 +159,59 @@ def finalize_record(record: ImageRecord, quality: QualityConfig | None = None) -
             region.quality = assess(region, quality)
 
 
-def run_chain(cfg: PipelineConfig, chat: Callable[[str], Callable[[list[ChatRequest]], list[ChatResult]]],
-              records: list[ImageRecord], decode: Callable[[ImageRecord], Image.Image | None],
-              stages: Iterable[str] | None = None) -> dict[str, StageCounts]:
-    """The chain in one process, without Ray: each stage over all `records` in its batch size,
-    `chat(model_key)` giving the batch call of that stage's model; records are finalised in place.
+class ChainLink(Protocol):
+    """One stage of a chain, ready to run over a batch: the executor's `ChainStep` (a served model,
+    one request per region in flight) and `direct_links`' (an in-process engine, batch calls) alike."""
 
-    `decode(record)` gives a record's image (or None) for the stages whose prompt shows pixels."""
+    stage: Stage
+
+    async def run(self, items: list[tuple[ImageRecord, Image.Image | None]]) -> StageCounts: ...
+
+
+async def run_chain(links: Sequence[ChainLink], records: list[ImageRecord],
+                    decode: Callable[[ImageRecord], Image.Image | None],
+                    report: Callable[[str, StageCounts], Awaitable[None]] | None = None) -> dict[str, StageCounts]:
+    """The one way a chain runs, in the executor's chain worker and in the benchmarks' direct side:
+    each record's image decoded once (when a stage's prompt shows pixels), then every link in chain
+    order over the whole batch, in place. `report(stage, counts)` is awaited after each stage (the
+    executor's tracker: bars and breaker). Records are not finalised here: the run's driver does
+    that once per record, after every stage of every `--stage` run (`finalize_record`)."""
+    pixels = any(link.stage.prompt.images for link in links)
+    items = [(record, decode(record) if pixels else None) for record in records]
     totals: dict[str, StageCounts] = {}
+    for link in links:
+        counts = totals[link.stage.name] = await link.run(items)
+        if report is not None:
+            await report(link.stage.name, counts)
+    return totals
+
+
+@dataclass
+class DirectLink:
+    """A stage against a batch engine in this process (`chat(requests) -> results`), in its batch size:
+    the benchmarks' direct side, with no Ray and no Serve."""
+
+    stage: Stage
+    config: StageConfig
+    chat: Callable[[list[ChatRequest]], list[ChatResult]]
+    crops: CropConfig
+
+    async def run(self, items) -> StageCounts:
+        counts = StageCounts()
+        for start in range(0, len(items), self.config.batch_size):
+            counts.add(run_stage(self.stage, items[start:start + self.config.batch_size], self.chat, self.crops,
+                                 self.config.max_attempts, self.config.retry_temperature))
+        return counts
+
+
+def direct_links(cfg: PipelineConfig, chat: Callable[[str], Callable[[list[ChatRequest]], list[ChatResult]]],
+                 stages: Iterable[str] | None = None) -> list[DirectLink]:
+    """The chain of `cfg` (or `stages`) against in-process engines, `chat(model_key)` giving each
+    model's batch call."""
+    links = []
     for name in chain_of(cfg) if stages is None else stages:
         config = cfg.stages[name]
         model = cfg.models[config.model]
-        stage = build_stage(name, config, model.paper_model or model.path, model)
-        counts = totals[name] = StageCounts()
-        for start in range(0, len(records), config.batch_size):
-            batch = records[start:start + config.batch_size]
-            items = [(record, decode(record) if stage.prompt.images else None) for record in batch]
-            counts.add(run_stage(stage, items, chat(config.model), cfg.data.crops, config.max_attempts,
-                                 config.retry_temperature))
-    for record in records:
-        finalize_record(record, cfg.quality)
-    return totals
+        links.append(DirectLink(build_stage(name, config, model.paper_model or model.path, model), config,
+                                chat(config.model), cfg.data.crops))
+    return links
