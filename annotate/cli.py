@@ -178,6 +178,30 @@ def show(
 
 
 @app.command()
+def diff(
+    out_a: str = typer.Argument(..., help="the --output folder of one run (A)"),
+    out_b: str = typer.Argument(..., help="the --output folder of the run to compare with it (B)"),
+    field: list[str] | None = typer.Option(None, "--field", help="compare only this region field (repeatable; "
+                                           "default: every field a stage writes)"),
+    examples: int = typer.Option(3, "--examples", min=0, help="examples shown per changed field"),
+    json_path: str | None = typer.Option(None, "--json", help="also write the whole result (counts, examples) here"),
+) -> None:
+    """Per region field, how many regions the same, changed, or set on one side only, with examples, and
+    the status transitions (e.g. ok -> failed): what a prompt change did, before training on it."""
+    from annotate.diff import NoDataset, diff_outputs, print_diff, write_json
+
+    try:
+        result = diff_outputs(out_a, out_b, field, examples)
+    except NoDataset as e:
+        raise typer.BadParameter(str(e), param_hint="OUT_A/OUT_B") from None
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--field") from None
+    print_diff(result)
+    if json_path:
+        typer.echo(f"full result: {write_json(result, json_path)}")
+
+
+@app.command()
 def demo(
     output: str = typer.Option("out/demo", "--output", help="where the demo dataset goes"),
     config: str = typer.Option("pipelines/tiny.yaml", "--config", help="pipeline YAML"),

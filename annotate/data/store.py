@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from annotate.config import PipelineConfig
-from annotate.data.records import SCHEMA_VERSION, ImageRecord, row_to_image_record, stored_columns
+from annotate.data.records import SCHEMA_VERSION, ImageRecord, RegionRecord, row_to_image_record, stored_columns
 from annotate.data.writer import ShardWriter, atomic_file, file_sha256, write_bytes_atomic, write_dataset_card
 
 FINAL = "final"  # the output name of the dataset itself (OUT/data)
@@ -334,6 +334,29 @@ def read_columns(path: Path, columns: Sequence[str]) -> list[dict]:
 def read_region_lists(path: Path) -> list[list[dict]]:
     """Each stored image's regions (a list of dicts, [] for none), images left unread."""
     return [row["regions"] or [] for row in read_columns(path, ["regions"])]
+
+
+def iter_region_fields(path: Path, fields: Sequence[str]) -> Iterator[dict]:
+    """Each stored region of one file with only `fields`, one row group at a time: the nested columns
+    alone are read (no images, no masks unless asked), so comparing a few fields of millions of regions
+    stays cheap. A field the file predates (an older schema version) reads as None."""
+    known = {info.alias or name for name, info in RegionRecord.model_fields.items()}
+    unknown = [f for f in fields if f not in known]
+    if unknown:
+        raise KeyError(f"{unknown} are not region fields of the stored schema ({', '.join(sorted(known))})")
+    parquet = pq.ParquetFile(path)
+    # the nested column paths as the file spells them (regions.list.element.FIELD)
+    prefixes = {parts[3]: ".".join(parts[:4]) for parts in (parquet.schema.column(i).path.split(".")
+                                                           for i in range(len(parquet.schema)))
+                if parts[0] == "regions" and len(parts) > 3}
+    present = [prefixes[f] for f in dict.fromkeys(fields) if f in prefixes]
+    absent = dict.fromkeys(f for f in fields if f not in prefixes)
+    for group in range(parquet.num_row_groups):
+        if not present:
+            continue
+        for regions in parquet.read_row_group(group, columns=present).column("regions").to_pylist():
+            for region in regions or []:
+                yield {**region, **absent}
 
 
 def iter_stored_records(path: Path, batch_rows: int = 64) -> Iterator[ImageRecord]:
