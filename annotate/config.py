@@ -15,8 +15,9 @@ Sections and who reads them:
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -179,8 +180,38 @@ class ServingConfig(_Section):
 ModelFamily = Literal["internvl2_hermes2", "griffon_gemma2", "qwen2_chatml", "r1_distill", "chatml"]
 
 
+@dataclass(frozen=True)
+class EngineKind:
+    """One `engine:` value and every fact about it that code outside its engine class reads, so that no
+    module compares engine names: a new kind is a row here, its arguments' section of `ModelConfig` (named
+    after it), and its class in engines/factory.py `ENGINE_CLASSES`."""
+
+    name: str
+    # How serving deploys it: "llm" Ray Serve LLM (vLLM's async engine), "chat" servers.ChatServer;
+    # None: a server outside the cluster, never deployed.
+    served_by: Literal["llm", "chat"] | None
+    # Requests one replica runs at once (the in-flight cap's default); None where it is not deployed.
+    per_replica: Callable[[ModelConfig], int] | None
+    reasoning_parser: bool  # takes `reasoning_parser`, and so a stage's `thinking_token_budget`
+    # Stops on its tokenizer's EOS and generation_config.json's, and reports such a stop as stop_reason
+    # None (vLLM); else transformers' generate rule, and a stop's cause is not reported.
+    vllm_stops: bool
+    tensor_parallel: bool  # a replica spans its GPUs by `vllm.tensor_parallel_size` (plan --gpus sets it)
+
+
+ENGINE_KINDS: dict[str, EngineKind] = {kind.name: kind for kind in (
+    EngineKind("vllm", served_by="llm", per_replica=lambda m: m.vllm.max_num_seqs or 256,  # vLLM's GPU default
+               reasoning_parser=True, vllm_stops=True, tensor_parallel=True),
+    EngineKind("openai", served_by=None, per_replica=None,
+               reasoning_parser=False, vllm_stops=False, tensor_parallel=False),
+    EngineKind("hf", served_by="chat", per_replica=lambda m: m.hf.batch_size,
+               reasoning_parser=False, vllm_stops=False, tensor_parallel=False),
+)}
+EngineName = Literal[tuple(ENGINE_KINDS)]  # what `engine:` accepts; pydantic names the choices when refusing one
+
+
 class ModelConfig(_Section):
-    engine: Literal["vllm", "openai", "hf"]
+    engine: EngineName
     path: str = Field(description="local path or model name as the engine understands it")
     paper_model: str | None = Field(None, description="the model the paper used for this role")
     vllm: VllmArgs = VllmArgs()
@@ -459,7 +490,8 @@ class PipelineConfig(_Section):
                     f"under `models` (declared: {known})"
                 )
             model = self.models[stage.model]
-            if stage.sampling.thinking_token_budget is not None and not (model.engine == "vllm" and model.reasoning_parser):
+            takes_parser = ENGINE_KINDS[model.engine].reasoning_parser
+            if stage.sampling.thinking_token_budget is not None and not (takes_parser and model.reasoning_parser):
                 # vLLM refuses every such request; caught here, before any GPU is reserved.
                 raise ValueError(f"stage {stage_name!r} sets sampling.thinking_token_budget, which needs a vLLM model "
                                  f"with a `reasoning_parser` (model {stage.model!r} has none)")

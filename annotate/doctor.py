@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from annotate.config import ModelConfig, PipelineConfig, SamplingConfig
+from annotate.config import ENGINE_KINDS, ModelConfig, PipelineConfig, SamplingConfig
 from annotate.data.records import ImageRecord
 from annotate.engines.base import ChatRequest, ChatResult
 from annotate.engines.checkpoint_check import Checkpoint, CheckpointError, check_checkpoints, read_checkpoint
@@ -163,7 +163,7 @@ def last_token(result: ChatResult, sampling: SamplingConfig, model: ModelConfig,
         return "max_tokens (finish length)", None
     reason = result.stop_reason
     if reason is None:
-        if model.engine == "vllm":  # vLLM reports None for the tokenizer's EOS
+        if ENGINE_KINDS[model.engine].vllm_stops:  # vLLM reports None for the tokenizer's EOS
             eos = f" ({', '.join(checkpoint.name(i) for i in checkpoint.eos_ids[:1])})" if checkpoint and \
                 checkpoint.eos_ids else ""
             return f"EOS{eos}", None

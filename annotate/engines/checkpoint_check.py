@@ -35,7 +35,7 @@ from pathlib import Path
 
 import yaml
 
-from annotate.config import ModelConfig, PipelineConfig, StageConfig
+from annotate.config import ENGINE_KINDS, ModelConfig, PipelineConfig, StageConfig
 from annotate.engines.conventions import conventions_of, effective_stop_tokens
 from annotate.engines.model_path import resolve_model_path
 from annotate.engines.transformers_common import token_id
@@ -115,7 +115,7 @@ def eos_ids(model: ModelConfig, folder: Path, tokenizer) -> list[int]:
 
     generation = _ids(read("generation_config.json").get("eos_token_id"))
     tokenizer_eos = _ids(tokenizer.eos_token_id)
-    if model.engine == "vllm":
+    if ENGINE_KINDS[model.engine].vllm_stops:
         ids = tokenizer_eos + generation
     else:  # transformers' generate: the generation config's (built from config.json when the file is absent)
         config = read("config.json")
@@ -129,7 +129,7 @@ def read_checkpoint(model: ModelConfig, folder: Path) -> Checkpoint:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    trust = model.vllm.trust_remote_code if model.engine == "vllm" else model.hf.trust_remote_code
+    trust = getattr(getattr(model, model.engine), "trust_remote_code", False)  # the engine's own section
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # a LLaVA-code-base config.json names a model_type transformers does not know
     try:
@@ -207,7 +207,8 @@ def check_checkpoints(cfg: PipelineConfig, chain: Iterable[str], read=read_check
         problems += reasoning_problems(stage_name, stage, model_name, model)
         if model_name not in checkpoints:
             checkpoints[model_name] = None
-            folder = Path(resolve_model_path(model.path)) if model.engine != "openai" else None
+            # A kind that is not deployed is a server elsewhere: no checkpoint here to read.
+            folder = Path(resolve_model_path(model.path)) if ENGINE_KINDS[model.engine].served_by else None
             if folder is None or not folder.is_dir():
                 where = "served at " + model.openai.base_url if folder is None else f"{model.path} is not on this machine"
                 notes.append(f"model {model_name}: {where}; its chat template and stop tokens are not checked here")

@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from annotate.config import ENGINE_KINDS
+
 
 def min_gpus(row: dict, gpu: dict, rule: dict) -> int:
     """Fewest GPUs (a power of two) that hold the model's bf16 weights (2 bytes per parameter)."""
@@ -80,7 +82,7 @@ def snippet(config_path: str, layout: dict[str, tuple[int, int]], gpu: str, util
         engine = table_engines.get(key)
         if engine and engine != entry.get("engine"):
             lines.append(f"  # {key}: the throughput table assumes engine {engine}; this file says {entry.get('engine')}")
-        if entry.get("engine") == "vllm":
+        if (kind := ENGINE_KINDS.get(entry.get("engine"))) and kind.tensor_parallel:
             entry["vllm"] = {**(entry.get("vllm") or {}), "tensor_parallel_size": gpr}
         entry["resources"] = {**(entry.get("resources") or {}), "num_gpus": gpr, "replicas": replicas,
                               "accelerator_type": gpu}

@@ -20,14 +20,15 @@ import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from annotate.config import ModelConfig, PipelineConfig, RunConfig, SegmentConfig
+from annotate.config import ENGINE_KINDS, ModelConfig, PipelineConfig, RunConfig, SegmentConfig
 
 log = logging.getLogger(__name__)
 
 APP_PREFIX = "longgrit-"
 SEGMENT_MODEL = "segment"  # the name the optional SAM model is served under
 IMAGE_AFFINITY_ROUTER = "annotate.serving.routing:ImageAffinityRouter"
-CHAT_SERVER_KINDS = ("hf",)  # engines served by servers.ChatServer (one request per call)
+# The app kinds servers.ChatServer serves (one request per call): each such engine under its own name.
+CHAT_SERVER_KINDS = tuple(kind.name for kind in ENGINE_KINDS.values() if kind.served_by == "chat")
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class ModelApp:
     model_name: str
     app_name: str
     deployment_name: str
-    kind: str  # "llm" (Serve LLM), "hf" (CHAT_SERVER_KINDS: servers.ChatServer), "sam"
+    kind: str  # "llm" (Serve LLM), an engine name of CHAT_SERVER_KINDS (servers.ChatServer), "sam"
     max_in_flight: int
     unavailable_timeout_s: float
     model_id: str  # what provenance records: the paper's model name, else the path
@@ -64,17 +65,25 @@ def in_flight_cap(model: ModelConfig | SegmentConfig) -> int:
         return model.serving.max_in_flight
     if isinstance(model, SegmentConfig):
         per_replica = model.batch_images
-    elif model.engine == "hf":
-        per_replica = model.hf.batch_size
     else:
-        per_replica = model.vllm.max_num_seqs or 256  # vLLM's default on GPUs
+        per_replica = ENGINE_KINDS[model.engine].per_replica(model)
     return 2 * per_replica * replicas(model)
 
 
+def app_kind(name: str, model: ModelConfig | SegmentConfig) -> str:
+    """`ModelApp.kind`, from config.ENGINE_KINDS; ValueError for an engine that is not deployed."""
+    if isinstance(model, SegmentConfig):
+        return "sam"
+    engine = ENGINE_KINDS[model.engine]
+    if engine.served_by is None:
+        raise ValueError(f"model {name!r} uses the {engine.name} engine: it is a server outside the cluster, "
+                         "not a deployment")
+    # A chat server's kind is its engine's name, which its deployment's name ends with.
+    return "llm" if engine.served_by == "llm" else engine.name
+
+
 def model_app(name: str, model: ModelConfig | SegmentConfig) -> ModelApp:
-    kind = "sam" if isinstance(model, SegmentConfig) else ("llm" if model.engine == "vllm" else model.engine)
-    if kind == "openai":
-        raise ValueError(f"model {name!r} uses the openai engine: it is a server outside the cluster, not a deployment")
+    kind = app_kind(name, model)
     app = f"{APP_PREFIX}{name}-{fingerprint(model)}"
     # Serve LLM names its deployment <server class>:<model_id> (with or without the OpenAI ingress);
     # the class is llm_server.StageLLMServer (not imported here: it imports vLLM).
