@@ -183,6 +183,10 @@ class ModelConfig(_Section):
     engine: Literal["vllm", "openai", "hf"]
     path: str = Field(description="local path or model name as the engine understands it")
     paper_model: str | None = Field(None, description="the model the paper used for this role")
+    revision: str | None = Field(
+        None, description="a name for these exact weights (a commit, a training run's tag): the model's identity in "
+                          "lineage keys instead of a digest of its files (engines/model_identity.py); set it when "
+                          "weights are replaced in place with the same sizes and times, or the path is not local")
     vllm: VllmArgs = VllmArgs()
     openai: OpenAIArgs = OpenAIArgs()
     hf: HfArgs = HfArgs()
