@@ -214,6 +214,10 @@ class ModelConfig(_Section):
     engine: EngineName
     path: str = Field(description="local path or model name as the engine understands it")
     paper_model: str | None = Field(None, description="the model the paper used for this role")
+    revision: str | None = Field(
+        None, description="a name for these exact weights (a commit, a training run's tag): the model's identity in "
+                          "lineage keys instead of a digest of its files (engines/model_identity.py); set it when "
+                          "weights are replaced in place with the same sizes and times, or the path is not local")
     vllm: VllmArgs = VllmArgs()
     openai: OpenAIArgs = OpenAIArgs()
     hf: HfArgs = HfArgs()
@@ -503,6 +507,8 @@ class PipelineConfig(_Section):
         payload = self.model_dump(mode="json", exclude={"run", "train"})
         for model in payload["models"].values():  # how a model is served does not change what it writes
             model.pop("serving", None)
+            if model.get("revision") is None:  # unset: outputs made before the field existed stay current
+                model.pop("revision", None)
         if payload.get("segment"):
             payload["segment"].pop("serving", None)
         for stage in payload["stages"].values():  # the prompt's text counts, not where the file lies

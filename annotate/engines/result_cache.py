@@ -55,16 +55,21 @@ AsyncChat = Callable[[ChatRequest], Awaitable[ChatResult]]
 # --------------------------------------------------------------------------------------- keys
 def model_fingerprint(model_id: str, settings: dict[str, Any] | None = None) -> str:
     """What identifies a model's answers: its id plus the settings that change outputs (a model
-    config's `model_dump(mode="json")`; its scale-only settings are dropped, so a rerun on more
-    replicas still finds the results of the run that died)."""
-    settings = json.loads(json.dumps(settings or {}))  # a deep copy we may prune
+    config's `model_dump(mode="json")`, through `answer_settings`)."""
+    return _digest({"model": model_id, "settings": answer_settings(settings or {})})
+
+
+def answer_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """A model config's `model_dump(mode="json")` without its scale-only settings, so that a rerun on
+    more replicas still finds the results of the run that died."""
+    settings = json.loads(json.dumps(settings))  # a deep copy we may prune
     for section, keys in _SCALE_ONLY.items():
         if keys is None:
             settings.pop(section, None)
         elif isinstance(settings.get(section), dict):
             for key in keys:
                 settings[section].pop(key, None)
-    return _digest({"model": model_id, "settings": settings})
+    return settings
 
 
 def image_digest(image: Image.Image) -> str:
@@ -209,12 +214,17 @@ class CallTally:
 
 class ResultCache:
     """A chain worker stage's view of the store: one `ShardStore` per shard it works on, the most recent
-    `open_shards` kept open (a long run moves through many shards; each open file costs descriptors)."""
+    `open_shards` kept open (a long run moves through many shards; each open file costs descriptors).
 
-    def __init__(self, root: str | Path, prefix: str, model: str, open_shards: int = 8):
+    `fingerprint` is what every key holds besides the request itself: what answers it. A
+    `model_fingerprint` names the model by its path and settings only; the stage's lineage
+    (stages/lineage.py `LineageKey.answer_digest`) adds the digest of its weights, the prompt's version
+    and the sampling, so that replaced weights or another prompt never replay an old answer."""
+
+    def __init__(self, root: str | Path, prefix: str, fingerprint: str, open_shards: int = 8):
         self.root = Path(root)
         self.prefix = _safe(prefix)
-        self.model = model
+        self.fingerprint = fingerprint
         self.open_shards = open_shards
         self.stores: OrderedDict[str, ShardStore] = OrderedDict()
 
@@ -233,7 +243,7 @@ class ResultCache:
 
         async def cached_chat(request: ChatRequest) -> ChatResult:
             started = time.perf_counter()
-            key = request_key(self.model, request)
+            key = request_key(self.fingerprint, request)
             value = store.get(key) if key is not None else None
             if value is not None:
                 try:

@@ -160,6 +160,10 @@ class Stage:
 
     name: ClassVar[str]
     writes: ClassVar[str]  # the region field this stage fills in (cleared again when the region is retried)
+    # The earlier stages whose output, when present, shapes this stage's request, which regions it takes
+    # (their fields, or the status they set: validate's `rejected`) or how it reads the answer. Its
+    # lineage key holds theirs (stages/lineage.py); what they read counts through them.
+    reads: ClassVar[tuple[str, ...]]
     Params: ClassVar[type[StageParams]] = StageParams
     # A free-text stage's inputs that a model may restate before its answer ("The object-level
     # description is: ..."), as field -> the labels its prompt gives them (stages/answers.py).

@@ -14,6 +14,7 @@ from annotate.stages.base import RegionContext, Stage, clean_caption
 class ContextStage(Stage):
     name = "context"
     writes = "context_caption"
+    reads = ("validate",)  # only validated regions; the object caption is not in its prompt
 
     def wants(self, region: RegionRecord) -> bool:
         return (

@@ -67,6 +67,7 @@ def ground_phrases(region: RegionRecord, others: dict[int, str], answer: list[_P
 class GroundStage(DescribedStage):
     name = "ground"
     writes = "phrases"
+    reads = ("merge",)  # the other regions' phrases and boxes are data
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

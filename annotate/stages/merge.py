@@ -14,6 +14,7 @@ from annotate.stages.base import RegionContext, Stage, clean_caption
 class MergeStage(Stage):
     name = "merge"
     writes = "fine_caption"
+    reads = ("object", "validate", "context")  # validate: a rejected region is not `pending`
     # How a model restates its two inputs before (or instead of) merging them, as prompts/merge.yaml and
     # its earlier versions named them: "The object-level description is: ... Context-level: ...".
     restated_inputs = {

@@ -135,6 +135,7 @@ def _review_verdicts(result: ChatResult, count: int, cues: VerdictWords, unverif
 class NegativesStage(DescribedStage):
     name = "negatives"
     writes = "negative_candidates"
+    reads = ("merge",)
     Params = NegativesParams
 
 
@@ -165,6 +166,7 @@ class NegativesStage(DescribedStage):
 class NegativesTextStage(DescribedStage):
     name = "negatives_text"
     writes = "negative_text_verdicts"
+    reads = ("merge", "negatives")
 
     def wants(self, region: RegionRecord) -> bool:
         return super().wants(region) and region.negative_candidates is not None
@@ -198,6 +200,7 @@ class NegativesTextStage(DescribedStage):
 class NegativesVisualStage(DescribedStage):
     name = "negatives_visual"
     writes = "negatives"
+    reads = ("negatives", "negatives_text")  # the description only through the candidates
 
     def wants(self, region: RegionRecord) -> bool:
         return super().wants(region) and region.negative_text_verdicts is not None

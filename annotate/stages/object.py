@@ -12,6 +12,7 @@ from annotate.stages.base import RegionContext, Stage, clean_caption
 class ObjectStage(Stage):
     name = "object"
     writes = "object_caption"
+    reads = ()  # the image, its caption and the region's phrase and mask: data only
     # The phrase a model may restate before its caption ("The object was referred to as "a mug".").
     restated_inputs = {"phrase": ("the object was referred to as", "the object is referred to as", "referred to as",
                                   "phrase")}

@@ -67,6 +67,7 @@ class SummarizeParams(StageParams):
 class SummarizeStage(DescribedStage):
     name = "summarize"
     writes = "summary"
+    reads = ("merge",)
     Params = SummarizeParams
     # The description a model may restate before its summary ("Description: ... Summary: ...").
     restated_inputs = {"fine_caption": ("description", "the original description", "fine-grained description")}

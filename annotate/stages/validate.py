@@ -36,6 +36,7 @@ CONSISTENCY_WORDS = VerdictWords(
 class ValidateStage(Stage):
     name = "validate"
     writes = "validation"
+    reads = ("object",)
 
     def wants(self, region: RegionRecord) -> bool:
         return region.status == "pending" and region.object_caption is not None and region.validation is None

@@ -1,0 +1,220 @@
+"""Lineage keys: a change reaches the stage it changes and the stages that read it, nothing else; and
+what each stage declares it `reads` is what its code really uses, found by running the chain with one
+earlier stage answering differently and watching what the stage then sends."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from annotate.config import PipelineConfig, load_config
+from annotate.data.masks import encode_rle
+from annotate.data.records import ImageRecord, RegionRecord
+from annotate.engines.base import ChatResult
+from annotate.engines.result_cache import request_key
+from annotate.stages.base import RegionContext
+from annotate.stages.chain import STAGE_CLASSES, build_stage, chain_of
+from annotate.stages.lineage import LineageKey, chain_lineage
+
+from bench.harness import TINY_FIELDS
+
+REPO = Path(__file__).resolve().parents[1]
+CORE = ("object", "validate", "context", "merge")
+AFTER_MERGE = ("summarize", "ground", "negatives", "negatives_text", "negatives_visual")
+
+
+@pytest.fixture(scope="module")
+def cfg() -> PipelineConfig:
+    return load_config(TINY_FIELDS)
+
+
+def identities(cfg: PipelineConfig, **override: str) -> dict[str, dict[str, Any]]:
+    return {key: {"path": model.path, "revision": None, "weights": override.get(key, "digest-" + key)}
+            for key, model in cfg.models.items()}
+
+
+def variant(cfg: PipelineConfig, update: dict[str, Any]) -> PipelineConfig:
+    """`cfg` with `update` merged into it, section by section."""
+    def merge(base, extra):
+        return {k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                for k, v in {**base, **extra}.items()} if isinstance(extra, dict) else extra
+    return PipelineConfig.model_validate(merge(cfg.model_dump(), update))
+
+
+def changes(before: dict[str, LineageKey], after: dict[str, LineageKey]) -> dict[str, list[str]]:
+    """The stages whose key changed, with the parts that changed."""
+    assert list(before) == list(after)
+    return {name: before[name].changed(after[name]) for name in before if before[name] != after[name]}
+
+
+def test_merge_prompt_text_changes_merge_and_its_readers_only(cfg, tmp_path):
+    base = chain_lineage(cfg, identities(cfg))
+    text = Path(cfg.stages["merge"].prompt).read_text()
+    moved = tmp_path / "same.yaml"
+    moved.write_text("# a comment changes nothing that is sent\n" + text)
+    assert chain_lineage(variant(cfg, {"stages": {"merge": {"prompt": str(moved)}}}), identities(cfg)) == base
+    edited = tmp_path / "merge.yaml"
+    edited.write_text(text.replace("one to three sentences", "two to four sentences"))
+    assert edited.read_text() != text
+    after = chain_lineage(variant(cfg, {"stages": {"merge": {"prompt": str(edited)}}}), identities(cfg))
+    assert changes(base, after) == {"merge": ["prompt"], **{name: ["inputs"] for name in AFTER_MERGE}}
+
+
+def test_context_model_changes_context_merge_and_after(cfg):
+    base = chain_lineage(cfg, identities(cfg))
+    other = variant(cfg, {"models": {"vlm_b": cfg.models["vlm"].model_dump()}, "stages": {"context": {"model": "vlm_b"}}})
+    after = chain_lineage(other, identities(other, vlm_b="other-weights"))
+    assert changes(base, after) == {"context": ["model"], "merge": ["inputs"], **{n: ["inputs"] for n in AFTER_MERGE}}
+    # The same weights under another key: nothing to recompute.
+    assert chain_lineage(other, identities(other, vlm_b="digest-vlm")) == base
+
+
+def test_new_weights_change_every_stage_of_that_model_and_their_readers(cfg):
+    base = chain_lineage(cfg, identities(cfg))
+    after = chain_lineage(cfg, identities(cfg, llm="fine-tuned"))
+    changed = changes(base, after)
+    assert "object" not in changed and changed["context"] == ["inputs"]  # context reads validate
+    assert changed["validate"] == ["model"] and changed["negatives_visual"] == ["inputs"]  # the vlm, after llm stages
+    assert all(changed[name] == ["inputs", "model"] for name in ("merge", "summarize", "ground", "negatives",
+                                                                 "negatives_text"))
+
+
+def test_a_data_setting_changes_every_stage(cfg):
+    base = chain_lineage(cfg, identities(cfg))
+    after = chain_lineage(variant(cfg, {"data": {"crops": {"max_side": 128}}}), identities(cfg))
+    assert changes(base, after) == {name: ["data"] if not STAGE_CLASSES[name].reads else ["data", "inputs"]
+                                    for name in chain_of(cfg)}
+
+
+def test_sampling_changes_that_stage_and_downstream(cfg):
+    base = chain_lineage(cfg, identities(cfg))
+    after = chain_lineage(variant(cfg, {"stages": {"validate": {"sampling": {"max_tokens": 300}}}}), identities(cfg))
+    assert changes(base, after) == {"validate": ["sampling"], "context": ["inputs"], "merge": ["inputs"],
+                                    **{name: ["inputs"] for name in AFTER_MERGE}}
+
+
+def test_params_count_as_validated_and_reach_the_readers(cfg):
+    base = chain_lineage(cfg, identities(cfg))
+    defaults = variant(cfg, {"stages": {"negatives": {"params": {"k": 2, "echo_words": 8}}}})
+    assert chain_lineage(defaults, identities(cfg)) == base  # a default written out is the default
+    after = chain_lineage(variant(cfg, {"stages": {"negatives": {"params": {"k": 3}}}}), identities(cfg))
+    assert changes(base, after) == {"negatives": ["params"], "negatives_text": ["inputs"],
+                                    "negatives_visual": ["inputs"]}
+    retries = chain_lineage(variant(cfg, {"stages": {"summarize": {"retry_temperature": 0.9}}}), identities(cfg))
+    assert changes(base, retries) == {"summarize": ["params"]}
+
+
+def test_the_answer_digest_covers_weights_prompt_and_sampling_only(cfg):
+    base = chain_lineage(cfg, identities(cfg))
+    data = chain_lineage(variant(cfg, {"data": {"crops": {"max_side": 128}}}), identities(cfg))
+    assert all(base[n].answer_digest == data[n].answer_digest for n in base)  # pixels are in the request
+    weights = chain_lineage(cfg, identities(cfg, llm="fine-tuned"))
+    assert [n for n in base if base[n].answer_digest != weights[n].answer_digest] == [
+        n for n in base if cfg.stages[n].model == "llm"]
+
+
+def test_keys_are_the_same_in_another_process(cfg):
+    code = ("import json; from annotate.config import load_config; from annotate.stages.lineage import chain_lineage;"
+            f"cfg = load_config({str(TINY_FIELDS)!r});"
+            "ids = {k: {'path': m.path, 'revision': None, 'weights': 'digest-' + k} for k, m in cfg.models.items()};"
+            "print(json.dumps({n: k.digest for n, k in chain_lineage(cfg, ids).items()}))")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONHASHSEED": "12345"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=REPO)
+    assert json.loads(out.stdout) == {n: k.digest for n, k in chain_lineage(cfg, identities(cfg)).items()}
+
+
+def test_production_pipeline_and_missing_identities():
+    cfg = load_config(REPO / "pipelines" / "longgrit.yaml")
+    keys = chain_lineage(cfg, identities(cfg))
+    assert list(keys) == list(CORE) and len({k.parts["model"] for k in keys.values()}) == 4
+    with pytest.raises(KeyError, match="no identity"):
+        chain_lineage(cfg, {})
+
+
+# ---------------------------------------------------------------- what each stage really reads
+DESCRIPTION = "The object is a red ceramic mug with a chipped handle. It stands on a wooden table."
+# Two valid answers per stage: A, the one the chain gets, and B, another one.
+ANSWERS: dict[str, tuple[Any, Any]] = {
+    "object": ("a red ceramic mug", "a blue glass vase"),
+    "validate": ({"reason": "The caption describes the mug.", "consistent": True},
+                 {"reason": "The caption names another object.", "consistent": False}),
+    "context": ("It stands on a wooden table, left of a laptop.", "It lies on the floor by the door."),
+    "merge": (DESCRIPTION, "A red mug with a chipped handle stands on a wooden table."),
+    "summarize": ("A chipped red mug on a table.", "A red mug."),
+    "ground": ({"phrases": [{"text": "red ceramic mug", "refers_to": "self"}]},
+               {"phrases": [{"text": "wooden table", "refers_to": "R1"}]}),
+    "negatives": ({"edits": [{"type": "colour", "text": DESCRIPTION.replace("red", "blue")}]},
+                  {"edits": [{"type": "material", "text": DESCRIPTION.replace("ceramic", "glass")}]}),
+    "negatives_text": ({"verdicts": [{"reason": "Blue contradicts red.", "holds": True}]},
+                       {"verdicts": [{"reason": "Both can be true.", "holds": False}]}),
+    "negatives_visual": ({"verdicts": [{"reason": "The mug is red.", "holds": False}]},
+                         {"verdicts": [{"reason": "The mug is blue.", "holds": True}]}),
+}
+
+
+def fresh_record() -> tuple[ImageRecord, Image.Image]:
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[10:40, 10:40] = 1
+    regions = [RegionRecord(region_id=f"s:img:{i}", region_index=i, phrase=phrase, bbox=[10, 10, 30, 30],
+                            mask=encode_rle(mask), mask_source="given")
+               for i, phrase in enumerate(["a red mug", "a wooden table"])]
+    return (ImageRecord(image_key="img", shard="s", width=64, height=64, caption="a mug", regions=regions),
+            Image.new("RGB", (64, 64), (200, 30, 30)))
+
+
+def result(answer: Any) -> ChatResult:
+    text = json.dumps(answer) if isinstance(answer, dict) else answer
+    return ChatResult(request_id="r", text=text, finish_reason="stop", parsed=answer if isinstance(answer, dict) else None)
+
+
+def run_until(cfg, stop: str, different: str | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Run the chain on one region up to `stop`, every stage answering A except `different` (B). Returns
+    what `stop` then does (whether it takes the region, the key of its request, the field it writes
+    from answer A) and each earlier stage's output."""
+    record, image = fresh_record()
+    region, outputs = record.regions[0], {}
+    for name in chain_of(cfg):
+        stage = build_stage(name, cfg.stages[name], "m", cfg.models[cfg.stages[name].model])
+        if name == stop:
+            if not stage.wants(region):
+                return ("skipped",), outputs
+            request = stage.build_request(RegionContext(record, region, image, cfg.data.crops))
+            assert stage.apply(region, result(ANSWERS[name][0])) is None
+            return (request_key("m", request), json.dumps(_dump(getattr(region, stage.writes)))), outputs
+        if stage.wants(region) and not stage.without_model(region):
+            stage.build_request(RegionContext(record, region, image, cfg.data.crops))  # ground keeps the ids
+            assert stage.apply(region, result(ANSWERS[name][name == different])) is None
+        outputs[name] = (json.dumps(_dump(getattr(region, stage.writes))), region.status)
+    raise AssertionError(f"{stop} is not in the chain")
+
+
+def _dump(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_dump(v) for v in value]
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
+
+
+@pytest.mark.parametrize("name", list(STAGE_CLASSES))
+def test_a_stage_reads_what_it_declares(cfg, name):
+    """A stage changes what it does when a stage it `reads` answers otherwise; when another earlier stage
+    does, only through the output of a stage it reads."""
+    chain = chain_of(cfg)
+    reads = STAGE_CLASSES[name].reads
+    assert set(reads) <= set(chain[:chain.index(name)])
+    baseline, base_outputs = run_until(cfg, name, None)
+    assert baseline[0] != "skipped"
+    for earlier in chain[:chain.index(name)]:
+        behaviour, outputs = run_until(cfg, name, earlier)
+        if earlier in reads:
+            assert behaviour != baseline, f"{name} declares it reads {earlier} but ignores its answer"
+        elif behaviour != baseline:
+            moved = [r for r in reads if outputs[r] != base_outputs[r]]
+            assert moved, f"{name} depends on {earlier}, which it does not read, other than through what it reads"
