@@ -218,3 +218,17 @@ def test_a_stage_reads_what_it_declares(cfg, name):
         elif behaviour != baseline:
             moved = [r for r in reads if outputs[r] != base_outputs[r]]
             assert moved, f"{name} depends on {earlier}, which it does not read, other than through what it reads"
+
+
+def test_an_unset_revision_leaves_the_config_fingerprint_as_before_and_a_set_one_changes_it():
+    """`revision` came after outputs were made: unset, it is not part of the record settings, so their
+    manifest lines stay current; declared, it changes what the model writes and so the fingerprint."""
+    from annotate.config import load_config
+    from annotate.data.store import config_fingerprint
+
+    cfg = load_config(REPO / "pipelines" / "tiny.yaml")
+    assert all("revision" not in model for model in cfg.record_settings()["models"].values())
+    model = next(iter(cfg.models))
+    revised = cfg.model_copy(update={"models": {**cfg.models, model: cfg.models[model].model_copy(
+        update={"revision": "ft-2026-12"})}})
+    assert config_fingerprint(revised) != config_fingerprint(cfg)
