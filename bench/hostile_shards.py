@@ -172,10 +172,10 @@ def child(shard: Path, out: Path, warm: Path) -> dict:
     from annotate.config import PipelineConfig
     from annotate.data.prepare import ShardStats, prepare_output
     from annotate.data.shards import ShardRef
-    from annotate.data.store import OutputStore, config_fingerprint
+    from annotate.data.store import OutputStore, prepare_fingerprint
 
     cfg = PipelineConfig()
-    fingerprint = config_fingerprint(cfg)
+    fingerprint = prepare_fingerprint(cfg)
     prepare_output(ShardRef(0, "00000", warm, "webdataset"), cfg.data, OutputStore(out / "warm"), fingerprint)
     gc.collect()
     floor, peak_before = _rss_bytes(), _vmhwm_bytes()

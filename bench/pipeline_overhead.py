@@ -127,9 +127,9 @@ def _process_label(proc) -> str:
 def _prepare(cfg, input_dir: Path, ids: list[int], root: Path) -> None:
     from annotate.data.prepare import prepare_output
     from annotate.data.shards import find_shards
-    from annotate.data.store import OutputStore, config_fingerprint
+    from annotate.data.store import OutputStore, prepare_fingerprint
 
-    store, fingerprint = OutputStore(root), config_fingerprint(cfg)
+    store, fingerprint = OutputStore(root), prepare_fingerprint(cfg)
     for ref in find_shards(input_dir, ids, cfg.data.shard_format):
         store.record(prepare_output(ref, cfg.data, store, fingerprint))
 

@@ -232,3 +232,64 @@ def test_an_unset_revision_leaves_the_config_fingerprint_as_before_and_a_set_one
     revised = cfg.model_copy(update={"models": {**cfg.models, model: cfg.models[model].model_copy(
         update={"revision": "ft-2026-12"})}})
     assert config_fingerprint(revised) != config_fingerprint(cfg)
+
+
+def _described(**provenance_keys) -> "RegionRecord":
+    from annotate.data.records import RegionRecord, Validation
+
+    region = RegionRecord(region_id="s:k:0", region_index=0, phrase="a dog", bbox=[0, 0, 2, 2], status="ok",
+                          object_caption="a brown dog", validation=Validation(consistent=True, reason="fits"),
+                          context_caption="on grass", fine_caption="a brown dog on grass", summary="a dog")
+    for stage, key in provenance_keys.items():
+        region.provenance.of(stage).lineage = key
+        region.provenance.of(stage).attempts = 1
+    return region
+
+
+def test_reset_for_lineage_clears_only_the_fields_whose_key_changed():
+    from annotate.data.records import ImageRecord, RegionRecord
+    from annotate.stages.lineage import reset_for_lineage
+
+    keys = {"object": "o", "validate": "v", "context": "c", "merge": "m2", "summarize": "s2"}
+    merge_changed = _described(object="o", validate="v", context="c", merge="m1", summarize="s1")
+    only_summary = _described(object="o", validate="v", context="c", merge="m2", summarize="s1")
+    unchanged = _described(object="o", validate="v", context="c", merge="m2", summarize="s2")
+    rejected = RegionRecord(region_id="s:k:1", region_index=1, phrase="a cat", bbox=[0, 0, 2, 2], status="rejected",
+                            error="validate: inconsistent", object_caption="a cat")
+    rejected.provenance.of("object").lineage, rejected.provenance.of("validate").lineage = "o", "v"
+    data_failed = RegionRecord(region_id="s:k:2", region_index=2, phrase="x", bbox=[0, 0, 2, 2], status="failed",
+                               error="mask: mask is empty")
+    record = ImageRecord(image_key="k", shard="s", width=4, height=4, caption="",
+                         regions=[merge_changed, only_summary, unchanged, rejected, data_failed])
+
+    assert reset_for_lineage(record, keys) == {"merge": 1, "summarize": 2}
+    assert merge_changed.status == "pending" and merge_changed.fine_caption is None and merge_changed.summary is None
+    assert merge_changed.context_caption == "on grass" and merge_changed.provenance.of("context").lineage == "c"
+    assert merge_changed.provenance.of("merge").lineage is None and merge_changed.provenance.of("merge").attempts == 0
+    assert only_summary.status == "ok" and only_summary.fine_caption and only_summary.summary is None
+    assert unchanged.summary == "a dog" and unchanged.status == "ok"
+    assert (rejected.status, rejected.error) == ("rejected", "validate: inconsistent")
+    assert (data_failed.status, data_failed.error) == ("failed", "mask: mask is empty")
+    # a stage the chain no longer runs: its field goes (only `unchanged` still has one), nothing else
+    assert reset_for_lineage(record, {k: v for k, v in keys.items() if k != "summarize"}) == {"summarize": 1}
+    assert unchanged.summary is None and unchanged.status == "ok" and unchanged.fine_caption
+
+
+def test_a_stage_records_its_key_in_the_provenance_of_each_region_it_takes():
+    from annotate.engines.base import ChatResult
+    from annotate.stages.batch import run_stage
+    from annotate.stages.chain import build_stage
+
+    cfg = load_config(TINY_FIELDS)
+    stage = build_stage("merge", cfg.stages["merge"], "m", cfg.models[cfg.stages["merge"].model])
+    stage.lineage = "key-1"
+    region = _described()
+    region.status, region.fine_caption = "pending", None
+    from annotate.data.records import ImageRecord
+
+    record = ImageRecord(image_key="k", shard="s", width=4, height=4, caption="", regions=[region])
+    answer = "A brown dog stands on green grass in a sunny park."
+    counts = run_stage(stage, [(record, None)], lambda reqs: [ChatResult(r.request_id, answer, "stop") for r in reqs],
+                       cfg.data.crops, max_attempts=2)
+    assert counts.done == 1 and region.fine_caption
+    assert region.provenance.of("merge").lineage == "key-1" and region.provenance.of("merge").attempts == 1

@@ -9,7 +9,7 @@ from pathlib import Path
 from annotate.config import load_config
 from annotate.data.records import ImageRecord, RegionRecord
 from annotate.data.writer import ShardWriter
-from annotate.data.store import DAMAGED, FINAL, config_fingerprint, OutputStore
+from annotate.data.store import DAMAGED, FINAL, OutputStore, config_fingerprint, prepare_fingerprint
 from annotate.executor.runner import plan_work
 from annotate.stages.chain import reset_for_retry, stage_io
 from bench.harness import SAMPLE_SHARDS, TINY
@@ -113,9 +113,9 @@ def test_annotate_prepare_writes_the_store_that_annotate_run_resumes(tmp_path):
     cfg = load_config(TINY)
     fp = config_fingerprint(cfg)
     store = OutputStore(out)
-    lines = store.finished(PREPARE, fp)
-    assert sorted(lines) == ["00000", "00001"]
-    assert all(store.is_current(line, fp, FINISHED) for line in lines.values())
+    lines = store.finished(PREPARE, prepare_fingerprint(cfg))  # keyed by the data settings alone
+    assert sorted(lines) == ["00000", "00001"] and not store.finished(PREPARE, fp)
+    assert all(store.is_current(line, prepare_fingerprint(cfg), FINISHED) for line in lines.values())
     items, skipped = plan_work(cfg, store, src, [0, 1], stage_io("all"), fp, retry_failed=False)
     assert skipped == [] and [(i["shard"], i["needs_prepare"], i["input"]) for i in items] == [
         ("00000", False, PREPARE), ("00001", False, PREPARE)]
@@ -150,3 +150,34 @@ def test_a_run_redoes_a_shard_whose_source_was_replaced(tmp_path):
         ("00000", False, PREPARE), ("00001", True, PREPARE)]
     with pytest.raises(RuntimeError, match="changed since it was prepared"):
         plan_work(cfg, OutputStore(out), src, [1], stage_io("validate"), fp, retry_failed=False)
+
+
+def test_a_whole_chain_rerun_under_another_config_reuses_the_dataset_by_lineage(tmp_path):
+    """A dataset shard finished under another config is the input of a whole-chain run given lineage
+    keys, when its prepared regions are still current and its rows are of this schema; otherwise (no
+    keys: a single stage; or an older schema) the shard is made from `prepare` as before."""
+    cfg = load_config(TINY)
+    fp, prepared = config_fingerprint(cfg), prepare_fingerprint(cfg)
+    layout = OutputStore(tmp_path / "out")
+    src = _shards(tmp_path)
+    for shard in ("00000", "00001"):
+        _write(layout, "prepare", shard, prepared, "regions")
+        _write(layout, FINAL, shard, "an-earlier-config", "described")
+    old = layout.output_path(FINAL, "00001")  # a file of the previous schema: not reused
+    records = [ImageRecord(image_key="k", shard="00001", width=4, height=4, caption="c", schema_version="1.2")]
+    writer = ShardWriter(old)
+    writer.add(records[0])
+    stats = writer.commit()
+    layout.record({"output": FINAL, "shard": "00001", "config": "an-earlier-config", "sha256": stats.sha256,
+                   **stats.summary()})
+
+    keys = {"object": "o", "validate": "v", "context": "c", "merge": "m"}
+    items, skipped = plan_work(cfg, layout, src, [0, 1], stage_io("all"), fp, retry_failed=False, lineage=keys)
+    assert skipped == []
+    assert [(i["shard"], i["relineage"], i["input"], i["needs_prepare"]) for i in items] == [
+        ("00000", True, FINAL, False), ("00001", False, "prepare", False)]
+    items, _ = plan_work(cfg, layout, src, [0], stage_io("all"), fp, retry_failed=False)  # no keys given
+    assert [(i["relineage"], i["input"]) for i in items] == [(False, "prepare")]
+    _write(layout, "prepare", "00000", "other-data-settings", "regions")  # the data settings changed
+    items, _ = plan_work(cfg, layout, src, [0], stage_io("all"), fp, retry_failed=False, lineage=keys)
+    assert [(i["relineage"], i["needs_prepare"]) for i in items] == [(False, True)]

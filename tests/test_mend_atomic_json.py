@@ -67,7 +67,7 @@ def test_the_run_record_is_written_atomically(tmp_path, fsynced):
     from annotate.executor.runner import RunSummary, _write_run_record
 
     store = OutputStore(tmp_path)
-    _write_run_record(store, RunSummary(output_dir=tmp_path, stage="all"), "tiny.yaml", "f1ng3rpr1nt")
+    _write_run_record(store, RunSummary(output_dir=tmp_path, stage="all"), "tiny.yaml", "f1ng3rpr1nt", {}, {})
     [path] = store.runs_dir.glob("*.json")
     record = json.loads(path.read_text())
     assert record["config"] == "f1ng3rpr1nt" and record["pipeline"] == "tiny.yaml" and record["stage"] == "all"

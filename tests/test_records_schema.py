@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from annotate.data.records import Provenance, RegionRecord, arrow_schema, features
+from annotate.data.records import SCHEMA_VERSION, Provenance, RegionRecord, arrow_schema, features
 from annotate.data.writer import region_field_descriptions, write_dataset_card
 
 
@@ -70,9 +70,21 @@ def schema_1_2_as_written_by_hand():
     )
 
 
+def schema_1_3():
+    """1.2 plus what 1.3 added: each stage's provenance counts its attempts and keeps its lineage key."""
+    import datasets
+
+    schema = schema_1_2_as_written_by_hand()
+    for entry in schema["regions"].feature["provenance"].values():
+        entry["attempts"] = datasets.Value("int32")
+        entry["lineage"] = datasets.Value("string")
+    return datasets.Features(schema)
+
+
 def test_derived_features_are_the_hand_written_ones():
-    assert features() == schema_1_2_as_written_by_hand()
-    assert arrow_schema() == schema_1_2_as_written_by_hand().arrow_schema
+    assert SCHEMA_VERSION == "1.3"
+    assert features() == schema_1_3()
+    assert arrow_schema() == schema_1_3().arrow_schema
 
 
 def test_an_unstorable_field_is_refused():

@@ -22,7 +22,7 @@ from annotate.data.records import ImageRecord, RegionRecord
 from annotate.data.regions import region_entries, regions_from_meta
 from annotate.data.raw_sample import RawSample, ShardRead, error_text, printable
 from annotate.data.shards import ShardRef, iter_samples
-from annotate.data.store import PREPARE, OutputStore, config_fingerprint, input_changed, input_stamp
+from annotate.data.store import PREPARE, OutputStore, prepare_fingerprint, input_changed, input_stamp
 from annotate.data.writer import fill, status_counts
 
 log = logging.getLogger(__name__)
@@ -266,7 +266,7 @@ def run_prepare(input_dir: str, shard_spec: str, output: str, config_path: str |
     from annotate.data.shards import find_shards, parse_shard_spec
 
     cfg = load_config(config_path) if config_path else PipelineConfig()
-    fingerprint = config_fingerprint(cfg)
+    fingerprint = prepare_fingerprint(cfg)  # the data settings alone: a new prompt keeps the prepared shards
     refs = find_shards(input_dir, parse_shard_spec(shard_spec), cfg.data.shard_format)
     store = OutputStore(output)
     console = Console(stderr=True)

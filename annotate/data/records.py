@@ -18,7 +18,8 @@ from pydantic import BaseModel, Field
 if TYPE_CHECKING:
     import datasets
 
-SCHEMA_VERSION = "1.2"  # 1.1: ImageRecord.error; 1.2: summary, sentences, phrases, negatives, quality (optional stages)
+SCHEMA_VERSION = "1.3"  # 1.1: ImageRecord.error; 1.2: summary, sentences, phrases, negatives, quality (optional
+# stages); 1.3: each stage's lineage key and attempts in its provenance
 # Files of an older version still load: every field added since is optional and reads as None.
 
 Status = Literal["ok", "rejected", "failed", "pending"]
@@ -93,8 +94,12 @@ class Quality(BaseModel):
 class StageProvenance(BaseModel):
     model: str | None = None
     prompt_version: str | None = None
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # summed over attempts
     completion_tokens: int = 0
+    attempts: int = 0  # requests sent for the region (retries included)
+    # The stage's lineage key (stages/lineage.py) when it took the region: what its field was made from.
+    # A rerun under another key recomputes the field; None: made before lineage was kept, or not by a run.
+    lineage: str | None = None
 
 
 class Provenance(BaseModel):
@@ -166,7 +171,8 @@ class RegionRecord(BaseModel):
     error: str | None = Field(
         None, description="why a region is rejected or failed, prefixed with the stage (or the data plane) that decided")
     provenance: Provenance = Field(
-        Provenance(), description="per stage: model, prompt version, prompt and completion tokens")
+        Provenance(), description="per stage: model, prompt version, prompt and completion tokens, attempts, and the "
+        "lineage key of what the stage's field was made from")
 
 
 class ImageRecord(BaseModel):

@@ -54,6 +54,20 @@ def config_fingerprint(cfg: PipelineConfig) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def data_settings(cfg: PipelineConfig) -> dict[str, Any]:
+    """What the prepared regions and their masks depend on (the `data` and `segment` settings), with the
+    record schema's version: all that the `prepare` output is keyed by, so that a new prompt or model
+    keeps it (stages/lineage.py builds every stage's key on it)."""
+    settings = cfg.record_settings()
+    return {"data": settings["data"], "segment": settings.get("segment"), "schema_version": SCHEMA_VERSION}
+
+
+def prepare_fingerprint(cfg: PipelineConfig) -> str:
+    """The `config` of a `prepare` output's manifest line: a hash of `data_settings` alone."""
+    payload = {"prepare": data_settings(cfg)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def json_bytes(obj: Any, *, indent: int | None = 1, sort_keys: bool = False) -> bytes:
     """What `write_json_atomic` writes for `obj`, for a caller that compares a file with it first."""
     return (json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n").encode()
@@ -100,6 +114,16 @@ class OutputStore:
     @property
     def runs_dir(self) -> Path:
         return self.root / "runs"
+
+    def run_records(self) -> list[dict[str, Any]]:
+        """Every readable run record (OUT/runs/*.json), oldest first (their names start with the time)."""
+        records = []
+        for path in sorted(self.runs_dir.glob("*.json")) if self.runs_dir.is_dir() else []:
+            try:
+                records.append(json.loads(path.read_text()))
+            except (OSError, ValueError):  # a record being written by another process, or not ours
+                continue
+        return records
 
     def library_log_path(self) -> Path:
         """OUT/logs/TIME-PID.log: what Ray, Serve and vLLM printed during one command (annotate/console.py)."""

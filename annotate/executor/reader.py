@@ -2,7 +2,8 @@
 
 For the first stage the input is the `prepare` output, made in the read task from the source shard
 when it is not finished yet (its manifest line goes to the driver, the manifest's one writer, through
-the `ShardLedger` actor); `--retry-failed` puts failed regions back to `pending` here.
+the `ShardLedger` actor); `--retry-failed` puts failed regions back to `pending` here, and a dataset
+shard reused by lineage has its changed fields cleared here.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from annotate.data.shards import ShardRef
 from annotate.data.store import OutputStore, count_rows, iter_stored_records
 from annotate.executor.shard_io import record_to_row
 from annotate.stages.chain import reset_for_retry
+from annotate.stages.lineage import reset_for_lineage
 
 
 @ray.remote(num_cpus=0)
@@ -38,12 +40,14 @@ class ShardLedger:
 
 
 def read_shard(batch: pa.Table, *, data: DataConfig, store_root: str, fingerprint: str, rows_per_batch: int,
-               ledger) -> Iterator[pa.Table]:
+               ledger, lineage: dict[str, str] | None = None) -> Iterator[pa.Table]:
     """Ray Data task: turn work items (one per shard) into batches of rows from their stored input.
 
     For the first stage the input is the `prepare` output, made here from the source shard when it is
     not finished yet, so the data plane of many shards runs in parallel on the cluster; its manifest
-    line goes to the driver through `ledger` before any of its rows do.
+    line goes to the driver through `ledger` before any of its rows do (`fingerprint` is the prepare
+    output's). A dataset shard reused by lineage (`relineage`) has the fields whose key is not in
+    `lineage` (stage -> digest) cleared here, so that the chain makes only those again.
     """
     store = OutputStore(Path(store_root))
     for item in batch.to_pylist():
@@ -55,6 +59,8 @@ def read_shard(batch: pa.Table, *, data: DataConfig, store_root: str, fingerprin
         total = count_rows(path)
         rows: list[dict] = []
         for record in iter_stored_records(path, rows_per_batch):
+            if item.get("relineage") and lineage:
+                reset_for_lineage(record, lineage)
             if item["retry_failed"]:
                 reset_for_retry(record)
             rows.append(record_to_row(record, total))

@@ -25,14 +25,18 @@ from rich.console import Console
 from annotate.cluster import ensure_ray
 from annotate.config import PipelineConfig, QualityConfig
 from annotate.data.shards import find_shards
+from annotate.data.records import SCHEMA_VERSION
 from annotate.data.store import (DAMAGED, FINAL, FINISHED, PREPARE, OutputStore, config_fingerprint, count_rows,
-                                  damage_of, input_changed, read_region_lists, write_json_atomic)
+                                  damage_of, input_changed, prepare_fingerprint, read_columns,
+                                  read_region_lists, write_json_atomic)
 from annotate.data.writer import ShardWriter
 from annotate.engines.checkpoint_check import check_checkpoints
 from annotate.engines.result_cache import remove_shard
+from annotate.engines.model_identity import model_identity
 from annotate.executor.admission import check_cpus, cpu_need, ray_cpus
 from annotate.executor.progress import ProgressDisplay, ProgressTracker
 from annotate.executor.reader import ShardLedger, read_shard
+from annotate.executor.relineage import lineage_counts, refuse_stale_deployments
 from annotate.executor.shard_io import ROW_SHARD, ROW_TOTAL, row_to_record
 from annotate.executor.workers import ChainWorker, SegmentWorker, StepSpec
 from annotate.serving.apps import (SEGMENT_MODEL, ModelApp, ensure_apps, needed_models, replica_info, replicas,
@@ -41,6 +45,7 @@ from annotate.serving.client import ModelClient
 from annotate.stages.breaker import BreakerTripped, StageBreakers
 from annotate.stages.budget import StageBudget, check_budgets
 from annotate.stages.chain import StageIO, chain_of, check_stages, finalize_record, is_retryable, stage_io, stage_writing
+from annotate.stages.lineage import LineageKey, chain_lineage
 from annotate.stages.quality import write_near_duplicates
 
 log = logging.getLogger(__name__)
@@ -64,6 +69,9 @@ class RunSummary:
     answers: dict[str, dict] = field(default_factory=dict)  # stage -> answers read, cleaned, retried, ruled out (why)
     failures: dict[str, dict] = field(default_factory=dict)  # stage -> failed regions by error kind
     stopped: dict | None = None  # why a stage's breaker stopped the run (stages/breaker.py), when it did
+    # stage -> regions whose stored field was kept or is made again (its lineage changed), and which parts
+    # of the lineage changed (stages/lineage.py), over the shards a finished dataset was reused for
+    lineage: dict[str, dict] = field(default_factory=dict)
 
 
 def _has_retryable_failures(path: Path) -> bool:
@@ -71,26 +79,41 @@ def _has_retryable_failures(path: Path) -> bool:
 
 
 def plan_work(cfg: PipelineConfig, store: OutputStore, input_dir: Path, shard_ids: list[int], io: StageIO,
-              fingerprint: str, retry_failed: bool) -> tuple[list[dict], list[str]]:
+              fingerprint: str, retry_failed: bool, lineage: dict[str, str] | None = None) -> tuple[list[dict], list[str]]:
     """Which shards this run must process, and from which stored input; the rest are finished.
 
     Only a shard output whose newest manifest line is `finished` under this config, with the file's
     checksum, counts as done. A `damaged` input (a stage output made from a shard read in part) is
     used by the next stage and its damage carried on; a damaged `prepare` is made again from the source.
+    The `prepare` output is keyed by the data settings alone (`prepare_fingerprint`).
+
+    With `lineage` (stage -> key, a whole-chain run), a dataset shard finished under another config, of
+    this schema, whose prepared regions are still current, is the input instead of `prepare`: the read
+    task clears only the fields whose lineage changed (`relineage`), and the chain makes those again.
     """
     input_name, output_name = io.reads, io.writes
     refs = find_shards(input_dir, shard_ids, cfg.data.shard_format)
     latest_out, latest_in = store.latest(output_name), store.latest(input_name)
     latest_prepare = latest_in if input_name == PREPARE else store.latest(PREPARE)
+    prepared_under = prepare_fingerprint(cfg)
 
     def holding(line: dict | None, *states: str) -> dict | None:
-        return line if line and store.is_current(line, fingerprint, *states) else None
+        under = prepared_under if line and line.get("output") == PREPARE else fingerprint
+        return line if line and store.is_current(line, under, *states) else None
+
+    def reusable(line: dict | None) -> bool:
+        """A finished dataset shard of another config whose fields may be kept by lineage."""
+        if not (lineage and io.reads == PREPARE and output_name == FINAL and line is not None
+                and store.is_current(line, line.get("config", ""), FINISHED)):
+            return False
+        versions = read_columns(store.output_path(FINAL, line["shard"]), ["schema_version"])
+        return all(row["schema_version"] == SCHEMA_VERSION for row in versions)
 
     items, skipped = [], []
     for ref in refs:
         item = {"shard": ref.name, "shard_id": ref.shard_id, "source_path": str(ref.path),
                 "source_format": ref.format, "needs_prepare": False, "retry_failed": False, "input": input_name,
-                "damage": None}
+                "damage": None, "relineage": False}
         if input_changed(latest_prepare.get(ref.name), ref.path):  # the source file was replaced since
             if input_name != PREPARE:
                 raise RuntimeError(f"shard {ref.name}'s source {ref.path} changed since it was prepared; "
@@ -104,6 +127,10 @@ def plan_work(cfg: PipelineConfig, store: OutputStore, input_dir: Path, shard_id
                 items.append(item)
             else:
                 skipped.append(ref.name)
+            continue
+        if holding(latest_prepare.get(ref.name), FINISHED) and reusable(latest_out.get(ref.name)):
+            item.update(input=FINAL, relineage=True, retry_failed=retry_failed)
+            items.append(item)
             continue
         usable = (FINISHED,) if input_name == PREPARE else (FINISHED, DAMAGED)
         line = holding(latest_in.get(ref.name), *usable)
@@ -133,8 +160,18 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
     with store.lock():
         if removed := store.remove_stale_temporaries():
             console.print(f"removed {removed} half-written file(s) left by an interrupted run")
+        used = sorted({cfg.stages[s].model for s in chain_of(cfg)})
+        console.print(f"lineage: identifying {len(used)} model(s) by their files (a folder's first time reads "
+                      "every weight file; then cached by size and mtime)", highlight=False)
+        identities = {key: model_identity(cfg.models[key]) for key in used}
+        keys = chain_lineage(cfg, identities)
+        digests = {stage: key.digest for stage, key in keys.items()}
         items, summary.shards_skipped = plan_work(cfg, store, Path(input_dir), shard_ids, io, fingerprint,
-                                                       retry_failed)
+                                                       retry_failed, digests if stage == "all" else None)
+        summary.lineage = lineage_counts(store, items, keys)
+        for name, counts in summary.lineage.items():
+            console.print(f"lineage: {name}: {counts['kept']} region(s) kept, {counts['recomputed']} to make again"
+                          + (f" ({', '.join(counts['changed'])} changed)" if counts["changed"] else ""), highlight=False)
         for shard in summary.shards_skipped:  # model results kept for a shard are in its output now
             remove_shard(store.cache_root, shard)
         if summary.shards_skipped:
@@ -153,6 +190,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
         models = needed_models(cfg, chain)
         apps = ensure_apps(models, cfg.run, on_event=console.print)
         summary.models_deployed = [name for name, app in apps.items() if app.deployed_now]
+        refuse_stale_deployments(store, identities, apps)
         summary.replicas = replica_info(apps)
         budgets = check_token_budgets(cfg, apps, chain)
         summary.token_budgets = [b.as_dict() for b in budgets]
@@ -166,8 +204,8 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             read_shard, batch_size=1, batch_format="pyarrow", num_cpus=cfg.run.reader_cpus,
             compute=ray.data.TaskPoolStrategy(size=cfg.run.shards_in_flight) if cfg.run.shards_in_flight else None,
-            fn_kwargs={"data": cfg.data, "store_root": str(store.root), "fingerprint": fingerprint,
-                       "rows_per_batch": cfg.run.rows_per_batch, "ledger": ledger},
+            fn_kwargs={"data": cfg.data, "store_root": str(store.root), "fingerprint": prepare_fingerprint(cfg),
+                       "rows_per_batch": cfg.run.rows_per_batch, "ledger": ledger, "lineage": digests},
         )
         if SEGMENT_MODEL in apps:
             ds = ds.map_batches(
@@ -178,8 +216,8 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
                 fn_constructor_kwargs={"segment": cfg.segment, "app": apps[SEGMENT_MODEL], "data": cfg.data},
             )
         # The chain runs in one pool of workers: each model's in-flight cap is shared by them all.
-        steps = [StepSpec(name, cfg.stages[name], apps[cfg.stages[name].model], cfg.models[cfg.stages[name].model])
-                 for name in chain]
+        steps = [StepSpec(name, cfg.stages[name], apps[cfg.stages[name].model], cfg.models[cfg.stages[name].model],
+                          keys[name]) for name in chain]
         shares = {key: -(-apps[key].max_in_flight // workers) for key in {step.model_key for step in steps}}
         ds = ds.map_batches(
             ChainWorker, batch_size=max(cfg.stages[name].batch_size for name in chain), batch_format="pyarrow",
@@ -205,7 +243,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
             summary.stopped = {"stage": trip.stage, "kind": trip.kind, "failed": trip.failed, "seen": trip.seen,
                                "samples": list(trip.samples)}
             summary.shards_written, summary.shards_damaged = outputs.written, outputs.damaged
-            _write_run_record(store, summary, cfg.name, fingerprint)
+            _write_run_record(store, summary, cfg.name, fingerprint, keys, identities)
             raise tripped
         if breakers.trip is not None:  # tripped at the last look, with every shard through: say so, do not stop
             console.print(f"warning: stage {breakers.trip.stage!r} failed {breakers.trip.share:.0%} of its last "
@@ -223,7 +261,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
             if cfg.quality is not None:
                 console.print(f"near-duplicate clusters: {write_near_duplicates(store, cfg.quality)}")
         summary.processing_s = time.perf_counter() - processing_started
-        _write_run_record(store, summary, cfg.name, fingerprint)
+        _write_run_record(store, summary, cfg.name, fingerprint, keys, identities)
     return summary
 
 
@@ -252,9 +290,13 @@ def chain_worker_count(cfg: PipelineConfig, chain: tuple[str, ...]) -> int:
     return max(replicas(cfg.models[cfg.stages[name].model]) for name in chain) * cfg.run.stage_workers_per_replica
 
 
-def _write_run_record(store: OutputStore, summary: RunSummary, pipeline: str, fingerprint: str) -> None:
-    """OUT/runs/TIME.json: what one invocation did and where its model replicas ran."""
-    record = {"stage": summary.stage, "config": fingerprint, "pipeline": pipeline,
+def _write_run_record(store: OutputStore, summary: RunSummary, pipeline: str, fingerprint: str,
+                      keys: dict[str, LineageKey], identities: dict[str, dict]) -> None:
+    """OUT/runs/TIME.json: what one invocation did, where its model replicas ran, and the lineage keys and
+    model identities it ran under (what the next run compares with)."""
+    record = {"stage": summary.stage, "config": fingerprint, "pipeline": pipeline, "lineage": summary.lineage,
+              "lineage_keys": {stage: {"digest": key.digest, "parts": key.parts} for stage, key in keys.items()},
+              "model_identities": identities,
               "shards_written": summary.shards_written, "shards_skipped": summary.shards_skipped,
               "shards_damaged": summary.shards_damaged, "model_calls": summary.model_calls, "answers": summary.answers,
               "failures": summary.failures, "stopped": summary.stopped,

@@ -23,6 +23,7 @@ from annotate.serving.apps import ModelApp
 from annotate.serving.client import ModelClient
 from annotate.stages.batch import StageCounts, run_stage_async
 from annotate.stages.chain import build_stage, run_chain
+from annotate.stages.lineage import LineageKey
 from annotate.stages.segment import segment_records
 
 
@@ -34,6 +35,7 @@ class StepSpec:
     stage: StageConfig
     app: ModelApp
     model: ModelConfig | None = None
+    lineage: LineageKey | None = None  # the stage's key in this run (stages/lineage.py)
 
     @property
     def model_key(self) -> str:
@@ -56,9 +58,13 @@ class ChainStep:
         # OUT/cache (OutputStore.cache_root): finished model results, so a rerun replays them. None: off.
         # The model's own settings key the results when given; else its deployment's name, which
         # covers every setting but changes with the replica count too.
+        # With the stage's lineage (a run), its weights, prompt and sampling key the results, so an answer
+        # of replaced weights or another prompt is never replayed.
         settings = model.model_dump(mode="json") if model is not None else {"app": app.app_name}
-        fingerprint = model_fingerprint(app.model_id, {**settings, "reasoning": reasoning})
+        fingerprint = (spec.lineage.answer_digest if spec.lineage is not None
+                       else model_fingerprint(app.model_id, {**settings, "reasoning": reasoning}))
         self.cache = ResultCache(cache_root, spec.stage_name, fingerprint) if cache_root else None
+        self.stage.lineage = spec.lineage.digest if spec.lineage is not None else None
 
     async def run(self, items) -> StageCounts:
         """The stage over a batch, each shard's regions through that shard's stored results (a batch

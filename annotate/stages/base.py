@@ -178,6 +178,9 @@ class Stage:
         # The conventions of the stage's model (stages/chain.build_stage): what ends its turn, how it
         # writes boxes (context), whether its system prompt goes into the user turn. None: generic.
         self.conventions = conventions
+        # This stage's lineage key in the run (stages/lineage.py), recorded in the provenance of every
+        # region it takes; None where nothing keeps outputs (doctor, the benchmarks' direct side).
+        self.lineage: str | None = None
 
     def wants(self, region: RegionRecord) -> bool:
         raise NotImplementedError
@@ -251,6 +254,7 @@ class Stage:
         prov.prompt_version = self.prompt.version
         prov.prompt_tokens += result.prompt_tokens
         prov.completion_tokens += result.completion_tokens
+        prov.attempts += 1
 
     def fail(self, region: RegionRecord, kind: str, message: str) -> None:
         region.status = "failed"

@@ -91,6 +91,8 @@ def _requests(stage: Stage, items, crops: CropConfig, counts: StageCounts) -> li
             if not stage.wants(region):
                 continue
             counts.regions_in += 1
+            if stage.lineage is not None:  # what this field is made from, whatever the outcome
+                region.provenance.of(stage.name).lineage = stage.lineage
             if stage.without_model(region):
                 counts.done += 1
                 continue

@@ -21,11 +21,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from annotate.config import PipelineConfig
-from annotate.data.records import SCHEMA_VERSION
+from annotate.data.records import ImageRecord, Provenance, RegionRecord
+from annotate.data.store import data_settings
 from annotate.engines.conventions import effective_sampling
 from annotate.engines.result_cache import answer_settings
 from annotate.stages.base import PromptTemplate
-from annotate.stages.chain import chain_of, stage_class
+from annotate.stages.chain import CORE_STAGES, STAGE_FIELDS, chain_of, stage_class
 
 # Bumped when what a key covers changes: every stored field is then recomputed once.
 LINEAGE_VERSION = 1
@@ -64,12 +65,6 @@ class LineageKey:
         return canonical_digest({"v": LINEAGE_VERSION, "parts": {name: self.parts[name] for name in ANSWER_PARTS}})
 
 
-def data_settings(cfg: PipelineConfig) -> dict[str, Any]:
-    """What the prepared regions (and SAM's masks) depend on, with the record schema's version."""
-    settings = cfg.record_settings()
-    return {"data": settings["data"], "segment": settings.get("segment"), "schema_version": SCHEMA_VERSION}
-
-
 def chain_lineage(cfg: PipelineConfig, identities: dict[str, dict[str, Any]]) -> dict[str, LineageKey]:
     """The lineage key of every stage of `chain_of(cfg)`, in chain order. `identities` maps each model
     key the stages use to its `model_identity` (computed once per deployment: it reads the weights)."""
@@ -96,3 +91,41 @@ def chain_lineage(cfg: PipelineConfig, identities: dict[str, dict[str, Any]]) ->
                        "max_attempts": config.max_attempts, "retry_temperature": config.retry_temperature},
         })
     return keys
+
+
+def stages_to_redo(stored: dict[str, str | None], keys: dict[str, str]) -> list[str]:
+    """The stages whose field in a region was made under another lineage than `keys` (stage -> digest),
+    or by a stage the chain no longer runs. A stage that never took the region (`None`) has nothing to
+    redo: it takes the region again by itself if it wants it. Readers of a changed stage are among them,
+    since a key holds the keys of what the stage reads."""
+    return [stage for stage, key in stored.items() if key is not None and keys.get(stage) != key]
+
+
+def stored_lineage(region: RegionRecord) -> dict[str, str | None]:
+    """stage -> the lineage key its provenance records for `region`."""
+    return {stage: region.provenance.of(stage).lineage for stage in Provenance.stage_names()}
+
+
+def reset_for_lineage(record: ImageRecord, keys: dict[str, str]) -> dict[str, int]:
+    """Clear, in each region, the fields whose lineage differs from `keys`, so that the chain makes them
+    again and keeps the others; returns stage -> regions reset. A core stage redone puts the region back
+    to `pending` (the later core stages take only pending regions); a region failed or rejected by a
+    stage that is redone is taken again. Data-plane failures have no lineage and stay as they are."""
+    reset: dict[str, int] = {}
+    fields = dict(STAGE_FIELDS)
+    for region in record.regions:
+        redo = stages_to_redo(stored_lineage(region), keys)
+        if not redo:
+            continue
+        by = (region.error or "").split(":", 1)[0]
+        for stage in redo:
+            setattr(region, fields[stage], None)
+            entry = region.provenance.of(stage)
+            for name, info in type(entry).model_fields.items():
+                setattr(entry, name, info.get_default(call_default_factory=True))
+            reset[stage] = reset.get(stage, 0) + 1
+        if any(stage in CORE_STAGES for stage in redo):
+            region.status, region.error = "pending", None
+        elif by in redo:  # an optional stage's failure, redone: the region is described, as before it
+            region.status, region.error = "ok", None
+    return reset
