@@ -75,9 +75,23 @@ def schema_1_3():
     import datasets
 
     schema = schema_1_2_as_written_by_hand()
-    for entry in schema["regions"].feature["provenance"].values():
+    region = schema["regions"].feature
+    for entry in region["provenance"].values():
         entry["attempts"] = datasets.Value("int32")
         entry["lineage"] = datasets.Value("string")
+    string, span = datasets.Value("string"), {"start": datasets.Value("int32"), "end": datasets.Value("int32"),
+                                              "text": datasets.Value("string")}
+    part = {"part_id": string, "name": string, "visibility": string, "reason": string,
+            "bbox": datasets.List(datasets.Value("float32"), length=4),
+            "mask": {"size": datasets.List(datasets.Value("int32"), length=2), "counts": string},
+            "mask_source": string, "containment": datasets.Value("float32"), "area": datasets.Value("int32"),
+            "kept": datasets.Value("bool"), "reject_reason": string, "short_caption": string, "long_caption": string,
+            "parent_spans": datasets.List(span), "verdict": {"holds": datasets.Value("bool"), "reason": string}}
+    names = list(region)
+    at = names.index("quality")
+    reordered = {name: region[name] for name in names[:at]} | {"parts": datasets.List(part)} | {
+        name: region[name] for name in names[at:]}
+    schema["regions"] = datasets.List(reordered)
     return datasets.Features(schema)
 
 

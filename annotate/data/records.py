@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     import datasets
 
 SCHEMA_VERSION = "1.3"  # 1.1: ImageRecord.error; 1.2: summary, sentences, phrases, negatives, quality (optional
-# stages); 1.3: each stage's lineage key and attempts in its provenance
+# stages); 1.3: each stage's lineage key and attempts in its provenance, and the region's parts
 # Files of an older version still load: every field added since is optional and reads as None.
 
 Status = Literal["ok", "rejected", "failed", "pending"]
@@ -78,6 +78,29 @@ class HardNegative(BaseModel):
     replacement: str
     contradiction: Verdict | None = None
     visual: Verdict | None = None
+
+
+class PartRecord(BaseModel):
+    """One visible part of a region's object (PA-CLIP's part-level data; PACO links parts to their object
+    the same way): named with a box by stage `parts`, its mask made in code inside the object's mask,
+    described by `part_describe` and checked by `part_verify`."""
+
+    part_id: str = Field(description="`region_id:pN`, unique in the dataset")
+    name: str = Field(description="the part's name as the model gave it (e.g. beak, left wing)")
+    visibility: Literal["full", "partial"] = Field(description="fully or partly visible, as the model judged")
+    reason: str | None = Field(None, description="why the model found the part distinctive")
+    bbox: list[float] = Field(min_length=4, max_length=4, description="[x, y, w, h] in pixels of the displayed image")
+    mask: RleMask | None = Field(None, description="COCO RLE of the part, inside the region's mask")
+    mask_source: str | None = Field(None, description="sam, grabcut or box (the box clipped to the object's mask)")
+    containment: float | None = Field(None, description="area(part and object) / area(part), before clipping")
+    area: int | None = Field(None, description="pixels of the stored mask")
+    kept: bool = Field(description="whether the part passed the mask checks (containment, size, not a duplicate)")
+    reject_reason: str | None = Field(None, description="why a part was not kept")
+    short_caption: str | None = Field(None, description="at most 77 open_clip tokens (stage `part_describe`)")
+    long_caption: str | None = Field(None, description="a longer description of the part (stage `part_describe`)")
+    parent_spans: list[TextSpan] | None = Field(
+        None, description="the spans of the region's `fine_caption` that mention the part (found in code)")
+    verdict: Verdict | None = Field(None, description="is this the named part of this object (stage `part_verify`)")
 
 
 class Quality(BaseModel):
@@ -164,6 +187,9 @@ class RegionRecord(BaseModel):
     negatives: list[HardNegative] | None = Field(
         None, description="the verified hard negatives: both the text model (`contradiction`) and the VLM looking at "
         "the region (`visual`: false of it) judged them so (stage `negatives_visual`)")
+    parts: list[PartRecord] | None = Field(
+        None, description="the object's visible parts, each with a mask inside the region's mask (stages `parts`, "
+        "`part_describe`, `part_verify`); None: the part stages did not run on this region")
     quality: Quality | None = Field(
         None, description="`words`, format `flags` (too_short, too_long, repetition, markup), `nouns` and "
         "`unsupported_noun_share` (head nouns of `phrases` in neither the phrase nor the object caption)")
