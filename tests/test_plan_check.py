@@ -26,11 +26,15 @@ RECORDED = {"object": OBJECT, "validate": (400, 400), "context": (150 + 1369,) *
 COMPLETIONS = {"object": (63, 60), "validate": (48, 50), "context": (57, 60), "merge": (720, 700)}  # within 10%
 
 
-def _run(tmp_path: Path, recorded: dict) -> Path:
+def _run(tmp_path: Path, recorded: dict, attempts: int = 0) -> Path:
+    """A run whose provenance recorded `recorded` tokens per request; `attempts` requests per region (0: a
+    run before schema 1.3, which summed its attempts without counting them)."""
     regions = []
     for i, box in enumerate(BOXES):
+        sent = max(1, attempts)
         prov = Provenance(**{("validate_" if s == "validate" else s): StageProvenance(
-            model="x", prompt_tokens=recorded[s][i], completion_tokens=COMPLETIONS[s][i]) for s in recorded})
+            model="x", prompt_tokens=sent * recorded[s][i], completion_tokens=sent * COMPLETIONS[s][i],
+            attempts=attempts) for s in recorded})
         regions.append(RegionRecord(region_id=f"00000:k:{i}", region_index=i, phrase="a mug", bbox=box, status="ok",
                                     provenance=prov))
     record = ImageRecord(image_key="k", shard="00000", width=1000, height=1000, caption="a mug", regions=regions)
@@ -49,6 +53,16 @@ def test_prediction_matches_a_run_within_10_percent(cfg, tmp_path):
     by = {r["stage"]: r for r in rows}
     assert by["object"]["predicted_prompt"] == pytest.approx(sum(OBJECT) / 2)  # 1,434
     assert within(rows) == []
+
+
+def test_retries_recorded_as_attempts_do_not_blur_the_check(cfg, tmp_path):
+    """Every region asked twice: per request the run still matches the plan; without the attempt count
+    (older runs) the summed tokens are twice the prediction, and the check says so."""
+    rows = compare_with_run(cfg, _run(tmp_path / "a", RECORDED, attempts=2))
+    assert within(rows) == [] and {r["per"] for r in rows} == {"request"}
+    assert {r["attempts_per_region"] for r in rows} == {2.0}
+    old = compare_with_run(cfg, _run(tmp_path / "b", {s: tuple(2 * v for v in t) for s, t in RECORDED.items()}))
+    assert {r["per"] for r in old} == {"region"} and len(within(old)) == 4
 
 
 def test_a_run_that_sent_one_image_is_caught(cfg, tmp_path):

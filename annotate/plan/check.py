@@ -26,6 +26,7 @@ def measure_run(output_dir: str | Path) -> dict[str, Any]:
     reached = {s: 0 for s in STAGE_ORDER}
     prompt = {s: 0 for s in STAGE_ORDER}
     completion = {s: 0 for s in STAGE_ORDER}
+    attempts = {s: 0 for s in STAGE_ORDER}  # requests sent (schema 1.3 records them; 0 in older runs)
     models: dict[str, set[str]] = {s: set() for s in STAGE_ORDER}
     status = {"ok": 0, "rejected": 0, "failed": 0, "pending": 0}
     for f in files:
@@ -38,6 +39,7 @@ def measure_run(output_dir: str | Path) -> dict[str, Any]:
                         reached[s] += 1
                         prompt[s] += p["prompt_tokens"]
                         completion[s] += p.get("completion_tokens") or 0
+                        attempts[s] += p.get("attempts") or 0
                         if p.get("model"):
                             models[s].add(p["model"])
     base = reached[STAGE_ORDER[0]]
@@ -53,6 +55,10 @@ def measure_run(output_dir: str | Path) -> dict[str, Any]:
         "stages": {s: {"regions": reached[s], "reach": reached[s] / base,
                        "prompt_tokens": prompt[s] / reached[s] if reached[s] else 0.0,
                        "completion_tokens": completion[s] / reached[s] if reached[s] else 0.0,
+                       # per request, what the planner predicts: retries do not blur it (None: not recorded)
+                       "prompt_per_request": prompt[s] / attempts[s] if attempts[s] else None,
+                       "completion_per_request": completion[s] / attempts[s] if attempts[s] else None,
+                       "attempts_per_region": attempts[s] / reached[s] if reached[s] and attempts[s] else None,
                        "models": sorted(models[s])} for s in STAGE_ORDER},
     }
 
@@ -71,7 +77,7 @@ def load_time_budgets(output_dir: str | Path) -> dict[str, dict]:
 def compare_with_run(cfg: PipelineConfig, output_dir: str | Path, throughput: dict | None = None,
                      measured: dict | None = None) -> list[dict[str, Any]]:
     """Per stage of cfg that the run reached: predicted vs recorded mean prompt and completion tokens
-    per region, over the run's own regions (their boxes and image sizes), and the relative errors.
+    per request (per region, retries included, for runs that did not record attempts), over the run's own regions (their boxes and image sizes), and the relative errors.
     cfg must be the run's pipeline file (its models' processors), or the comparison means little."""
     from annotate.plan.core import load_throughput, predicted_tokens
     from annotate.plan.shapes import shapes_from_run
@@ -85,11 +91,16 @@ def compare_with_run(cfg: PipelineConfig, output_dir: str | Path, throughput: di
         if stage not in cfg.stages or not m["regions"]:
             continue
         p = predicted_tokens(cfg, stage, table, shapes)
-        rows.append({"stage": stage, "regions": m["regions"],
-                     "predicted_prompt": p["prompt"], "recorded_prompt": m["prompt_tokens"],
-                     "prompt_error": _rel(p["prompt"], m["prompt_tokens"]),
-                     "predicted_completion": p["completion"], "recorded_completion": m["completion_tokens"],
-                     "completion_error": _rel(p["completion"], m["completion_tokens"])})
+        # A request's tokens against the prediction for one request, when the run recorded its attempts;
+        # else (older runs) the region's, retries included.
+        prompt = m.get("prompt_per_request") or m["prompt_tokens"]
+        completion = m.get("completion_per_request") or m["completion_tokens"]
+        rows.append({"stage": stage, "regions": m["regions"], "per": "request" if m.get("prompt_per_request") else "region",
+                     "attempts_per_region": m.get("attempts_per_region"),
+                     "predicted_prompt": p["prompt"], "recorded_prompt": prompt,
+                     "prompt_error": _rel(p["prompt"], prompt),
+                     "predicted_completion": p["completion"], "recorded_completion": completion,
+                     "completion_error": _rel(p["completion"], completion)})
     return rows
 
 
