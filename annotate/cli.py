@@ -202,6 +202,29 @@ def diff(
 
 
 @app.command()
+def export(
+    output: str = typer.Argument(..., help="the --output folder of a run"),
+    dest: str = typer.Argument(..., help="folder that receives annotations.json (and images/ with --images)"),
+    fmt: str = typer.Option(..., "--format", help="the export format: coco (objects and PACO-style parts)"),
+    images: bool = typer.Option(False, "--images", help="also write each exported image's bytes to DEST/images/"),
+    all_statuses: bool = typer.Option(False, "--all-statuses", help="export every region, not only status ok"),
+) -> None:
+    """Write the finished shards' regions and their kept parts as COCO JSON (masks as RLE, parts linked
+    to their object by obj_ann_id, captions as extra fields), readable by pycocotools."""
+    from annotate.export import FORMATS, NoDataset, export_coco
+
+    if fmt not in FORMATS:
+        raise typer.BadParameter(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}", param_hint="--format")
+    try:
+        summary = export_coco(output, dest, images=images, statuses=None if all_statuses else ("ok",))
+    except NoDataset as e:
+        raise typer.BadParameter(str(e), param_hint="OUTPUT") from None
+    if summary.skipped_shards:
+        typer.echo(f"not finished, left out: {', '.join(summary.skipped_shards)}")
+    typer.echo(f"{summary.images} image(s), {summary.objects} object(s), {summary.parts} part(s): {summary.annotations}")
+
+
+@app.command()
 def demo(
     output: str = typer.Option("out/demo", "--output", help="where the demo dataset goes"),
     config: str = typer.Option("pipelines/tiny.yaml", "--config", help="pipeline YAML"),

@@ -95,8 +95,11 @@ def _given_mask(meta: dict, index: int, field: str, h: int, w: int) -> np.ndarra
     return mask
 
 
-def grabcut_mask(image_rgb: np.ndarray, bbox_xywh, cfg: MaskConfig) -> np.ndarray:
-    """cv2.grabCut seeded by the box on a downscaled neighbourhood; bool mask of the full image."""
+def grabcut_mask(image_rgb: np.ndarray, bbox_xywh, cfg: MaskConfig, background: np.ndarray | None = None) -> np.ndarray:
+    """cv2.grabCut seeded by the box on a downscaled neighbourhood; bool mask of the full image.
+
+    `background` (bool, full image): pixels known not to be the object, e.g. outside the object's mask
+    when a part is cut out of it (data/parts.py); they seed the background model and stay out."""
     h, w = image_rgb.shape[:2]
     bx0, by0, bx1, by1 = box_bounds(bbox_xywh, h, w)
     bw, bh = bx1 - bx0, by1 - by0
@@ -117,6 +120,14 @@ def grabcut_mask(image_rgb: np.ndarray, bbox_xywh, cfg: MaskConfig) -> np.ndarra
     sx1, sy1 = min(sw, math.ceil((bx1 - nx0) * scale)), min(sh, math.ceil((by1 - ny0) * scale))
     init = np.full((sh, sw), cv2.GC_BGD, np.uint8)
     init[sy0:sy1, sx0:sx1] = cv2.GC_PR_FGD
+    if background is not None:
+        background = np.asarray(background, bool)
+        known = np.ascontiguousarray(background[ny0:ny1, nx0:nx1], np.uint8)
+        if scale < 1.0:
+            known = cv2.resize(known, (sw, sh), interpolation=cv2.INTER_NEAREST)
+        init[known.astype(bool)] = cv2.GC_BGD
+        if not (init == cv2.GC_PR_FGD).any():
+            raise MaskError("no pixel of the box is left for GrabCut's foreground")
     if not (init == cv2.GC_BGD).any():
         raise MaskError("box covers its whole neighbourhood: no background for GrabCut")
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
@@ -129,6 +140,8 @@ def grabcut_mask(image_rgb: np.ndarray, bbox_xywh, cfg: MaskConfig) -> np.ndarra
     out = np.zeros((h, w), bool)
     out[ny0:ny1, nx0:nx1] = fg.astype(bool)
     out &= box_mask(bbox_xywh, h, w)  # scaling back can bleed a pixel past the box
+    if background is not None:
+        out &= ~background
     return out
 
 
