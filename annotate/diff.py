@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from annotate.data.records import RegionRecord
-from annotate.data.store import FINAL, FINISHED, OutputStore, iter_region_fields
+from annotate.data.store import NoDataset, OutputStore, iter_region_fields
 from annotate.stages.chain import STAGE_FIELDS
 
 # The fields compared by default: every region field a stage writes, in chain order.
@@ -33,10 +33,6 @@ STAGE_WRITTEN: tuple[str, ...] = tuple(dict.fromkeys(name for _, name in STAGE_F
 # may be asked for by --field.
 KEYS = ("region_id", "status", "error")
 NOT_FIELDS = ("region_id", "status")
-
-
-class NoDataset(FileNotFoundError):
-    """An OUT with no committed, finished dataset shard."""
 
 
 @dataclass
@@ -92,22 +88,6 @@ def compared_fields(requested: Sequence[str] | None = None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(requested))
 
 
-def committed_shards(out: str | Path) -> tuple[dict[str, Path], list[str]]:
-    """shard -> its dataset file for the shards whose newest line is `finished` and still holds (under
-    that line's own config: two outputs of a prompt change differ in it), and the shards left out."""
-    store = OutputStore(Path(out))
-    done, skipped = {}, []
-    for shard, entry in store.latest(FINAL).items():
-        if store.is_current(entry, entry.get("config"), FINISHED):
-            done[shard] = store.output_path(FINAL, shard)
-        else:
-            skipped.append(shard)
-    if not done:
-        raise NoDataset(f"{store.root} holds no committed dataset (no finished shard in {store.folder(FINAL)}"
-                        f"{f'; not finished: {len(skipped)}' if skipped else ''}); run `annotate run` into it first")
-    return done, skipped
-
-
 def canonical(value: Any) -> str | None:
     """A value as compared: None stays None; text, numbers, dicts and lists as sorted-key JSON."""
     return None if value is None else json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
@@ -117,8 +97,8 @@ def diff_outputs(out_a: str | Path, out_b: str | Path, fields: Sequence[str] | N
                  examples: int = 3) -> Diff:
     """Compare two outputs region by region; keep up to `examples` examples per differing field."""
     names = compared_fields(fields)
-    files_a, skipped_a = committed_shards(out_a)
-    files_b, skipped_b = committed_shards(out_b)
+    files_a, skipped_a = OutputStore(Path(out_a)).finished_dataset()
+    files_b, skipped_b = OutputStore(Path(out_b)).finished_dataset()
     diff = Diff(str(out_a), str(out_b), {name: FieldDiff() for name in names},
                 shards={"a": sorted(files_a), "b": sorted(files_b), "skipped_a": skipped_a, "skipped_b": skipped_b})
     columns = (*KEYS, *names)

@@ -29,7 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 from annotate.data.records import ImageRecord, PartRecord, RegionRecord
-from annotate.data.store import FINAL, FINISHED, OutputStore, iter_stored_records
+from annotate.data.store import NoDataset, OutputStore, iter_stored_records
 from annotate.data.writer import atomic_file
 
 FORMATS = ("coco",)
@@ -42,10 +42,6 @@ READ_BATCH_ROWS = 16
 ORIENTATION_TAG = 0x0112  # EXIF
 
 
-class NoDataset(FileNotFoundError):
-    """An OUT with no finished dataset shard."""
-
-
 @dataclass
 class ExportSummary:
     annotations: Path
@@ -55,21 +51,6 @@ class ExportSummary:
     image_files: int = 0
     shards: list[str] = field(default_factory=list)
     skipped_shards: list[str] = field(default_factory=list)  # not finished: left out
-
-
-def finished_files(out: str | Path) -> tuple[dict[str, Path], list[str]]:
-    """shard -> dataset file for the shards whose newest line is `finished` and still holds, and the rest."""
-    store = OutputStore(Path(out))
-    done, skipped = {}, []
-    for shard, entry in store.latest(FINAL).items():
-        if store.is_current(entry, entry.get("config"), FINISHED):
-            done[shard] = store.output_path(FINAL, shard)
-        else:
-            skipped.append(shard)
-    if not done:
-        raise NoDataset(f"{store.root} holds no finished dataset shard in {store.folder(FINAL)}"
-                        f"{f' (not finished: {len(skipped)})' if skipped else ''}; run `annotate run` into it first")
-    return done, skipped
 
 
 def safe_file_name(image_id: int, image_key: str, extension: str) -> str:
@@ -102,7 +83,7 @@ def export_coco(out: str | Path, dest: str | Path, *, images: bool = False,
                 statuses: tuple[str, ...] | None = ("ok",)) -> ExportSummary:
     """Write OUT's finished shards as DEST/annotations.json (and DEST/images/ with `images`); regions
     of `statuses` only (None: every status)."""
-    files, skipped = finished_files(out)
+    files, skipped = OutputStore(Path(out)).finished_dataset()
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     summary = ExportSummary(dest / ANNOTATIONS_FILE, shards=sorted(files), skipped_shards=skipped)

@@ -46,6 +46,10 @@ PREPARE = "prepare"  # the data plane's output: regions and masks, before any mo
 FINISHED, DAMAGED = "finished", "damaged"  # the `state` of a manifest line (lines without one are finished)
 
 
+class NoDataset(FileNotFoundError):
+    """An OUT with no finished dataset shard."""
+
+
 def config_fingerprint(cfg: PipelineConfig) -> str:
     """What a manifest line's `config` holds: a hash of every setting that changes a record and of the
     record schema's version (a new schema redoes older outputs: `datasets` cannot load a folder mixing
@@ -114,6 +118,21 @@ class OutputStore:
     @property
     def runs_dir(self) -> Path:
         return self.root / "runs"
+
+    def finished_dataset(self) -> tuple[dict[str, Path], list[str]]:
+        """shard -> its dataset file, for the shards whose newest line is `finished` and still holds under
+        that line's own config (what `diff` and `export` read, whatever config made the output), and the
+        shards left out. NoDataset when no shard is finished."""
+        done, left_out = {}, []
+        for shard, entry in self.latest(FINAL).items():
+            if self.is_current(entry, entry.get("config", ""), FINISHED):
+                done[shard] = self.output_path(FINAL, shard)
+            else:
+                left_out.append(shard)
+        if not done:
+            raise NoDataset(f"{self.root} holds no finished dataset shard in {self.folder(FINAL)}"
+                            f"{f' (not finished: {len(left_out)})' if left_out else ''}; run `annotate run` into it first")
+        return done, left_out
 
     def run_records(self) -> list[dict[str, Any]]:
         """Every readable run record (OUT/runs/*.json), oldest first (their names start with the time)."""
