@@ -181,3 +181,24 @@ def test_a_whole_chain_rerun_under_another_config_reuses_the_dataset_by_lineage(
     _write(layout, "prepare", "00000", "other-data-settings", "regions")  # the data settings changed
     items, _ = plan_work(cfg, layout, src, [0], stage_io("all"), fp, retry_failed=False, lineage=keys)
     assert [(i["relineage"], i["needs_prepare"]) for i in items] == [(False, True)]
+
+
+def test_a_finished_shard_of_this_config_but_another_lineage_is_made_again_by_lineage(tmp_path):
+    """The config fingerprint does not cover a model folder's contents: a dataset line keeps the chain's
+    lineage digest, and a shard finished under this config with another digest is reused by lineage,
+    not skipped; with the same digest (or none: a line of a stage-by-stage run) it is finished."""
+    from annotate.stages.lineage import chain_digest
+
+    cfg = load_config(TINY)
+    fp = config_fingerprint(cfg)
+    layout = OutputStore(tmp_path / "out")
+    src = _shards(tmp_path)
+    keys = {"object": "o", "validate": "v", "context": "c", "merge": "m"}
+    for shard, lineage in (("00000", chain_digest({**keys, "context": "c-old-weights"})), ("00001", chain_digest(keys))):
+        _write(layout, "prepare", shard, prepare_fingerprint(cfg), "regions")
+        _write(layout, FINAL, shard, fp, "described", lineage=lineage)
+    _write(layout, "prepare", "00002", prepare_fingerprint(cfg), "regions")
+    _write(layout, FINAL, "00002", fp, "described")  # no lineage kept
+    shutil.copy(src / "00001.tar", src / "00002.tar")
+    items, skipped = plan_work(cfg, layout, src, [0, 1, 2], stage_io("all"), fp, retry_failed=False, lineage=keys)
+    assert [(i["shard"], i["relineage"]) for i in items] == [("00000", True)] and skipped == ["00001", "00002"]

@@ -270,9 +270,13 @@ class OutputStore:
         return line
 
     def commit(self, writer: ShardWriter, output: str, shard: str, fingerprint: str,
-               damage: dict[str, Any] | None = None) -> dict[str, Any]:
-        """`commit_file`, then append its manifest line: for a process that is the manifest's writer."""
+               damage: dict[str, Any] | None = None, lineage: str | None = None) -> dict[str, Any]:
+        """`commit_file`, then append its manifest line: for a process that is the manifest's writer.
+        `lineage`: the digest of the lineage keys the output was made under (a whole-chain run's dataset),
+        which the config fingerprint does not cover (model weights replaced under the same path)."""
         line = self.commit_file(writer, output, shard, fingerprint, damage)
+        if lineage is not None:
+            line["lineage"] = lineage
         self.record(line)
         return line
 

@@ -45,7 +45,7 @@ from annotate.serving.client import ModelClient
 from annotate.stages.breaker import BreakerTripped, StageBreakers
 from annotate.stages.budget import StageBudget, check_budgets
 from annotate.stages.chain import StageIO, chain_of, check_stages, finalize_record, is_retryable, stage_io, stage_writing
-from annotate.stages.lineage import LineageKey, chain_lineage
+from annotate.stages.lineage import LineageKey, chain_digest, chain_lineage
 from annotate.stages.quality import write_near_duplicates
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,10 @@ def plan_work(cfg: PipelineConfig, store: OutputStore, input_dir: Path, shard_id
             item["needs_prepare"] = True
             items.append(item)
             continue
-        if holding(latest_out.get(ref.name), FINISHED):
+        done = holding(latest_out.get(ref.name), FINISHED)
+        if done and lineage and done.get("lineage") not in (None, chain_digest(lineage)):
+            done = None  # the same config, another lineage: a model folder replaced under the same path
+        if done:
             if retry_failed and _has_retryable_failures(store.output_path(output_name, ref.name)):
                 item.update(input=output_name, retry_failed=True)
                 items.append(item)
@@ -228,7 +231,8 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
                                    "cache_root": str(store.cache_root) if cfg.run.result_cache else None},
         )
         outputs = ShardOutputs(store, output_name, fingerprint, ledger,
-                               {i["shard"]: i["damage"] for i in items if i["damage"]}, cfg.quality)
+                               {i["shard"]: i["damage"] for i in items if i["damage"]}, cfg.quality,
+                               chain_digest(digests) if stage == "all" else None)
         breakers = StageBreakers(cfg.run.breaker, chain)
         display = ProgressDisplay(tracker, chain, len(items), console, breakers=breakers)
         tripped: BreakerTripped | None = None
@@ -320,8 +324,9 @@ class ShardOutputs:
     one writer of the manifest (its own lines, and the `prepare` lines read tasks hand over)."""
 
     def __init__(self, store: OutputStore, output: str, fingerprint: str, ledger, damage: dict[str, dict],
-                 quality: QualityConfig | None = None):
+                 quality: QualityConfig | None = None, lineage: str | None = None):
         self.store, self.output, self.fingerprint, self.ledger = store, output, fingerprint, ledger
+        self.lineage = lineage  # the chain's lineage digest, kept in each line of a whole-chain run
         self.quality = quality  # the quality record, written with the dataset (FINAL) only
         self.damage = dict(damage)  # shard -> {damage, samples_read}, from its input's line or its read task
         self.written: dict[str, dict] = {}
@@ -342,7 +347,7 @@ class ShardOutputs:
         """Rename the shard's output into place, then append its manifest line."""
         self.record_prepared()
         damage = self.damage.get(shard)
-        self.store.commit(writer, self.output, shard, self.fingerprint, damage)
+        self.store.commit(writer, self.output, shard, self.fingerprint, damage, self.lineage)
         if damage:
             self.damaged[shard] = {**writer.stats.summary(), **damage}
         else:

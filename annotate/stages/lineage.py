@@ -129,3 +129,9 @@ def reset_for_lineage(record: ImageRecord, keys: dict[str, str]) -> dict[str, in
         elif by in redo:  # an optional stage's failure, redone: the region is described, as before it
             region.status, region.error = "ok", None
     return reset
+
+
+def chain_digest(digests: dict[str, str]) -> str:
+    """One digest of a whole chain's keys (stage -> digest): what a dataset shard's manifest line keeps,
+    so that a run finds the shards whose lineage changed under the same config (weights replaced)."""
+    return canonical_digest({"v": LINEAGE_VERSION, "stages": digests})
