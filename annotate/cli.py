@@ -451,10 +451,10 @@ def ablation_cmd(
     max_steps: int | None = typer.Option(None, "--max-steps", help="optimizer steps per row"),
     config: str | None = typer.Option(None, "--config", help="pipeline YAML (default: synthetic preset)"),
     branches: bool = typer.Option(False, "--branches",
-                                  help="the short-text and hard-negative branches on top of the full loss instead"),
+                                  help="the short-text, hard-negative and part branches on top of the full loss instead"),
 ) -> None:
-    """Loss ablation (L_CL; +L_LG; +L_LG+L_FC), or with --branches what the short-text and hard-negative
-    branches add, on the synthetic benchmark, as a markdown table."""
+    """Loss ablation (L_CL; +L_LG; +L_LG+L_FC), or with --branches what the short-text, hard-negative
+    and part branches add, on the synthetic benchmark, as a markdown table."""
     from annotate.train.commands import run_ablation
 
     typer.echo(run_ablation(output, max_steps, config, branches=branches))

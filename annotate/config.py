@@ -447,6 +447,14 @@ class TrainConfig(_Section):
     hard_negatives_k: int = Field(8, ge=1, description="negatives per region in a batch (fewer are masked out)")
     hard_negative_logit_scale_init: float = Field(
         2.6593, description="log of the hard-negative branch's own inverse temperature (CLIP's 1/0.07)")
+    use_parts: bool = Field(
+        False, description="part branch: each trainable part's mask embedding against its short and long texts "
+                           "(parts from the part stages), in the same forward pass as the region's masks")
+    part_weight: float = Field(0.5, ge=0, description="weight of the part branch")
+    parts_per_region: int = Field(4, ge=1, description="at most this many parts per region in a batch (each is "
+                                                       "one more image pass)")
+    parts_include_unverified: bool = Field(
+        False, description="also train on kept parts that `part_verify` has not judged (a failed verdict never)")
     crop_margin: float = Field(0.05, ge=0, description="L_FC crop: margin around the mask's tight box")
     eval_fraction: float = Field(0.05, ge=0, lt=1, description="held-out regions, chosen by region-id hash")
     full_image_ratio: float = 0.1

@@ -1,6 +1,7 @@
 """The loss computes without reading a tensor back to the host (issue 26: the `empty.any()` of
 `region_pool` and the `has.any()` / `int(has.sum())` / `logits[has]` of `hard_negative_loss` were
-per-step syncs), with the same values and gradients as the formulas they replace."""
+per-step syncs), with the same values and gradients as the formulas they replace; the part branch's
+loss, added later, is held to the same rule."""
 
 from __future__ import annotations
 
@@ -142,14 +143,20 @@ def test_loss_reads_no_tensor_value_on_the_host():
     negatives = torch.randn(b, 3, e, requires_grad=True)
     negative_mask = torch.tensor([[True, False, False], [True, True, False], [True, True, True], [True, False, False]])
     log_scale, neg_scale = torch.tensor(math.log(10.0), requires_grad=True), torch.tensor(math.log(20.0), requires_grad=True)
-    loss_fn = PixCLIPLoss(short_weight=0.5, hard_negative_weight=0.5)
+    parts, part_text = torch.randn(5, e, requires_grad=True), torch.randn(5, 2, e, requires_grad=True)
+    part_text_mask = torch.tensor([[True, True], [True, False], [False, True], [True, True], [False, False]])
+    loss_fn = PixCLIPLoss(short_weight=0.5, hard_negative_weight=0.5, part_weight=0.5)
     with _SyncRecorder() as rec:
         local = region_pool(dense, coverage, 0.5)
         out = loss_fn(main, text, log_scale, crop=crop, local=local, short=short, negatives=negatives,
-                      negative_mask=negative_mask, negative_logit_scale=neg_scale)
+                      negative_mask=negative_mask, negative_logit_scale=neg_scale, part=parts, part_text=part_text,
+                      part_text_mask=part_text_mask)
         out["total"].backward()
+        none = loss_fn(main, text, log_scale, part=parts[:0], part_text=part_text[:0], part_text_mask=part_text_mask[:0])
+        none["total"].backward()  # a batch without parts
     assert rec.seen == [], rec.seen
-    assert set(out) == {"cl", "fc", "lg", "short", "hn", "total"} and torch.isfinite(out["total"])
+    assert set(out) == {"cl", "fc", "lg", "short", "hn", "part", "total"} and torch.isfinite(out["total"])
+    assert torch.isfinite(none["total"]) and torch.isfinite(parts.grad).all()
 
     with _SyncRecorder() as old:
         _old_region_pool(dense, coverage, 0.5)

@@ -111,7 +111,7 @@ def test_branch_ablation_table_small(tmp_path, tiny_train_cfg):
     over = {k: getattr(tiny_train_cfg, k) for k in ("vision_kwargs", "image_size", "embed_dim", "adaptor_hidden", "batch_size")}
     table = run_ablation(tmp_path, max_steps=2, log=lambda _: None, branches=True, **over)
     rows = [line.split("|")[1].strip() for line in table.splitlines()[2:] if line.startswith("|")]
-    assert rows == ["PixCLIP", "+ short text", "+ hard negatives", "+ both"]
+    assert rows == ["PixCLIP", "+ short text", "+ hard negatives", "+ both", "+ parts"]
     results = json.loads((tmp_path / "ablation.json").read_text())
     for name in rows:
         assert 0 <= results[name]["hn_acc"] <= 1 and {"hn_colour", "hn_object", "hn_relation"} <= set(results[name])

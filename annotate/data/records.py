@@ -229,6 +229,23 @@ def is_trainable(region: "RegionRecord | dict") -> bool:
     return status == "ok" and bool(caption) and bool(counts)
 
 
+def is_trainable_part(part: "PartRecord | dict", include_unverified: bool = False) -> bool:
+    """The one definition of a part the part branch trains on (and whose texts the text cache embeds):
+    kept by the mask checks, confirmed by `part_verify` (unverified ones only with `include_unverified`;
+    a verdict that fails never), with a mask and a short or long caption."""
+    if isinstance(part, PartRecord):
+        kept, verdict, mask, short, long = part.kept, part.verdict, part.mask, part.short_caption, part.long_caption
+        holds = None if verdict is None else verdict.holds
+        counts = mask.counts if mask is not None else None
+    else:
+        kept, verdict, mask = part.get("kept"), part.get("verdict"), part.get("mask")
+        short, long = part.get("short_caption"), part.get("long_caption")
+        holds = None if not verdict else verdict.get("holds")
+        counts = mask.get("counts") if mask else None
+    verified = holds is True or (holds is None and include_unverified)
+    return bool(kept) and verified and bool(counts) and bool(short or long)
+
+
 @functools.cache
 def features() -> "datasets.Features":
     """The file schema as Hugging Face `datasets.Features`, derived from `ImageRecord`: the encoded

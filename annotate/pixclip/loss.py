@@ -1,7 +1,8 @@
 """PixCLIP objective: L = L_CL + alpha * L_FC + beta * L_LG (paper eqs. 3-7), and two optional
 branches for the data of the stages after merge: MulCLIP's short text (summary vs mask embedding,
 weight `short_weight`) and hard negatives (each region against its own description and K verified
-negatives, with its own temperature).
+negatives, with its own temperature), and the part branch (each part's mask embedding vs its short and
+long texts, weight `part_weight`).
 
 Every term is the symmetric InfoNCE of eq. 3, computed by open_clip's `ClipLoss`, which also does
 the cross-rank feature gather (`open_clip.loss.gather_features`) when world_size > 1. One learnable
@@ -70,6 +71,31 @@ def hard_negative_loss(main: torch.Tensor, texts: torch.Tensor, mask: torch.Tens
     return (own * weight).sum() / weight.sum().clamp(min=1.0)
 
 
+def masked_info_nce(emb: torch.Tensor, text: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The symmetric InfoNCE of eq. 3 over the rows with `valid` (P,) true: each valid embedding against
+    every valid text and back, then the mean over valid rows. Invalid rows and columns are masked, not
+    dropped, so nothing is read back to the host; no valid row (or P == 0) gives 0, still in the graph."""
+    e = F.normalize(emb.float(), dim=-1)
+    t = F.normalize(text.float(), dim=-1)
+    pair = valid[:, None] & valid[None, :]
+    logits = (scale * e @ t.T).masked_fill(~pair, float("-inf"))
+    row_ok = valid[:, None]  # an all -inf row would be NaN: invalid rows become zeros, and weigh 0
+    to_text = torch.where(row_ok, logits, torch.zeros_like(logits))
+    to_mask = torch.where(row_ok, logits.T, torch.zeros_like(logits))
+    own = -(F.log_softmax(to_text, dim=1).diagonal() + F.log_softmax(to_mask, dim=1).diagonal()) / 2
+    weight = valid.to(own.dtype)
+    return (own * weight).sum() / weight.sum().clamp(min=1.0)
+
+
+def part_loss(part: torch.Tensor, texts: torch.Tensor, text_mask: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The part branch: part mask embeddings (P, E) against their short texts, and separately against
+    their long texts (`texts` (P, 2, E), `text_mask` (P, 2) which exist), in-batch negatives being the
+    other parts; the mean of the two terms. Local to each rank: the part count differs between ranks
+    and batches, and `all_gather` needs equal shapes. A batch without parts gives 0."""
+    return (masked_info_nce(part, texts[:, 0], text_mask[:, 0], scale)
+            + masked_info_nce(part, texts[:, 1], text_mask[:, 1], scale)) / 2
+
+
 class PixCLIPLoss(nn.Module):
     """The three-branch loss on one batch; branches that are off (or not given) contribute nothing.
 
@@ -89,10 +115,11 @@ class PixCLIPLoss(nn.Module):
         world_size: int = 1,
         short_weight: float = 0.0,
         hard_negative_weight: float = 0.0,
+        part_weight: float = 0.0,
     ):
         super().__init__()
         self.alpha, self.beta, self.use_fc, self.use_lg = alpha, beta, use_fc, use_lg
-        self.short_weight, self.hard_negative_weight = short_weight, hard_negative_weight
+        self.short_weight, self.hard_negative_weight, self.part_weight = short_weight, hard_negative_weight, part_weight
         # gather_with_grad: each rank back-propagates through the whole global similarity matrix.
         self.clip = ClipLoss(gather_with_grad=True, rank=rank, world_size=world_size)
 
@@ -110,9 +137,13 @@ class PixCLIPLoss(nn.Module):
         negatives: torch.Tensor | None = None,
         negative_mask: torch.Tensor | None = None,
         negative_logit_scale: torch.Tensor | None = None,
+        part: torch.Tensor | None = None,
+        part_text: torch.Tensor | None = None,
+        part_text_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """`short` (B, E): the short texts' embeddings; `negatives` (B, 1+K, E) with `negative_mask`
-        and the branch's own `negative_logit_scale`: see `hard_negative_loss`. Absent: no term."""
+        and the branch's own `negative_logit_scale`: see `hard_negative_loss`; `part` (P, E) with
+        `part_text` (P, 2, E) and `part_text_mask`: see `part_loss`. Absent: no term."""
         scale = logit_scale.exp()
         out = {"cl": self.pair(main, text, scale)}
         total = out["cl"]
@@ -128,10 +159,14 @@ class PixCLIPLoss(nn.Module):
         if negatives is not None:
             out["hn"] = hard_negative_loss(main, negatives, negative_mask, negative_logit_scale.exp())
             total = total + self.hard_negative_weight * out["hn"]
+        if part is not None:
+            out["part"] = part_loss(part, part_text, part_text_mask, scale)
+            total = total + self.part_weight * out["part"]
         out["total"] = total
         return out
 
     def of_branches(self, branches, logit_scale: torch.Tensor) -> dict[str, torch.Tensor]:
         """The loss of `PixCLIP.branch_features`'s output (a `model.Branches`)."""
         return self(branches.main, branches.text, logit_scale, branches.crop, branches.local, branches.short,
-                    branches.negatives, branches.negative_mask, branches.negative_logit_scale)
+                    branches.negatives, branches.negative_mask, branches.negative_logit_scale,
+                    branches.part, branches.part_text, branches.part_text_mask)

@@ -117,6 +117,9 @@ class Branches:
     negatives: torch.Tensor | None = None  # (B, 1+K, E): each region's description, then its hard negatives
     negative_mask: torch.Tensor | None = None  # (B, 1+K): which of those texts exist
     negative_logit_scale: torch.Tensor | None = None  # the hard-negative branch's own temperature (log)
+    part: torch.Tensor | None = None  # (P, E): each part's mask-conditioned embedding, on its region's image
+    part_text: torch.Tensor | None = None  # (P, 2, E): its short and long texts' embeddings
+    part_text_mask: torch.Tensor | None = None  # (P, 2): which of those texts exist
 
 
 class PixCLIP(nn.Module):
@@ -220,14 +223,21 @@ class PixCLIP(nn.Module):
         short_text: torch.Tensor | None = None,
         negative_text: torch.Tensor | None = None,
         negative_mask: torch.Tensor | None = None,
+        part_mask: torch.Tensor | None = None,
+        part_index: torch.Tensor | None = None,
+        part_text: torch.Tensor | None = None,
+        part_text_mask: torch.Tensor | None = None,
     ) -> Branches:
         """The three branches of one batch, as `PixCLIPLoss` compares them: the main pass (I, M), the
         crop pass (I', M') when a crop is given, and the all-ones-mask pass (I, 1) region-pooled with
         temperature `local_tau` when one is given. All passes go through one forward, so that DDP
         sees them all: `forward` is the module that runs it (the DDP wrapper in training; this model
-        when None)."""
+        when None). Parts: `part_mask` (P, 1, H, W) on the image `part_index` (P,) names, in the same
+        forward as the image's other masks; `part_text` (P, 2, D) their short and long texts."""
         forward = forward or self
         n = image.shape[0]
+        parts = part_mask is not None
+        p = part_mask.shape[0] if parts else 0
         # Short texts (B, D) and each region's 1+K texts (B, 1+K, D) go through the adaptor in the
         # same forward as the main texts, then are split off again.
         texts = [text_features]
@@ -235,6 +245,8 @@ class PixCLIP(nn.Module):
             texts.append(short_text)
         if negative_text is not None:
             texts.append(negative_text.flatten(0, 1))
+        if parts:
+            texts.append(part_text.flatten(0, 1))
         images, masks = [image], [mask]
         if crop_image is not None:
             images.append(crop_image)
@@ -242,8 +254,16 @@ class PixCLIP(nn.Module):
         if local_tau is not None:
             images.append(image)
             masks.append(torch.ones_like(mask))
+        if parts:  # index_select, not image[part_index]: no value-dependent indexing
+            images.append(torch.index_select(image, 0, part_index))
+            masks.append(part_mask.to(mask.dtype))
         emb, dense, text = forward(torch.cat(images), torch.cat(masks), torch.cat(texts))
         extra = {}
+        if parts:
+            extra["part"] = emb[emb.shape[0] - p:]  # the parts ride last: split them off first
+            extra["part_text"] = text[text.shape[0] - 2 * p:].unflatten(0, (p, 2))
+            extra["part_text_mask"] = part_text_mask.bool()
+            emb, dense, text = emb[: emb.shape[0] - p], dense[: dense.shape[0] - p], text[: text.shape[0] - 2 * p]
         if short_text is not None:
             extra["short"] = text[n : 2 * n]
         if negative_text is not None:

@@ -56,11 +56,31 @@ def resize_pair(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[torch.T
     side = min(h, w)
     y0, x0 = (h - side) // 2, (w - side) // 2
     img = np.ascontiguousarray(image[y0 : y0 + side, x0 : x0 + side])
-    msk = np.asarray(mask[y0 : y0 + side, x0 : x0 + side], dtype=bool).view(np.uint8) * np.uint8(255)
     interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
     img = cv2.resize(img, (size, size), interpolation=interp)
-    msk = cv2.resize(msk, (size, size), interpolation=interp)
-    return torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(msk)[None]
+    return torch.from_numpy(img).permute(2, 0, 1), resize_mask(mask, size)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
+    """The mask half of `resize_pair`: uint8 (1, size, size), the same centre square and filter."""
+    import cv2
+
+    h, w = mask.shape
+    side = min(h, w)
+    y0, x0 = (h - side) // 2, (w - side) // 2
+    msk = np.asarray(mask[y0 : y0 + side, x0 : x0 + side], dtype=bool).view(np.uint8) * np.uint8(255)
+    interp = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
+    return torch.from_numpy(cv2.resize(msk, (size, size), interpolation=interp))[None]
+
+
+def masks_in_view(masks: list[np.ndarray], region_mask: np.ndarray, size: int) -> torch.Tensor:
+    """Other masks of the image (a region's parts) cut from the window the region's own full view
+    shows (`full_window` of its mask), so they line up with that view's image: uint8 (P, 1, size, size)."""
+    x0, y0, x1, y1 = full_window(region_mask)
+    out = torch.zeros((len(masks), 1, size, size), dtype=torch.uint8)
+    for i, m in enumerate(masks):
+        out[i] = resize_mask(m[y0:y1, x0:x1], size)
+    return out
 
 
 def to_model_input(image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -89,25 +89,26 @@ def run_embed_text(data, output, config=None) -> int:
 
 
 # (row name, settings changed from the base): Table 6 of the paper, and the branches for the data of
-# the optional stages (MulCLIP's short text, verified hard negatives) on top of the full PixCLIP loss.
+# the optional stages (MulCLIP's short text, verified hard negatives, the part stages' parts) on top of the
+# full PixCLIP loss.
 LOSS_ROWS = (("L_CL", {"use_fc": False, "use_lg": False}), ("L_CL + L_LG", {"use_fc": False, "use_lg": True}),
              ("L_CL + L_LG + L_FC", {"use_fc": True, "use_lg": True}))
 BRANCH_ROWS = (("PixCLIP", {}), ("+ short text", {"use_short": True}),
                ("+ hard negatives", {"use_hard_negatives": True}),
-               ("+ both", {"use_short": True, "use_hard_negatives": True}))
+               ("+ both", {"use_short": True, "use_hard_negatives": True}), ("+ parts", {"use_parts": True}))
 LOSS_COLUMNS = (("M2T R@1", "m2t_r1"), ("M2T R@5", "m2t_r5"), ("T2M R@1", "t2m_r1"), ("T2M R@5", "t2m_r5"),
                 ("mask-zeroed M2T R@1", "m2t_r1_mask_zeroed"), ("full-image I2T R@1", "i2t_r1"),
                 ("full-image T2I R@1", "t2i_r1"))
 BRANCH_COLUMNS = (("M2T R@1", "m2t_r1"), ("T2M R@1", "t2m_r1"), ("short-text M2T R@1", "short_m2t_r1"),
                   ("description over all 8 negatives", "hn_acc"), ("vs colour edit", "hn_colour"),
-                  ("vs object edit", "hn_object"), ("vs relation edit", "hn_relation"))
+                  ("vs object edit", "hn_object"), ("vs relation edit", "hn_relation"), ("part M2T R@1", "part_m2t_r1"))
 
 
 def run_ablation(output, max_steps: int | None = None, config: str | None = None, log=None, branches: bool = False,
                  **overrides) -> str:
     """On the synthetic benchmark, the same run with each row's settings; a markdown table out. Rows:
     Table 6's losses (L_CL, +L_LG, +L_LG+L_FC), or with `branches` the full loss alone, + the short-text
-    branch, + the hard-negative branch, + both."""
+    branch, + the hard-negative branch, + both, + the part branch."""
     from annotate.train.evaluate import evaluate
 
     cpu_threads()

@@ -20,10 +20,11 @@ from torch.utils.data import Dataset, Sampler
 
 from annotate.data.images import decode_array
 from annotate.data.masks import decode_rle
-from annotate.data.records import is_trainable
+from annotate.data.records import is_trainable, is_trainable_part
 from annotate.data.store import OutputStore
 from annotate.pixclip.transforms import prepare_views
 from annotate.train.frozen import load_benchmark
+from annotate.train.parts import PartSample, no_parts, part_tensors
 from annotate.train.text_cache import TextCache
 
 
@@ -49,13 +50,16 @@ def choose_text(rng: np.random.Generator, ref: "RegionRef", cache: TextCache, cf
 
 def make_sample(image: np.ndarray, mask: np.ndarray, text: np.ndarray, full: bool, cfg,
                 short: np.ndarray | None = None, description: np.ndarray | None = None,
-                negatives: list[np.ndarray] = ()) -> dict:
+                negatives: list[np.ndarray] = (), parts: list[PartSample] | None = None) -> dict:
     """Tensors for one sample; a full-image sample uses the all-ones mask (and its crop is the image).
 
     With the short-text branch on, `short_text` is the region's summary (its own text when it has
     none, or when the sample is a full-image one). With the hard-negative branch on, `negative_text`
     (1+K, D) holds its description, then up to K negatives, and `negative_mask` which exist; a
-    full-image sample has none (its text is the image caption, not the description)."""
+    full-image sample has none (its text is the image caption, not the description). With the part
+    branch on and `parts` given (training), the part tensors of `train/parts.py`; a full-image sample
+    has none (its view is the image's, not the region's)."""
+    region_mask = mask
     if full:
         mask = np.ones(image.shape[:2], dtype=bool)
     views = prepare_views(image, mask, cfg.image_size, cfg.crop_margin, raw=True)  # uint8; see to_model_input
@@ -71,7 +75,20 @@ def make_sample(image: np.ndarray, mask: np.ndarray, text: np.ndarray, full: boo
         for i, vector in enumerate([] if full else list(negatives)[:k]):
             texts[1 + i], present[1 + i] = vector, True
         views["negative_text"], views["negative_mask"] = torch.from_numpy(texts), torch.from_numpy(present)
+    if getattr(cfg, "use_parts", False) and parts is not None:
+        views.update(no_parts(len(text), cfg.image_size) if full or not parts
+                     else part_tensors(parts, region_mask, len(text), cfg))
     return views
+
+
+@dataclass(frozen=True)
+class PartRef:
+    """A trainable part (`is_trainable_part`) of a region, with those of its texts that are cached."""
+
+    part_id: str
+    rle: dict
+    short: str = ""
+    long: str = ""
 
 
 @dataclass(frozen=True)
@@ -85,6 +102,7 @@ class RegionRef:
     image_caption: str = ""
     summary: str = ""  # stage `summarize`, when run (the short-text branch)
     negatives: tuple[str, ...] = ()  # verified hard negatives (stage `negatives_visual`), when run
+    parts: tuple[PartRef, ...] = ()  # trainable parts (the part stages), with the part branch on
 
 
 def load_rows(data_dir: str | Path, cache_dir: str | None = None):
@@ -133,7 +151,8 @@ class RegionDataset(Dataset):
                     summary = r.get("summary") if r.get("summary") in cache else ""  # schema 1.1 rows: none
                     negatives = tuple(n["text"] for n in r.get("negatives") or [] if n["text"] in cache)
                     self.refs.append(RegionRef(i, r["region_id"], row["image_key"], dict(r["mask"]),
-                                               r["fine_caption"], short, row.get("caption") or "", summary, negatives))
+                                               r["fine_caption"], short, row.get("caption") or "", summary, negatives,
+                                               self._part_refs(r)))
 
         # each region's (position, count) among its image's regions in this split
         counts, seen = Counter(ref.row for ref in self.refs), Counter()
@@ -141,6 +160,19 @@ class RegionDataset(Dataset):
         for ref in self.refs:
             self.siblings.append((seen[ref.row], counts[ref.row]))
             seen[ref.row] += 1
+
+    def _part_refs(self, region: dict) -> tuple[PartRef, ...]:
+        """The region's trainable parts with a cached text, when the part branch is on (else none)."""
+        if not getattr(self.cfg, "use_parts", False):
+            return ()
+        refs = []
+        for part in region.get("parts") or []:
+            if not is_trainable_part(part, self.cfg.parts_include_unverified):
+                continue
+            short, long = (t if t and t in self.cache else "" for t in (part.get("short_caption"), part.get("long_caption")))
+            if short or long:
+                refs.append(PartRef(part["part_id"], dict(part["mask"]), short, long))
+        return tuple(refs)
 
     def _held_out(self, image_key: str) -> bool:
         """In the evaluation split: an image of the frozen benchmark when the output has one, else one
@@ -170,11 +202,7 @@ class RegionDataset(Dataset):
         epoch, idx = key if isinstance(key, tuple) else (0, key)
         ref = self.refs[idx]
         image = decode_array(self.images[ref.row]["image"]["bytes"])
-        mask = decode_rle(ref.rle)
-        if mask.shape != image.shape[:2]:  # defensive: RLE made at another resolution
-            from PIL import Image
-
-            mask = np.asarray(Image.fromarray(mask).resize(image.shape[1::-1], Image.NEAREST))
+        mask = _decoded_mask(ref.rle, image.shape[:2])
         if self.train:
             rng = np.random.default_rng([self.cfg.seed, epoch, idx])
             text, full = choose_text(rng, ref, self.cache, self.cfg, self.full_prob(epoch, idx))
@@ -186,7 +214,24 @@ class RegionDataset(Dataset):
         if getattr(self.cfg, "use_hard_negatives", False):
             extra["description"] = self.cache.get(ref.caption)
             extra["negatives"] = [self.cache.get(t) for t in ref.negatives]
+        if getattr(self.cfg, "use_parts", False) and self.train:
+            extra["parts"] = [PartSample(_decoded_mask(p.rle, image.shape[:2]), self._vector(p.short), self._vector(p.long))
+                              for p in ref.parts[: self.cfg.parts_per_region]]
         return make_sample(image, mask, self.cache.get(text), full, self.cfg, **extra)
+
+
+    def _vector(self, text: str) -> np.ndarray | None:
+        return self.cache.get(text) if text else None
+
+
+def _decoded_mask(rle: dict, shape: tuple[int, int]) -> np.ndarray:
+    """A region's or part's mask at the image's resolution (defensive: RLE made at another one)."""
+    mask = decode_rle(rle)
+    if mask.shape != shape:
+        from PIL import Image
+
+        mask = np.asarray(Image.fromarray(mask).resize(shape[::-1], Image.NEAREST))
+    return mask
 
 
 class EpochSampler(Sampler):

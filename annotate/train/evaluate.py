@@ -216,7 +216,25 @@ def _synthetic_eval(model: PixCLIP, cfg: TrainConfig, batch_size: int = 64) -> d
     res.update(zero_shot(model, items, classes, enc([f"a {c}" for c in classes]), cfg.image_size, batch_size))
     res["n_regions"] = len(ds)
     res.update(_short_and_negative_scores(model, ds, regions, BagOfWordsEncoder(seed=cfg.seed)))
+    res.update(_part_scores(model, ds, enc, cfg.image_size, batch_size))
     return res
+
+
+@torch.no_grad()
+def _part_scores(model: PixCLIP, ds, enc, image_size: int, batch_size: int) -> dict:
+    """What the part branch is for: each part's mask on its image -> its short text, retrieved among all
+    parts' texts (`part_m2t_r1`; a shape's two halves differ only in the half's name)."""
+    from annotate.pixclip.transforms import full_view
+
+    dev = model_device(model)
+    parts = [(img, p) for img, scene in ds.scenes for r in scene for p in r["parts"]]
+    embs = []
+    for i in range(0, len(parts), batch_size):
+        views = [full_view(img, p["mask"], image_size) for img, p in parts[i : i + batch_size]]
+        embs.append(model.encode_image(torch.stack([v[0] for v in views]).to(dev), torch.stack([v[1] for v in views]).to(dev)))
+    short = [p["short"] for _, p in parts]
+    texts = model.encode_text(torch.from_numpy(enc(short)).to(dev))
+    return {"part_m2t_r1": retrieval_metrics(torch.cat(embs), texts, short)["m2t_r1"]}
 
 
 @torch.no_grad()

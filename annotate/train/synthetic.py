@@ -5,6 +5,12 @@ one shape and its text names colour, shape and position ("a red circle at the to
 that ignores the mask gives every region of an image the same embedding, so it cannot tell which of
 the image's texts is meant.
 
+Parts: every shape is split at its centre into two halves (top and bottom, or left and right, by a
+hash of the shape), each a part record with a mask inside the shape's and texts naming the half, the
+colour and the shape ("the top of a red circle"). The image is not changed by them (every run sees
+the same scenes), and only a model that reads where the part mask lies within the object can tell a
+shape's two halves apart: what the part branch (`train.use_parts`) trains.
+
 Text side: a frozen random bag-of-words encoder (a fixed Gaussian vector per word, averaged). It
 stands in for the frozen LLM: deterministic, instant, no download, and it carries exactly the words'
 information, so whatever the model learns is on the vision side plus the trainable adaptor. The
@@ -20,6 +26,7 @@ from torch.utils.data import Dataset
 
 from annotate.config import TrainConfig
 from annotate.train.data import make_sample
+from annotate.train.parts import PartSample
 
 COLORS = {
     "red": (220, 40, 40),
@@ -67,8 +74,24 @@ def render_scene(rng: np.random.Generator, size: int, n_shapes: int = 3) -> tupl
             mask = (dy <= r * 0.8) & (dy >= -r) & (np.abs(dx) <= (dy + r) * 0.6)
         image[mask] = COLORS[color]
         regions.append({"mask": mask, "fine": f"a {color} {shape} {position_words(row, col)}", "short": f"a {color} {shape}",
-                        "negatives": hard_negatives(color, shape, row, col)})
+                        "negatives": hard_negatives(color, shape, row, col),
+                        "parts": shape_parts(mask, color, shape, position_words(row, col))})
     return image, regions
+
+
+PART_SPLITS = ((("top", "bottom"), 0), (("left", "right"), 1))  # (names, axis the halves are cut along)
+
+
+def shape_parts(mask: np.ndarray, color: str, shape: str, place: str) -> list[dict]:
+    """The shape's two halves, cut at its centre of mass (no random draw: the scene stays as it was):
+    [{name, mask, short, long}]."""
+    h = int.from_bytes(hashlib.sha1(f"{color}{shape}{place}".encode()).digest()[:4], "big")
+    (first, second), axis = PART_SPLITS[h % len(PART_SPLITS)]
+    coords = np.indices(mask.shape)[axis]
+    centre = coords[mask].mean() if mask.any() else mask.shape[axis] / 2
+    halves = ((first, mask & (coords < centre)), (second, mask & (coords >= centre)))
+    return [{"name": name, "mask": half, "short": f"the {name} of a {color} {shape}",
+             "long": f"the {name} half of a {color} {shape} {place}"} for name, half in halves if half.any()]
 
 
 NEGATIVES_PER_REGION = 8
@@ -143,6 +166,8 @@ class SyntheticDataset(Dataset):
         if self.cfg.use_hard_negatives:
             extra["description"] = self.encoder([region["fine"]])[0]
             extra["negatives"] = list(self.encoder([t for _, t in region["negatives"]]))
+        if self.cfg.use_parts and self.train:
+            extra["parts"] = [PartSample(p["mask"], *self.encoder([p["short"], p["long"]])) for p in region["parts"]]
         return make_sample(image, region["mask"], self.encoder([text])[0], full, self.cfg, **extra)
 
     def whole_images(self) -> list[tuple[np.ndarray, str]]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from annotate.data.records import is_trainable
+from annotate.data.records import is_trainable, is_trainable_part
 from annotate.data.store import OutputStore, read_columns
 
 EMB_FILE = "embeddings.f16"
@@ -110,10 +110,12 @@ def write_text_cache(
     return TextCache(out)
 
 
-def iter_region_texts(data_dir: str | Path, summaries: bool = False, negatives: bool = False) -> Iterator[tuple[str, str]]:
+def iter_region_texts(data_dir: str | Path, summaries: bool = False, negatives: bool = False, parts: bool = False,
+                      unverified_parts: bool = False) -> Iterator[tuple[str, str]]:
     """Every trainable text of a pipeline output (OUT/data/*.parquet), as (label, text); with
     `summaries` / `negatives`, also the regions' summaries and verified hard negatives (the texts of
-    the short-text and hard-negative branches; K per region, so only when a branch needs them)."""
+    the short-text and hard-negative branches; K per region, so only when a branch needs them); with
+    `parts`, the short and long texts of the trainable parts (`is_trainable_part`), labelled by part id."""
 
     for file in OutputStore(data_dir).dataset_files():
         for row in read_columns(file, ["image_key", "caption", "regions"]):
@@ -128,6 +130,11 @@ def iter_region_texts(data_dir: str | Path, summaries: bool = False, negatives: 
                     yield text_key("summary", r["region_id"]), r["summary"]
                 for i, negative in enumerate((r.get("negatives") or []) if negatives else []):
                     yield text_key(f"negative{i}", r["region_id"]), negative["text"]
+                for part in (r.get("parts") or []) if parts else []:
+                    if is_trainable_part(part, unverified_parts):
+                        for kind in ("short", "long"):
+                            if part.get(f"{kind}_caption"):
+                                yield text_key(f"part_{kind}", part["part_id"]), part[f"{kind}_caption"]
 
 
 class HFTextEncoder:
@@ -183,5 +190,6 @@ def embed_text(data_dir: str | Path, output: str | Path, cfg, batch_size: int = 
     encoder = make_text_encoder(cfg)
     meta = {"encoder": str(cfg.text_encoder), "type": cfg.text_encoder_type, "pooling": cfg.text_pooling,
             "lora": list(cfg.text_lora), "instruction": cfg.text_instruction}
-    texts = iter_region_texts(data_dir, summaries=cfg.use_short, negatives=cfg.use_hard_negatives)
+    texts = iter_region_texts(data_dir, summaries=cfg.use_short, negatives=cfg.use_hard_negatives,
+                              parts=cfg.use_parts, unverified_parts=cfg.parts_include_unverified)
     return write_text_cache(texts, encoder, output, batch_size, meta)

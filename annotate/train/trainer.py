@@ -35,6 +35,7 @@ from annotate.pixclip.model import PixCLIP
 from annotate.pixclip.transforms import to_model_input
 from annotate.train.data import EpochSampler
 from annotate.train.job import TrainJob
+from annotate.train.parts import collate_parts, part_arguments
 
 RUN_FILE = "run.json"
 RESULT_FILE = "train_result.json"  # the last call's final step and losses
@@ -114,7 +115,7 @@ class Trainer:
             ids = [self.device.index or 0] if self.device.type == "cuda" else None
             self.ddp = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.loss_fn = PixCLIPLoss(cfg.alpha_fc, cfg.beta_lg, cfg.use_fc, cfg.use_lg, self.rank, self.world,
-                                   cfg.short_weight, cfg.hard_negative_weight)
+                                   cfg.short_weight, cfg.hard_negative_weight, cfg.part_weight)
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), betas=(0.9, 0.98), eps=1e-6)
         groups = [dataset.group(i) for i in range(len(dataset))] if cfg.group_by_image else None
         self.sampler = EpochSampler(len(dataset), cfg.seed, True, self.rank, self.world, groups)
@@ -133,8 +134,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def losses(self, batch: dict) -> dict[str, torch.Tensor]:
-        """The loss of one batch: the three branches, and the short-text and hard-negative ones when their
-        texts are in the batch (the model assembles the branches, through DDP)."""
+        """The loss of one batch: the three branches, and the short-text, hard-negative and part ones when
+        their texts are in the batch (the model assembles the branches, through DDP)."""
         cfg = self.cfg
         image, mask = to_model_input(batch["image"], batch["mask"])  # uint8 from the loader -> floats here
         crop_image, crop_mask = to_model_input(batch["crop_image"], batch["crop_mask"]) if cfg.use_fc else (None, None)
@@ -142,7 +143,7 @@ class Trainer:
             branches = self.model.branch_features(
                 image, mask, batch["text"], crop_image, crop_mask, local_tau=cfg.lg_tau if cfg.use_lg else None,
                 forward=self.ddp, short_text=batch.get("short_text"), negative_text=batch.get("negative_text"),
-                negative_mask=batch.get("negative_mask"))
+                negative_mask=batch.get("negative_mask"), **part_arguments(batch))
         return self.loss_fn.of_branches(branches, self.model.logit_scale)
 
     # ------------------------------------------------------------------ loop
@@ -160,6 +161,7 @@ class Trainer:
             num_workers=workers,
             persistent_workers=bool(self.cfg.persistent_workers and workers > 0),
             drop_last=True,
+            collate_fn=collate_parts,
             pin_memory=self.device.type == "cuda",
         )
 
