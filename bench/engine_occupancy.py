@@ -253,8 +253,8 @@ def merge_requests(records: dict[str, list[ImageRecord]], stage: Stage, cfg: Pip
 
 
 def bench_config(path: str | Path, stage_class: bool = True, stage: str = "merge") -> PipelineConfig:
-    """The pipeline file with what the bench needs: `stage` without retries (every answer is cut by
-    max_tokens by design) and, when this code base has the option, `stage_class` set to its
+    """The pipeline file with what the bench needs: `stage` without retries and no breaker (every
+    answer is cut by max_tokens by design) and, when this code base has the option, `stage_class` set to its
     fixed-length class; the stage's model keeps stats (`disable_log_stats: false`, for the sync engine)."""
     raw = load_config(path)
     settings: dict[str, Any] = {"max_attempts": 1}
@@ -271,7 +271,11 @@ def bench_config(path: str | Path, stage_class: bool = True, stage: str = "merge
                                      DEADLINE_START_S + DEADLINE_PER_TOKEN_S * cap)
     model = raw.stages[stage].model
     extra = {**raw.models[model].vllm.extra, "disable_log_stats": False}
-    return load_config(path, {"stages": {stage: settings}, "models": {model: {"vllm": {"extra": extra}}}})
+    overrides: dict[str, Any] = {"stages": {stage: settings}, "models": {model: {"vllm": {"extra": extra}}}}
+    if "breaker" in type(raw.run).model_fields:
+        # Every answer ends by `length` by design: the breaker (stages/breaker.py) would stop the run.
+        overrides["run"] = {"breaker": {"enabled": False}}
+    return load_config(path, overrides)
 
 
 # ----------------------------------------------------------------------------------------- figures

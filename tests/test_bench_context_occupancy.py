@@ -18,6 +18,7 @@ def test_context_requests_and_input(tmp_path):
     cfg = bench_config(DEFAULT_CONFIGS["context"], stage="context")
     sc = cfg.stages["context"]
     assert sc.max_attempts == 1 and sc.stage_class == "bench.engine_occupancy:FixedLengthContext"
+    assert not cfg.run.breaker.enabled  # every answer ends by `length` by design: the breaker would stop the run
     model = cfg.models[sc.model]
     assert model.path == "tiny:griffon_g" and model.engine == "vllm"
     assert model.vllm.extra["disable_log_stats"] is False
