@@ -163,6 +163,8 @@ def test_describe_sends_one_focal_crop_per_kept_part_and_retries_an_over_long_sh
     counts = run(cfg, "part_describe", record, image, engine)
     assert counts.retried == 1 and counts.done == 1 and len(engine.requests) == 2
     assert len(images_of(engine.requests[0])) == 1 + 2  # the object crop, then one per kept part
+    items = engine.requests[0].json_schema["properties"]["parts"]
+    assert items["minItems"] == items["maxItems"] == 2  # guided decoding writes one per part shown
     text = engine.requests[0].messages[-1]["content"][-1]["text"]
     assert 'part 1, "beak"' in text and 'part 2, "left wing"' in text and "tail" not in text
     beak, wing, tail = record.regions[0].parts
@@ -193,6 +195,8 @@ def verified_record(cfg):
 def test_verify_stores_one_verdict_per_described_part(cfg):
     record, _, engine, counts = verified_record(cfg)
     assert counts.done == 1 and len(images_of(engine.requests[0])) == 3
+    items = engine.requests[0].json_schema["properties"]["verdicts"]
+    assert items["minItems"] == items["maxItems"] == 2
     beak, wing, tail = record.regions[0].parts
     assert beak.verdict == Verdict(holds=True, reason="The cyan region is the beak.")
     assert wing.verdict.holds is False and tail.verdict is None

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from annotate.data.records import PartRecord, RegionRecord
 from annotate.engines.base import ChatRequest, ChatResult
 from annotate.stages.base import DescribedStage, RegionContext, clean_caption, described, settle
-from annotate.stages.parts import kept_parts, part_images, with_images
+from annotate.stages.parts import kept_parts, one_item_per_part, part_images, with_images
 from annotate.stages.summarize import CLIP_CONTEXT_LENGTH, clip_token_count
 
 
@@ -57,7 +57,8 @@ class PartDescribeStage(DescribedStage):
                 "max_clip_tokens": CLIP_CONTEXT_LENGTH}
 
     def build_request(self, ctx: RegionContext) -> ChatRequest:
-        return with_images(super().build_request(ctx), part_images(ctx, undescribed(ctx.region)))
+        parts = undescribed(ctx.region)
+        return one_item_per_part(with_images(super().build_request(ctx), part_images(ctx, parts)), "parts", len(parts))
 
     def apply(self, region: RegionRecord, result: ChatResult) -> str | None:
         try:

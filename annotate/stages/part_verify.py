@@ -14,7 +14,7 @@ from annotate.engines.base import ChatRequest, ChatResult
 from annotate.stages.answers import NotAnAnswer
 from annotate.stages.base import DescribedStage, RegionContext, described, settle
 from annotate.stages.negatives import TRUTH_WORDS, read_verdicts, review_verdicts
-from annotate.stages.parts import kept_parts, part_images, with_images
+from annotate.stages.parts import kept_parts, one_item_per_part, part_images, with_images
 
 
 def described_parts(region: RegionRecord) -> list[PartRecord]:
@@ -53,7 +53,9 @@ class PartVerifyStage(DescribedStage):
         return {"phrase": ctx.region.phrase, "parts": [part.name for part in unchecked(ctx.region)]}
 
     def build_request(self, ctx: RegionContext) -> ChatRequest:
-        return with_images(super().build_request(ctx), part_images(ctx, unchecked(ctx.region)))
+        parts = unchecked(ctx.region)
+        return one_item_per_part(with_images(super().build_request(ctx), part_images(ctx, parts)), "verdicts",
+                                 len(parts))
 
     def review(self, ctx: RegionContext, result: ChatResult) -> ChatResult | NotAnAnswer:
         # unverified: not confirmed as the named part, so it is left out of training

@@ -150,6 +150,16 @@ def part_images(ctx: RegionContext, parts: list[PartRecord]) -> list[Image.Image
             for part in parts]
 
 
+def one_item_per_part(request: ChatRequest, key: str, count: int) -> ChatRequest:
+    """`request` whose JSON schema asks for exactly `count` items under `key`: the model's guided decoding
+    then writes one per part shown, so a miscount never costs a retry (or the region)."""
+    schema = request.json_schema
+    if schema is None or key not in schema.get("properties", {}):
+        return request
+    items = {**schema["properties"][key], "minItems": count, "maxItems": count}
+    return dataclasses.replace(request, json_schema={**schema, "properties": {**schema["properties"], key: items}})
+
+
 def with_images(request: ChatRequest, images: list[Image.Image]) -> ChatRequest:
     """`request` with `images` added to its user turn after the template's own images, before the text:
     the part stages show a number of images that varies by region."""
