@@ -26,6 +26,8 @@ import yaml
 from annotate.config import load_config
 from annotate.data.store import OutputStore
 from annotate.stages.negatives import NegativesStage, NegativesTextStage
+from annotate.stages.part_describe import PartDescribeStage, undescribed
+from annotate.stages.parts import PartsStage
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "pipelines" / "tiny.yaml"
@@ -113,6 +115,13 @@ def kill_session(session: int) -> None:
 
 
 TINY_FIELDS = REPO / "pipelines" / "tiny-fields.yaml"
+TINY_PARTS = REPO / "pipelines" / "tiny-parts.yaml"
+
+
+def _cheap(request):
+    """A scripted stage's real model call, kept short: plain text, a few tokens."""
+    return dataclasses.replace(request, json_schema=None,
+                               sampling=request.sampling.model_copy(update={"max_tokens": 24, "min_tokens": 8}))
 
 
 class ScriptedNegatives(NegativesStage):
@@ -124,14 +133,70 @@ class ScriptedNegatives(NegativesStage):
     is used only because no model that runs here can write a real one."""
 
     def build_request(self, ctx):
-        request = super().build_request(ctx)
-        return dataclasses.replace(request, json_schema=None,
-                                   sampling=request.sampling.model_copy(update={"max_tokens": 24, "min_tokens": 8}))
+        return _cheap(super().build_request(ctx))
 
     def apply(self, region, result):
         words = [w for w in (region.fine_caption or "").split() if len(w) > 3][: self.params.k]
         edits = [{"type": "colour", "text": (region.fine_caption or "").replace(w, "zzz", 1)} for w in words]
         return super().apply(region, dataclasses.replace(result, parsed={"edits": edits}))
+
+
+def inner_boxes(mask) -> list[list[float]]:
+    """Two boxes ([x, y, w, h], pixels) side by side inside `mask`: the two halves of the square around
+    its deepest point (distance transform), each wholly inside the object. Empty when it is too thin."""
+    import cv2
+    import numpy as np
+
+    inside = np.pad(np.asarray(mask, np.uint8), 1)
+    depth = cv2.distanceTransform(inside, cv2.DIST_L2, 3)[1:-1, 1:-1]
+    y, x = np.unravel_index(int(np.argmax(depth)), depth.shape)
+    half = int(depth[y, x] * 0.7) - 1  # the square's corners stay inside the inscribed circle
+    if half < 4:
+        return []
+    return [[float(x - half), float(y - half), float(half), float(2 * half)],
+            [float(x), float(y - half), float(half), float(2 * half)]]
+
+
+class ScriptedParts(PartsStage):
+    """`parts` for random-weight runs, whose boxes are noise that the containment check rightly rejects
+    (so the two part stages after it would get nothing). It still calls its model, then reads a scripted
+    answer: two boxes inside the object (`inner_boxes`), written on the image the model saw in the
+    model's own box format, named after the description's first word and "side", through the stage's
+    own mapping, mask making and checks ("bench.harness:ScriptedParts")."""
+
+    def build_request(self, ctx):
+        return _cheap(super().build_request(ctx))
+
+    def apply(self, region, result):
+        from annotate.data.masks import decode_rle
+        from annotate.engines.conventions import box_format
+
+        seen = self._seen.get(region.region_id)
+        answer = {"parts": []}
+        if seen is not None and region.mask is not None:
+            (x0, y0, x1, y1), (width, height) = seen.crop_box, seen.shown_size
+            sx, sy = width / (x1 - x0), height / (y1 - y0)
+            words = [w.strip(".,;:!?\"'") for w in (region.fine_caption or "").split()]
+            names = [next((w for w in words if len(w) > 3), "part"), "side"]  # the first a parent span
+            for name, (x, y, w, h) in zip(names, inner_boxes(decode_rle(region.mask).astype(bool))):
+                shown = [(x - x0) * sx, (y - y0) * sy, w * sx, h * sy]
+                answer["parts"].append({"name": name, "visibility": "full", "reason": "scripted",
+                                        "box": box_format(self.conventions).format(shown, width, height)})
+        return super().apply(region, dataclasses.replace(result, parsed=answer))
+
+
+class ScriptedPartDescriptions(PartDescribeStage):
+    """`part_describe` for random-weight runs: the real request (the object crop and one focal crop per
+    part go to the VLM), then scripted texts, since random weights write no usable description
+    ("bench.harness:ScriptedPartDescriptions")."""
+
+    def build_request(self, ctx):
+        return _cheap(super().build_request(ctx))
+
+    def apply(self, region, result):
+        parts = [{"short": f"the {p.name} of the object", "long": f"The {p.name} of the object, as the crop shows it."}
+                 for p in undescribed(region)]
+        return super().apply(region, dataclasses.replace(result, parsed={"parts": parts}))
 
 
 class ScriptedContradiction(NegativesTextStage):

@@ -259,3 +259,20 @@ def test_the_run_refuses_before_any_shard_is_read(tmp_path, tiny_model_paths):
     with pytest.raises(CheckpointError, match="<end_of_turn>"):
         run_pipeline(cfg, SAMPLE_SHARDS, tmp_path, [0], stage="all")
     assert not list(tmp_path.glob("data/*.parquet")) and not (tmp_path / "stages").exists()
+
+
+def test_each_box_format_reads_back_the_box_it_writes():
+    """`BoxFormat.parse` is `format`'s inverse in every family's convention (to its rounding), so a box
+    a model writes its own way (the `parts` stage's) lands on the same pixels; text without exactly
+    four numbers is no box."""
+    bbox, width, height = [40, 30, 100, 50], 400, 300
+    formats = {GRID_1000.name: GRID_1000, **{c.box.name: c.box for c in CONVENTIONS.values()}}
+    assert len(formats) == 3
+    for fmt in formats.values():
+        back = fmt.parse(fmt.format(bbox, width, height), width, height)
+        assert back == pytest.approx(bbox, abs=0.5), fmt.name
+    assert CONVENTIONS["griffon_gemma2"].box.parse("[0.100,0.100,0.350,0.267]", 400, 300) == pytest.approx(
+        [40, 30, 100, 50], abs=0.2)
+    assert CONVENTIONS["internvl2_hermes2"].box.parse("<box>[[100, 100, 350, 267]]</box>", 400, 300) == \
+        pytest.approx([40, 30, 100, 50], abs=0.2)
+    assert GRID_1000.parse("[1, 2, 3]", 400, 300) is None and GRID_1000.parse("no box", 400, 300) is None

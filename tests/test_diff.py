@@ -59,7 +59,7 @@ def outs(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_counts_transitions_and_examples(outs):
     d = diff_outputs(*outs)
-    assert tuple(d.fields) == STAGE_WRITTEN == tuple(name for _, name in STAGE_FIELDS)
+    assert tuple(d.fields) == STAGE_WRITTEN == tuple(dict.fromkeys(name for _, name in STAGE_FIELDS))
     assert (d.matched, d.only_in_a, d.only_in_b) == (5, 1, 1)
     assert d.region_examples == {"a": ["00002:k3:0"], "b": ["00001:k2:1"]}
     assert d.shards == {"a": ["00000", "00001", "00002"], "b": ["00000", "00001"], "skipped_a": [], "skipped_b": ["00003"]}

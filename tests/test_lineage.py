@@ -157,6 +157,12 @@ ANSWERS: dict[str, tuple[Any, Any]] = {
                        {"verdicts": [{"reason": "Both can be true.", "holds": False}]}),
     "negatives_visual": ({"verdicts": [{"reason": "The mug is red.", "holds": False}]},
                          {"verdicts": [{"reason": "The mug is blue.", "holds": True}]}),
+    "parts": ({"parts": [{"name": "handle", "visibility": "full", "reason": "curved", "box": "[100, 100, 600, 600]"}]},
+              {"parts": [{"name": "rim", "visibility": "partial", "reason": "chipped", "box": "[300, 300, 900, 900]"}]}),
+    "part_describe": ({"parts": [{"short": "a curved handle", "long": "A curved ceramic handle on the left."}]},
+                      {"parts": [{"short": "a chipped rim", "long": "The rim of the mug, chipped at the front."}]}),
+    "part_verify": ({"verdicts": [{"reason": "The cyan region is the handle.", "holds": True}]},
+                    {"verdicts": [{"reason": "The cyan region shows the table.", "holds": False}]}),
 }
 
 
@@ -203,9 +209,10 @@ def _dump(value: Any) -> Any:
 
 
 @pytest.mark.parametrize("name", list(STAGE_CLASSES))
-def test_a_stage_reads_what_it_declares(cfg, name):
+def test_a_stage_reads_what_it_declares(name):
     """A stage changes what it does when a stage it `reads` answers otherwise; when another earlier stage
-    does, only through the output of a stage it reads."""
+    does, only through the output of a stage it reads. (tiny-parts.yaml: every stage of the chain.)"""
+    cfg = load_config(REPO / "pipelines" / "tiny-parts.yaml")
     chain = chain_of(cfg)
     reads = STAGE_CLASSES[name].reads
     assert set(reads) <= set(chain[:chain.index(name)])

@@ -111,7 +111,8 @@ def test_the_chain_is_derived_from_the_stage_classes():
     """Each stage declares the region field it writes and keeps a provenance entry; the record schema
     has both, so a new stage class cannot leave the schema, the retry reset or the planner behind."""
     assert STAGE_ORDER == ("object", "validate", "context", "merge",
-                           "summarize", "ground", "negatives", "negatives_text", "negatives_visual")
+                           "summarize", "ground", "negatives", "negatives_text", "negatives_visual",
+                           "parts", "part_describe", "part_verify")
     assert STAGE_FIELDS == tuple((name, cls.writes) for name, cls in STAGE_CLASSES.items())
     for name, field in STAGE_FIELDS:
         assert field in RegionRecord.model_fields, name

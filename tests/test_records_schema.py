@@ -9,6 +9,10 @@ from annotate.data.records import SCHEMA_VERSION, Provenance, RegionRecord, arro
 from annotate.data.writer import region_field_descriptions, write_dataset_card
 
 
+STAGES_1_2 = ("object", "validate", "context", "merge", "summarize", "ground", "negatives", "negatives_text",
+              "negatives_visual")
+
+
 def schema_1_2_as_written_by_hand():
     """`features()` of schema 1.2 as it was written by hand before it was derived (kept verbatim):
     the stored files must not change by a byte of schema."""
@@ -52,7 +56,7 @@ def schema_1_2_as_written_by_hand():
         },
         "status": datasets.Value("string"),
         "error": datasets.Value("string"),
-        "provenance": {stage: dict(stage_provenance) for stage in Provenance.stage_names()},
+        "provenance": {stage: dict(stage_provenance) for stage in STAGES_1_2},
     }
     return datasets.Features(
         {
@@ -95,10 +99,23 @@ def schema_1_3():
     return datasets.Features(schema)
 
 
+def schema_1_4():
+    """1.3 plus the provenance of the part stages (parts, part_describe, part_verify)."""
+    import datasets
+
+    schema = schema_1_3()
+    region = schema["regions"].feature
+    entry = dict(region["provenance"]["object"])
+    region["provenance"].update({stage: dict(entry) for stage in ("parts", "part_describe", "part_verify")})
+    schema["regions"] = datasets.List(region)
+    return datasets.Features(schema)
+
+
 def test_derived_features_are_the_hand_written_ones():
-    assert SCHEMA_VERSION == "1.3"
-    assert features() == schema_1_3()
-    assert arrow_schema() == schema_1_3().arrow_schema
+    assert SCHEMA_VERSION == "1.4"
+    assert Provenance.stage_names() == (*STAGES_1_2, "parts", "part_describe", "part_verify")
+    assert features() == schema_1_4()
+    assert arrow_schema() == schema_1_4().arrow_schema
 
 
 def test_an_unstorable_field_is_refused():

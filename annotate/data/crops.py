@@ -131,3 +131,25 @@ def highlight(image: Image.Image, mask: np.ndarray, bbox_xywh, cfg: CropConfig, 
     if x1 > x0 and y1 > y0:
         ImageDraw.Draw(out).rectangle([x0, y0, x1 - 1, y1 - 1], outline=tuple(cfg.highlight_color), width=cfg.highlight_width)
     return out
+
+
+# The part's outline in a focal crop; the object's is drawn in `highlight_color` (red by default).
+# A constant, not a crop setting: the part prompts name it ("outlined in cyan").
+PART_COLOR = (0, 255, 255)
+
+
+def focal_crop(image: Image.Image, object_mask: np.ndarray, part_mask: np.ndarray, part_bbox_xywh,
+               cfg: CropConfig) -> Image.Image:
+    """A crop around one part (its mask's tight box, `cfg.margin` of context, at least `cfg.min_side`),
+    the object's mask outlined in `highlight_color` and the part's over it in `PART_COLOR`, fitted in
+    `max_side`: what the part stages show the model for each part."""
+    image = image.convert("RGB")
+    x0, y0, x1, y1 = box = crop_box_for(part_mask, part_bbox_xywh, image.width, image.height, cfg)
+    crop = image.crop(box)
+
+    def cropped(mask: np.ndarray) -> Image.Image:
+        return Image.fromarray(np.asarray(mask, bool)[y0:y1, x0:x1].astype(np.uint8) * 255, "L")
+
+    drawn = outline(outline(crop, cropped(object_mask), cfg), cropped(part_mask),
+                    cfg.model_copy(update={"highlight_color": PART_COLOR}))
+    return fit_within(drawn, cfg.max_side, Image.Resampling.BICUBIC)

@@ -25,8 +25,8 @@ SOURCES = ("sam", "grabcut", "box")
 
 
 class PartMaskSettings(BaseModel):
-    """How part masks are made and checked. Kept here until the part stages exist: then it moves under
-    the `parts` stage's params in config.py (it changes records, so it belongs in `record_settings`)."""
+    """How part masks are made and checked: the `masks` of the `parts` stage's params (stages/parts.py
+    `PartsParams`), so they count in its lineage key and in the config's `record_settings`."""
 
     min_containment: float = Field(0.8, ge=0, le=1, description="area(part and object) / area(part), before clipping")
     min_area_px: int = Field(16, ge=0, description="a stored part mask has at least this many pixels ...")

@@ -18,8 +18,9 @@ from pydantic import BaseModel, Field
 if TYPE_CHECKING:
     import datasets
 
-SCHEMA_VERSION = "1.3"  # 1.1: ImageRecord.error; 1.2: summary, sentences, phrases, negatives, quality (optional
-# stages); 1.3: each stage's lineage key and attempts in its provenance, and the region's parts
+SCHEMA_VERSION = "1.4"  # 1.1: ImageRecord.error; 1.2: summary, sentences, phrases, negatives, quality (optional
+# stages); 1.3: each stage's lineage key and attempts in its provenance, and the region's parts; 1.4: the
+# provenance of the part stages (parts, part_describe, part_verify)
 # Files of an older version still load: every field added since is optional and reads as None.
 
 Status = Literal["ok", "rejected", "failed", "pending"]
@@ -135,6 +136,9 @@ class Provenance(BaseModel):
     negatives: StageProvenance = StageProvenance()
     negatives_text: StageProvenance = StageProvenance()
     negatives_visual: StageProvenance = StageProvenance()
+    parts: StageProvenance = StageProvenance()
+    part_describe: StageProvenance = StageProvenance()
+    part_verify: StageProvenance = StageProvenance()
 
     model_config = {"populate_by_name": True}
 

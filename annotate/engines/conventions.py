@@ -21,6 +21,7 @@ Sources were read at these revisions: OpenGVLab/InternVL 2410d1dbf208, jefferyZh
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, get_args
 
@@ -53,6 +54,21 @@ class BoxFormat:
         if self.name == "internvl_box":  # InternVL: <box>[[x1, y1, x2, y2]]</box> on 0-1000
             return f"<box>[[{grid[0]}, {grid[1]}, {grid[2]}, {grid[3]}]]</box>"
         return f"[{grid[0]}, {grid[1]}, {grid[2]}, {grid[3]}]"
+
+    def parse(self, text: str, width: int, height: int) -> list[float] | None:
+        """A box the model wrote this way, as [x, y, w, h] in pixels of the `width` x `height` image it
+        saw (the inverse of `format`, unclamped: a box reaching outside is the caller's to judge);
+        None when `text` does not hold exactly four numbers. Griffon's corners are fractions, the
+        others' integers on a 0-1000 grid."""
+        numbers = [float(v) for v in _NUMBER.findall(text or "")]
+        if len(numbers) != 4:
+            return None
+        scale = 1.0 if self.name == "unit_3dp" else 1000.0
+        x0, y0, x1, y1 = (v / scale for v in numbers)
+        return [x0 * width, y0 * height, (x1 - x0) * width, (y1 - y0) * height]
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?|-?\.\d+")
 
 
 GRID_1000 = BoxFormat("grid_1000", "x1, y1, x2, y2, normalised to 0-1000")

@@ -182,6 +182,12 @@ class Stage:
         # region it takes; None where nothing keeps outputs (doctor, the benchmarks' direct side).
         self.lineage: str | None = None
 
+    @classmethod
+    def clear(cls, region: RegionRecord) -> None:
+        """Remove what this stage made in `region` (a retry or a lineage change redoes it). Stages that
+        share a field (the part stages all write `parts`) clear only their own part of it."""
+        setattr(region, cls.writes, None)
+
     def wants(self, region: RegionRecord) -> bool:
         raise NotImplementedError
 

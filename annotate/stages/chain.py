@@ -14,7 +14,7 @@ from typing import Protocol
 
 from PIL import Image
 
-from annotate.config import CropConfig, ModelConfig, PipelineConfig, QualityConfig, StageConfig
+from annotate.config import ENGINE_KINDS, CropConfig, ModelConfig, PipelineConfig, QualityConfig, StageConfig
 from annotate.data.records import ImageRecord
 from annotate.data.store import FINAL, PREPARE
 from annotate.engines.base import ChatRequest, ChatResult
@@ -26,6 +26,9 @@ from annotate.stages.ground import GroundStage
 from annotate.stages.merge import MergeStage
 from annotate.stages.negatives import NegativesStage, NegativesTextStage, NegativesVisualStage
 from annotate.stages.object import ObjectStage
+from annotate.stages.part_describe import PartDescribeStage
+from annotate.stages.part_verify import PartVerifyStage
+from annotate.stages.parts import PartsStage
 from annotate.stages.quality import assess
 from annotate.stages.summarize import SummarizeStage
 from annotate.stages.validate import ValidateStage
@@ -34,13 +37,17 @@ from annotate.stages.validate import ValidateStage
 # description. A new stage is a class here; everything below follows from this tuple.
 STAGE_CLASSES: dict[str, type[Stage]] = {cls.name: cls for cls in (
     ObjectStage, ValidateStage, ContextStage, MergeStage,
-    SummarizeStage, GroundStage, NegativesStage, NegativesTextStage, NegativesVisualStage)}
+    SummarizeStage, GroundStage, NegativesStage, NegativesTextStage, NegativesVisualStage,
+    PartsStage, PartDescribeStage, PartVerifyStage)}
 STAGE_ORDER: tuple[str, ...] = tuple(STAGE_CLASSES)
 # Every pipeline runs these; the others run when the pipeline file defines them.
 CORE_STAGES: tuple[str, ...] = ("object", "validate", "context", "merge")
-# Stages that only make sense together: proposing hard negatives and the two checks that keep them.
-STAGE_GROUPS: tuple[tuple[str, ...], ...] = (("negatives", "negatives_text", "negatives_visual"),)
-# The region field each stage fills in, in chain order: a retry clears the failed stage's and all later ones.
+# Stages that only make sense together: proposing hard negatives and the two checks that keep them;
+# naming parts, describing them and checking them.
+STAGE_GROUPS: tuple[tuple[str, ...], ...] = (("negatives", "negatives_text", "negatives_visual"),
+                                             ("parts", "part_describe", "part_verify"))
+# The region field each stage fills in, in chain order: a retry clears the failed stage's and all later ones
+# (each stage's `clear`: the part stages share `parts`, and each clears only its own part of it).
 STAGE_FIELDS: tuple[tuple[str, str], ...] = tuple((name, cls.writes) for name, cls in STAGE_CLASSES.items())
 # Region errors `--retry-failed` redoes: a model stage's, and `pipeline:` (no stage completed the region).
 PIPELINE_ERROR = "pipeline"
@@ -100,6 +107,35 @@ def check_stages(cfg: PipelineConfig, stages: Iterable[str] = CORE_STAGES) -> No
         defined = [name for name in group if name in cfg.stages]
         if defined and len(defined) < len(group):
             raise ValueError(f"stages {', '.join(group)} go together; the pipeline file defines only {', '.join(defined)}")
+    check_part_images(cfg)
+
+
+# The stages that send one image per part besides their prompt's own images.
+PART_IMAGE_STAGES = ("part_describe", "part_verify")
+
+
+def check_part_images(cfg: PipelineConfig) -> None:
+    """A part stage sends its prompt's images and one focal crop per part, up to the `parts` stage's `k`:
+    its model must take that many images in one prompt (vLLM's `limit_mm_per_prompt`), or every region
+    with k parts fails at run time."""
+    if "parts" not in cfg.stages:
+        return
+    parts = cfg.stages["parts"]
+    k = stage_class("parts", parts.stage_class).Params.model_validate(parts.params).k
+    for name in PART_IMAGE_STAGES:
+        stage = cfg.stages.get(name)
+        if stage is None:
+            continue
+        model = cfg.models[stage.model]
+        if ENGINE_KINDS[model.engine].served_by != "llm":  # only vLLM's engine enforces the limit
+            continue
+        fixed = len(PromptTemplate.load(stage.prompt).images)
+        limit = model.vllm.limit_mm_per_prompt.get("image", 1)
+        if fixed + k > limit:
+            raise ValueError(f"stage {name} sends up to {fixed + k} images ({fixed} of its prompt and one per part, "
+                             f"parts.params.k = {k}), but model {stage.model!r} takes {limit} "
+                             f"(models.{stage.model}.vllm.limit_mm_per_prompt.image): raise that limit to "
+                             f"{fixed + k} or lower k")
 
 
 def stage_class(name: str, override: str | None = None) -> type[Stage]:
@@ -141,8 +177,8 @@ def reset_for_retry(record: ImageRecord) -> int:
         # A `pipeline:` region stopped where its first missing field is: redo from that stage on.
         first = STAGE_ORDER.index(prefix) if prefix in STAGE_CLASSES else next(
             (i for i, (_, name) in enumerate(STAGE_FIELDS) if getattr(region, name) is None), 0)
-        for _, name in STAGE_FIELDS[first:]:
-            setattr(region, name, None)
+        for cls in list(STAGE_CLASSES.values())[first:]:
+            cls.clear(region)
         region.status, region.error = "pending", None
         reset += 1
     return reset

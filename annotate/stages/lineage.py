@@ -26,7 +26,7 @@ from annotate.data.store import data_settings
 from annotate.engines.conventions import effective_sampling
 from annotate.engines.result_cache import answer_settings
 from annotate.stages.base import PromptTemplate
-from annotate.stages.chain import CORE_STAGES, STAGE_FIELDS, chain_of, stage_class
+from annotate.stages.chain import CORE_STAGES, STAGE_CLASSES, chain_of, stage_class
 
 # Bumped when what a key covers changes: every stored field is then recomputed once.
 LINEAGE_VERSION = 1
@@ -112,14 +112,13 @@ def reset_for_lineage(record: ImageRecord, keys: dict[str, str]) -> dict[str, in
     to `pending` (the later core stages take only pending regions); a region failed or rejected by a
     stage that is redone is taken again. Data-plane failures have no lineage and stay as they are."""
     reset: dict[str, int] = {}
-    fields = dict(STAGE_FIELDS)
     for region in record.regions:
         redo = stages_to_redo(stored_lineage(region), keys)
         if not redo:
             continue
         by = (region.error or "").split(":", 1)[0]
         for stage in redo:
-            setattr(region, fields[stage], None)
+            STAGE_CLASSES[stage].clear(region)  # only what this stage made (the part stages share a field)
             entry = region.provenance.of(stage)
             for name, info in type(entry).model_fields.items():
                 setattr(entry, name, info.get_default(call_default_factory=True))

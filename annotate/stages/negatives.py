@@ -99,7 +99,7 @@ class _Checks(BaseModel):
     verdicts: list[_Check]
 
 
-def _verdicts(result: ChatResult, count: int) -> list[Verdict] | str:
+def read_verdicts(result: ChatResult, count: int) -> list[Verdict] | str:
     """The answer's verdicts, one per candidate in order; a candidate the answer skips is not
     verified (holds false), so a short answer costs that candidate, not the region."""
     try:
@@ -110,7 +110,7 @@ def _verdicts(result: ChatResult, count: int) -> list[Verdict] | str:
     return out + [Verdict(holds=False, reason="no verdict given")] * (count - len(out))
 
 
-def _review_verdicts(result: ChatResult, count: int, cues: VerdictWords, unverified: bool) -> ChatResult | NotAnAnswer:
+def review_verdicts(result: ChatResult, count: int, cues: VerdictWords, unverified: bool) -> ChatResult | NotAnAnswer:
     """An answer with verdicts their reasons contradict is asked again once; if it cannot be, those
     verdicts (only) are recorded as `unverified` with the reason `contradictory verdict: ...`, so that
     one bad verdict costs its candidate, not the region."""
@@ -184,10 +184,10 @@ class NegativesTextStage(DescribedStage):
 
     def review(self, ctx: RegionContext, result: ChatResult) -> ChatResult | NotAnAnswer:
         # unverified: not found contradicting, so the candidate is dropped
-        return _review_verdicts(result, len(ctx.region.negative_candidates), CONTRADICTION_WORDS, unverified=False)
+        return review_verdicts(result, len(ctx.region.negative_candidates), CONTRADICTION_WORDS, unverified=False)
 
     def apply(self, region: RegionRecord, result: ChatResult) -> str | None:
-        verdicts = _verdicts(result, len(region.negative_candidates))
+        verdicts = read_verdicts(result, len(region.negative_candidates))
         if isinstance(verdicts, str):
             return verdicts
         region.negative_text_verdicts = verdicts
@@ -222,11 +222,11 @@ class NegativesVisualStage(DescribedStage):
 
     def review(self, ctx: RegionContext, result: ChatResult) -> ChatResult | NotAnAnswer:
         # unverified: taken as true of the object, so the candidate is not kept as a negative
-        return _review_verdicts(result, len(self._to_check(ctx.region)), TRUTH_WORDS, unverified=True)
+        return review_verdicts(result, len(self._to_check(ctx.region)), TRUTH_WORDS, unverified=True)
 
     def apply(self, region: RegionRecord, result: ChatResult) -> str | None:
         checked = self._to_check(region)
-        verdicts = _verdicts(result, len(checked))
+        verdicts = read_verdicts(result, len(checked))
         if isinstance(verdicts, str):
             return verdicts
         # The VLM is asked whether each text is TRUE of the region; a negative needs it false.

@@ -1,0 +1,171 @@
+"""Optional stage after merge, parts (issue 29, PA-CLIP's part-level data): the VLM names the object's
+visible, distinctive parts, each with a box; their masks are made in code inside the object's mask.
+
+The model sees the object crop with the mask outlined (`crop_outlined`) and writes each box in its own
+convention (engines/conventions.py `BoxFormat`) on the image it saw; the box is mapped back to
+full-image pixels through the crop's place (`RegionViews.crop_box`) and the resize to `max_side`.
+Each part's mask is GrabCut's inside the object, else the box clipped to the object
+(data/parts.py `part_mask`); `check_parts` keeps a part only when it lies in the object, is big enough
+and is not a duplicate, and finds the words of the description that mention it (`parent_spans`).
+A box that cannot be read, or lies outside the image, is kept as a rejected part with its reason
+(after the parts with boxes, its id continuing their numbering: `check_parts` numbers those).
+SAM is not used for parts: the segment step runs before the chain, which holds no segment model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+from pydantic import BaseModel, Field, ValidationError
+
+from annotate.data.crops import focal_crop
+from annotate.data.masks import box_bounds, decode_rle
+from annotate.data.parts import PartCandidate, PartMaskSettings, check_parts, parent_spans, part_mask
+from annotate.data.records import PartRecord, RegionRecord
+from annotate.engines.base import ChatRequest, ChatResult
+from annotate.engines.conventions import box_format
+from annotate.stages.base import DescribedStage, RegionContext, StageParams, settle
+
+
+class PartsParams(StageParams):
+    k: int = Field(4, ge=1, le=16, description="parts asked for per region, at most (and images per part request)")
+    masks: PartMaskSettings = PartMaskSettings()
+
+
+class _Part(BaseModel):
+    name: str = Field(min_length=1)
+    visibility: Literal["full", "partial"]
+    reason: str = ""
+    box: str
+
+
+class _Answer(BaseModel):
+    parts: list[_Part]
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """What `apply` needs of the request: the full image, and where the image the model saw lies in it."""
+
+    image: Image.Image
+    crop_box: tuple[int, int, int, int]  # (x0, y0, x1, y1) in full-image pixels
+    shown_size: tuple[int, int]  # (width, height) of the image sent, after the resize to `max_side`
+
+
+def to_image_box(shown_box: list[float], seen: _Seen) -> list[float]:
+    """[x, y, w, h] in pixels of the image the model saw -> the same box in full-image pixels."""
+    x0, y0, x1, y1 = seen.crop_box
+    sx, sy = (x1 - x0) / seen.shown_size[0], (y1 - y0) / seen.shown_size[1]
+    x, y, w, h = shown_box
+    return [x0 + x * sx, y0 + y * sy, w * sx, h * sy]
+
+
+def clip_box(box: list[float], width: int, height: int) -> list[float] | None:
+    """`box` clipped to the image; None when nothing of it (a whole pixel) is left."""
+    x, y, w, h = box
+    cx0, cy0 = min(max(x, 0.0), width), min(max(y, 0.0), height)
+    cx1, cy1 = min(max(x + w, 0.0), width), min(max(y + h, 0.0), height)
+    clipped = [cx0, cy0, cx1 - cx0, cy1 - cy0]
+    bx0, by0, bx1, by1 = box_bounds(clipped, height, width)
+    return clipped if bx1 > bx0 and by1 > by0 else None
+
+
+class PartsStage(DescribedStage):
+    name = "parts"
+    writes = "parts"
+    reads = ("merge",)  # parent spans are found in the description, which the prompt also shows
+    Params = PartsParams
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # region id -> what its request showed, from build_request to apply (which sees only the region).
+        self._seen: dict[str, _Seen] = {}
+
+    def fields(self, ctx: RegionContext) -> dict[str, Any]:
+        return {"phrase": ctx.region.phrase, "fine_caption": ctx.region.fine_caption, "k": self.params.k,
+                "box_note": box_format(self.conventions).note}
+
+    def build_request(self, ctx: RegionContext) -> ChatRequest:
+        request = super().build_request(ctx)
+        shown = ctx.image_part("crop_outlined")
+        self._seen[ctx.region.region_id] = _Seen(ctx.image, ctx.views.crop_box, shown.size)
+        return request
+
+    def fail(self, region: RegionRecord, kind: str, message: str) -> None:
+        # A region that never reaches `apply` must not keep its image here for the worker's life.
+        self._seen.pop(region.region_id, None)
+        super().fail(region, kind, message)
+
+    def apply(self, region: RegionRecord, result: ChatResult) -> str | None:
+        try:
+            answer = _Answer.model_validate(result.parsed)
+        except ValidationError as exc:
+            return f"answer does not match the schema: {exc.errors()[0]['msg']}"
+        seen = self._seen.get(region.region_id)
+        if seen is None or region.mask is None:
+            return "no request was built for this region (its image or mask is missing)"
+        object_mask = decode_rle(region.mask).astype(bool)
+        height, width = object_mask.shape
+        pixels = np.asarray(seen.image.convert("RGB"))
+        fmt, settings = box_format(self.conventions), self.params.masks
+        candidates, unreadable = [], []
+        for part in answer.parts[: self.params.k]:
+            name, reason = " ".join(part.name.split()), " ".join(part.reason.split()) or None
+            shown = fmt.parse(part.box, *seen.shown_size)
+            box = clip_box(to_image_box(shown, seen), width, height) if shown is not None else None
+            if box is None:
+                why = "the box could not be read" if shown is None else "the box lies outside the image or is empty"
+                unreadable.append((part, name, reason, f"{why}: {part.box[:60]!r} ({fmt.name})"))
+                continue
+            mask, source = part_mask(object_mask, box, pixels, settings)
+            candidates.append(PartCandidate(name=name, bbox=box, mask=mask, source=source,
+                                            visibility=part.visibility, reason=reason))
+        parts = check_parts(region.region_id, candidates, object_mask, settings, region.fine_caption)
+        parts += [PartRecord(part_id=f"{region.region_id}:p{len(candidates) + i}", name=name,
+                             visibility=part.visibility, reason=reason, bbox=[0.0, 0.0, 0.0, 0.0], kept=False,
+                             reject_reason=why,
+                             parent_spans=parent_spans(region.fine_caption, name))
+                  for i, (part, name, reason, why) in enumerate(unreadable)]
+        self._seen.pop(region.region_id, None)
+        region.parts = parts
+        settle(region)
+        return None
+
+
+# ------------------------------------------------------------- shared by part_describe and part_verify
+def kept_parts(region: RegionRecord) -> list[PartRecord]:
+    return [part for part in region.parts or [] if part.kept]
+
+
+def part_images(ctx: RegionContext, parts: list[PartRecord]) -> list[Image.Image]:
+    """One focal crop per part, in order (data/crops.py `focal_crop`: the object and the part outlined)."""
+    if ctx.image is None or ctx.region.mask is None:
+        raise ValueError("this region has no decoded image or mask")
+    object_mask = decode_rle(ctx.region.mask).astype(bool)
+    return [focal_crop(ctx.image, object_mask, decode_rle(part.mask).astype(bool), part.bbox, ctx.crops)
+            for part in parts]
+
+
+def one_item_per_part(request: ChatRequest, key: str, count: int) -> ChatRequest:
+    """`request` whose JSON schema asks for exactly `count` items under `key`: the model's guided decoding
+    then writes one per part shown, so a miscount never costs a retry (or the region)."""
+    schema = request.json_schema
+    if schema is None or key not in schema.get("properties", {}):
+        return request
+    items = {**schema["properties"][key], "minItems": count, "maxItems": count}
+    return dataclasses.replace(request, json_schema={**schema, "properties": {**schema["properties"], key: items}})
+
+
+def with_images(request: ChatRequest, images: list[Image.Image]) -> ChatRequest:
+    """`request` with `images` added to its user turn after the template's own images, before the text:
+    the part stages show a number of images that varies by region."""
+    messages = [dict(m) for m in request.messages]
+    content = list(messages[-1]["content"])
+    at = next(i for i, item in enumerate(content) if item.get("type") == "text")
+    content[at:at] = [{"type": "image", "image": image} for image in images]
+    messages[-1]["content"] = content
+    return dataclasses.replace(request, messages=messages)
