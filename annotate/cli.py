@@ -154,9 +154,11 @@ def show(
     max_images: int | None = typer.Option(None, "--max-images", min=1, help="at most this many images per shard page"),
     region: str | None = typer.Option(None, "--region", help="render only this region id (shard:image_key:index) ..."),
     png: str | None = typer.Option(None, "--png", help="... into this PNG file"),
+    kept_parts_only: bool = typer.Option(
+        False, "--kept-parts-only", help="with --png: leave out the parts the mask checks rejected (default: dashed)"),
 ) -> None:
     """Write a static HTML gallery of a run's output (regions drawn on their images, captions, status
-    filters), or render one region to a PNG with --region ID --png FILE."""
+    filters), or render one region and its parts to a PNG with --region ID --png FILE."""
     from annotate.gallery import write_gallery
     from annotate.show import RegionNotFound, render_region_png
 
@@ -164,7 +166,7 @@ def show(
         raise typer.BadParameter("--region and --png go together", param_hint="--region/--png")
     if region is not None:
         try:
-            typer.echo(render_region_png(output, region, png))
+            typer.echo(render_region_png(output, region, png, rejected_parts=not kept_parts_only))
         except RegionNotFound as e:
             raise typer.BadParameter(str(e), param_hint="--region") from None
         return

@@ -20,8 +20,17 @@ from typing import BinaryIO
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from pydantic import BaseModel
 
-from annotate.data.records import SCHEMA_VERSION, ImageRecord, RegionRecord, arrow_schema, features, image_record_to_row
+from annotate.data.records import (
+    SCHEMA_VERSION,
+    ImageRecord,
+    PartRecord,
+    RegionRecord,
+    arrow_schema,
+    features,
+    image_record_to_row,
+)
 
 ROWS_PER_BATCH = 64
 
@@ -211,9 +220,19 @@ def write_bytes_atomic(path: Path, data: bytes | Iterable[bytes]) -> Path:
     return Path(path)
 
 
+def field_descriptions(model: type[BaseModel]) -> dict[str, str]:
+    """What the card says of each field of `model`: its description there (one place), by schema name."""
+    return {info.alias or name: info.description or "" for name, info in model.model_fields.items()}
+
+
 def region_field_descriptions() -> dict[str, str]:
-    """What the card says of each region field: its description in `RegionRecord` (one place)."""
-    return {name: info.description or "" for name, info in RegionRecord.model_fields.items()}
+    """The card's region fields (`RegionRecord`)."""
+    return field_descriptions(RegionRecord)
+
+
+def part_field_descriptions() -> dict[str, str]:
+    """The card's part fields: each item of a region's `parts` (`PartRecord`)."""
+    return field_descriptions(PartRecord)
 
 
 def write_dataset_card(out_dir: Path, data_files: str, **info) -> None:
@@ -238,7 +257,8 @@ def write_dataset_card(out_dir: Path, data_files: str, **info) -> None:
         "",
         f"# {title}",
         "",
-        "One row per input image with its regions (bbox in displayed-image pixels, COCO-RLE mask, captions, status).",
+        "One row per input image with its regions (bbox in displayed-image pixels, COCO-RLE mask, captions, status,",
+        "and the object's parts when the part stages ran).",
         "A row whose `error` is set is an input sample that could not be used (the reason is in `error`); its",
         "regions, if any, are failed.",
         f"Schema version {SCHEMA_VERSION}. Load with `datasets.load_dataset(\"<this folder>\", split=\"train\")`.",
@@ -248,6 +268,16 @@ def write_dataset_card(out_dir: Path, data_files: str, **info) -> None:
         "| Field | What it holds |",
         "| --- | --- |",
         *(f"| `{name}` | {text} |" for name, text in region_field_descriptions().items()),
+        "",
+        "## Part fields",
+        "",
+        "Each item of a region's `parts` (PACO-style: a part belongs to its region, `part_id` is `region_id:pN`).",
+        "Parts the mask checks rejected stay with `kept` false and their `reject_reason`; parts without a `verdict`",
+        "are unverified and left out of training by default.",
+        "",
+        "| Field | What it holds |",
+        "| --- | --- |",
+        *(f"| `{name}` | {text} |" for name, text in part_field_descriptions().items()),
         "",
         "Fields of stages a run did not have are null. Near-duplicate clusters are in `quality/near_duplicates.parquet`",
         "(`region_id`, `cluster_id`: the smallest region id of the cluster, `cluster_size`), written after the",
