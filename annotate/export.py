@@ -53,11 +53,16 @@ class ExportSummary:
     skipped_shards: list[str] = field(default_factory=list)  # not finished: left out
 
 
+def safe_name(text: str, limit: int = 80) -> str:
+    """`text` as part of a file name (image keys and region ids hold any characters): each run of
+    characters other than [A-Za-z0-9._-] one `_`, cut to `limit`, no leading dot (never a path, never
+    hidden); empty when nothing is left. The one sanitiser of the export's and the gallery's file names."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)[:limit].lstrip(".")
+
+
 def safe_file_name(image_id: int, image_key: str, extension: str) -> str:
-    """`NNNNNNNN_KEY.EXT` with the key cut to 80 characters of [A-Za-z0-9._-]: unique by the number,
-    never a path (no separator, no leading dot)."""
-    key = re.sub(r"[^A-Za-z0-9._-]+", "_", image_key)[:80].lstrip(".")
-    return f"{image_id:08d}_{key or 'image'}.{extension}"
+    """`NNNNNNNN_KEY.EXT` with the key made `safe_name`: unique by the number."""
+    return f"{image_id:08d}_{safe_name(image_key) or 'image'}.{extension}"
 
 
 def image_file(data: bytes | None, write: bool = True) -> tuple[bytes | None, str]:

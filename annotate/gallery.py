@@ -24,6 +24,7 @@ from pathlib import Path
 
 from annotate.data.records import ImageRecord, RegionRecord
 from annotate.data.store import OutputStore, write_bytes_atomic
+from annotate.export import safe_name
 from annotate.show import (
     STATUSES,
     backdrops,
@@ -146,7 +147,7 @@ def _link(url: str | None) -> str:
 
 def _file_stem(region_id: str) -> str:
     """A safe, unique file name for a region id (ids hold image keys: any characters)."""
-    readable = re.sub(r"[^A-Za-z0-9_-]+", "_", region_id)[:80]
+    readable = safe_name(region_id)
     return f"{readable}-{hashlib.sha1(region_id.encode()).hexdigest()[:10]}"
 
 
@@ -313,7 +314,7 @@ def write_gallery(out_dir: str | Path, html_dir: str | Path | None = None, shard
     pages = []
     side = SideFiles.of_output(store)
     for data_file in files:
-        shard = re.sub(r"[^A-Za-z0-9_-]+", "_", data_file.stem)
+        shard = safe_name(data_file.stem) or "shard"
         page = ShardPage(shard=shard, path=html_dir / f"shard-{shard}.html")
         _write_atomic(page.path, _shard_page(data_file, html_dir, page, thumb_side, full_side, max_images,
                                                   side))

@@ -7,13 +7,13 @@ from __future__ import annotations
 import io
 import json
 import tarfile
-from types import SimpleNamespace
 
 import datasets
 import pyarrow.parquet as pq
 import pytest
 
 import shardkit as sk
+from annotate.config import TrainConfig
 from annotate.data.prepare import ShardStats, prepare_shard, run_prepare
 from annotate.data.records import ImageRecord, arrow_schema, row_to_image_record
 from annotate.data.shards import ShardRef
@@ -121,7 +121,7 @@ def test_the_trainer_reads_records_with_errors(tmp_path, box_cfg, hostile_shard)
     good.regions[0].status, good.regions[0].fine_caption = "ok", "a red square in the middle"
     write_parquet_atomic(records, tmp_path / "OUT" / "data" / "00007.parquet")
     assert [t for _, t in iter_region_texts(tmp_path / "OUT")][:2] == [CAP, "a red square in the middle"]
-    cfg = SimpleNamespace(eval_fraction=0.0, skip_mask_sources=())
+    cfg = TrainConfig(eval_fraction=0.0, skip_mask_sources=[])
     ds = RegionDataset(tmp_path / "OUT", {"a red square in the middle"}, cfg, cache_dir=str(tmp_path / "hf"))
     assert [ref.image_key for ref in ds.refs] == ["good"]
 

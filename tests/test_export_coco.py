@@ -21,7 +21,7 @@ from annotate.data.parts import PartCandidate, check_parts, part_mask
 from annotate.data.records import ImageRecord, RegionRecord, Validation, Verdict
 from annotate.data.store import FINAL, OutputStore
 from annotate.export import (ANNOTATIONS_FILE, IMAGES_DIR, PART_CATEGORY, NoDataset, export_coco, image_file,
-                             safe_file_name)
+                             safe_file_name, safe_name)
 
 # pycocotools' decode trips numpy 2's `copy=` DeprecationWarning internally (see data/masks.decode_rle)
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -150,6 +150,8 @@ def test_safe_file_names():
     assert safe_file_name(7, "a/b\\c:d e", "jpg") == "00000007_a_b_c_d_e.jpg"
     assert safe_file_name(1, "..", "png") == "00000001_image.png"
     assert safe_file_name(2, "x" * 500, "png") == "00000002_" + "x" * 80 + ".png"
+    assert safe_name("../.hidden/a.b c", limit=12) == "_.hidden_a"  # cut to 12, then its leading dots
+    assert safe_name("...") == ""
 
 
 def test_an_image_turned_by_exif_is_written_as_displayed():

@@ -4,6 +4,7 @@ matches its line is redone, a `damaged` line never counts as finished, and `plan
 from __future__ import annotations
 
 import shutil
+from functools import partial
 from pathlib import Path
 
 from annotate.config import load_config
@@ -12,6 +13,7 @@ from annotate.data.writer import ShardWriter
 from annotate.data.store import DAMAGED, FINAL, OutputStore, config_fingerprint, prepare_fingerprint
 from annotate.executor.runner import plan_work
 from annotate.stages.chain import reset_for_retry, stage_io
+from annotate.stages.lineage import chain_digest
 from bench.harness import SAMPLE_SHARDS, TINY
 
 
@@ -65,18 +67,18 @@ def _shards(tmp_path: Path) -> Path:
 
 def test_plan_redoes_damaged_and_mismatched_shards_and_carries_damage_downstream(tmp_path):
     cfg = load_config(TINY)
-    fp = config_fingerprint(cfg)
+    fp, prepared = config_fingerprint(cfg), prepare_fingerprint(cfg)
     layout = OutputStore(tmp_path / "out")
     src = _shards(tmp_path)
     _write(layout, FINAL, "00000", fp, "done")
     _write(layout, "prepare", "00001", fp, "part", state=DAMAGED, damage="truncated tar", samples_read=1)
-    items, skipped = plan_work(cfg, layout, src, [0, 1], stage_io("all"), fp, retry_failed=False)
+    items, skipped = plan_work(cfg, layout, src, [0, 1], stage_io("all"), fp, prepared, retry_failed=False)
     assert skipped == ["00000"]
     assert [(i["shard"], i["needs_prepare"]) for i in items] == [("00001", True)]  # damaged prepare: read again
 
     # a later stage uses a damaged input (what could be read) and carries its damage on
     _write(layout, "object", "00001", fp, "part", state=DAMAGED, damage="truncated tar", samples_read=1)
-    items, _ = plan_work(cfg, layout, src, [1], stage_io("validate"), fp, retry_failed=False)
+    items, _ = plan_work(cfg, layout, src, [1], stage_io("validate"), fp, prepared, retry_failed=False)
     assert items[0]["damage"] == {"damage": "truncated tar", "samples_read": 1}
     assert not items[0]["needs_prepare"]
 
@@ -111,12 +113,12 @@ def test_annotate_prepare_writes_the_store_that_annotate_run_resumes(tmp_path):
     first = run_prepare(str(src), "0-1", str(out), str(TINY))
     assert sorted(first["shards"]) == ["00000", "00001"] and first["skipped"] == []
     cfg = load_config(TINY)
-    fp = config_fingerprint(cfg)
+    fp, prepared = config_fingerprint(cfg), prepare_fingerprint(cfg)
     store = OutputStore(out)
     lines = store.finished(PREPARE, prepare_fingerprint(cfg))  # keyed by the data settings alone
     assert sorted(lines) == ["00000", "00001"] and not store.finished(PREPARE, fp)
     assert all(store.is_current(line, prepare_fingerprint(cfg), FINISHED) for line in lines.values())
-    items, skipped = plan_work(cfg, store, src, [0, 1], stage_io("all"), fp, retry_failed=False)
+    items, skipped = plan_work(cfg, store, src, [0, 1], stage_io("all"), fp, prepared, retry_failed=False)
     assert skipped == [] and [(i["shard"], i["needs_prepare"], i["input"]) for i in items] == [
         ("00000", False, PREPARE), ("00001", False, PREPARE)]
     again = run_prepare(str(src), "0-1", str(out), str(TINY))
@@ -144,12 +146,12 @@ def test_a_run_redoes_a_shard_whose_source_was_replaced(tmp_path):
     replaced.write_bytes(replaced.read_bytes() + b"\0" * 1024)  # same samples, another file
     os.utime(replaced, ns=(replaced.stat().st_atime_ns, replaced.stat().st_mtime_ns + 10**9))
     cfg = load_config(TINY)
-    fp = config_fingerprint(cfg)
-    items, _ = plan_work(cfg, OutputStore(out), src, [0, 1], stage_io("all"), fp, retry_failed=False)
+    fp, prepared = config_fingerprint(cfg), prepare_fingerprint(cfg)
+    items, _ = plan_work(cfg, OutputStore(out), src, [0, 1], stage_io("all"), fp, prepared, retry_failed=False)
     assert [(i["shard"], i["needs_prepare"], i["input"]) for i in items] == [
         ("00000", False, PREPARE), ("00001", True, PREPARE)]
     with pytest.raises(RuntimeError, match="changed since it was prepared"):
-        plan_work(cfg, OutputStore(out), src, [1], stage_io("validate"), fp, retry_failed=False)
+        plan_work(cfg, OutputStore(out), src, [1], stage_io("validate"), fp, prepared, retry_failed=False)
 
 
 def test_a_whole_chain_rerun_under_another_config_reuses_the_dataset_by_lineage(tmp_path):
@@ -172,14 +174,15 @@ def test_a_whole_chain_rerun_under_another_config_reuses_the_dataset_by_lineage(
                    **stats.summary()})
 
     keys = {"object": "o", "validate": "v", "context": "c", "merge": "m"}
-    items, skipped = plan_work(cfg, layout, src, [0, 1], stage_io("all"), fp, retry_failed=False, lineage=keys)
+    current = partial(chain_digest, keys)
+    items, skipped = plan_work(cfg, layout, src, [0, 1], stage_io("all"), fp, prepared, retry_failed=False, lineage=current)
     assert skipped == []
     assert [(i["shard"], i["relineage"], i["input"], i["needs_prepare"]) for i in items] == [
         ("00000", True, FINAL, False), ("00001", False, "prepare", False)]
-    items, _ = plan_work(cfg, layout, src, [0], stage_io("all"), fp, retry_failed=False)  # no keys given
+    items, _ = plan_work(cfg, layout, src, [0], stage_io("all"), fp, prepared, retry_failed=False)  # no keys given
     assert [(i["relineage"], i["input"]) for i in items] == [(False, "prepare")]
     _write(layout, "prepare", "00000", "other-data-settings", "regions")  # the data settings changed
-    items, _ = plan_work(cfg, layout, src, [0], stage_io("all"), fp, retry_failed=False, lineage=keys)
+    items, _ = plan_work(cfg, layout, src, [0], stage_io("all"), fp, prepared, retry_failed=False, lineage=current)
     assert [(i["relineage"], i["needs_prepare"]) for i in items] == [(False, True)]
 
 
@@ -187,18 +190,17 @@ def test_a_finished_shard_of_this_config_but_another_lineage_is_made_again_by_li
     """The config fingerprint does not cover a model folder's contents: a dataset line keeps the chain's
     lineage digest, and a shard finished under this config with another digest is reused by lineage,
     not skipped; with the same digest (or none: a line of a stage-by-stage run) it is finished."""
-    from annotate.stages.lineage import chain_digest
-
     cfg = load_config(TINY)
-    fp = config_fingerprint(cfg)
+    fp, prepared = config_fingerprint(cfg), prepare_fingerprint(cfg)
     layout = OutputStore(tmp_path / "out")
     src = _shards(tmp_path)
     keys = {"object": "o", "validate": "v", "context": "c", "merge": "m"}
-    for shard, lineage in (("00000", chain_digest({**keys, "context": "c-old-weights"})), ("00001", chain_digest(keys))):
-        _write(layout, "prepare", shard, prepare_fingerprint(cfg), "regions")
+    current = partial(chain_digest, keys)
+    for shard, lineage in (("00000", chain_digest({**keys, "context": "c-old-weights"})), ("00001", current())):
+        _write(layout, "prepare", shard, prepared, "regions")
         _write(layout, FINAL, shard, fp, "described", lineage=lineage)
-    _write(layout, "prepare", "00002", prepare_fingerprint(cfg), "regions")
+    _write(layout, "prepare", "00002", prepared, "regions")
     _write(layout, FINAL, "00002", fp, "described")  # no lineage kept
     shutil.copy(src / "00001.tar", src / "00002.tar")
-    items, skipped = plan_work(cfg, layout, src, [0, 1, 2], stage_io("all"), fp, retry_failed=False, lineage=keys)
+    items, skipped = plan_work(cfg, layout, src, [0, 1, 2], stage_io("all"), fp, prepared, retry_failed=False, lineage=current)
     assert [(i["shard"], i["relineage"]) for i in items] == [("00000", True)] and skipped == ["00001", "00002"]

@@ -201,9 +201,10 @@ def test_gallery_escapes_every_text_from_the_data(built, gallery):
     assert "&lt;i&gt;not&lt;/i&gt; a cup" in text
     # One card per region even with `</article>` inside a caption, and the evil key is one card.
     assert [c["data-region"] for c in parsed.cards] == ["00001:000010000:0", "00001:000010001:0", f"00001:{EVIL_KEY}:0"]
-    # Asset names are safe whatever the image key holds.
+    # Asset names are safe whatever the image key holds (export.safe_name: no separator, no leading dot).
     assets = list((built["out"] / "gallery" / "00001").iterdir())
-    assert assets and all(re.fullmatch(r"[A-Za-z0-9_-]+\.(t\.)?jpg", p.name) for p in assets)
+    assert assets and all(re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9._-]*-[0-9a-f]{10}\.(t\.)?jpg", p.name) for p in assets)
+    assert any(p.name.startswith("00001_evil_key_.._x_0-") for p in assets)  # the key's `..` is a name, not a path
     # A javascript: URL from the data is shown as text, never as a link.
     page0 = gallery.pages[0].path.read_text(encoding="utf-8")
     assert "javascript:alert(1)" in page0 and 'href="javascript:' not in page0

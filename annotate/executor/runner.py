@@ -32,11 +32,10 @@ from annotate.data.store import (DAMAGED, FINAL, FINISHED, PREPARE, OutputStore,
 from annotate.data.writer import ShardWriter
 from annotate.engines.checkpoint_check import check_checkpoints
 from annotate.engines.result_cache import remove_shard
-from annotate.engines.model_identity import model_identity
 from annotate.executor.admission import check_cpus, cpu_need, ray_cpus
 from annotate.executor.progress import ProgressDisplay, ProgressTracker
 from annotate.executor.reader import ShardLedger, read_shard
-from annotate.executor.relineage import lineage_counts, refuse_stale_deployments
+from annotate.executor.relineage import RunLineage, lineage_counts, refuse_stale_deployments
 from annotate.executor.shard_io import ROW_SHARD, ROW_TOTAL, row_to_record
 from annotate.executor.workers import ChainWorker, SegmentWorker, StepSpec
 from annotate.serving.apps import (SEGMENT_MODEL, ModelApp, ensure_apps, needed_models, replica_info, replicas,
@@ -45,7 +44,7 @@ from annotate.serving.client import ModelClient
 from annotate.stages.breaker import BreakerTripped, StageBreakers
 from annotate.stages.budget import StageBudget, check_budgets
 from annotate.stages.chain import StageIO, chain_of, check_stages, finalize_record, is_retryable, stage_io, stage_writing
-from annotate.stages.lineage import LineageKey, chain_digest, chain_lineage
+from annotate.stages.lineage import LineageKey
 from annotate.stages.quality import write_near_duplicates
 
 log = logging.getLogger(__name__)
@@ -79,23 +78,25 @@ def _has_retryable_failures(path: Path) -> bool:
 
 
 def plan_work(cfg: PipelineConfig, store: OutputStore, input_dir: Path, shard_ids: list[int], io: StageIO,
-              fingerprint: str, retry_failed: bool, lineage: dict[str, str] | None = None) -> tuple[list[dict], list[str]]:
+              fingerprint: str, prepared_under: str, retry_failed: bool,
+              lineage: Callable[[], str] | None = None) -> tuple[list[dict], list[str]]:
     """Which shards this run must process, and from which stored input; the rest are finished.
 
     Only a shard output whose newest manifest line is `finished` under this config, with the file's
     checksum, counts as done. A `damaged` input (a stage output made from a shard read in part) is
     used by the next stage and its damage carried on; a damaged `prepare` is made again from the source.
-    The `prepare` output is keyed by the data settings alone (`prepare_fingerprint`).
+    The `prepare` output is keyed by the data settings alone (`prepared_under`: `prepare_fingerprint`).
 
-    With `lineage` (stage -> key, a whole-chain run), a dataset shard finished under another config, of
-    this schema, whose prepared regions are still current, is the input instead of `prepare`: the read
-    task clears only the fields whose lineage changed (`relineage`), and the chain makes those again.
+    With `lineage` (a whole-chain run), a dataset shard finished under another config, of this schema,
+    whose prepared regions are still current, is the input instead of `prepare`: the read task clears
+    only the fields whose lineage changed (`relineage`), and the chain makes those again. `lineage()`
+    gives the chain's digest; it is asked for only when a finished shard's line keeps one to compare with
+    (it reads the models' weights: `RunLineage`).
     """
     input_name, output_name = io.reads, io.writes
     refs = find_shards(input_dir, shard_ids, cfg.data.shard_format)
     latest_out, latest_in = store.latest(output_name), store.latest(input_name)
     latest_prepare = latest_in if input_name == PREPARE else store.latest(PREPARE)
-    prepared_under = prepare_fingerprint(cfg)
 
     def holding(line: dict | None, *states: str) -> dict | None:
         under = prepared_under if line and line.get("output") == PREPARE else fingerprint
@@ -103,7 +104,7 @@ def plan_work(cfg: PipelineConfig, store: OutputStore, input_dir: Path, shard_id
 
     def reusable(line: dict | None) -> bool:
         """A finished dataset shard of another config whose fields may be kept by lineage."""
-        if not (lineage and io.reads == PREPARE and output_name == FINAL and line is not None
+        if not (lineage is not None and io.reads == PREPARE and output_name == FINAL and line is not None
                 and store.is_current(line, line.get("config", ""), FINISHED)):
             return False
         versions = read_columns(store.output_path(FINAL, line["shard"]), ["schema_version"])
@@ -122,7 +123,7 @@ def plan_work(cfg: PipelineConfig, store: OutputStore, input_dir: Path, shard_id
             items.append(item)
             continue
         done = holding(latest_out.get(ref.name), FINISHED)
-        if done and lineage and done.get("lineage") not in (None, chain_digest(lineage)):
+        if done and lineage is not None and done.get("lineage") is not None and done["lineage"] != lineage():
             done = None  # the same config, another lineage: a model folder replaced under the same path
         if done:
             if retry_failed and _has_retryable_failures(store.output_path(output_name, ref.name)):
@@ -158,23 +159,15 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
     check_stages(cfg, io.stages)
     output_name, chain = io.writes, io.stages
     fingerprint = config_fingerprint(cfg)  # once per run: it reads every prompt file
+    prepared_under = prepare_fingerprint(cfg)  # what planning and every read task key `prepare` outputs by
+    lineage = RunLineage(cfg, announce=lambda message: console.print(message, highlight=False))
     store = OutputStore(Path(output_dir))
     summary = RunSummary(output_dir=store.root, stage=stage, output=io.writes)
     with store.lock():
         if removed := store.remove_stale_temporaries():
             console.print(f"removed {removed} half-written file(s) left by an interrupted run")
-        used = sorted({cfg.stages[s].model for s in chain_of(cfg)})
-        console.print(f"lineage: identifying {len(used)} model(s) by their files (a folder's first time reads "
-                      "every weight file; then cached by size and mtime)", highlight=False)
-        identities = {key: model_identity(cfg.models[key]) for key in used}
-        keys = chain_lineage(cfg, identities)
-        digests = {stage: key.digest for stage, key in keys.items()}
-        items, summary.shards_skipped = plan_work(cfg, store, Path(input_dir), shard_ids, io, fingerprint,
-                                                       retry_failed, digests if stage == "all" else None)
-        summary.lineage = lineage_counts(store, items, keys)
-        for name, counts in summary.lineage.items():
-            console.print(f"lineage: {name}: {counts['kept']} region(s) kept, {counts['recomputed']} to make again"
-                          + (f" ({', '.join(counts['changed'])} changed)" if counts["changed"] else ""), highlight=False)
+        items, summary.shards_skipped = plan_work(cfg, store, Path(input_dir), shard_ids, io, fingerprint, prepared_under,
+                                                  retry_failed, (lambda: lineage.chain) if stage == "all" else None)
         for shard in summary.shards_skipped:  # model results kept for a shard are in its output now
             remove_shard(store.cache_root, shard)
         if summary.shards_skipped:
@@ -182,6 +175,12 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
         if not items:
             console.print("nothing to do")
             return summary
+        keys, identities = lineage.keys, lineage.identities  # with work to do: the models' identities are needed
+        records = store.run_records()  # once: what earlier runs into OUT were, for the counts and the refusal
+        summary.lineage = lineage_counts(store, items, keys, records)
+        for name, counts in summary.lineage.items():
+            console.print(f"lineage: {name}: {counts['kept']} region(s) kept, {counts['recomputed']} to make again"
+                          + (f" ({', '.join(counts['changed'])} changed)" if counts["changed"] else ""), highlight=False)
         # Each stage's model against its checkpoint's own files (template, EOS, stop tokens, reasoning),
         # here in the driver before any model is deployed or shard read: folders not on this machine
         # are skipped with a log line (engines/checkpoint_check.py).
@@ -193,7 +192,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
         models = needed_models(cfg, chain)
         apps = ensure_apps(models, cfg.run, on_event=console.print)
         summary.models_deployed = [name for name, app in apps.items() if app.deployed_now]
-        refuse_stale_deployments(store, identities, apps)
+        refuse_stale_deployments(records, identities, apps)
         summary.replicas = replica_info(apps)
         budgets = check_token_budgets(cfg, apps, chain)
         summary.token_budgets = [b.as_dict() for b in budgets]
@@ -207,8 +206,8 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             read_shard, batch_size=1, batch_format="pyarrow", num_cpus=cfg.run.reader_cpus,
             compute=ray.data.TaskPoolStrategy(size=cfg.run.shards_in_flight) if cfg.run.shards_in_flight else None,
-            fn_kwargs={"data": cfg.data, "store_root": str(store.root), "fingerprint": prepare_fingerprint(cfg),
-                       "rows_per_batch": cfg.run.rows_per_batch, "ledger": ledger, "lineage": digests},
+            fn_kwargs={"data": cfg.data, "store_root": str(store.root), "fingerprint": prepared_under,
+                       "rows_per_batch": cfg.run.rows_per_batch, "ledger": ledger, "lineage": lineage.digests},
         )
         if SEGMENT_MODEL in apps:
             ds = ds.map_batches(
@@ -232,7 +231,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
         )
         outputs = ShardOutputs(store, output_name, fingerprint, ledger,
                                {i["shard"]: i["damage"] for i in items if i["damage"]}, cfg.quality,
-                               chain_digest(digests) if stage == "all" else None)
+                               lineage.chain if stage == "all" else None)
         breakers = StageBreakers(cfg.run.breaker, chain)
         display = ProgressDisplay(tracker, chain, len(items), console, breakers=breakers)
         tripped: BreakerTripped | None = None

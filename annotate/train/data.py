@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from annotate.config import TrainConfig
 from annotate.data.images import decode_array
 from annotate.data.masks import decode_rle
 from annotate.data.records import is_trainable, is_trainable_part
@@ -48,7 +49,7 @@ def choose_text(rng: np.random.Generator, ref: "RegionRef", cache: TextCache, cf
     return ref.caption, False
 
 
-def make_sample(image: np.ndarray, mask: np.ndarray, text: np.ndarray, full: bool, cfg,
+def make_sample(image: np.ndarray, mask: np.ndarray, text: np.ndarray, full: bool, cfg: TrainConfig,
                 short: np.ndarray | None = None, description: np.ndarray | None = None,
                 negatives: list[np.ndarray] = (), parts: list[PartSample] | None = None) -> dict:
     """Tensors for one sample; a full-image sample uses the all-ones mask (and its crop is the image).
@@ -65,9 +66,9 @@ def make_sample(image: np.ndarray, mask: np.ndarray, text: np.ndarray, full: boo
     views = prepare_views(image, mask, cfg.image_size, cfg.crop_margin, raw=True)  # uint8; see to_model_input
     views["text"] = torch.from_numpy(np.asarray(text, dtype=np.float32))
     views["full"] = torch.tensor(full)
-    if getattr(cfg, "use_short", False):
+    if cfg.use_short:
         views["short_text"] = torch.from_numpy(np.asarray(text if full or short is None else short, dtype=np.float32))
-    if getattr(cfg, "use_hard_negatives", False):
+    if cfg.use_hard_negatives:
         k = cfg.hard_negatives_k
         texts = np.zeros((1 + k, len(text)), dtype=np.float32)
         present = np.zeros(1 + k, dtype=bool)
@@ -75,7 +76,7 @@ def make_sample(image: np.ndarray, mask: np.ndarray, text: np.ndarray, full: boo
         for i, vector in enumerate([] if full else list(negatives)[:k]):
             texts[1 + i], present[1 + i] = vector, True
         views["negative_text"], views["negative_mask"] = torch.from_numpy(texts), torch.from_numpy(present)
-    if getattr(cfg, "use_parts", False) and parts is not None:
+    if cfg.use_parts and parts is not None:
         views.update(no_parts(len(text), cfg.image_size) if full or not parts
                      else part_tensors(parts, region_mask, len(text), cfg))
     return views
@@ -129,13 +130,14 @@ class RegionDataset(Dataset):
     two would be identical positives in the same batch, since batches group an image's regions.
     """
 
-    def __init__(self, data_dir: str | Path, cache: TextCache, cfg, split: str = "train", cache_dir: str | None = None):
+    def __init__(self, data_dir: str | Path, cache: TextCache, cfg: TrainConfig, split: str = "train",
+                 cache_dir: str | None = None):
         self.rows = load_rows(data_dir, cache_dir)
         self.images = self.rows.select_columns(["image"])  # per sample: read the image cell, not the regions
         self.cache, self.cfg, self.train = cache, cfg, split == "train"
         self.benchmark = load_benchmark(data_dir)  # a frozen split replaces the hash split both ways
         self.refs: list[RegionRef] = []
-        skip = set(getattr(cfg, "skip_mask_sources", ()))
+        skip = set(cfg.skip_mask_sources)
         frozen_eval = self.benchmark is not None and not self.train
         meta = self.rows.select_columns(["image_key", "caption", "regions", "image"])
         for i, row in enumerate(meta):
@@ -163,7 +165,7 @@ class RegionDataset(Dataset):
 
     def _part_refs(self, region: dict) -> tuple[PartRef, ...]:
         """The region's trainable parts with a cached text, when the part branch is on (else none)."""
-        if not getattr(self.cfg, "use_parts", False):
+        if not self.cfg.use_parts:
             return ()
         refs = []
         for part in region.get("parts") or []:
@@ -209,12 +211,12 @@ class RegionDataset(Dataset):
         else:
             text, full = ref.caption, False
         extra = {}
-        if getattr(self.cfg, "use_short", False) and ref.summary:
+        if self.cfg.use_short and ref.summary:
             extra["short"] = self.cache.get(ref.summary)
-        if getattr(self.cfg, "use_hard_negatives", False):
+        if self.cfg.use_hard_negatives:
             extra["description"] = self.cache.get(ref.caption)
             extra["negatives"] = [self.cache.get(t) for t in ref.negatives]
-        if getattr(self.cfg, "use_parts", False) and self.train:
+        if self.cfg.use_parts and self.train:
             extra["parts"] = [PartSample(_decoded_mask(p.rle, image.shape[:2]), self._vector(p.short), self._vector(p.long))
                               for p in ref.parts[: self.cfg.parts_per_region]]
         return make_sample(image, mask, self.cache.get(text), full, self.cfg, **extra)
