@@ -286,3 +286,14 @@ def test_a_region_that_fails_before_apply_leaves_nothing_behind_in_the_stage(cfg
     counts = run_stage(stage, [(record, image)], refusing, CROPS, config.max_attempts)
     assert counts.failed == 1 and record.regions[0].status == "failed"
     assert stage._seen == {}
+
+
+def test_the_token_budget_counts_a_part_stage_with_k_parts_and_their_focal_crops(cfg):
+    """The load-time budget (stages/budget.py) renders each stage's worst case: for the part stages, the
+    prompt's own image and one focal crop per part, up to the parts stage's k (2 in tiny-parts)."""
+    from annotate.stages.budget import worst_case_request
+
+    for name in ("part_describe", "part_verify"):
+        request = worst_case_request(cfg, name, 256, 192)
+        assert len(images_of(request)) == 1 + 2, name
+        assert request.json_schema["properties"]["parts" if name == "part_describe" else "verdicts"]["maxItems"] == 2

@@ -9,7 +9,8 @@ when a stage does not fit. The worst case:
     tiling processors (InternVL) make the most tiles at some ratio, not always at a square;
   * model-written fields (object and context captions, the description) as long as their stage's
     `max_tokens`; the negatives' checks get all K candidates, each the description plus an edit;
-    `ground` gets every other region of a full image;
+    `ground` gets every other region of a full image; `part_describe` and `part_verify` get `parts.k`
+    parts, one focal crop each;
   * the phrase and the image caption as long as `run.budget_phrase_words` / `budget_caption_words`.
 Stop tokens given as strings are checked here too (the stage's own and its model family's,
 engines/conventions.py): each must be one token of the model's tokenizer.
@@ -26,12 +27,13 @@ from PIL import Image
 
 from annotate.config import PipelineConfig, StageConfig
 from annotate.data.masks import encode_rle
-from annotate.data.records import HardNegative, ImageRecord, RegionRecord, Verdict
+from annotate.data.records import HardNegative, ImageRecord, PartRecord, RegionRecord, Verdict
 from annotate.engines.base import ChatRequest
 from annotate.engines.conventions import effective_stop_tokens
 from annotate.stages.base import PromptTemplate, RegionContext
 from annotate.stages.chain import build_stage
 from annotate.stages.negatives import NegativesParams
+from annotate.stages.parts import PartsParams
 
 # width / height. InternVL2's tiling (max 12 tiles + a thumbnail) is largest at 4:3 and 3:4 (a 4 x 3 grid,
 # 13 tiles), above a square's 3 x 3 + 1: tests/test_budget_shapes.py checks these hold the maximum.
@@ -106,6 +108,16 @@ def worst_case_request(cfg: PipelineConfig, stage_name: str, width: int, height:
     edited = f"{region.fine_caption} {text(NegativesParams().max_span_words)}"
     region.negative_candidates = [HardNegative(text=edited, edit_type="colour", start=0, end=0, replacement="",
                                                contradiction=Verdict(holds=True, reason="")) for _ in range(k)]
+    # The part stages: k kept parts, each described (part_verify shows the described ones), so that
+    # part_describe and part_verify send their most images: the prompt's own and one focal crop per part.
+    k = PartsParams.model_validate(cfg.stages["parts"].params).k if "parts" in cfg.stages else 0
+    region.parts = [PartRecord(part_id=f"{region.region_id}:p{i}", name=text(cfg.run.budget_phrase_words),
+                               visibility="full", bbox=[0.0, 0.0, float(width), float(height)], mask=mask, kept=True,
+                               short_caption=text("part_describe"), long_caption=text("part_describe"))
+                    for i in range(k)]
+    if stage_name == "part_describe":
+        for part in region.parts:
+            part.short_caption = part.long_caption = None
     image = Image.new("RGB", (width, height), (127, 127, 127))
     return stage.build_request(RegionContext(record=record, region=region, image=image, crops=cfg.data.crops))
 
