@@ -33,10 +33,13 @@ CFG = DataConfig(masks=MaskConfig(source="box"))
 
 
 def _prepare(path, cfg=CFG, fmt="webdataset", budget_s=10.0):
-    t0 = time.monotonic()
+    """Prepare a hostile shard. `budget_s` bounds this process's CPU-seconds, not wall time: it guards
+    against working through an attack (which took minutes to an hour), with a wide margin, and a loaded
+    CI machine (other processes) must not fail it."""
+    t0 = time.process_time()
     stats = ShardStats()
     records = [p.record for p in prepare_shard(ShardRef(0, path.stem, path, fmt), cfg, stats)]
-    assert time.monotonic() - t0 < budget_s, "the reader must refuse at once, not work through the attack"
+    assert time.process_time() - t0 < budget_s, "the reader must refuse at once, not work through the attack"
     assert len({r.image_key for r in records}) == len(records) == stats.images
     return records, stats
 
@@ -191,10 +194,10 @@ def test_forty_thousand_boxes_cost_nothing_and_phrases_are_bounded(tmp_path):
     assert all(r.status == "failed" and "max_phrase_chars 1000" in r.error and len(r.phrase) <= 1000 for r in rs)
 
     short = [[0, 1, (i % 97) / 100, (i % 89) / 100, 0.99, 0.99, (i % 7) / 7] for i in range(3000)]
-    t0 = time.monotonic()
+    t0 = time.process_time()  # CPU-seconds of this process: a loaded machine does not count
     rs = regions_from_meta({"caption": caption, "ref_exps": short}, "s", "k", 640, 480, RegionConfig(),
                            LimitsConfig(max_entries=3000))
-    assert time.monotonic() - t0 < 10 and len(rs) == 3000
+    assert time.process_time() - t0 < 10 and len(rs) == 3000
     assert sum(r.status == "pending" for r in rs) == 32
     assert all(r.status == "rejected" and ("over max_regions_per_image 32" in r.error or "near-duplicate" in r.error)
                for r in rs if r.status != "pending")
