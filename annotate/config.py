@@ -318,8 +318,9 @@ DEADLINE_PER_TOKEN_S = 0.5
 
 
 class SegmentConfig(_Section):
-    """Optional stage before `object`: box -> pixel mask with a segment-anything model (transformers
-    `SamModel`, local path), for shards that carry boxes only. Absent: the data plane's masks stay."""
+    """Optional segment-anything model (transformers `SamModel`, local path): before `object`, box -> pixel
+    mask for shards that carry boxes only; in the `parts` stage, each part's mask from its box and points
+    inside the object. Absent: the data plane's masks stay, and part masks are GrabCut's or the box's."""
 
     path: str = Field(description="local SAM model folder (or tiny:sam)")
     paper_model: str | None = None

@@ -112,3 +112,36 @@ def test_the_coco_export_loads_in_pycocotools_with_parts_linked_to_their_objects
         inside = coco.annToMask(part).astype(bool)
         assert inside.any() and not (inside & ~coco.annToMask(parent).astype(bool)).any()
     assert np.isfinite([p["area"] for p in parts]).all()
+
+
+@pytest.fixture(scope="module")
+def sam_parts_run(ray_session, tiny_run_all, tmp_path_factory):
+    """The core chain and the part stages on shard 0 with a segment model configured: the chain worker
+    gives `parts` the SAM deployment's call (the same tiny SAM as tests/test_segment.py, so it is
+    deployed once per session), and part masks are SAM's where it answers."""
+    from annotate.config import SegmentConfig
+    from annotate.executor.runner import run_pipeline
+
+    cfg = load_config(TINY_PARTS, {"stages": {
+        "parts": {"stage_class": "bench.harness:ScriptedParts", "params": {"masks": {"sam_min_fraction": 0.0}}},
+        "part_describe": {"stage_class": "bench.harness:ScriptedPartDescriptions"}}})
+    for name in ("summarize", "ground", "negatives", "negatives_text", "negatives_visual"):
+        cfg.stages.pop(name)
+    cfg.segment = SegmentConfig(path="tiny:sam", min_mask_frac=0.0)
+    out = tmp_path_factory.mktemp("run-parts-sam")
+    return out, run_pipeline(cfg, SAMPLE_SHARDS, out, [0], stage="all")
+
+
+def test_with_a_segment_model_part_masks_are_sams_and_lie_in_their_regions(sam_parts_run):
+    from annotate.serving.apps import SEGMENT_MODEL
+
+    out, summary = sam_parts_run
+    assert any(r["model"] == SEGMENT_MODEL for r in summary.replicas), summary.replicas
+    regions = [region for record in _records(out) for region in record.regions]
+    assert Counter(r.region_id for r in regions) == input_region_ids(SAMPLE_SHARDS, [0])
+    parts = [(region, part) for region in regions for part in region.parts or []]
+    assert any(part.mask_source == "sam" for _, part in parts), Counter(p.mask_source for _, p in parts)
+    for region, part in parts:
+        if part.mask is not None:
+            mask = decode_rle(part.mask).astype(bool)
+            assert not (mask & ~decode_rle(region.mask).astype(bool)).any(), part.part_id

@@ -59,6 +59,12 @@ def make_mask_explained(image_rgb: np.ndarray, region: RegionRecord, meta: dict,
         return MaskResult(box, "box", note)
 
 
+def xyxy(box_xywh) -> list[float]:
+    """[x, y, w, h] -> [x0, y0, x1, y1] (SAM's box prompt)."""
+    x, y, w, h = box_xywh
+    return [x, y, x + w, y + h]
+
+
 def box_bounds(bbox_xywh, h: int, w: int) -> tuple[int, int, int, int]:
     """Integer pixel bounds (x0, y0, x1, y1) covering the float box, clipped to the image."""
     x, y, bw, bh = bbox_xywh

@@ -32,6 +32,10 @@ class PartMaskSettings(BaseModel):
     min_area_px: int = Field(16, ge=0, description="a stored part mask has at least this many pixels ...")
     min_area_fraction: float = Field(0.002, ge=0, le=1, description="... and this fraction of the object's")
     max_duplicate_iou: float = Field(0.7, ge=0, le=1, description="mask IoU with a kept part at or above: duplicate")
+    sam_points: int = Field(1, ge=0, le=8, description=(
+        "with a segment model: positive points inside the part's box and the object sent beside the box (0: the box alone)"))
+    sam_min_fraction: float = Field(0.05, ge=0, le=1, description=(
+        "a SAM part mask (inside its box) under this fraction of box and object is refused: GrabCut's or the box is used"))
     grabcut: bool = True
     grabcut_iterations: int = Field(3, ge=1)
     grabcut_max_side: int = Field(256, ge=32, description="GrabCut runs at this resolution")
@@ -76,6 +80,18 @@ def part_mask(object_mask: np.ndarray, box_xywh, image: np.ndarray | None = None
         if mask is not None and mask.sum() >= settings.grabcut_min_fraction * max(int((box & object_mask).sum()), 1):
             return mask, "grabcut"
     return box, "box"
+
+
+def sam_part_mask(sam_mask: np.ndarray, object_mask: np.ndarray, box_xywh,
+                  settings: PartMaskSettings | None = None) -> np.ndarray | None:
+    """SAM's answer for a part, inside its box prompt (a box prompt's part lies in its box), or None when
+    it covers under `sam_min_fraction` of box and object: then `part_mask` makes one without it."""
+    settings = settings or PartMaskSettings()
+    object_mask = np.asarray(object_mask, bool)
+    box = box_mask(box_xywh, *object_mask.shape)
+    mask = np.asarray(sam_mask, bool) & box
+    wanted = max(int((box & object_mask).sum()), 1)
+    return mask if mask.any() and mask.sum() >= settings.sam_min_fraction * wanted else None
 
 
 def prompt_points(object_mask: np.ndarray, box_xywh, count: int = 1) -> list[tuple[int, int]]:

@@ -1,6 +1,7 @@
 """Segment-anything in the calling process: boxes in, pixel masks out (transformers `SamModel`).
 
-Not a chat model, so not behind the chat `Engine` interface; the segment stage is its only user.
+Not a chat model, so not behind the chat `Engine` interface: the segment step (object masks from boxes)
+and the `parts` stage (part masks from a box and points inside the object) are its users.
 Production: a SAM checkpoint from a local path on GPU workers; CPU runs use the tiny random one.
 """
 
@@ -27,13 +28,22 @@ class SamEngine:
         self.model = SamModel.from_pretrained(local).to(self.device).eval()
         self.startup_s = time.perf_counter() - started
 
-    def segment(self, image: Image.Image, boxes_xyxy: list[list[float]]) -> list[tuple[np.ndarray, float]]:
-        """One (bool HxW mask, predicted IoU) per box, for boxes in `image`'s pixel coordinates."""
+    def segment(self, image: Image.Image, boxes_xyxy: list[list[float]],
+                points: list[list[tuple[float, float]]] | None = None) -> list[tuple[np.ndarray, float]]:
+        """One (bool HxW mask, predicted IoU) per box, for boxes in `image`'s pixel coordinates. `points`:
+        positive points per box, the same number for every box (SAM's prompt encoder embeds a box's points
+        beside its box), or None for boxes alone."""
         import torch
 
         if not boxes_xyxy:
             return []
-        inputs = self.processor(images=[image], input_boxes=[boxes_xyxy], return_tensors="pt").to(self.device)
+        prompts: dict = {"input_boxes": [boxes_xyxy]}
+        if points is not None:
+            if len(points) != len(boxes_xyxy) or len({len(p) for p in points}) != 1 or not points[0]:
+                raise ValueError("points: one non-empty list per box, all of the same length")
+            prompts |= {"input_points": [[[list(xy) for xy in box_points] for box_points in points]],
+                        "input_labels": [[[1] * len(box_points) for box_points in points]]}
+        inputs = self.processor(images=[image], return_tensors="pt", **prompts).to(self.device)
         with torch.inference_mode():
             out = self.model(**inputs, multimask_output=False)
         masks = self.processor.image_processor.post_process_masks(

@@ -43,7 +43,8 @@ from annotate.serving.apps import (SEGMENT_MODEL, ModelApp, ensure_apps, needed_
 from annotate.serving.client import ModelClient
 from annotate.stages.breaker import BreakerTripped, StageBreakers
 from annotate.stages.budget import StageBudget, check_budgets
-from annotate.stages.chain import StageIO, chain_of, check_stages, finalize_record, is_retryable, stage_io, stage_writing
+from annotate.stages.chain import (StageIO, chain_of, check_stages, finalize_record, is_retryable, stage_class, stage_io,
+                                   stage_writing)
 from annotate.stages.lineage import LineageKey
 from annotate.stages.quality import write_near_duplicates
 
@@ -209,7 +210,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
             fn_kwargs={"data": cfg.data, "store_root": str(store.root), "fingerprint": prepared_under,
                        "rows_per_batch": cfg.run.rows_per_batch, "ledger": ledger, "lineage": lineage.digests},
         )
-        if SEGMENT_MODEL in apps:
+        if SEGMENT_MODEL in apps and "object" in chain:  # the segment step: object masks from boxes
             ds = ds.map_batches(
                 SegmentWorker, batch_size=cfg.segment.batch_images, batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=cfg.run.batches_in_flight,
@@ -219,7 +220,8 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
             )
         # The chain runs in one pool of workers: each model's in-flight cap is shared by them all.
         steps = [StepSpec(name, cfg.stages[name], apps[cfg.stages[name].model], cfg.models[cfg.stages[name].model],
-                          keys[name]) for name in chain]
+                          keys[name], apps.get(SEGMENT_MODEL) if stage_class(name, cfg.stages[name].stage_class).uses_segment
+                          else None) for name in chain]
         shares = {key: -(-apps[key].max_in_flight // workers) for key in {step.model_key for step in steps}}
         ds = ds.map_batches(
             ChainWorker, batch_size=max(cfg.stages[name].batch_size for name in chain), batch_format="pyarrow",

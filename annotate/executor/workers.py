@@ -36,6 +36,7 @@ class StepSpec:
     app: ModelApp
     model: ModelConfig | None = None
     lineage: LineageKey | None = None  # the stage's key in this run (stages/lineage.py)
+    segment: ModelApp | None = None  # the SAM deployment, for a stage that `uses_segment` in a run that has one
 
     @property
     def model_key(self) -> str:
@@ -65,6 +66,8 @@ class ChainStep:
                        else model_fingerprint(app.model_id, {**settings, "reasoning": reasoning}))
         self.cache = ResultCache(cache_root, spec.stage_name, fingerprint) if cache_root else None
         self.stage.lineage = spec.lineage.digest if spec.lineage is not None else None
+        if spec.segment is not None:
+            self.stage.segment = segment_call(spec.segment)
 
     async def run(self, items) -> StageCounts:
         """The stage over a batch, each shard's regions through that shard's stored results (a batch
@@ -135,6 +138,20 @@ class SegmentWorker:
         items = [(record, decode_or_none(record, self.data)) for record in map(row_to_record, rows)]
         await segment_records(self.handle.segment.remote, items, self.config)
         return pa.Table.from_pylist([record_to_row(record, row["shard_total"]) for (record, _), row in zip(items, rows)])
+
+
+def segment_call(app: ModelApp):
+    """The SAM deployment's `segment` as a coroutine function, at most its in-flight cap at once from
+    this worker (stages/segment.py `SegmentFn`)."""
+    from ray import serve
+
+    handle = serve.get_deployment_handle(app.deployment_name, app.app_name)
+    limit = asyncio.Semaphore(max(1, app.max_in_flight))
+
+    async def segment(image, boxes_xyxy, points=None):
+        async with limit:
+            return await handle.segment.remote(image, boxes_xyxy, points)
+    return segment
 
 
 def decode_or_none(record, data: DataConfig):

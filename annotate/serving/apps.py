@@ -26,6 +26,9 @@ log = logging.getLogger(__name__)
 
 APP_PREFIX = "longgrit-"
 SEGMENT_MODEL = "segment"  # the name the optional SAM model is served under
+# The stages the optional SAM model serves: the segment step before `object` (object masks from boxes),
+# and `parts` (part masks; its class says `uses_segment`, which a test ties to this list).
+SEGMENT_STAGES = ("object", "parts")
 IMAGE_AFFINITY_ROUTER = "annotate.serving.routing:ImageAffinityRouter"
 # The app kinds servers.ChatServer serves (one request per call): each such engine under its own name.
 CHAT_SERVER_KINDS = tuple(kind.name for kind in ENGINE_KINDS.values() if kind.served_by == "chat")
@@ -223,11 +226,11 @@ def build_app(name: str, model: ModelConfig | SegmentConfig, run: RunConfig):
 
 # --------------------------------------------------------------------------- start, find, stop
 def needed_models(cfg: PipelineConfig, stages: tuple[str, ...] | None = None) -> dict[str, ModelConfig | SegmentConfig]:
-    """The models the given stages use (all stages when None), plus SAM when the chain starts at object."""
+    """The models the given stages use (all stages when None), plus SAM when one of them uses it."""
     stages = tuple(cfg.stages) if stages is None else stages
     out: dict[str, ModelConfig | SegmentConfig] = {
         cfg.stages[s].model: cfg.models[cfg.stages[s].model] for s in stages if s in cfg.stages}
-    if cfg.segment is not None and "object" in stages:
+    if cfg.segment is not None and any(stage in SEGMENT_STAGES for stage in stages):
         out[SEGMENT_MODEL] = cfg.segment
     return out
 

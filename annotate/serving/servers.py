@@ -90,7 +90,8 @@ class ChatServer:
 
 
 class SamServer:
-    """The segment stage's SAM model behind Serve: `segment(image, boxes) -> [(mask, score)]`."""
+    """The SAM model behind Serve, for the segment step and the `parts` stage:
+    `segment(image, boxes, points=None) -> [(mask, score)]`."""
 
     def __init__(self, segment: SegmentConfig):
         from annotate.engines.sam_engine import SamEngine
@@ -98,13 +99,13 @@ class SamServer:
         self.engine = SamEngine(segment.path, segment.device)
         self.broken: str | None = None
 
-    async def segment(self, image, boxes_xyxy: list[list[float]]):
+    async def segment(self, image, boxes_xyxy: list[list[float]], points=None):
         from annotate.engines.hf_engine import is_device_error
 
         if self.broken is not None:
             raise EngineDeadError(f"SAM replica unhealthy after a device error ({self.broken})")
         try:
-            return await asyncio.to_thread(self.engine.segment, image, boxes_xyxy)
+            return await asyncio.to_thread(self.engine.segment, image, boxes_xyxy, points)
         except Exception as exc:
             if is_device_error(exc):  # Serve replaces the replica at its next health check
                 self.broken = f"{type(exc).__name__}: {str(exc)[:400]}"

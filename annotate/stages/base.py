@@ -165,6 +165,9 @@ class Stage:
     # lineage key holds theirs (stages/lineage.py); what they read counts through them.
     reads: ClassVar[tuple[str, ...]]
     Params: ClassVar[type[StageParams]] = StageParams
+    # Whether the run's segment model (`segment:`, SAM) serves this stage: the executor then deploys it
+    # and sets the stage's `segment` call (stages/parts.py).
+    uses_segment: ClassVar[bool] = False
     # A free-text stage's inputs that a model may restate before its answer ("The object-level
     # description is: ..."), as field -> the labels its prompt gives them (stages/answers.py).
     restated_inputs: ClassVar[dict[str, tuple[str, ...]]] = {}
@@ -194,6 +197,10 @@ class Stage:
     def without_model(self, region: RegionRecord) -> bool:
         """Settle a wanted region that needs no model call (e.g. nothing left to check); True when done."""
         return False
+
+    async def complete(self, items: list[tuple[ImageRecord, Image.Image | None]]) -> None:
+        """Work after every answer of a batch is applied, per image over its regions (stages/batch.py
+        `run_stage_async`): the `parts` stage's SAM masks, one call per image. Most stages have none."""
 
     def fields(self, ctx: RegionContext) -> dict[str, Any]:
         """Template variables for one region."""

@@ -201,6 +201,7 @@ async def run_stage_async(
                 return
 
     await asyncio.gather(*(settle(ctx, request) for ctx, request in _requests(stage, items, crops, counts)))
+    await stage.complete(items)  # per-image work over the batch's answers (the parts stage's SAM masks)
     return counts
 
 

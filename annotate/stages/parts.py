@@ -9,26 +9,35 @@ Each part's mask is GrabCut's inside the object, else the box clipped to the obj
 and is not a duplicate, and finds the words of the description that mention it (`parent_spans`).
 A box that cannot be read, or lies outside the image, is kept as a rejected part with its reason
 (after the parts with boxes, its id continuing their numbering: `check_parts` numbers those).
-SAM is not used for parts: the segment step runs before the chain, which holds no segment model.
+With a segment model in the run (`segment:`), the chain worker gives the stage its SAM call (`segment`):
+`apply` then only reads the boxes, and `complete`, once the batch's answers are in, asks SAM once per image
+for all its parts (each box with points inside the object, `prompt_points`) before the masks and checks.
+A SAM call that fails, or a mask it refuses (`sam_part_mask`), leaves that part to GrabCut or its box.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 
 from annotate.data.crops import focal_crop
-from annotate.data.masks import box_bounds, decode_rle
-from annotate.data.parts import PartCandidate, PartMaskSettings, check_parts, parent_spans, part_mask
-from annotate.data.records import PartRecord, RegionRecord
+from annotate.data.masks import box_bounds, decode_rle, xyxy
+from annotate.data.parts import (PartCandidate, PartMaskSettings, check_parts, parent_spans, part_mask,
+                                 prompt_points, sam_part_mask)
+from annotate.data.records import ImageRecord, PartRecord, RegionRecord
 from annotate.engines.base import ChatRequest, ChatResult
 from annotate.engines.conventions import box_format
 from annotate.stages.base import DescribedStage, RegionContext, StageParams, settle
+from annotate.stages.segment import SegmentFn
+
+log = logging.getLogger(__name__)
 
 
 class PartsParams(StageParams):
@@ -74,16 +83,42 @@ def clip_box(box: list[float], width: int, height: int) -> list[float] | None:
     return clipped if bx1 > bx0 and by1 > by0 else None
 
 
+@dataclass(frozen=True)
+class _Named:
+    """A part the model named with a box that could be read, before its mask is made."""
+
+    name: str
+    visibility: str
+    reason: str | None
+    box: list[float]  # [x, y, w, h] in full-image pixels, clipped to the image
+
+
+@dataclass(frozen=True)
+class _Read:
+    """What `apply` read of one answer: the parts with a usable box, and those without (with why)."""
+
+    named: list[_Named]
+    unreadable: list[tuple[_Named, str]]
+
+
 class PartsStage(DescribedStage):
     name = "parts"
     writes = "parts"
     reads = ("merge",)  # parent spans are found in the description, which the prompt also shows
     Params = PartsParams
+    uses_segment: ClassVar[bool] = True  # the run's segment model, when it has one, makes the part masks
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         # region id -> what its request showed, from build_request to apply (which sees only the region).
         self._seen: dict[str, _Seen] = {}
+        # region id -> its answer, read, waiting for SAM's masks (`complete`); only with `segment`.
+        self._read: dict[str, _Read] = {}
+        self._rgb: tuple[Image.Image, np.ndarray] | None = None  # the last image's pixels (GrabCut's input)
+        # The run's SAM call, `await segment(image, boxes_xyxy, points)` (set by the executor's chain worker
+        # when the pipeline file configures `segment:`; its masks are made in `complete`, which the executor's
+        # `run_stage_async` awaits); None: masks are GrabCut's or the box's, in `apply`.
+        self.segment: SegmentFn | None = None
 
     def fields(self, ctx: RegionContext) -> dict[str, Any]:
         return {"phrase": ctx.region.phrase, "fine_caption": ctx.region.fine_caption, "k": self.params.k,
@@ -98,6 +133,7 @@ class PartsStage(DescribedStage):
     def fail(self, region: RegionRecord, kind: str, message: str) -> None:
         # A region that never reaches `apply` must not keep its image here for the worker's life.
         self._seen.pop(region.region_id, None)
+        self._read.pop(region.region_id, None)
         super().fail(region, kind, message)
 
     def apply(self, region: RegionRecord, result: ChatResult) -> str | None:
@@ -108,32 +144,87 @@ class PartsStage(DescribedStage):
         seen = self._seen.get(region.region_id)
         if seen is None or region.mask is None:
             return "no request was built for this region (its image or mask is missing)"
-        object_mask = decode_rle(region.mask).astype(bool)
-        height, width = object_mask.shape
-        pixels = np.asarray(seen.image.convert("RGB"))
-        fmt, settings = box_format(self.conventions), self.params.masks
-        candidates, unreadable = [], []
+        height, width = region.mask.size
+        fmt = box_format(self.conventions)
+        read = _Read([], [])
         for part in answer.parts[: self.params.k]:
             name, reason = " ".join(part.name.split()), " ".join(part.reason.split()) or None
             shown = fmt.parse(part.box, *seen.shown_size)
             box = clip_box(to_image_box(shown, seen), width, height) if shown is not None else None
             if box is None:
                 why = "the box could not be read" if shown is None else "the box lies outside the image or is empty"
-                unreadable.append((part, name, reason, f"{why}: {part.box[:60]!r} ({fmt.name})"))
-                continue
-            mask, source = part_mask(object_mask, box, pixels, settings)
-            candidates.append(PartCandidate(name=name, bbox=box, mask=mask, source=source,
-                                            visibility=part.visibility, reason=reason))
+                read.unreadable.append((_Named(name, part.visibility, reason, []), f"{why}: {part.box[:60]!r} ({fmt.name})"))
+            else:
+                read.named.append(_Named(name, part.visibility, reason, box))
+        if self.segment is not None and read.named:
+            self._read[region.region_id] = read  # the masks wait for SAM: `complete`
+            return None
+        self._finish(region, read, None)
+        return None
+
+    async def complete(self, items: list[tuple[ImageRecord, Image.Image | None]]) -> None:
+        """SAM's part masks: one call per image for every part of its regions that `apply` read, then
+        each region's masks and checks. A failed call leaves those parts to GrabCut or their boxes."""
+        async def one(record: ImageRecord, image: Image.Image | None) -> None:
+            waiting = [(region, self._read.pop(region.region_id)) for region in record.regions
+                       if region.region_id in self._read]
+            if not waiting:
+                return
+            # (region index, part index) -> SAM's prompt, for the parts whose box meets their object
+            prompts = {}
+            for r, (region, read) in enumerate(waiting):
+                object_mask = decode_rle(region.mask).astype(bool)
+                for p, named in enumerate(read.named):
+                    if points := self._points(object_mask, named.box):
+                        prompts[r, p] = (xyxy(named.box), points)
+            masks: dict[tuple[int, int], np.ndarray] = {}
+            if prompts and image is not None:
+                try:
+                    answers = await self.segment(image, [box for box, _ in prompts.values()],
+                                                 [points for _, points in prompts.values()]
+                                                 if self.params.masks.sam_points else None)
+                    masks = {at: mask for at, (mask, _score) in zip(prompts, answers, strict=True)}
+                except Exception as exc:  # one image's part masks fall back; the regions are not lost
+                    log.warning("SAM failed on the parts of %s: %s: %s", record.image_key, type(exc).__name__, exc)
+            for r, (region, read) in enumerate(waiting):
+                self._finish(region, read, [masks.get((r, p)) for p in range(len(read.named))])
+
+        await asyncio.gather(*(one(record, image) for record, image in items))
+
+    def _points(self, object_mask: np.ndarray, box: list[float]) -> list[tuple[int, int]]:
+        """SAM's positive points for a part: `sam_points` inside its box and the object, the deepest
+        repeated to make up the count (SAM takes as many for every box). None when box and object do not
+        meet: the part is not SAM's to find (its containment rejects it)."""
+        count = max(self.params.masks.sam_points, 1)
+        points = prompt_points(object_mask, box, count)
+        return points + [points[-1]] * (count - len(points)) if points else []
+
+    def _finish(self, region: RegionRecord, read: _Read, sam_masks: list[np.ndarray | None] | None) -> None:
+        """The parts' masks (SAM's when given and accepted, else GrabCut's or the box's), checked, stored."""
+        seen = self._seen.pop(region.region_id)
+        object_mask = decode_rle(region.mask).astype(bool)
+        settings = self.params.masks
+        candidates = []
+        for i, named in enumerate(read.named):
+            sam = sam_masks[i] if sam_masks else None
+            accepted = sam_part_mask(sam, object_mask, named.box, settings) if sam is not None else None
+            mask, source = part_mask(object_mask, named.box, self._pixels(seen.image) if accepted is None else None,
+                                     settings, sam_mask=accepted)
+            candidates.append(PartCandidate(name=named.name, bbox=named.box, mask=mask, source=source,
+                                            visibility=named.visibility, reason=named.reason))
         parts = check_parts(region.region_id, candidates, object_mask, settings, region.fine_caption)
-        parts += [PartRecord(part_id=f"{region.region_id}:p{len(candidates) + i}", name=name,
-                             visibility=part.visibility, reason=reason, bbox=[0.0, 0.0, 0.0, 0.0], kept=False,
-                             reject_reason=why,
-                             parent_spans=parent_spans(region.fine_caption, name))
-                  for i, (part, name, reason, why) in enumerate(unreadable)]
-        self._seen.pop(region.region_id, None)
+        parts += [PartRecord(part_id=f"{region.region_id}:p{len(candidates) + i}", name=named.name,
+                             visibility=named.visibility, reason=named.reason, bbox=[0.0, 0.0, 0.0, 0.0], kept=False,
+                             reject_reason=why, parent_spans=parent_spans(region.fine_caption, named.name))
+                  for i, (named, why) in enumerate(read.unreadable)]
         region.parts = parts
         settle(region)
-        return None
+
+    def _pixels(self, image: Image.Image) -> np.ndarray:
+        """`image` as an RGB array, made once per image (its regions come one after another)."""
+        if self._rgb is None or self._rgb[0] is not image:
+            self._rgb = (image, np.asarray(image.convert("RGB")))
+        return self._rgb[1]
 
 
 # ------------------------------------------------------------- shared by part_describe and part_verify

@@ -14,13 +14,14 @@ import numpy as np
 from PIL import Image
 
 from annotate.config import SegmentConfig
-from annotate.data.masks import box_mask, encode_rle
+from annotate.data.masks import box_mask, encode_rle, xyxy
 from annotate.data.records import ImageRecord
 
 log = logging.getLogger(__name__)
 
-# (image, [[x1, y1, x2, y2], ...]) -> one (bool HxW mask, score) per box
-SegmentFn = Callable[[Image.Image, list[list[float]]], Awaitable[list[tuple[np.ndarray, float]]]]
+# (image, [[x1, y1, x2, y2], ...], points) -> one (bool HxW mask, score) per box. `points`: None, or per box
+# the same number of positive (x, y) points (the `parts` stage's points inside the object).
+SegmentFn = Callable[..., Awaitable[list[tuple[np.ndarray, float]]]]
 
 
 @dataclass
@@ -42,7 +43,7 @@ async def segment_records(segment: SegmentFn, items: list[tuple[ImageRecord, Ima
         if image is None or not regions:
             return
         counts.regions_in += len(regions)
-        boxes = [[r.bbox[0], r.bbox[1], r.bbox[0] + r.bbox[2], r.bbox[1] + r.bbox[3]] for r in regions]
+        boxes = [xyxy(r.bbox) for r in regions]
         try:
             results = await segment(image, boxes)
         except Exception as exc:  # the data-plane masks stay; one image never stops the batch
