@@ -2,7 +2,7 @@
 
     OUT/gallery/index.html            one line per shard: counts per status, links to the shard pages
     OUT/gallery/shard-NNNNN.html      every region of the shard: a thumbnail (linked to the full view)
-                                      next to its phrase, captions, verdict, status and error
+                                      next to its phrase, captions, verdict, status, error and parts
     OUT/gallery/NNNNN/*.jpg           the drawn regions: `*.t.jpg` thumbnails, `*.jpg` full views
 
 The gallery opens from disk (file://) with no server and no network: no external assets, one inline
@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from annotate.data.records import ImageRecord, RegionRecord
+from annotate.data.records import ImageRecord, PartRecord, RegionRecord
 from annotate.data.store import OutputStore, write_bytes_atomic
 from annotate.export import safe_name
 from annotate.show import (
@@ -31,8 +31,10 @@ from annotate.show import (
     dataset_dir,
     dataset_files,
     display_status,
+    draw_parts,
     draw_region,
     iter_records,
+    part_color,
     region_mask,
 )
 
@@ -74,7 +76,7 @@ main{padding:12px 16px}
 .region[hidden]{display:none}
 .region.ok{border-left-color:#22aa44}.region.rejected{border-left-color:#f08c00}
 .region.failed{border-left-color:#dc1e28}.region.pending{border-left-color:#787878}
-.thumb{flex:0 0 260px;text-align:center}.thumb img{max-width:256px;max-height:256px;background:#eee}
+.thumb{flex:0 0 260px;text-align:center}.thumb img{max-width:256px;background:#eee}
 .meta{flex:1;min-width:0}.meta h2{font-size:14px;margin:0 0 6px}
 dl{display:grid;grid-template-columns:8em 1fr;gap:3px 10px;margin:0}
 dt{color:#666}dd{margin:0;white-space:pre-wrap;overflow-wrap:anywhere}
@@ -183,6 +185,25 @@ def _negative(description: str, candidate, kept: bool) -> str:
             f"<ins>{_e(candidate.replacement)}</ins>{verdicts}</li>")
 
 
+def _parts(parts: list[PartRecord]) -> str:
+    """Each part under the swatch its outline has in the drawing (`show.part_color`; solid when kept,
+    dashed when the mask checks rejected it), so a name in the list finds its outline in the image."""
+    items = []
+    for index, part in enumerate(parts):
+        dash = "" if part.kept else ' stroke-dasharray="4 3"'
+        swatch = (f'<svg width="24" height="10" aria-hidden="true"><line x1="0" y1="5" x2="24" y2="5" stroke='
+                  f'"#{bytes(part_color(index)).hex()}" stroke-width="3"{dash}/></svg>')
+        state = ('<span class="kept">kept</span>' if part.kept else '<span class="err">rejected</span>'
+                 + (f": {_e(part.reject_reason)}" if part.reject_reason else ""))
+        verdict = ("not verified" if part.verdict is None
+                   else f"{'yes' if part.verdict.holds else 'no'} ({_e(part.verdict.reason)})")
+        long = (f"<details><summary>long caption</summary>{_e(part.long_caption)}</details>"
+                if part.long_caption else "")
+        items.append(f"<li>{swatch} <b>{_e(part.name)}</b>: {state}; verdict: {verdict}<br>"
+                     f"{_text(part.short_caption)}{long}</li>")
+    return f"{sum(p.kept for p in parts)} kept of {len(parts)}<ul>{''.join(items)}</ul>"
+
+
 def _added_fields(region: RegionRecord, duplicate: tuple[str, int] | None, score: float | None) -> list[tuple[str, str]]:
     """Rows for the fields of the optional stages after merge, only those the region has."""
     rows = []
@@ -200,6 +221,8 @@ def _added_fields(region: RegionRecord, duplicate: tuple[str, int] | None, score
         items = "".join(_negative(region.fine_caption or "", c, c.text in kept) for c in region.negative_candidates)
         rows.append(("hard negatives", f"{len(region.negatives or [])} kept of {len(region.negative_candidates)}"
                                        + (f"<ul>{items}</ul>" if items else "")))
+    if region.parts:
+        rows.append(("parts", _parts(region.parts)))
     if region.quality is not None:
         q = region.quality
         share = "n/a" if q.unsupported_noun_share is None else f"{q.unsupported_noun_share:.2f} of {q.nouns}"
@@ -272,9 +295,10 @@ def _shard_page(data_file: Path, html_dir: Path, page: ShardPage, thumb_side: in
         for region in record.regions:
             mask = region_mask(region, *size)
             stem = _file_stem(region.region_id)
-            thumb_img = draw_region(thumb_base, size, region, mask)
+            thumb_img, full_img = (draw_parts(draw_region(base, size, region, mask), size, region)
+                                   for base in (thumb_base, full_base))
             thumb_img.save(asset_dir / f"{stem}.t.jpg", format="JPEG", quality=85)
-            draw_region(full_base, size, region, mask).save(asset_dir / f"{stem}.jpg", format="JPEG", quality=90)
+            full_img.save(asset_dir / f"{stem}.jpg", format="JPEG", quality=90)
             page.counts[display_status(region)] += 1
             yield _card(record, region, f"{page.shard}/{stem}.t.jpg", f"{page.shard}/{stem}.jpg", thumb_img.size,
                         eager=n_cards < EAGER_THUMBS, image_note=note, side=side)

@@ -3,7 +3,7 @@ and draws them; annotate/gallery.py makes the HTML gallery of them, and `--regio
 renders one region here.
 
 Each region is drawn on its image: mask filled translucent, mask contour, box and region id, in the
-colour of its status. The one-region PNG also draws the region's parts inside it (`draw_parts`): each
+colour of its status. The one-region PNG (and the gallery) also draws the region's parts (`draw_parts`): each
 part's mask outline in a colour of its own (solid when kept, dashed when the mask checks rejected it),
 its name and verdict as a label, and a legend band under the image. Images that could not be decoded
 (stored as None) get a placeholder. Shards are read a few rows at a time, so memory stays small

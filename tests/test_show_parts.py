@@ -4,6 +4,7 @@ named field by field in the dataset card, and loaded back whole by `datasets`.""
 from __future__ import annotations
 
 import io
+import re
 
 import cv2
 import datasets
@@ -19,6 +20,7 @@ from annotate.cli import app
 from annotate.data.masks import decode_rle, encode_rle
 from annotate.data.records import ImageRecord, PartRecord, RegionRecord, TextSpan, Verdict, features
 from annotate.data.writer import part_field_descriptions, write_dataset_card, write_parquet_atomic
+from annotate.gallery import write_gallery
 from annotate.show import part_color, render_region
 
 REGION_ID = "00000:000000000:0"
@@ -204,3 +206,50 @@ def test_show_survives_parts_with_broken_geometry():
     boxed = _near(drawn[:90], part_color(1))
     ys, xs = np.nonzero(boxed)
     assert boxed.sum() > 40 and xs.min() >= 18 and xs.max() <= 72 and ys.min() >= 18 and ys.max() <= 52
+
+
+# ------------------------------------------------------------------------------ the HTML gallery
+EVIL_PART = "<script>document.title='pwned'</script> collar"
+
+
+def test_gallery_lists_and_draws_a_regions_parts(tmp_path):
+    """A region with one kept and one rejected part: both named in its card (escaped), the rejection's
+    reason given, and their outlines drawn on its thumbnail; the same region without parts has neither."""
+    photo = skdata.astronaut()  # 512 x 512: the thumbnail is drawn smaller
+    h, w = photo.shape[:2]
+    region_mask = np.zeros((h, w), bool)
+    region_mask[ellipse(300, 256, 180, 200, shape=(h, w))] = True
+    sleeve = np.zeros_like(region_mask)
+    sleeve[ellipse(340, 140, 50, 40, shape=(h, w))] = True
+    collar = np.zeros_like(region_mask)
+    collar[150:190, 200:320] = True
+    parts = [_part(0, "left sleeve", sleeve & region_mask, True, short_caption="a puffy white sleeve",
+                   long_caption="a long <b>puffy</b> sleeve", verdict=Verdict(holds=True, reason="a sleeve of this suit")),
+             _part(1, EVIL_PART, collar & region_mask, False, reject_reason="containment 0.61 below 0.80")]
+    geometry = dict(phrase="a white space suit", bbox=_box_of(region_mask), mask=encode_rle(region_mask),
+                    mask_source="given", fine_caption=CAPTION, status="ok")
+    with_parts = RegionRecord(region_id=REGION_ID, region_index=0, parts=parts, **geometry)
+    plain = RegionRecord(region_id="00000:000000000:1", region_index=1, **geometry)
+    record = ImageRecord(image_key="000000000", shard="00000", width=w, height=h, caption="an astronaut",
+                         image_bytes=sk.encode(photo, "PNG"), regions=[with_parts, plain])
+    out = tmp_path / "out"
+    write_parquet_atomic([record], out / "data" / "00000.parquet")
+
+    (page,) = write_gallery(out).pages
+    text = page.path.read_text(encoding="utf-8")
+    cards = dict(re.findall(r'<article [^>]*data-region="([^"]+)">(.*?)</article>', text, re.S))
+    card, plain_card = cards[REGION_ID], cards[plain.region_id]
+    assert "<dt>parts</dt>" in card and "<dt>parts</dt>" not in plain_card
+    assert "left sleeve" in card and "&lt;script&gt;document.title=&#x27;pwned&#x27;&lt;/script&gt; collar" in card
+    assert "<script>document.title" not in text and text.count("<script>") == 1, "only the page's own script"
+    assert "rejected</span>: containment 0.61 below 0.80" in card and "1 kept of 2" in card
+    assert "<details><summary>long caption</summary>a long &lt;b&gt;puffy&lt;/b&gt; sleeve</details>" in card
+    assert all(f'stroke="#{bytes(part_color(i)).hex()}"' in card for i in range(2)), "swatches in the parts' colours"
+
+    # The two regions differ only in their parts (and id): the parts' outlines and legend are in the pixels.
+    thumbs = dict(re.findall(r'data-region="([^"]+)">.*?<img src="([^"]+)"', text, re.S))
+    drawn, bare = (np.asarray(Image.open(page.path.parent / thumbs[rid]).convert("RGB"))
+                   for rid in (REGION_ID, plain.region_id))
+    assert bare.shape == (256, 256, 3) and drawn.shape[1] == 256 and drawn.shape[0] > 256, "a legend band under it"
+    for index in range(2):
+        assert _near(drawn[:256], part_color(index)).sum() > _near(bare, part_color(index)).sum() + 30, index
