@@ -163,3 +163,50 @@ def test_load_time_budgets_from_the_run_record(cfg, tmp_path):
     assert by_stage["object"].prompt_tokens == 100 and by_stage["object"].tokens_from == "run"  # measured mean
     assert by_stage["merge"].prompt_tokens == 500 and "worst case" in by_stage["merge"].tokens_from
     assert by_stage["context"].budget["max_model_len"] == 4096
+
+
+def _with_part_stages(k: int):
+    """longgrit.yaml with the part stages on InternVL2 (a model the throughput table knows), k parts per region."""
+    stage = {"model": "internvl2_76b", "sampling": {"max_tokens": 512}}
+    return load_config(LONGGRIT, {
+        "models": {"internvl2_76b": {"vllm": {"limit_mm_per_prompt": {"image": 1 + k}}}},
+        "stages": {name: {**stage, "prompt": str(REPO / "prompts" / f"{name}.yaml")}
+                   | ({"params": {"k": k}} if name == "parts" else {})
+                   for name in ("parts", "part_describe", "part_verify")}})
+
+
+def test_part_stages_count_k_focal_crops():
+    """part_describe and part_verify send their prompt's images plus one focal crop per part: the plan counts
+    k of them (parts.params.k, an upper bound, said in the assumptions); the parts stage sends none."""
+    from annotate.plan.core import capped, image_processing
+    from annotate.plan.shapes import FOCAL_CROP, default_shapes
+    from annotate.stages.base import PromptTemplate
+
+    k = 3
+    cfg = _with_part_stages(k)
+    table = load_throughput()
+    plan = make_plan(cfg, 1000)
+    by = {s.stage: s for s in plan.stages}
+    assert [s.stage for s in plan.stages][-3:] == ["parts", "part_describe", "part_verify"]
+    shapes = default_shapes(table["default_shapes"], cfg.data.crops)
+    proc = capped(image_processing(model_row(table, "internvl2_76b", cfg.models["internvl2_76b"])[1]), cfg,
+                  "part_describe")
+    prompt_images = PromptTemplate.load(cfg.stages["part_describe"].prompt).images
+    fixed = shapes.mean(lambda s: sum(proc.tokens(*s.size_of(i)) for i in prompt_images))
+    focal = shapes.mean(lambda s: proc.tokens(*s.size_of(FOCAL_CROP)))
+    assert focal >= 258  # at least one 448-px tile + <img></img>
+    assert by["part_describe"].image_tokens == pytest.approx(fixed + k * focal)
+    assert by["part_verify"].image_tokens == pytest.approx(fixed + k * focal)
+    assert by["parts"].image_tokens == pytest.approx(fixed)  # the object crop alone
+    assert by["part_describe"].vit_tflops > by["parts"].vit_tflops
+    more = {s.stage: s for s in make_plan(_with_part_stages(k + 1), 1000).stages}
+    assert more["part_describe"].image_tokens == pytest.approx(fixed + (k + 1) * focal)
+    assert any("UPPER BOUND" in a and f"k = {k}" in a for a in plan.assumptions)
+
+
+def test_focal_crop_size_follows_the_object_crop():
+    from annotate.plan.shapes import FOCAL_CROP, RegionShape
+
+    assert RegionShape((1024, 768), (600, 300)).size_of(FOCAL_CROP) == (300, 150)  # half the crop per side
+    assert RegionShape((1024, 768), (40, 20), min_side=16).size_of(FOCAL_CROP) == (20, 16)  # grown to min_side
+    assert RegionShape((1024, 768), (10, 10), min_side=16).size_of(FOCAL_CROP) == (10, 10)  # never past the crop

@@ -10,7 +10,8 @@
 
 The vision term runs the ViT at the replica's prefill FLOP rate (same MFU). Prompt tokens: the
 stage's text tokens (throughput file) + each prompt image's tokens from the model's processor code
-(engines/image_tokens.py) averaged over the region shapes (plan/shapes.py). Throughput rows are
+(engines/image_tokens.py) averaged over the region shapes (plan/shapes.py); a part stage's images add
+k focal crops (the `parts` stage's k, an upper bound). Throughput rows are
 for `gpus` GPUs per replica and scale linearly with the GPUs a replica is given (the table's own
 formulas: FLOPs and HBM bandwidth add up across a tensor-parallel group).
 """
@@ -24,8 +25,8 @@ from typing import Any
 import yaml
 
 from annotate.config import ModelConfig, PipelineConfig
-from annotate.plan.shapes import Shapes
-from annotate.stages.chain import STAGE_ORDER
+from annotate.plan.shapes import FOCAL_CROP, FOCAL_CROP_SCALE, Shapes
+from annotate.stages.chain import PART_IMAGE_STAGES, STAGE_ORDER, focal_crops_per_region
 
 DEFAULT_THROUGHPUT = Path(__file__).resolve().parents[2] / "pipelines" / "throughput.yaml"
 
@@ -134,9 +135,17 @@ def image_processing(row: dict):
 
 
 def stage_images(cfg: PipelineConfig, stage: str) -> tuple[str, ...]:
+    """The images a stage sends per region at most: its prompt's, then one focal crop per part (k of them)."""
     from annotate.stages.base import PromptTemplate
 
-    return PromptTemplate.load(cfg.stages[stage].prompt).images
+    return PromptTemplate.load(cfg.stages[stage].prompt).images + (FOCAL_CROP,) * focal_crops_per_region(cfg, stage)
+
+
+def stage_default(table: dict, key: str, stage: str):
+    """The throughput file's `key` (default_tokens, default_reach) for `stage`, or an error naming what to add."""
+    if stage not in table[key]:
+        raise ValueError(f"the throughput file {table.get('_path', '')} has no {key}.{stage}; add one for this stage")
+    return table[key][stage]
 
 
 def capped(proc, cfg: PipelineConfig, stage: str):
@@ -156,7 +165,7 @@ def predicted_tokens(cfg: PipelineConfig, stage: str, table: dict, shapes: Shape
     """Prompt (text + images), image and completion tokens, and ViT TFLOPs, per region of a stage."""
     model = cfg.models[cfg.stages[stage].model]
     _, row = model_row(table, cfg.stages[stage].model, model)
-    d = table["default_tokens"][stage]
+    d = stage_default(table, "default_tokens", stage)
     images = stage_images(cfg, stage)
     proc = capped(image_processing(row), cfg, stage) if images else None
     if images and proc is None:
@@ -197,7 +206,8 @@ def make_plan(cfg: PipelineConfig, regions: int, gpu: str | None = None, through
         replicas, gpr = (layout or {}).get(key, (model.resources.replicas, gpus_per_replica(model)))
         pred = predicted_tokens(cfg, stage, table, shapes)
         budget = (measured or {}).get("budgets", {}).get(stage)
-        reach, pt, ct, src = float(table["default_reach"][stage]), pred["prompt"], pred["completion"], "processor + table"
+        reach, pt, ct = float(stage_default(table, "default_reach", stage)), pred["prompt"], pred["completion"]
+        src = "processor + table"
         if measured is not None:
             m = measured["stages"][stage]
             reach, pt, ct, src = m["reach"], m["prompt_tokens"], m["completion_tokens"], "run"
@@ -229,6 +239,12 @@ def assumptions(cfg: PipelineConfig, table: dict, gpu: str, measured: dict | Non
         "run (streamed: until the slowest deployment finishes); model load and retries beyond a measured run's are "
         "not included",
     ]
+    part_stages = [s for s in PART_IMAGE_STAGES if focal_crops_per_region(cfg, s)]
+    if part_stages:
+        out.append(f"{' and '.join(part_stages)}: the prompt's images plus k = {focal_crops_per_region(cfg, part_stages[0])} "
+                   "focal crops per region (parts.params.k), an UPPER BOUND (a region may keep fewer parts); each "
+                   f"focal crop {FOCAL_CROP_SCALE:g} of the object crop per side (plan/shapes.py, a guess: parts are "
+                   "not known before the run)")
     for key in {cfg.stages[s].model for s in cfg.stages}:
         model = cfg.models[key]
         name, row = model_row(table, key, model)

@@ -6,7 +6,8 @@ records of a finished run (`--from-run`), or the throughput file's documented de
 A region's crop is its box + `data.crops.margin`, grown to `min_side`, clipped, fitted in
 `max_side` (data/crops.py). Both sampled shards (prepared as the run prepares them) and a run's
 records give each region's mask, so the crop is around the mask's tight box, as the run crops;
-the box stands in only where a region has no mask.
+the box stands in only where a region has no mask. A part stage's focal crops are not known before
+the run: their size is a guess from the object crop (`RegionShape.focal_crop`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from annotate.config import CropConfig, DataConfig
 CROP_IMAGES = ("crop", "crop_mask", "crop_outlined")  # prompt images at the crop's size (data/crops.py VIEW_NAMES)
 FULL_IMAGES = ("image", "highlighted")  # at the whole image's size
 SQUARE_IMAGES = ("crop_mask_square",)  # a square of the crop's long side, fitted in crops.mask_square_side
+FOCAL_CROP = "focal_crop"  # not a prompt image: the part stages add one per part (data/crops.py `focal_crop`)
+FOCAL_CROP_SCALE = 0.5  # a part's crop, per side, as a fraction of its object's crop (RegionShape.focal_crop)
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,16 @@ class RegionShape:
     crop: tuple[int, int]  # the crop (and its mask) as sent
     weight: float = 1.0
     square_side: int = 448  # crops.mask_square_side
+    min_side: int = 16  # crops.min_side
+
+    @property
+    def focal_crop(self) -> tuple[int, int]:
+        """A part's focal crop: the object crop at FOCAL_CROP_SCALE per side, at least `min_side` (as
+        `focal_crop` grows it), never more than the crop. Why this guess: a kept part lies inside its object
+        and is smaller (data/parts.py), and a part's own shape is unknown before the run, so its crop keeps
+        the object crop's aspect ratio, which sets InternVL's tile count far more than the size does
+        (Griffon-G's count ignores both)."""
+        return tuple(min(side, max(self.min_side, round(side * FOCAL_CROP_SCALE))) for side in self.crop)
 
     def size_of(self, image_name: str) -> tuple[int, int]:
         if image_name in CROP_IMAGES:
@@ -37,6 +50,8 @@ class RegionShape:
         if image_name in SQUARE_IMAGES:
             side = min(max(self.crop), self.square_side)
             return side, side
+        if image_name == FOCAL_CROP:
+            return self.focal_crop
         raise ValueError(f"prompt image {image_name!r} is not one of {CROP_IMAGES + FULL_IMAGES + SQUARE_IMAGES}")
 
 
@@ -61,7 +76,8 @@ def region_shape(width: int, height: int, bbox_xywh, crops: CropConfig, mask=Non
 
     x0, y0, x1, y1 = crop_box_for(mask, bbox_xywh, width, height, crops)
     return RegionShape(fitted_size((width, height), crops.max_side),
-                       fitted_size((max(1, x1 - x0), max(1, y1 - y0)), crops.max_side), square_side=crops.mask_square_side)
+                       fitted_size((max(1, x1 - x0), max(1, y1 - y0)), crops.max_side), square_side=crops.mask_square_side,
+                       min_side=crops.min_side)
 
 
 def shapes_from_shards(input_dir: str | Path, n: int, data: DataConfig) -> Shapes:
@@ -121,7 +137,7 @@ def default_shapes(spec: dict, crops: CropConfig) -> Shapes:
         z = -3 + 6 * k / (steps - 1)
         aspect = median * math.exp(sigma * z)
         crop = (long_side, max(1, round(long_side / aspect))) if aspect >= 1 else (max(1, round(long_side * aspect)), long_side)
-        out.append(RegionShape(image, crop, math.exp(-z * z / 2), crops.mask_square_side))
+        out.append(RegionShape(image, crop, math.exp(-z * z / 2), crops.mask_square_side, crops.min_side))
     return Shapes(out, f"the throughput file's default_shapes (ASSUMED: crop aspect log-normal, median {median}, "
                        f"sigma {sigma} in ln; crops {long_side} px long side; images {image[0]}x{image[1]}); "
                        "pass --sample-shards N --input DIR to use your boxes")

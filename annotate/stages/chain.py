@@ -114,17 +114,23 @@ def check_stages(cfg: PipelineConfig, stages: Iterable[str] = CORE_STAGES) -> No
 PART_IMAGE_STAGES = ("part_describe", "part_verify")
 
 
+def focal_crops_per_region(cfg: PipelineConfig, stage: str) -> int:
+    """The most focal crops `stage` sends per region besides its prompt's images: the `parts` stage's `k`
+    for a stage of PART_IMAGE_STAGES (a region may keep fewer parts), else 0."""
+    if stage not in PART_IMAGE_STAGES or "parts" not in cfg.stages:
+        return 0
+    parts = cfg.stages["parts"]
+    return stage_class("parts", parts.stage_class).Params.model_validate(parts.params).k
+
+
 def check_part_images(cfg: PipelineConfig) -> None:
     """A part stage sends its prompt's images and one focal crop per part, up to the `parts` stage's `k`:
     its model must take that many images in one prompt (vLLM's `limit_mm_per_prompt`), or every region
     with k parts fails at run time."""
-    if "parts" not in cfg.stages:
-        return
-    parts = cfg.stages["parts"]
-    k = stage_class("parts", parts.stage_class).Params.model_validate(parts.params).k
     for name in PART_IMAGE_STAGES:
         stage = cfg.stages.get(name)
-        if stage is None:
+        k = focal_crops_per_region(cfg, name)
+        if stage is None or not k:
             continue
         model = cfg.models[stage.model]
         if ENGINE_KINDS[model.engine].served_by != "llm":  # only vLLM's engine enforces the limit
