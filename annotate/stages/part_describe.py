@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from annotate.data.records import PartRecord, RegionRecord
 from annotate.engines.base import ChatRequest, ChatResult
 from annotate.stages.base import DescribedStage, RegionContext, clean_caption, described, settle
-from annotate.stages.parts import kept_parts, one_item_per_part, part_images, with_images
+from annotate.stages.parts import kept_parts, part_request, settled_without_parts
 from annotate.stages.summarize import CLIP_CONTEXT_LENGTH, clip_token_count
 
 
@@ -47,18 +47,14 @@ class PartDescribeStage(DescribedStage):
             not kept_parts(region) or bool(undescribed(region)))
 
     def without_model(self, region: RegionRecord) -> bool:
-        if kept_parts(region):
-            return False
-        settle(region)
-        return True
+        return settled_without_parts(region, kept_parts(region))
 
     def fields(self, ctx: RegionContext) -> dict[str, Any]:
         return {"phrase": ctx.region.phrase, "parts": [part.name for part in undescribed(ctx.region)],
                 "max_clip_tokens": CLIP_CONTEXT_LENGTH}
 
     def build_request(self, ctx: RegionContext) -> ChatRequest:
-        parts = undescribed(ctx.region)
-        return one_item_per_part(with_images(super().build_request(ctx), part_images(ctx, parts)), "parts", len(parts))
+        return part_request(super().build_request(ctx), ctx, undescribed(ctx.region), "parts")
 
     def apply(self, region: RegionRecord, result: ChatResult) -> str | None:
         try:

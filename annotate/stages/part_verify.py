@@ -14,7 +14,7 @@ from annotate.engines.base import ChatRequest, ChatResult
 from annotate.stages.answers import NotAnAnswer
 from annotate.stages.base import DescribedStage, RegionContext, described, settle
 from annotate.stages.negatives import TRUTH_WORDS, read_verdicts, review_verdicts
-from annotate.stages.parts import kept_parts, one_item_per_part, part_images, with_images
+from annotate.stages.parts import kept_parts, part_request, settled_without_parts
 
 
 def described_parts(region: RegionRecord) -> list[PartRecord]:
@@ -44,18 +44,13 @@ class PartVerifyStage(DescribedStage):
         return not described_parts(region) or bool(unchecked(region))
 
     def without_model(self, region: RegionRecord) -> bool:
-        if described_parts(region):
-            return False
-        settle(region)
-        return True
+        return settled_without_parts(region, described_parts(region))
 
     def fields(self, ctx: RegionContext) -> dict[str, Any]:
         return {"phrase": ctx.region.phrase, "parts": [part.name for part in unchecked(ctx.region)]}
 
     def build_request(self, ctx: RegionContext) -> ChatRequest:
-        parts = unchecked(ctx.region)
-        return one_item_per_part(with_images(super().build_request(ctx), part_images(ctx, parts)), "verdicts",
-                                 len(parts))
+        return part_request(super().build_request(ctx), ctx, unchecked(ctx.region), "verdicts")
 
     def review(self, ctx: RegionContext, result: ChatResult) -> ChatResult | NotAnAnswer:
         # unverified: not confirmed as the named part, so it is left out of training

@@ -241,6 +241,20 @@ def part_images(ctx: RegionContext, parts: list[PartRecord]) -> list[Image.Image
             for part in parts]
 
 
+def part_request(request: ChatRequest, ctx: RegionContext, parts: list[PartRecord], key: str) -> ChatRequest:
+    """What part_describe and part_verify send: their prompt's `request`, then one focal crop per part,
+    and a JSON schema asking for exactly one item under `key` per part shown."""
+    return one_item_per_part(with_images(request, part_images(ctx, parts)), key, len(parts))
+
+
+def settled_without_parts(region: RegionRecord, parts: list[PartRecord]) -> bool:
+    """A part stage's `without_model`: with no `parts` to work on, the region is settled without a call."""
+    if parts:
+        return False
+    settle(region)
+    return True
+
+
 def one_item_per_part(request: ChatRequest, key: str, count: int) -> ChatRequest:
     """`request` whose JSON schema asks for exactly `count` items under `key`: the model's guided decoding
     then writes one per part shown, so a miscount never costs a retry (or the region)."""
