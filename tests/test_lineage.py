@@ -300,3 +300,14 @@ def test_a_stage_records_its_key_in_the_provenance_of_each_region_it_takes():
                        cfg.data.crops, max_attempts=2)
     assert counts.done == 1 and region.fine_caption
     assert region.provenance.of("merge").lineage == "key-1" and region.provenance.of("merge").attempts == 1
+
+
+def test_replaced_sam_weights_change_every_stage_and_a_pipeline_without_sam_keeps_its_keys(cfg):
+    """SAM's masks are the regions' (before object) and the parts': its identity is in every key's `data`."""
+    base = chain_lineage(cfg, identities(cfg))
+    assert chain_lineage(cfg, identities(cfg), None) == base
+    with_sam = variant(cfg, {"segment": {"path": "tiny:sam"}})
+    sam = chain_lineage(with_sam, identities(with_sam), {"path": "tiny:sam", "revision": None, "weights": "a"})
+    replaced = chain_lineage(with_sam, identities(with_sam), {"path": "tiny:sam", "revision": None, "weights": "b"})
+    changed = changes(sam, replaced)
+    assert set(changed) == set(sam) and all(parts[0] == "data" for parts in changed.values()), changed

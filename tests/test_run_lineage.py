@@ -118,3 +118,15 @@ def test_a_running_deployment_of_replaced_weights_is_refused():
     refuse_stale_deployments(records, {"vlm": {"path": "/m", "weights": "a"}}, {"vlm": App()})
     with pytest.raises(RuntimeError, match="changed under the same path"):
         refuse_stale_deployments(records, {"vlm": {"path": "/m", "weights": "b"}}, {"vlm": App()})
+
+
+def test_the_sam_model_is_identified_with_the_chains_models_when_the_pipeline_has_one(identified):
+    from annotate.serving.apps import SEGMENT_MODEL
+
+    cfg = load_config(TINY, {"segment": {"path": "tiny:sam"}})
+    lineage = RunLineage(cfg)
+    assert lineage.identities[SEGMENT_MODEL]["path"] == "tiny:sam" and "tiny:sam" in identified
+    from annotate.stages.lineage import chain_lineage
+
+    models = {key: identity for key, identity in lineage.identities.items() if key != SEGMENT_MODEL}
+    assert lineage.keys == chain_lineage(cfg, models, lineage.identities[SEGMENT_MODEL]) != chain_lineage(cfg, models)

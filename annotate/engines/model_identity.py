@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from annotate.config import ModelConfig
+from annotate.config import ModelConfig, SegmentConfig
 from annotate.engines.model_path import resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -88,11 +88,13 @@ def weights_digest(folder: str | Path, cache_path: str | Path | None = None) -> 
     return h.hexdigest()
 
 
-def model_identity(model: ModelConfig, cache_path: str | Path | None = None) -> dict[str, Any]:
-    """What answers for `model`: its configured path, and its declared `revision`, or else (a local
-    folder) the digest of its files. Compute it once per deployment: the first call reads every weight."""
-    identity: dict[str, Any] = {"path": model.path, "revision": model.revision}
-    if model.revision is None:
+def model_identity(model: ModelConfig | SegmentConfig, cache_path: str | Path | None = None) -> dict[str, Any]:
+    """What answers for `model`: its configured path, and its declared `revision` (a SAM model has none),
+    or else (a local folder) the digest of its files. Compute it once per deployment: the first call reads
+    every weight."""
+    revision = getattr(model, "revision", None)
+    identity: dict[str, Any] = {"path": model.path, "revision": revision}
+    if revision is None:
         local = Path(resolve_model_path(model.path))
         if local.is_dir():  # else a served name or a hub id: nothing here to read
             identity["weights"] = weights_digest(local, cache_path)

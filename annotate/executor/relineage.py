@@ -12,7 +12,7 @@ from typing import Any
 from annotate.config import PipelineConfig
 from annotate.data.store import FINAL, OutputStore, iter_region_fields
 from annotate.engines.model_identity import model_identity
-from annotate.serving.apps import ModelApp
+from annotate.serving.apps import SEGMENT_MODEL, ModelApp
 from annotate.stages.chain import chain_of
 from annotate.stages.lineage import LineageKey, chain_digest, chain_lineage, stages_to_redo
 
@@ -27,16 +27,19 @@ class RunLineage:
 
     @cached_property
     def identities(self) -> dict[str, dict[str, Any]]:
-        """model key -> `model_identity`, for every model the chain uses."""
-        used = sorted({self._cfg.stages[stage].model for stage in chain_of(self._cfg)})
-        self._announce(f"lineage: identifying {len(used)} model(s) by their files (a folder's first time reads "
+        """model key -> `model_identity`, for every model the chain uses, and the SAM model's (under
+        SEGMENT_MODEL, its deployment's name) when the pipeline has one."""
+        models = {key: self._cfg.models[key] for key in sorted({self._cfg.stages[s].model for s in chain_of(self._cfg)})}
+        if self._cfg.segment is not None:
+            models[SEGMENT_MODEL] = self._cfg.segment
+        self._announce(f"lineage: identifying {len(models)} model(s) by their files (a folder's first time reads "
                        "every weight file; then cached by size and mtime)")
-        return {key: model_identity(self._cfg.models[key]) for key in used}
+        return {key: model_identity(model) for key, model in models.items()}
 
     @cached_property
     def keys(self) -> dict[str, LineageKey]:
         """stage -> its lineage key (stages/lineage.chain_lineage)."""
-        return chain_lineage(self._cfg, self.identities)
+        return chain_lineage(self._cfg, self.identities, self.identities.get(SEGMENT_MODEL))
 
     @cached_property
     def digests(self) -> dict[str, str]:

@@ -65,10 +65,16 @@ class LineageKey:
         return canonical_digest({"v": LINEAGE_VERSION, "parts": {name: self.parts[name] for name in ANSWER_PARTS}})
 
 
-def chain_lineage(cfg: PipelineConfig, identities: dict[str, dict[str, Any]]) -> dict[str, LineageKey]:
+def chain_lineage(cfg: PipelineConfig, identities: dict[str, dict[str, Any]],
+                  segment_identity: dict[str, Any] | None = None) -> dict[str, LineageKey]:
     """The lineage key of every stage of `chain_of(cfg)`, in chain order. `identities` maps each model
-    key the stages use to its `model_identity` (computed once per deployment: it reads the weights)."""
+    key the stages use to its `model_identity` (computed once per deployment: it reads the weights).
+    `segment_identity`: the SAM model's, when the pipeline has one. It joins `data` (SAM's masks are the
+    regions' masks, and in `parts` the parts'), so that SAM weights replaced under the same path redo
+    every field, as its settings do; a pipeline without SAM keeps its keys."""
     data = data_settings(cfg)
+    if segment_identity is not None:
+        data = {**data, "segment_identity": segment_identity}
     keys: dict[str, LineageKey] = {}
     for name in chain_of(cfg):
         config = cfg.stages[name]
