@@ -197,11 +197,23 @@ def test_part_stages_count_k_focal_crops():
     assert focal >= 258  # at least one 448-px tile + <img></img>
     assert by["part_describe"].image_tokens == pytest.approx(fixed + k * focal)
     assert by["part_verify"].image_tokens == pytest.approx(fixed + k * focal)
-    assert by["parts"].image_tokens == pytest.approx(fixed)  # the object crop alone
+    parts_proc = capped(image_processing(model_row(table, "internvl2_76b", cfg.models["internvl2_76b"])[1]), cfg, "parts")
+    object_crop = shapes.mean(lambda s: sum(parts_proc.tokens(*s.size_of(i)) for i in prompt_images))
+    assert by["parts"].image_tokens == pytest.approx(object_crop)  # the object crop alone (its own tile cap)
     assert by["part_describe"].vit_tflops > by["parts"].vit_tflops
     more = {s.stage: s for s in make_plan(_with_part_stages(k + 1), 1000).stages}
     assert more["part_describe"].image_tokens == pytest.approx(fixed + (k + 1) * focal)
     assert any("UPPER BOUND" in a and f"k = {k}" in a for a in plan.assumptions)
+
+
+def test_the_part_stages_fit_the_production_vlms_context_at_the_default_k():
+    """The part prompts cap tiles (max_tiles): at the model's default 12 tiles, 1 + k images came to about
+    8,500 prompt tokens at k = 4, over InternVL2-76B's max_model_len in longgrit.yaml."""
+    cfg = _with_part_stages(4)
+    limit = cfg.models["internvl2_76b"].vllm.max_model_len
+    for stage in make_plan(cfg, 1000).stages:
+        if stage.stage in ("parts", "part_describe", "part_verify"):
+            assert stage.prompt_tokens + cfg.stages[stage.stage].sampling.max_tokens < limit, stage
 
 
 def test_focal_crop_size_follows_the_object_crop():
