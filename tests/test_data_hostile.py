@@ -375,9 +375,9 @@ def test_prepare_over_a_folder_of_hostile_shards_in_one_call(tmp_path):
     sk.write_tar(src / "00001.tar", [*_good("a"), *_raw_json("b", b'{"x": ' + b"9" * 6000 + b"}")])
     (src / "00002.tar").write_bytes(b"\0" * 2048 + data)  # zeros, then a whole archive
     (src / "00003.parquet").write_bytes(b"PAR1 garbage")
-    t0 = time.monotonic()
+    t0 = time.process_time()  # CPU-seconds of this process (prepare runs in it): a loaded machine does not count
     summary = run_prepare(str(src), "0-3", str(tmp_path / "OUT"))
-    assert time.monotonic() - t0 < 60
+    assert time.process_time() - t0 < 60
     assert set(summary["damaged"]) == {"00000", "00002", "00003"}
     assert summary["shards"]["00001"]["images"] == 2 and summary["shards"]["00001"]["damage"] is None
     latest = OutputStore(tmp_path / "OUT").latest("prepare")
