@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -36,9 +37,9 @@ def counted_reads(monkeypatch) -> list[Path]:
     reads: list[Path] = []
     real = mi.file_sha256
 
-    def counting(path):
+    def counting(path, advance=None):
         reads.append(path)
-        return real(path)
+        return real(path, advance)
 
     monkeypatch.setattr(mi, "file_sha256", counting)
     return reads
@@ -130,3 +131,27 @@ def test_home_paths_are_resolved_and_the_cache_defaults_under_xdg(model_dir, tmp
     assert default_cache_path().is_file()
     monkeypatch.delenv("XDG_CACHE_HOME")
     assert default_cache_path() == model_dir.parent / ".cache" / "longgrit" / "file-digests.json"
+
+
+def test_a_first_digest_worth_a_bar_shows_the_bytes_it_reads_and_a_cached_one_none(model_dir, tmp_path, monkeypatch):
+    """Hashing a 76B checkpoint's ~150 GB takes minutes: the bar counts exactly the bytes read."""
+    bars: list[dict] = []
+    real = mi.hashing_progress
+
+    def recorded(name, total, console=None):
+        bar = {"name": name, "total": total, "read": 0}
+        bars.append(bar)
+        with real(name, total, console) as advance:
+            def counting(n):
+                bar["read"] += n
+                advance(n)
+            yield counting if advance is not None else None
+
+    monkeypatch.setattr(mi, "hashing_progress", contextmanager(recorded))
+    monkeypatch.setattr(mi, "PROGRESS_BYTES", 1)
+    cache = tmp_path / "digests.json"
+    weights_digest(model_dir, cache)
+    size = sum(p.stat().st_size for p in model_files(model_dir))
+    assert bars == [{"name": "model", "total": size, "read": size}]
+    weights_digest(model_dir, cache)
+    assert bars[1]["total"] == 0 and bars[1]["read"] == 0  # nothing to read: no bar (under PROGRESS_BYTES)

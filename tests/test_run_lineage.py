@@ -33,7 +33,7 @@ def identified(monkeypatch) -> list[str]:
     """The models whose identity was asked for, in order (a fake identity: no weights read)."""
     calls: list[str] = []
 
-    def fake_identity(model):
+    def fake_identity(model, console=None):
         calls.append(model.path)
         return {"path": model.path, "revision": None, "weights": "fake"}
 
@@ -49,7 +49,7 @@ def shards(tmp_path) -> Path:
 
 
 def test_a_stage_run_with_every_shard_finished_identifies_no_model(tmp_path, shards, monkeypatch):
-    def no_identity(model):
+    def no_identity(model, console=None):
         raise AssertionError(f"identified {model.path} for a run with nothing to do")
 
     monkeypatch.setattr(relineage, "model_identity", no_identity)

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,16 +57,39 @@ def model_files(folder: str | Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def file_sha256(path: Path) -> str:
-    """The file's contents as a hash, read in chunks (a weight shard is several GB)."""
+def file_sha256(path: Path, advance=None) -> str:
+    """The file's contents as a hash, read in chunks (a weight shard is several GB); `advance(n)` is
+    called with each chunk's size."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK_BYTES):
             h.update(chunk)
+            if advance is not None:
+                advance(len(chunk))
     return h.hexdigest()
 
 
-def weights_digest(folder: str | Path, cache_path: str | Path | None = None) -> str:
+# Hashing more than this shows a progress bar: a 76B checkpoint's first digest reads ~150 GB (minutes).
+PROGRESS_BYTES = 1 << 30
+
+
+@contextmanager
+def hashing_progress(name: str, total: int, console=None):
+    """`advance(n)` for a transient bar of `total` bytes when `total` is worth one, else None. `console`:
+    the rich Console the run shows its bars on (the terminal, not the library log); default stderr."""
+    if total < PROGRESS_BYTES:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=console or Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(f"identifying {name} (its files' digests, once)", total=total)
+        yield lambda n: progress.advance(task, n)
+
+
+def weights_digest(folder: str | Path, cache_path: str | Path | None = None, console=None) -> str:
     """A sha256 over the names (relative to `folder`) and contents of the model's files (`model_files`).
 
     Each file's digest is kept in a JSON file (`cache_path`, default `default_cache_path()`) under its
@@ -76,29 +100,37 @@ def weights_digest(folder: str | Path, cache_path: str | Path | None = None) -> 
     cache_file = Path(cache_path) if cache_path is not None else default_cache_path()
     cache = _load_cache(cache_file)
     h, updated = hashlib.sha256(), False
-    for path in model_files(root):
-        real, stat = os.path.realpath(path), path.stat()
-        entry = cache.get(real)
-        if entry is None or entry.get("size") != stat.st_size or entry.get("mtime_ns") != stat.st_mtime_ns:
-            entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(path)}
-            cache[real], updated = entry, True
-        h.update(json.dumps([path.relative_to(root).as_posix(), entry["sha256"]]).encode() + b"\n")
+    files = [(path, os.path.realpath(path), path.stat()) for path in model_files(root)]
+    stale = [stat.st_size for _, real, stat in files if not _cached(cache.get(real), stat)]
+    with hashing_progress(root.name, sum(stale), console) as advance:
+        for path, real, stat in files:
+            entry = cache.get(real)
+            if not _cached(entry, stat):
+                entry = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": file_sha256(path, advance)}
+                cache[real], updated = entry, True
+            h.update(json.dumps([path.relative_to(root).as_posix(), entry["sha256"]]).encode() + b"\n")
     if updated:
         _save_cache(cache_file, cache)
     return h.hexdigest()
 
 
-def model_identity(model: ModelConfig | SegmentConfig, cache_path: str | Path | None = None) -> dict[str, Any]:
+def model_identity(model: ModelConfig | SegmentConfig, cache_path: str | Path | None = None,
+                   console=None) -> dict[str, Any]:
     """What answers for `model`: its configured path, and its declared `revision` (a SAM model has none),
     or else (a local folder) the digest of its files. Compute it once per deployment: the first call reads
-    every weight."""
+    every weight (a progress bar on `console` when that is worth one)."""
     revision = getattr(model, "revision", None)
     identity: dict[str, Any] = {"path": model.path, "revision": revision}
     if revision is None:
         local = Path(resolve_model_path(model.path))
         if local.is_dir():  # else a served name or a hub id: nothing here to read
-            identity["weights"] = weights_digest(local, cache_path)
+            identity["weights"] = weights_digest(local, cache_path, console)
     return identity
+
+
+def _cached(entry: dict | None, stat: os.stat_result) -> bool:
+    """Whether a cache entry still describes the file (same size and mtime)."""
+    return entry is not None and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns
 
 
 def _load_cache(path: Path) -> dict[str, dict[str, Any]]:

@@ -22,8 +22,9 @@ class RunLineage:
     identity, and a local folder's first identity reads all its weights: a run whose shards are all
     finished asks for them only to check a finished shard's lineage (`plan_work`), never otherwise."""
 
-    def __init__(self, cfg: PipelineConfig, announce: Callable[[str], None] = lambda _: None):
-        self._cfg, self._announce = cfg, announce
+    def __init__(self, cfg: PipelineConfig, announce: Callable[[str], None] = lambda _: None, console=None):
+        # `console`: the run's terminal console, where a first digest of a big folder shows its bar
+        self._cfg, self._announce, self._console = cfg, announce, console
 
     @cached_property
     def identities(self) -> dict[str, dict[str, Any]]:
@@ -34,7 +35,7 @@ class RunLineage:
             models[SEGMENT_MODEL] = self._cfg.segment
         self._announce(f"lineage: identifying {len(models)} model(s) by their files (a folder's first time reads "
                        "every weight file; then cached by size and mtime)")
-        return {key: model_identity(model) for key, model in models.items()}
+        return {key: model_identity(model, console=self._console) for key, model in models.items()}
 
     @cached_property
     def keys(self) -> dict[str, LineageKey]:

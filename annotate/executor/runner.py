@@ -161,7 +161,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
     output_name, chain = io.writes, io.stages
     fingerprint = config_fingerprint(cfg)  # once per run: it reads every prompt file
     prepared_under = prepare_fingerprint(cfg)  # what planning and every read task key `prepare` outputs by
-    lineage = RunLineage(cfg, announce=lambda message: console.print(message, highlight=False))
+    lineage = RunLineage(cfg, announce=lambda message: console.print(message, highlight=False), console=console)
     store = OutputStore(Path(output_dir))
     summary = RunSummary(output_dir=store.root, stage=stage, output=io.writes)
     with store.lock():
