@@ -42,10 +42,10 @@ def _part(index: int, name: str, mask: np.ndarray, kept: bool, **kw) -> PartReco
                       bbox=_box_of(mask), mask=encode_rle(mask), area=int(mask.sum()), kept=kept, **kw)
 
 
-def build_output(out) -> dict:
-    """One real photo, one region (an ellipse) with three parts inside its mask: two kept (one verified,
-    one not) and one the mask checks rejected; stored by the writer with the dataset card."""
-    photo = skdata.astronaut()  # 512 x 512
+def astronaut_scene():
+    """A real photo (512 x 512), a region over the suit (an ellipse) and three part masks: sleeve, badge
+    and collar (the collar clipped to the region)."""
+    photo = skdata.astronaut()
     h, w = photo.shape[:2]
     region_mask = np.zeros((h, w), bool)
     region_mask[ellipse(300, 256, 180, 200, shape=(h, w))] = True
@@ -55,7 +55,14 @@ def build_output(out) -> dict:
     badge[disk((330, 330), 35, shape=(h, w))] = True
     collar = np.zeros_like(region_mask)
     collar[150:190, 200:320] = True
-    collar &= region_mask
+    return photo, region_mask, sleeve, badge, collar & region_mask
+
+
+def build_output(out) -> dict:
+    """One real photo, one region (an ellipse) with three parts inside its mask: two kept (one verified,
+    one not) and one the mask checks rejected; stored by the writer with the dataset card."""
+    photo, region_mask, sleeve, badge, collar = astronaut_scene()
+    h, w = photo.shape[:2]
     parts = [
         _part(0, "left sleeve", sleeve & region_mask, True, reason="it carries the badge", mask_source="grabcut",
               containment=1.0, short_caption="the left sleeve of a white suit", long_caption="a puffy white sleeve",
@@ -215,14 +222,8 @@ EVIL_PART = "<script>document.title='pwned'</script> collar"
 def test_gallery_lists_and_draws_a_regions_parts(tmp_path):
     """A region with one kept and one rejected part: both named in its card (escaped), the rejection's
     reason given, and their outlines drawn on its thumbnail; the same region without parts has neither."""
-    photo = skdata.astronaut()  # 512 x 512: the thumbnail is drawn smaller
+    photo, region_mask, sleeve, _, collar = astronaut_scene()  # 512 x 512: the thumbnail is drawn smaller
     h, w = photo.shape[:2]
-    region_mask = np.zeros((h, w), bool)
-    region_mask[ellipse(300, 256, 180, 200, shape=(h, w))] = True
-    sleeve = np.zeros_like(region_mask)
-    sleeve[ellipse(340, 140, 50, 40, shape=(h, w))] = True
-    collar = np.zeros_like(region_mask)
-    collar[150:190, 200:320] = True
     parts = [_part(0, "left sleeve", sleeve & region_mask, True, short_caption="a puffy white sleeve",
                    long_caption="a long <b>puffy</b> sleeve", verdict=Verdict(holds=True, reason="a sleeve of this suit")),
              _part(1, EVIL_PART, collar & region_mask, False, reject_reason="containment 0.61 below 0.80")]
