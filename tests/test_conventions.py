@@ -276,3 +276,5 @@ def test_each_box_format_reads_back_the_box_it_writes():
     assert CONVENTIONS["internvl2_hermes2"].box.parse("<box>[[100, 100, 350, 267]]</box>", 400, 300) == \
         pytest.approx([40, 30, 100, 50], abs=0.2)
     assert GRID_1000.parse("[1, 2, 3]", 400, 300) is None and GRID_1000.parse("no box", 400, 300) is None
+    # corners bottom-right first, as models sometimes write them: the same box
+    assert GRID_1000.parse("[350, 267, 100, 100]", 400, 300) == pytest.approx([40, 30, 100, 50], abs=0.2)

@@ -59,12 +59,14 @@ class BoxFormat:
         """A box the model wrote this way, as [x, y, w, h] in pixels of the `width` x `height` image it
         saw (the inverse of `format`, unclamped: a box reaching outside is the caller's to judge);
         None when `text` does not hold exactly four numbers. Griffon's corners are fractions, the
-        others' integers on a 0-1000 grid."""
+        others' integers on a 0-1000 grid. Corners written in the other order (bottom-right first) are
+        the same box, read as such."""
         numbers = [float(v) for v in _NUMBER.findall(text or "")]
         if len(numbers) != 4:
             return None
         scale = 1.0 if self.name == "unit_3dp" else 1000.0
-        x0, y0, x1, y1 = (v / scale for v in numbers)
+        ax, ay, bx, by = (v / scale for v in numbers)
+        x0, x1, y0, y1 = min(ax, bx), max(ax, bx), min(ay, by), max(ay, by)
         return [x0 * width, y0 * height, (x1 - x0) * width, (y1 - y0) * height]
 
 
