@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+IDLE_S = 10.0  # the idle cluster's CPU is sampled this long, between the warm-up and the rounds
 
 
 class TreeCpu:
@@ -227,6 +228,14 @@ def run(shards: int = 8, rounds: int = 2, config: str | Path = REPO / "pipelines
         warmup_s = time.perf_counter() - t
         run_direct(cfg, engines, work / "prepared", names[:1], work / "direct-warmup")
 
+        # The cluster standing still, deployments up, for IDLE_S: what Ray's services, the idle replicas and
+        # engines, and this process's own sampling (TreeCpu) cost per second whatever the run does. On a
+        # GPU node that rate is spread over many more regions per second than here.
+        with TreeCpu() as idle:
+            time.sleep(IDLE_S)
+        idle_rates = {k: v / IDLE_S for k, v in idle.by_process().items()}
+        idle_outside = outside_engine_cpu(idle_rates)
+
         pipeline, direct = [], []
         for r in range(rounds):
             out = work / f"pipeline-{r}"
@@ -241,6 +250,8 @@ def run(shards: int = 8, rounds: int = 2, config: str | Path = REPO / "pipelines
             pipeline.append({"seconds": summary.processing_s, "wall_seconds": wall, "cpu_seconds": tree.seconds,
                              "cpu_by_process": by_process,
                              "cpu_seconds_per_region_outside_engine": outside_engine_cpu(by_process) / max(regions, 1),
+                             "cpu_seconds_per_region_outside_engine_net_of_idle":
+                                 (outside_engine_cpu(by_process) - idle_outside * wall) / max(regions, 1),
                              "completion_tokens": sum(v["completion_tokens"] for v in summary.shards_written.values()),
                              "prompt_tokens": sum(v["prompt_tokens"] for v in summary.shards_written.values()),
                              "status": {k: sum(v[k] for v in summary.shards_written.values())
@@ -272,6 +283,10 @@ def run(shards: int = 8, rounds: int = 2, config: str | Path = REPO / "pipelines
         "pipeline_cpu_seconds": pc_med, "direct_cpu_seconds": dc_med, "cpu_ratio": pc_med / dc_med,
         "cpu_seconds_per_region_outside_engine": statistics.median(
             p["cpu_seconds_per_region_outside_engine"] for p in pipeline),
+        "idle_seconds": IDLE_S, "idle_cpu_per_second_by_process": idle_rates,
+        "idle_cpu_per_second_outside_engine": idle_outside,
+        "cpu_seconds_per_region_outside_engine_net_of_idle": statistics.median(
+            p["cpu_seconds_per_region_outside_engine_net_of_idle"] for p in pipeline),
         "worker_niceness": worker_niceness, "warmup_seconds": warmup_s,
         "target": 1.25, "loadavg_1m": os.getloadavg()[0],
     }
@@ -296,6 +311,11 @@ def print_table(res: dict) -> None:
     print(f"CPU seconds pipeline / direct = {res['cpu_ratio']:.3f} (Ray worker niceness {res['worker_niceness']})")
     print(f"pipeline CPU-s per region outside vLLM's engine processes = "
           f"{res['cpu_seconds_per_region_outside_engine']:.3f}")
+    print(f"the cluster standing still (deployments up, {res['idle_seconds']} s): "
+          f"{res['idle_cpu_per_second_outside_engine']:.3f} CPU-s per second outside the engines ("
+          + ", ".join(f"{k} {v:.3f}" for k, v in list(res["idle_cpu_per_second_by_process"].items())[:6])
+          + f"); per region net of that rate x the round's wall: "
+          f"{res['cpu_seconds_per_region_outside_engine_net_of_idle']:.3f}")
     for i, p in enumerate(res["pipeline"]):
         top = ", ".join(f"{k} {v:.1f}" for k, v in list(p.get("cpu_by_process", {}).items())[:10])
         print(f"pipeline round {i} CPU-s by process: {top}")
