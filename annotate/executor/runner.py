@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,7 +165,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
     lineage = RunLineage(cfg, announce=lambda message: console.print(message, highlight=False), console=console)
     store = OutputStore(Path(output_dir))
     summary = RunSummary(output_dir=store.root, stage=stage, output=io.writes)
-    with store.lock():
+    with store.lock(), ExitStack() as run_end:
         if removed := store.remove_stale_temporaries():
             console.print(f"removed {removed} half-written file(s) left by an interrupted run")
         items, summary.shards_skipped = plan_work(cfg, store, Path(input_dir), shard_ids, io, fingerprint, prepared_under,
@@ -204,6 +205,8 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
         processing_started = time.perf_counter()
         tracker = ProgressTracker.remote()
         ledger = ShardLedger.remote()
+        # This run's actors end with it, whichever way: a program that runs again (benchmarks, tests) must not carry them.
+        run_end.callback(lambda: [ray.kill(actor) for actor in (tracker, ledger)])
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             read_shard, batch_size=1, batch_format="pyarrow", num_cpus=cfg.run.reader_cpus,
             compute=ray.data.TaskPoolStrategy(size=cfg.run.shards_in_flight) if cfg.run.shards_in_flight else None,
