@@ -172,10 +172,10 @@ class PartsStage(DescribedStage):
                 return
             # (region index, part index) -> SAM's prompt, for the parts whose box meets their object
             prompts = {}
+            object_masks = [decode_rle(region.mask).astype(bool) for region, _ in waiting]
             for r, (region, read) in enumerate(waiting):
-                object_mask = decode_rle(region.mask).astype(bool)
                 for p, named in enumerate(read.named):
-                    if points := self._points(object_mask, named.box):
+                    if points := self._points(object_masks[r], named.box):
                         prompts[r, p] = (xyxy(named.box), points)
             masks: dict[tuple[int, int], np.ndarray] = {}
             if prompts and image is not None:
@@ -187,29 +187,30 @@ class PartsStage(DescribedStage):
                 except Exception as exc:  # one image's part masks fall back; the regions are not lost
                     log.warning("SAM failed on the parts of %s: %s: %s", record.image_key, type(exc).__name__, exc)
             for r, (region, read) in enumerate(waiting):
-                self._finish(region, read, [masks.get((r, p)) for p in range(len(read.named))])
+                self._finish(region, read, [masks.get((r, p)) for p in range(len(read.named))], object_masks[r])
 
         await asyncio.gather(*(one(record, image) for record, image in items))
 
     def _points(self, object_mask: np.ndarray, box: list[float]) -> list[tuple[int, int]]:
         """SAM's positive points for a part: `sam_points` inside its box and the object, the deepest
-        repeated to make up the count (SAM takes as many for every box). None when box and object do not
-        meet: the part is not SAM's to find (its containment rejects it)."""
+        repeated to make up the count (SAM takes as many for every box). None (empty) when box and object
+        do not meet: the part is not SAM's to find (its containment rejects it)."""
         count = max(self.params.masks.sam_points, 1)
         points = prompt_points(object_mask, box, count)
         return points + [points[-1]] * (count - len(points)) if points else []
 
-    def _finish(self, region: RegionRecord, read: _Read, sam_masks: list[np.ndarray | None] | None) -> None:
+    def _finish(self, region: RegionRecord, read: _Read, sam_masks: list[np.ndarray | None] | None,
+                object_mask: np.ndarray | None = None) -> None:
         """The parts' masks (SAM's when given and accepted, else GrabCut's or the box's), checked, stored."""
         seen = self._seen.pop(region.region_id)
-        object_mask = decode_rle(region.mask).astype(bool)
+        object_mask = decode_rle(region.mask).astype(bool) if object_mask is None else object_mask
         settings = self.params.masks
         candidates = []
         for i, named in enumerate(read.named):
             sam = sam_masks[i] if sam_masks else None
             accepted = sam_part_mask(sam, object_mask, named.box, settings) if sam is not None else None
-            mask, source = part_mask(object_mask, named.box, self._pixels(seen.image) if accepted is None else None,
-                                     settings, sam_mask=accepted)
+            pixels = self._pixels(seen.image) if accepted is None and settings.grabcut else None  # GrabCut's input
+            mask, source = part_mask(object_mask, named.box, pixels, settings, sam_mask=accepted)
             candidates.append(PartCandidate(name=named.name, bbox=named.box, mask=mask, source=source,
                                             visibility=named.visibility, reason=named.reason))
         parts = check_parts(region.region_id, candidates, object_mask, settings, region.fine_caption)
