@@ -41,6 +41,9 @@ def test_models_ran_as_serve_replicas_and_one_serves_two_stages(tiny_run_all, ti
     alive = {a.pid: a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)}
     for name, replica in replicas.items():
         assert alive.get(replica["pid"], "").startswith(f"ServeReplica:{apps[name].app_name}"), (name, replica)
+        # One vLLM process per replica: the engine core, running its one CPU worker itself
+        # (llm_server._engine_with_in_process_worker), not a third process importing vLLM again.
+        assert len(engine_processes(replica["pid"])) == 1, [p.cmdline() for p in engine_processes(replica["pid"])]
     # object and context both ran on the `vlm` deployment, validate and merge on `llm`.
     stages_by_model = {}
     for region in output_regions(out):

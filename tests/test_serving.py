@@ -139,6 +139,43 @@ def test_responses_become_results():
 
 
 @pytest.mark.slow
+def test_a_local_model_folder_skips_serve_llms_download_task(tmp_path):
+    """Serve LLM's node-initialisation task only imports torch for a local folder: skipped for folders,
+    kept for anything else (a remote URI)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from annotate.serving.llm_server import LocalFolderCallback
+
+    def run_init_node(source: str) -> bool:
+        config = SimpleNamespace(model_loading_config=SimpleNamespace(model_source=source))
+        callback = LocalFolderCallback(llm_config=config)
+        asyncio.run(callback.run_callback("on_before_node_init"))
+        return callback.ctx.run_init_node
+
+    assert run_init_node(str(tmp_path)) is False
+    assert run_init_node("s3://bucket/model") is True
+    assert run_init_node(str(tmp_path / "missing")) is True
+
+
+def test_a_one_worker_cpu_engine_runs_its_worker_in_the_engine_core():
+    """On CPU nodes Serve LLM asks vLLM for the "mp" executor (a worker process of its own); one worker
+    runs in the engine core instead ("uni"). GPU nodes ("ray") and several workers are left as they are."""
+    from types import SimpleNamespace
+
+    from annotate.serving.llm_server import _engine_with_in_process_worker
+
+    class ServeLLMEngine:  # stands in for Serve LLM's VLLMEngine, whose import needs vLLM
+        def _prepare_engine_config(self, callback_ctx):
+            return "args", "frontend", SimpleNamespace(parallel_config=SimpleNamespace(**callback_ctx))
+
+    engine = _engine_with_in_process_worker(ServeLLMEngine)()
+    backend = lambda **parallel: engine._prepare_engine_config(parallel)[2].parallel_config.distributed_executor_backend
+    assert backend(world_size=1, distributed_executor_backend="mp") == "uni"
+    assert backend(world_size=2, distributed_executor_backend="mp") == "mp"
+    assert backend(world_size=1, distributed_executor_backend="ray") == "ray"
+
+
 def test_image_affinity_router_in_serve(ray_session):
     """Two replicas behind the router: all regions of an image land on one replica, images spread."""
     import asyncio

@@ -155,7 +155,7 @@ def llm_config(name: str, model: ModelConfig):
     from ray.serve.llm import LLMConfig
 
     from annotate.engines.model_path import resolve_model_path
-    from annotate.serving.llm_server import StageLLMServer
+    from annotate.serving.llm_server import LocalFolderCallback, StageLLMServer
 
     env: dict[str, str] = {}
     if model.vllm.kv_cache_space_gib is not None:  # read by CPU builds only
@@ -171,6 +171,7 @@ def llm_config(name: str, model: ModelConfig):
         runtime_env=runtime_env,
         log_engine_metrics=model.serving.log_engine_metrics,
         server_cls=StageLLMServer,  # LLMServer + chat_payload(dict): chain workers never import vLLM
+        callback_config={"callback_class": LocalFolderCallback},
     )
 
 
