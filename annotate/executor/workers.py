@@ -127,16 +127,14 @@ class SegmentWorker:
     """A Ray Data actor running the optional segment stage against the SAM deployment."""
 
     def __init__(self, segment: SegmentConfig, app: ModelApp, data: DataConfig):
-        from ray import serve
-
         self.config = segment
         self.data = data
-        self.handle = serve.get_deployment_handle(app.deployment_name, app.app_name)
+        self.segment = segment_call(app)
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         items = [(record, decode_or_none(record, self.data)) for record in map(row_to_record, rows)]
-        await segment_records(self.handle.segment.remote, items, self.config)
+        await segment_records(self.segment, items, self.config)
         return pa.Table.from_pylist([record_to_row(record, row["shard_total"]) for (record, _), row in zip(items, rows)])
 
 
