@@ -103,6 +103,9 @@ class RegionContext:
     image: Image.Image | None
     crops: CropConfig
     _views: RegionViews | None = field(default=None, repr=False)
+    # The whole image fitted to a size, shared by the contexts of one image's regions (`_requests` passes
+    # one dict per image): a stage that shows every region the whole image resizes it once, not per region.
+    fitted: dict[int, Image.Image] = field(default_factory=dict, repr=False)
 
     @property
     def views(self) -> RegionViews:
@@ -116,7 +119,9 @@ class RegionContext:
     def image_part(self, name: str) -> Image.Image:
         """The named image a template asks for (`IMAGE_NAMES`, data/crops.py says what each is)."""
         if name == "image":
-            return _fit(self.image, self.crops.max_side)
+            if self.crops.max_side not in self.fitted:
+                self.fitted[self.crops.max_side] = _fit(self.image, self.crops.max_side)
+            return self.fitted[self.crops.max_side]
         if name in IMAGE_NAMES:
             return _fit(getattr(self.views, name), self.crops.max_side)
         raise ValueError(f"prompt asks for unknown image {name!r} ({', '.join(IMAGE_NAMES)})")

@@ -87,6 +87,7 @@ def _requests(stage: Stage, items, crops: CropConfig, counts: StageCounts) -> li
     """One request per region the stage wants; a region whose request cannot be built fails alone."""
     pending: list[tuple[RegionContext, ChatRequest]] = []
     for record, image in items:
+        fitted: dict = {}  # the whole image fitted once for all its regions (RegionContext.fitted)
         for region in record.regions:
             if not stage.wants(region):
                 continue
@@ -96,7 +97,7 @@ def _requests(stage: Stage, items, crops: CropConfig, counts: StageCounts) -> li
             if stage.without_model(region):
                 counts.done += 1
                 continue
-            ctx = RegionContext(record=record, region=region, image=image, crops=crops)
+            ctx = RegionContext(record=record, region=region, image=image, crops=crops, fitted=fitted)
             try:
                 pending.append((ctx, stage.build_request(ctx)))
             except Exception as exc:  # a bad crop or a template error fails this region, not the batch
