@@ -138,7 +138,6 @@ def test_responses_become_results():
         result_from_response(request, dead, reasoning_model=False, latency=0.1)
 
 
-@pytest.mark.slow
 def test_a_local_model_folder_skips_serve_llms_download_task(tmp_path):
     """Serve LLM's node-initialisation task only imports torch for a local folder: skipped for folders,
     kept for anything else (a remote URI)."""
@@ -176,6 +175,7 @@ def test_a_one_worker_cpu_engine_runs_its_worker_in_the_engine_core():
     assert backend(world_size=1, distributed_executor_backend="ray") == "ray"
 
 
+@pytest.mark.slow
 def test_image_affinity_router_in_serve(ray_session):
     """Two replicas behind the router: all regions of an image land on one replica, images spread."""
     import asyncio

@@ -277,19 +277,12 @@ def test_near_duplicate_side_file_covers_the_dataset_and_names_its_files(tmp_pat
     assert list(meta["files"]) == ["00000.parquet"] and meta["threshold"] == QualityConfig().duplicate_threshold
 
 
-def _images_in(value) -> list:
-    if isinstance(value, Image.Image):
-        return [value]
-    if isinstance(value, dict):
-        value = list(value.values())
-    return [img for v in value for img in _images_in(v)] if isinstance(value, list) else []
-
-
 def test_a_stage_that_shows_the_whole_image_resizes_it_once_for_all_its_regions(cfg, monkeypatch):
     """The context stage sends every region the whole image fitted to crops.max_side: one resize per image
     and stage, the same fitted image in every region's request."""
     import annotate.stages.base as base
     from annotate.data.records import Validation
+    from test_part_stages import images_of
 
     record, _ = make_record()
     for region in record.regions:
@@ -299,7 +292,7 @@ def test_a_stage_that_shows_the_whole_image_resizes_it_once_for_all_its_regions(
     monkeypatch.setattr(base, "fit_within", lambda img, side: fits.append(img.size) or img.resize((side, side)))
     engine = Scripted(*["a mug on a table, left of a laptop"] * 3)
     run(cfg, "context", record, image, engine)
-    sent = [_images_in(request.messages) for request in engine.requests]
+    sent = [images_of(request) for request in engine.requests]
     assert len(sent) == 3 and fits == [(256, 256)]
     assert all(len(images) == 1 and images[0] is sent[0][0] and images[0].size == (64, 64) for images in sent)
     assert [region.context_caption for region in record.regions] == ["a mug on a table, left of a laptop"] * 3
