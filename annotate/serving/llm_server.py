@@ -1,4 +1,5 @@
-"""Serve LLM's `LLMServer` with one more method for chain workers: `chat_payload(dict) -> dict`.
+"""Serve LLM's `LLMServer` with methods for chain workers: `chat_payload(dict) -> dict`, and
+`chat_payloads(list) -> list` for the requests of one image sent in one Serve call.
 
 A chain worker that built vLLM's `ChatCompletionRequest` itself, or read its response objects,
 would import vLLM (and torch with it): 20-30 CPU-seconds per chain worker process on a small machine,
@@ -10,6 +11,7 @@ People and other clients keep the OpenAI route and `chat` unchanged.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from functools import cache
 from typing import Any
@@ -120,6 +122,14 @@ class StageLLMServer(LLMServer):
         if response is None:
             return _error(500, "the engine returned nothing")
         return response_summary(response)
+
+    async def chat_payloads(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`chat_payload` for each of the requests of one Serve call (`client.ImageBatcher`), all at once
+        to the engine, an answer each in order. One request raising fails only itself: its answer is
+        {"exception": "Type: message"}, which the client reads as the exception."""
+        answers = await asyncio.gather(*(self.chat_payload(payload) for payload in payloads), return_exceptions=True)
+        return [{"exception": f"{type(a).__name__}: {a}"[:2000]} if isinstance(a, BaseException) else a
+                for a in answers]
 
     async def token_id(self, model: str, token: str) -> dict[str, Any]:
         """{"id"} of a stop token in this model's tokenizer, or {"error"} (the load-time check asks)."""
