@@ -1,7 +1,7 @@
 """One Serve call per image (serving/client.py `ImageBatcher`): a stage's requests of one image that are
 ready in the same event-loop turn go to the replica together, each still its own request with its own
 answer, retry and deadline. The deployment handle is a stand-in (test_deadline.py's `FakeHandle` shape:
-`.chat_payloads.remote(list)` gives an awaitable with `cancel()`), so no Ray or Serve runs here; the
+`.options(stream=True).chat_payloads.remote(list)` streams (index, answer) pairs), so no Ray or Serve runs here; the
 real replica method (`llm_server.StageLLMServer.chat_payloads`) runs in the Serve tests."""
 
 from __future__ import annotations
@@ -76,45 +76,90 @@ def test_a_call_past_its_deadline_times_out_each_of_its_requests_and_is_cancelle
     assert len(handle.chat_payloads.sent) == 1 and handle.chat_payloads.sent[0].cancelled
 
 
-def test_calls_are_capped_and_a_wrong_answer_count_fails_the_call():
-    calls: list[int] = []
+class Stream:
+    """A Serve streaming response: (index, answer) pairs, each after its own delay; `cancel()` recorded."""
 
-    async def send(payloads):
-        calls.append(len(payloads))
-        return [summary("x")] * len(payloads) if len(calls) < 3 else []
+    def __init__(self, pairs: list[tuple[float, int, dict]]):
+        self.pairs, self.cancelled = pairs, False
+
+    async def __aiter__(self):
+        for delay, index, answer in self.pairs:
+            await asyncio.sleep(delay)
+            yield index, answer
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def test_each_answer_is_handed_over_when_it_arrives_not_when_the_call_ends():
+    """A short answer frees its place in the model's in-flight share at once, not after the image's
+    longest answer: the engine keeps getting requests (BENCHMARKS.md 7a)."""
+    finished: list[tuple[str, float]] = []
 
     async def run():
-        batcher = ImageBatcher(send, max_per_call=4)
-        first = await asyncio.gather(*(batcher.submit({"request_id": f"s:a:{i}|n"}) for i in range(6)))
-        try:
-            await batcher.submit({"request_id": "s:a:9|n"})
-        except Exception as exc:  # noqa: BLE001 - the assertion below names it
-            return first, exc
-        return first, None
+        batcher = ImageBatcher(lambda payloads: Stream([(0.0, 1, summary("quick")), (0.3, 0, summary("slow"))]))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
 
-    first, exc = asyncio.run(run())
-    assert calls == [4, 2, 1] and len(first) == 6
-    assert exc is not None and "0 answers to 1 requests" in str(exc)
+        async def ask(i):
+            answer = await batcher.submit({"request_id": f"s:a:{i}|n"})
+            finished.append((answer["text"], loop.time() - start))
+        await asyncio.gather(ask(0), ask(1))
+        return batcher.calls
+
+    assert asyncio.run(run()) == 1
+    assert [text for text, _ in finished] == ["quick", "slow"]
+    assert finished[0][1] < 0.15 <= finished[1][1]
+
+
+def test_calls_are_capped_and_a_short_stream_fails_only_the_unanswered():
+    calls: list[int] = []
+
+    def open_call(payloads):
+        calls.append(len(payloads))
+        answered = payloads if len(calls) < 3 else payloads[:1]  # the third call's stream ends early
+        return Stream([(0.0, i, summary(p["request_id"])) for i, p in enumerate(answered)])
+
+    async def run():
+        batcher = ImageBatcher(open_call, max_per_call=4)
+        first = await asyncio.gather(*(batcher.submit({"request_id": f"s:a:{i}|n"}) for i in range(6)))
+        last = await asyncio.gather(*(batcher.submit({"request_id": f"s:a:{i}|n"}) for i in (7, 8)),
+                                    return_exceptions=True)
+        return first, last
+
+    first, last = asyncio.run(run())
+    assert calls == [4, 2, 2] and [a["text"] for a in first] == [f"s:a:{i}|n" for i in range(6)]
+    assert last[0]["text"] == "s:a:7|n" and "ended before every request had one" in str(last[1])
+
+
+def test_a_call_past_its_deadline_is_cancelled_and_only_the_unanswered_time_out():
+    stream = Stream([(0.0, 0, summary("in time")), (3600, 1, summary("never"))])
+
+    async def run():
+        batcher = ImageBatcher(lambda payloads: stream, deadline_s=0.1)
+        return await asyncio.gather(*(batcher.submit({"request_id": f"s:a:{i}|n"}) for i in range(2)),
+                                    return_exceptions=True)
+
+    answered, late = asyncio.run(run())
+    assert answered["text"] == "in time" and type(late).__name__ == "DeadlinePassed" and stream.cancelled
 
 
 def test_every_caller_gone_cancels_the_call():
-    started, cancelled = asyncio.Event(), []
+    started = asyncio.Event()
+    stream = Stream([(3600, 0, summary("never"))])
 
-    async def send(payloads):
+    def open_call(payloads):
         started.set()
-        try:
-            await asyncio.sleep(3600)
-        except asyncio.CancelledError:
-            cancelled.append(len(payloads))
-            raise
+        return stream
 
     async def run():
-        batcher = ImageBatcher(send)
+        batcher = ImageBatcher(open_call)
         waiters = [asyncio.ensure_future(batcher.submit({"request_id": f"s:a:{i}|n"})) for i in range(2)]
         await started.wait()
+        await asyncio.sleep(0.01)
         for w in waiters:
             w.cancel()
         await asyncio.sleep(0.01)
 
     asyncio.run(run())
-    assert cancelled == [2]
+    assert stream.cancelled

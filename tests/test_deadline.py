@@ -1,7 +1,8 @@
 """A deadline per request (issue 22): `ModelClient.chat` cancels a send past the stage's deadline and
 returns one retryable `timeout`; the stage asks again at the cost of an attempt, and the late answer is
 never read. The deployment handle is a stand-in (`FakeHandle`: `.chat.remote(...)` /
-`.chat_payloads.remote(...)` return an awaitable with `cancel()`, as Serve's `DeploymentResponse`), so
+`.chat_payloads.remote(...)` return an awaitable, or async iterable, with `cancel()`, as Serve's
+`DeploymentResponse` and its streaming `DeploymentResponseGenerator`), so
 no Ray cluster or Serve runs here; the deadline's default comes from the stage's `max_tokens`."""
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ class FakeResponse:
     def __await__(self):
         return self._wait().__await__()
 
+    async def __aiter__(self):
+        """As a Serve streaming response (`handle.options(stream=True)`): the answer, a list, as
+        (index, item) pairs once the delay is over."""
+        for pair in enumerate(await self._wait()):
+            yield pair
+
     def cancel(self):
         self.cancelled = True
 
@@ -55,6 +62,9 @@ class FakeHandle:
     def __init__(self, chat=(), chat_payloads=()):
         self.chat = FakeMethod(list(chat))
         self.chat_payloads = FakeMethod(list(chat_payloads))  # one answer: a list, one summary per payload
+
+    def options(self, stream: bool = False):
+        return self
 
 
 def app(kind: str = "hf") -> ModelApp:

@@ -28,7 +28,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from annotate.engines.base import ChatRequest, ChatResult
@@ -60,18 +60,26 @@ MAX_REQUESTS_PER_CALL = 32
 
 
 class ImageBatcher:
-    """Sends the payloads queued in one event-loop turn for one image as one Serve call.
+    """Sends the payloads queued in one event-loop turn for one image as one Serve call, and hands each
+    request its answer the moment the replica has it.
 
     A stage starts all the regions of its batch at once (`stages.batch.run_stage_async`), and an image's
     regions go to one replica anyway (`routing.py`), so one Serve call per region paid a Serve route, a
     Ray actor call and a response per region: about half of a chain worker's CPU in a py-spy profile
-    (BENCHMARKS.md 3). `send(payloads)` answers one summary per payload, in order; an exception it raises
-    (deadline, replica gone) is every payload's of the call. The queue holds no event loop: a client
-    may be used from several `asyncio.run`s, one after the other."""
+    (BENCHMARKS.md 3). The replica streams (index, answer) pairs back as its requests end
+    (`llm_server.StageLLMServer.chat_payloads`), so a short answer frees its place in the model's
+    in-flight share at once instead of waiting for the image's longest one (which would leave the
+    engine short of queued requests on long-tailed answers, BENCHMARKS.md 7a).
 
-    def __init__(self, send: Callable[[list[dict[str, Any]]], Awaitable[list[dict[str, Any]]]],
+    `open(payloads)` starts the call and gives an async iterator of (index, answer) with `cancel()` (a
+    Serve `DeploymentResponseGenerator`). Past `deadline_s` the call is cancelled and its unanswered
+    requests get DeadlinePassed; an exception the stream raises (a replica gone) is each unanswered
+    request's. The queue holds no event loop: a client may be used from several `asyncio.run`s."""
+
+    def __init__(self, open: Callable[[list[dict[str, Any]]], Any], deadline_s: float | None = None,
                  max_per_call: int = MAX_REQUESTS_PER_CALL):
-        self._send = send
+        self._open = open
+        self.deadline_s = deadline_s
         self.max_per_call = max(1, max_per_call)
         self._queued: dict[str | None, list[tuple[dict[str, Any], asyncio.Future]]] = {}
         self.calls = 0  # Serve calls made (for tests and benchmarks)
@@ -105,22 +113,34 @@ class ImageBatcher:
             future.add_done_callback(on_done)
 
     async def _call(self, group: list[tuple[dict[str, Any], asyncio.Future]]) -> None:
+        futures = [future for _, future in group]
+        stream = self._open([payload for payload, _ in group])
         try:
-            answers = await self._send([payload for payload, _ in group])
-            if len(answers) != len(group):
-                raise ReplicaError(f"InternalError: {len(answers)} answers to {len(group)} requests")
+            async with asyncio.timeout(self.deadline_s):
+                async for index, answer in stream:
+                    if not futures[index].done():
+                        futures[index].set_result(answer)
+            error: Exception = ReplicaError("InternalError: the replica's answers ended before every request had one")
+        except TimeoutError:
+            _cancel_stream(stream)
+            error = DeadlinePassed(f"no answer within {self.deadline_s:g} s")
         except asyncio.CancelledError:
-            for _, future in group:
+            _cancel_stream(stream)
+            for future in futures:
                 future.cancel()
             raise
-        except Exception as exc:  # noqa: BLE001 - the call's failure is each of its requests'
-            for _, future in group:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        for (_, future), answer in zip(group, answers):
+        except Exception as exc:  # noqa: BLE001 - the call's failure is each unanswered request's
+            error = exc
+        for future in futures:
             if not future.done():
-                future.set_result(answer)
+                future.set_exception(error)
+
+
+def _cancel_stream(stream) -> None:
+    try:
+        stream.cancel()
+    except Exception as exc:  # noqa: BLE001 - cancelling is best effort; the answers are dropped anyway
+        log.debug("cancelling a Serve call: %s", exc)
 
 
 # A model's requests timing out this many times in a row (no answer in between) is reported, and again
@@ -249,12 +269,17 @@ class ModelClient:
         self.deadline_s = deadline_s
         self.handle = handle
         self._semaphore: asyncio.Semaphore | None = limit
-        self.batcher = ImageBatcher(lambda payloads: within_deadline(self.handle.chat_payloads.remote(payloads),
-                                                                     self.deadline_s))
+        self._streaming = None  # the handle with stream=True, made on first use
+        self.batcher = ImageBatcher(self._stream_chat_payloads, deadline_s)
         self._unavailable = _unavailable_errors()
         self.resent = 0  # requests sent again after their replica died
         self.timeouts = 0  # sends that passed their deadline (cancelled)
         self.timeouts_in_a_row = 0  # since the last answer
+
+    def _stream_chat_payloads(self, payloads: list[dict[str, Any]]):
+        if self._streaming is None:
+            self._streaming = self.handle.options(stream=True)
+        return self._streaming.chat_payloads.remote(payloads)
 
     @property
     def semaphore(self) -> asyncio.Semaphore:
