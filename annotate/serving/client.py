@@ -6,9 +6,9 @@ batch's regions, and works on several batches), bounded by the model's `serving.
 share, so the engine's scheduler always has requests queued and a long answer holds back nothing.
 
 The requests of one image that are ready in the same event-loop turn travel to the replica in one
-Serve call (`ImageBatcher`): each region is still its own request to the engine, with its own answer,
-retries and deadline, but the Serve route, the Ray actor call and the response are paid per image
-rather than per region.
+Serve call (`ImageBatcher`), and the replica streams each answer back as it ends: each region is still
+its own request to the engine, with its own answer, retries and deadline, but the Serve route and the
+Ray actor call are paid per image rather than per region.
 
 A replica that dies takes its requests with it: Serve replaces the replica and the client sends the
 lost requests again, waiting up to `serving.unavailable_timeout_s`, without spending one of the
