@@ -1,8 +1,7 @@
 """A deadline per request (issue 22): `ModelClient.chat` cancels a send past the stage's deadline and
 returns one retryable `timeout`; the stage asks again at the cost of an attempt, and the late answer is
 never read. The deployment handle is a stand-in (`FakeHandle`: `.chat.remote(...)` /
-`.chat_payloads.remote(...)` return an awaitable, or async iterable, with `cancel()`, as Serve's
-`DeploymentResponse` and its streaming `DeploymentResponseGenerator`), so
+`.chat_payload.remote(...)` return an awaitable with `cancel()`, as Serve's `DeploymentResponse`), so
 no Ray cluster or Serve runs here; the deadline's default comes from the stage's `max_tokens`."""
 
 from __future__ import annotations
@@ -23,9 +22,8 @@ from bench.harness import TINY_FIELDS
 class FakeResponse:
     """Stands in for a Serve `DeploymentResponse`: awaitable once, `cancel()` recorded."""
 
-    def __init__(self, answer, delay: float | None, payloads=None):
+    def __init__(self, answer, delay: float | None):
         self.answer, self.delay, self.cancelled, self.read = answer, delay, False, False
-        self.payloads = payloads  # what was sent
 
     async def _wait(self):
         await asyncio.sleep(3600 if self.delay is None else self.delay)  # None: a hung replica
@@ -34,12 +32,6 @@ class FakeResponse:
 
     def __await__(self):
         return self._wait().__await__()
-
-    async def __aiter__(self):
-        """As a Serve streaming response (`handle.options(stream=True)`): the answer, a list, as
-        (index, item) pairs once the delay is over."""
-        for pair in enumerate(await self._wait()):
-            yield pair
 
     def cancel(self):
         self.cancelled = True
@@ -51,7 +43,7 @@ class FakeMethod:
 
     def remote(self, payload):
         answer, delay = self.script.pop(0)
-        response = FakeResponse(answer(payload) if callable(answer) else answer, delay, payload)
+        response = FakeResponse(answer(payload) if callable(answer) else answer, delay)
         self.sent.append(response)
         return response
 
@@ -59,12 +51,9 @@ class FakeMethod:
 class FakeHandle:
     """Stands in for a Serve deployment handle: a scripted list of (answer, delay) per method."""
 
-    def __init__(self, chat=(), chat_payloads=()):
+    def __init__(self, chat=(), chat_payload=()):
         self.chat = FakeMethod(list(chat))
-        self.chat_payloads = FakeMethod(list(chat_payloads))  # one answer: a list, one summary per payload
-
-    def options(self, stream: bool = False):
-        return self
+        self.chat_payload = FakeMethod(list(chat_payload))
 
 
 def app(kind: str = "hf") -> ModelApp:
@@ -99,10 +88,10 @@ def test_an_answer_within_the_deadline_is_returned_as_is():
 
 def test_the_vllm_path_has_the_deadline_too():
     summary = {"text": "a red mug", "finish_reason": "stop", "prompt_tokens": 5, "completion_tokens": 3}
-    handle = FakeHandle(chat_payloads=[([summary], None), ([summary], 0.01)])
+    handle = FakeHandle(chat_payload=[(summary, None), (summary, 0.01)])
     client = ModelClient(app("llm"), reasoning=False, max_in_flight=4, deadline_s=0.2, handle=handle)
     first, second = asyncio.run(_both(client))
-    assert first.error_kind == "timeout" and handle.chat_payloads.sent[0].cancelled
+    assert first.error_kind == "timeout" and handle.chat_payload.sent[0].cancelled
     assert second.ok and second.text == "a red mug"
 
 

@@ -206,7 +206,7 @@ def test_folder_removed_under_a_worker_fails_nothing(tmp_path, caplog):
     # A store whose folder cannot be made at all (a file stands in its way) still answers.
     (tmp_path / "00002").write_text("not a folder")
     model = FakeModel()
-    results, tally = ask(ResultCache(tmp_path, "object", "m"), "00002", model, [request(text="x"), request(text="y")])
+    results, tally = ask(ResultCache(tmp_path, "object", "m"), "00002", model, [request(text="x")] * 2)
     assert [r.ok for r in results] == [True, True] and model.calls == 2
     assert "result cache: cannot store" in caplog.text
 
@@ -274,20 +274,3 @@ def test_rerun_replays_every_call_of_a_shard_lost_before_commit(ray_session, tin
         assert calls + replayed == asked[stage][0], (stage, again, asked)
     assert pq.read_table(out / "data" / "00000.parquet").to_pylist() == before
     shutil.rmtree(out)
-
-
-def test_results_of_one_event_loop_turn_are_committed_together_at_its_end(tmp_path):
-    """The answers of one Serve call arrive in one turn: one transaction for them, once the turn ends
-    (a lookup before that still finds them)."""
-    store = ShardStore(tmp_path / "00000", "object")
-
-    async def go():
-        for i in range(3):
-            store.put(f"k{i}", f"v{i}")
-        before = count_stored(tmp_path / "00000")
-        found = store.get("k1")
-        await asyncio.sleep(0)
-        return before, found, count_stored(tmp_path / "00000")
-
-    assert asyncio.run(go()) == (0, "v1", 3)
-    store.close()

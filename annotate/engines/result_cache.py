@@ -9,10 +9,8 @@ takes it from the store instead of asking the model again (`ResultCache.wrap`).
 Layout: `ROOT/<shard>/<prefix>-<host>-<pid>-<random>.sqlite`, one SQLite file per writer (a stage
 worker) and shard. One writer per file because the files lie on storage shared by many nodes, where
 SQLite's locking cannot be trusted between hosts: nobody ever writes into another process's file.
-A writer commits the results that arrive in one turn of its event loop together, at the end of that
-turn (one transaction per Serve call's answers rather than per answer; WAL, `synchronous=NORMAL`: a
-SIGKILL or OOM kill keeps everything committed before it, and loses at most the answers of the turn it
-lands in, which a rerun asks again; a power cut may lose the last few, never corrupt the file). Readers
+A writer commits each result on its own (WAL, `synchronous=NORMAL`: a SIGKILL or OOM kill keeps
+everything committed before it; a power cut may lose the last few, never corrupt the file). Readers
 open the other writers' files read-only. Rows are never updated, and each carries a digest of its
 value that is checked on read, so a reader that sees another host's file late sees a miss, never a
 wrong answer. A shard's folder is removed once the shard's output is committed (`remove_shard`);
@@ -24,7 +22,6 @@ Engines know nothing of prompts or stages: this module only hashes requests and 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hashlib
 import json
@@ -138,7 +135,6 @@ class ShardStore:
         self.writer: sqlite3.Connection | None = None
         self.write_failed = False
         self.readers: dict[str, sqlite3.Connection] = {}
-        self.unwritten: dict[str, tuple[str, str]] = {}  # key -> (value, digest), committed at the turn's end
 
     def refresh(self) -> None:
         """Open the files other writers left since the last look (a worker that died a moment ago
@@ -161,8 +157,6 @@ class ShardStore:
             self.readers[name] = conn
 
     def get(self, key: str) -> str | None:
-        if key in self.unwritten:
-            return self.unwritten[key][0]
         for conn in ([self.writer] if self.writer else []) + list(self.readers.values()):
             try:
                 row = conn.execute("SELECT value, digest FROM results WHERE key = ?", (key,)).fetchone()
@@ -174,28 +168,14 @@ class ShardStore:
         return None
 
     def put(self, key: str, value: str) -> None:
-        """Keep a result: committed with the others of this event-loop turn once the turn ends (at
-        once when no loop runs)."""
         if self.write_failed:
-            return
-        if not self.unwritten:
-            try:
-                asyncio.get_running_loop().call_soon(self.flush)
-            except RuntimeError:  # no event loop: nothing else to wait for
-                self.unwritten[key] = (value, hashlib.sha256(value.encode()).hexdigest())
-                self.flush()
-                return
-        self.unwritten[key] = (value, hashlib.sha256(value.encode()).hexdigest())
-
-    def flush(self) -> None:
-        rows, self.unwritten = [(k, v, d) for k, (v, d) in self.unwritten.items()], {}
-        if not rows or self.write_failed:
             return
         try:
             if self.writer is None:
                 self.writer = self._open_writer()
-            with self.writer:  # one transaction for the turn's results
-                self.writer.executemany("INSERT OR IGNORE INTO results VALUES (?, ?, ?)", rows)
+            with self.writer:  # one transaction, committed at once: durable before the next result
+                self.writer.execute("INSERT OR IGNORE INTO results VALUES (?, ?, ?)",
+                                    (key, value, hashlib.sha256(value.encode()).hexdigest()))
         except (sqlite3.Error, OSError) as exc:
             # The folder may have been removed because the shard is committed: nothing left to keep.
             log.warning("result cache: cannot store into %s (results of this shard are no longer kept "
@@ -208,11 +188,10 @@ class ShardStore:
         conn.execute("PRAGMA journal_mode=WAL")  # appends, no rollback journal per commit
         conn.execute("PRAGMA synchronous=NORMAL")  # survives a killed process; no fsync per result
         conn.execute(_SCHEMA)
-        conn.isolation_level = ""  # `with conn:` then opens and commits one transaction per flush
+        conn.isolation_level = ""  # `with conn:` then opens and commits one transaction per result
         return conn
 
     def close(self) -> None:
-        self.flush()
         for conn in ([self.writer] if self.writer else []) + list(self.readers.values()):
             try:
                 conn.close()  # the writer's close checkpoints its WAL into the file

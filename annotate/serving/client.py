@@ -5,11 +5,6 @@
 batch's regions, and works on several batches), bounded by the model's `serving.max_in_flight`
 share, so the engine's scheduler always has requests queued and a long answer holds back nothing.
 
-The requests of one image that are ready in the same event-loop turn travel to the replica in one
-Serve call (`ImageBatcher`), and the replica streams each answer back as it ends: each region is still
-its own request to the engine, with its own answer, retries and deadline, but the Serve route and the
-Ray actor call are paid per image rather than per region.
-
 A replica that dies takes its requests with it: Serve replaces the replica and the client sends the
 lost requests again, waiting up to `serving.unavailable_timeout_s`, without spending one of the
 stage's attempts (the request was never answered). Nothing is lost or counted twice: the result of
@@ -28,7 +23,6 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 from annotate.engines.base import ChatRequest, ChatResult
@@ -48,99 +42,6 @@ class ReplicaUnavailable(Exception):
 
 class DeadlinePassed(Exception):
     """A request got no answer within its deadline; its Serve request was cancelled."""
-
-
-class ReplicaError(Exception):
-    """The replica raised on one request of a batch (`llm_server.StageLLMServer.chat_payloads`): the
-    message is the replica's "ExceptionType: message", read as a raised exception would be."""
-
-
-# The most requests one Serve call carries (an image with more regions is sent in several calls).
-MAX_REQUESTS_PER_CALL = 32
-
-
-class ImageBatcher:
-    """Sends the payloads queued in one event-loop turn for one image as one Serve call, and hands each
-    request its answer the moment the replica has it.
-
-    A stage starts all the regions of its batch at once (`stages.batch.run_stage_async`), and an image's
-    regions go to one replica anyway (`routing.py`), so one Serve call per region paid a Serve route, a
-    Ray actor call and a response per region: about half of a chain worker's CPU in a py-spy profile
-    (BENCHMARKS.md 3). The replica streams (index, answer) pairs back as its requests end
-    (`llm_server.StageLLMServer.chat_payloads`), so a short answer frees its place in the model's
-    in-flight share at once instead of waiting for the image's longest one (which would leave the
-    engine short of queued requests on long-tailed answers, BENCHMARKS.md 7a).
-
-    `open(payloads)` starts the call and gives an async iterator of (index, answer) with `cancel()` (a
-    Serve `DeploymentResponseGenerator`). Past `deadline_s` the call is cancelled and its unanswered
-    requests get DeadlinePassed; an exception the stream raises (a replica gone) is each unanswered
-    request's. The queue holds no event loop: a client may be used from several `asyncio.run`s."""
-
-    def __init__(self, open: Callable[[list[dict[str, Any]]], Any], deadline_s: float | None = None,
-                 max_per_call: int = MAX_REQUESTS_PER_CALL):
-        self._open = open
-        self.deadline_s = deadline_s
-        self.max_per_call = max(1, max_per_call)
-        self._queued: dict[str | None, list[tuple[dict[str, Any], asyncio.Future]]] = {}
-        self.calls = 0  # Serve calls made (for tests and benchmarks)
-
-    async def submit(self, payload: dict[str, Any]) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        if not self._queued:
-            loop.call_soon(self._flush)
-        future = loop.create_future()
-        self._queued.setdefault(image_key(payload), []).append((payload, future))
-        return await future
-
-    def _flush(self) -> None:
-        queued, self._queued = self._queued, {}
-        for group in queued.values():
-            group = [(payload, future) for payload, future in group if not future.done()]  # a caller gave up
-            for start in range(0, len(group), self.max_per_call):
-                self._start(group[start:start + self.max_per_call])
-
-    def _start(self, group: list[tuple[dict[str, Any], asyncio.Future]]) -> None:
-        if not group:
-            return
-        self.calls += 1
-        task = asyncio.ensure_future(self._call(group))
-        futures = [future for _, future in group]
-
-        def on_done(_: asyncio.Future) -> None:  # every caller gone: so is the call (and its Serve request)
-            if all(future.cancelled() for future in futures) and not task.done():
-                task.cancel()
-        for future in futures:
-            future.add_done_callback(on_done)
-
-    async def _call(self, group: list[tuple[dict[str, Any], asyncio.Future]]) -> None:
-        futures = [future for _, future in group]
-        stream = self._open([payload for payload, _ in group])
-        try:
-            async with asyncio.timeout(self.deadline_s):
-                async for index, answer in stream:
-                    if not futures[index].done():
-                        futures[index].set_result(answer)
-            error: Exception = ReplicaError("InternalError: the replica's answers ended before every request had one")
-        except TimeoutError:
-            _cancel_stream(stream)
-            error = DeadlinePassed(f"no answer within {self.deadline_s:g} s")
-        except asyncio.CancelledError:
-            _cancel_stream(stream)
-            for future in futures:
-                future.cancel()
-            raise
-        except Exception as exc:  # noqa: BLE001 - the call's failure is each unanswered request's
-            error = exc
-        for future in futures:
-            if not future.done():
-                future.set_exception(error)
-
-
-def _cancel_stream(stream) -> None:
-    try:
-        stream.cancel()
-    except Exception as exc:  # noqa: BLE001 - cancelling is best effort; the answers are dropped anyway
-        log.debug("cancelling a Serve call: %s", exc)
 
 
 # A model's requests timing out this many times in a row (no answer in between) is reported, and again
@@ -180,17 +81,6 @@ def _cancel(task: asyncio.Future, response) -> None:
             cancel()
         except Exception as exc:  # noqa: BLE001 - cancelling is best effort; the answer is dropped anyway
             log.debug("cancelling a request past its deadline: %s", exc)
-
-
-def image_key(request: Any) -> str | None:
-    """The image part of a request id (`completion_request`), or None (then any replica will do); the
-    batcher groups by it and the router (`routing.py`) places by it. A list of requests (one Serve
-    call of `ImageBatcher`, whose requests share one image) is keyed by its first."""
-    if isinstance(request, list):
-        return image_key(request[0]) if request else None
-    request_id = (request.get("request_id") if isinstance(request, dict) else getattr(request, "request_id", None)) or ""
-    region = request_id.split("|", 1)[0]
-    return region.rsplit(":", 1)[0] if ":" in region else None
 
 
 def completion_request(model_name: str, request: ChatRequest) -> dict[str, Any]:
@@ -269,17 +159,10 @@ class ModelClient:
         self.deadline_s = deadline_s
         self.handle = handle
         self._semaphore: asyncio.Semaphore | None = limit
-        self._streaming = None  # the handle with stream=True, made on first use
-        self.batcher = ImageBatcher(self._stream_chat_payloads, deadline_s)
         self._unavailable = _unavailable_errors()
         self.resent = 0  # requests sent again after their replica died
         self.timeouts = 0  # sends that passed their deadline (cancelled)
         self.timeouts_in_a_row = 0  # since the last answer
-
-    def _stream_chat_payloads(self, payloads: list[dict[str, Any]]):
-        if self._streaming is None:
-            self._streaming = self.handle.options(stream=True)
-        return self._streaming.chat_payloads.remote(payloads)
 
     @property
     def semaphore(self) -> asyncio.Semaphore:
@@ -355,7 +238,6 @@ class ModelClient:
             if not result.ok and result.error_kind == "engine_dead":  # servers.ChatServer: a replica that is gone
                 raise ReplicaUnavailable(result.error)
             return result
-        summary = await self.batcher.submit(completion_request(self.app.model_name, request))
-        if "exception" in summary:
-            raise ReplicaError(summary["exception"])
+        payload = completion_request(self.app.model_name, request)
+        summary = await within_deadline(self.handle.chat_payload.remote(payload), self.deadline_s)
         return result_from_summary(request, summary, self.reasoning, time.perf_counter() - started)

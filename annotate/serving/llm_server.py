@@ -1,5 +1,4 @@
-"""Serve LLM's `LLMServer` with methods for chain workers: `chat_payload(dict) -> dict`, and
-`chat_payloads(list)`, which streams the answers of an image's requests sent in one Serve call.
+"""Serve LLM's `LLMServer` with one more method for chain workers: `chat_payload(dict) -> dict`.
 
 A chain worker that built vLLM's `ChatCompletionRequest` itself, or read its response objects,
 would import vLLM (and torch with it): 20-30 CPU-seconds per chain worker process on a small machine,
@@ -11,7 +10,6 @@ People and other clients keep the OpenAI route and `chat` unchanged.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from functools import cache
 from typing import Any
@@ -122,26 +120,6 @@ class StageLLMServer(LLMServer):
         if response is None:
             return _error(500, "the engine returned nothing")
         return response_summary(response)
-
-    async def chat_payloads(self, payloads: list[dict[str, Any]]):
-        """`chat_payload` for each request of one Serve call (`client.ImageBatcher`), all at once to the
-        engine; streamed back as (index, answer) the moment each ends, so a short answer is not held for
-        the call's longest. A request that raises fails only itself: its answer is {"exception": "Type:
-        message"}, which the client reads as that exception. A cancelled call cancels what is left."""
-
-        async def one(index: int, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-            try:
-                return index, await self.chat_payload(payload)
-            except Exception as exc:  # noqa: BLE001 - one request's failure is its own answer
-                return index, {"exception": f"{type(exc).__name__}: {exc}"[:2000]}
-
-        tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(payloads)]
-        try:
-            for done in asyncio.as_completed(tasks):
-                yield await done
-        finally:
-            for task in tasks:
-                task.cancel()
 
     async def token_id(self, model: str, token: str) -> dict[str, Any]:
         """{"id"} of a stop token in this model's tokenizer, or {"error"} (the load-time check asks)."""

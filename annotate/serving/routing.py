@@ -10,10 +10,17 @@ the preferred replica's queue is full the request goes to the least-loaded of th
 
 from __future__ import annotations
 
+from typing import Any
+
 import mmh3
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
-from annotate.serving.client import image_key
+
+def image_key(request: Any) -> str | None:
+    """The image part of a request id, or None (then any replica will do)."""
+    request_id = (request.get("request_id") if isinstance(request, dict) else getattr(request, "request_id", None)) or ""
+    region = request_id.split("|", 1)[0]
+    return region.rsplit(":", 1)[0] if ":" in region else None
 
 
 def rank_replicas(key: str, replica_ids: list[str]) -> list[str]:
