@@ -171,6 +171,9 @@ class ServingConfig(_Section):
     autoscaling: dict[str, Any] | None = Field(
         None, description="Serve autoscaling_config (min_replicas, max_replicas, ...); None: resources.replicas fixed")
     log_engine_metrics: bool = Field(True, description="export vLLM's engine metrics through Ray (dashboard)")
+    access_log: bool = Field(
+        False, description="Serve's access log: one line per request in the replica's log (about 4 per region, "
+                           "each also read by Ray's log monitor); the dashboard's request metrics do not need it")
     unavailable_timeout_s: float = Field(
         1200.0, gt=0,
         description="how long a stage waits for a dead replica to be replaced before failing its regions")
@@ -355,16 +358,28 @@ class BreakerConfig(_Section):
     threshold: float = Field(0.8, gt=0, le=1, description="share of the window failed with one error kind that trips it")
 
 
+_RENAMED_RUN_KEYS = {"stage_worker_cpus": "chain_worker_cpus", "stage_workers_per_replica": "chain_workers_per_replica"}
+
+
 class RunConfig(_Section):
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        """The keys named "stage worker" from when each stage had its own pool: say their new names."""
+        if isinstance(data, dict):
+            for old, new in _RENAMED_RUN_KEYS.items():
+                if old in data:
+                    raise ValueError(f"run.{old} is now run.{new} (one chain worker runs every stage): rename it")
+        return data
+
     ray_address: str | None = Field(None, description="join this Ray cluster; None starts a local one")
     dashboard_host: str = Field("127.0.0.1", description="bind address of a local cluster's dashboard")
     dashboard_port: int | None = Field(None, description="None: Ray's default (8265)")
     num_cpus: int | None = Field(None, description="CPUs of a local Ray cluster (None: all)")
     log_to_driver: bool = Field(False, description="stream worker logs (vLLM is verbose) to the console")
     reader_cpus: float = Field(1.0, gt=0, description="CPUs per shard-reading task (decode, masks)")
-    # The names say "stage worker" from when each stage had its own pool; one chain worker now runs them all.
-    stage_worker_cpus: float = Field(0.25, gt=0, description="CPUs per chain worker (prompts, crops), and for SAM's worker")
-    stage_workers_per_replica: int = Field(
+    chain_worker_cpus: float = Field(0.25, gt=0, description="CPUs per chain worker (prompts, crops), and for SAM's worker")
+    chain_workers_per_replica: int = Field(
         2, ge=1, description="chain workers per replica of the chain's most replicated model")
     batches_in_flight: int = Field(
         4, ge=1,

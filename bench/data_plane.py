@@ -2,7 +2,7 @@
 
 Per variant, for every shard: read -> decode -> regions -> mask (`prepare_shard`), then for every
 region that would go to the object stage: crop views (`region_views`, via the stage's
-`RegionContext`, which first decodes the stored RLE as a stage worker does) -> the object prompt
+`RegionContext`, which first decodes the stored RLE as a chain worker does) -> the object prompt
 rendered with the crop images (`PromptTemplate.messages`) -> each image record written to Parquet
 (`ShardWriter`, fsync + rename included). The floor is the same images only read and decoded
 (`iter_samples` + `decode_image`).

@@ -137,7 +137,7 @@ class FixedLength:
     holds back the model's stop tokens and strings until L_i).
 
     Used by the pipeline side through the stage's `stage_class` (`STAGE_CLASSES`). The distribution is a
-    class attribute so that every stage worker draws the same L_i."""
+    class attribute so that every chain worker draws the same L_i."""
 
     median: float
     p95: float
@@ -217,7 +217,7 @@ def store_context_output(records: dict[str, list[ImageRecord]], cfg: PipelineCon
 
 
 def make_stage(cfg: PipelineConfig, stage: str = "merge") -> Stage:
-    """The stage as a stage worker builds it (`build_stage`: the model's conventions shape the prompt,
+    """The stage as a chain worker builds it (`build_stage`: the model's conventions shape the prompt,
     stop tokens and box format), with the fixed-length class of `bench_config`."""
     sc = cfg.stages[stage]
     model = cfg.models[sc.model]
@@ -229,7 +229,7 @@ def make_stage(cfg: PipelineConfig, stage: str = "merge") -> Stage:
 
 
 def _image(record: ImageRecord, cfg: PipelineConfig):
-    """The record's decoded image, as a stage worker decodes it (None without one)."""
+    """The record's decoded image, as a chain worker decodes it (None without one)."""
     if not record.image_bytes:
         return None
     try:
@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> dict:
         res["starved_steps"] = pipe["starved_steps"]
         # Wall time, pipeline / limit: the whole run (from the models ready to the last shard written:
         # Ray Data start-up, reading, writing included), and the engine's busy span (first to last
-        # step), which shows what the same steps cost while stage workers share the machine's cores.
+        # step), which shows what the same steps cost while chain workers share the machine's cores.
         res["wall_ratio"] = pipe["processing_s"] / limit["wall_s"]
         res["engine_span_ratio"] = _span(work / "steps-pipeline") / _span(work / "steps-limit")
     else:

@@ -22,7 +22,7 @@ def ray_session():
 
     # The session's cluster keeps every pipeline file's model deployments until the end (deploying each
     # once keeps CI short), so it holds more replicas at once than any one run: more logical CPUs than
-    # tiny.yaml's 4, or a run's stage workers would be refused (executor/admission.py).
+    # tiny.yaml's 4, or a run's chain workers would be refused (executor/admission.py).
     ensure_ray(load_config(TINY, {"run": {"num_cpus": 8}}).run)
     yield ray
     from ray import serve

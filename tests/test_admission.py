@@ -13,7 +13,7 @@ from bench.harness import TINY
 
 
 def test_the_need_counts_every_chain_worker_sams_worker_and_one_reader():
-    cfg = load_config(TINY, {"run": {"stage_worker_cpus": 0.25, "reader_cpus": 0.5}})
+    cfg = load_config(TINY, {"run": {"chain_worker_cpus": 0.25, "reader_cpus": 0.5}})
     need = cpu_need(cfg, 4, segment_worker=True)
     assert (need.workers, need.total) == (5, 5 * 0.25 + 0.5)
     assert "5 chain and segment workers x 0.25" in need.describe() and "run.reader_cpus" in need.describe()
@@ -26,7 +26,7 @@ def test_one_pool_of_chain_workers_per_run():
     from annotate.serving.apps import replicas
     from annotate.stages.chain import chain_of
 
-    cfg = load_config(TINY, {"run": {"stage_workers_per_replica": 2},
+    cfg = load_config(TINY, {"run": {"chain_workers_per_replica": 2},
                              "models": {"vlm": {"resources": {"replicas": 3}}}})
     chain = chain_of(cfg)
     assert len(chain) >= 4 and max(replicas(cfg.models[cfg.stages[s].model]) for s in chain) == 3
@@ -66,13 +66,13 @@ def test_cpus_that_come_back_within_the_settling_time_are_waited_for():
 
 @pytest.mark.slow
 def test_a_run_that_cannot_fit_is_refused_before_reading_a_shard(ray_session, tmp_path):
-    """On the session's local cluster: stage workers asking for more CPUs than the cluster has."""
+    """On the session's local cluster: chain workers asking for more CPUs than the cluster has."""
     from annotate.data.store import FINAL, OutputStore
     from annotate.executor.runner import run_pipeline
 
     from bench.harness import SAMPLE_SHARDS
 
-    cfg = load_config(TINY, {"run": {"stage_worker_cpus": 64}})
+    cfg = load_config(TINY, {"run": {"chain_worker_cpus": 64}})
     with pytest.raises(NotEnoughCpus, match="workers x 64"):
         run_pipeline(cfg, SAMPLE_SHARDS, tmp_path, [0], stage="all")
     store = OutputStore(tmp_path)

@@ -1,6 +1,6 @@
 """bench/engine_occupancy.py `--stage context` (BENCHMARKS 7a on the tiny Griffon-G replica) without an
 engine: the context stage's requests (the image and the box, fixed lengths), the stored `validate`
-input that `annotate run --stage context` reads, and the fixed-length stage class a stage worker
+input that `annotate run --stage context` reads, and the fixed-length stage class a chain worker
 loads. The measurement itself (two vLLM engines and a Serve run) is run by hand, not here.
 """
 
@@ -26,7 +26,7 @@ def test_context_requests_and_input(tmp_path):
     records = merge_records(cfg, [0], SAMPLE, copies=2, stage="context")
     stage = make_stage(cfg, "context")
     assert isinstance(stage, FixedLengthContext)
-    # the class a stage worker builds from the config is the same one
+    # the class a chain worker builds from the config is the same one
     assert type(build_stage("context", sc, "m", model)) is FixedLengthContext
     requests = merge_requests(records, stage, cfg)
     recs = [r for rs in records.values() for r in rs]

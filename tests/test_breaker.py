@@ -131,7 +131,7 @@ def test_a_scripted_systematic_failure_trips_it_through_the_stage_counts():
     total = StageCounts()
     breakers = StageBreakers(DEFAULTS, ["object"])
     trip, regions = None, 0
-    for _ in range(20):  # batches of 8 images, as a stage worker reports them
+    for _ in range(20):  # batches of 8 images, as a chain worker reports them
         counts = run_stage(stage, _records(8), cut_off, CropConfig(max_side=64), max_attempts=2)
         total.add(counts)
         regions += counts.regions_in

@@ -63,6 +63,15 @@ def test_unknown_keys_and_undeclared_models_are_errors(tmp_path):
         PipelineConfig.model_validate(raw)
 
 
+def test_renamed_run_keys_say_their_new_names():
+    """A file written before one chain worker ran every stage is refused with the key to write instead."""
+    for old, new in (("stage_worker_cpus", "chain_worker_cpus"), ("stage_workers_per_replica", "chain_workers_per_replica")):
+        raw = yaml.safe_load((REPO / "pipelines" / "tiny.yaml").read_text())
+        raw["run"][old] = raw["run"].pop(new)
+        with pytest.raises(ValidationError, match=f"run.{old} is now run.{new}"):
+            PipelineConfig.model_validate(raw)
+
+
 def test_fingerprint_follows_prompt_text_not_location(tmp_path):
     cfg = load_config(REPO / "pipelines" / "tiny.yaml")
     moved = tmp_path / "prompts"

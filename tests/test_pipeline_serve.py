@@ -62,7 +62,7 @@ def engine_processes(replica_pid: int) -> list[psutil.Process]:
 @pytest.mark.timeout(1800)
 def test_engine_process_killed_mid_run_loses_nothing(tiny_run_all, tiny_config, tmp_path):
     """SIGKILL the `llm` replica's engine core while the run uses it; Serve replaces the replica, the
-    stage workers send the lost requests again, and every region ends exactly once."""
+    chain workers send the lost requests again, and every region ends exactly once."""
     from annotate.config import load_config
     from annotate.executor.runner import run_pipeline
     from annotate.serving.apps import model_app, replica_info

@@ -2,7 +2,7 @@
 
 Ray Data starts each stage's actor pool and the shard-reading tasks with the CPUs they ask for, and
 when the cluster has not enough free it waits for them without a word: the run sits at 0% for as
-long as anyone lets it (seen: the real-text chain's 9 stage workers and its reader beside three model
+long as anyone lets it (seen: the real-text chain's 9 chain workers and its reader beside three model
 deployments, one of them left by an earlier run, on a 4-CPU local cluster; the read task stayed
 PENDING_NODE_ASSIGNMENT until the test's timeout). So the driver adds up what the run's own actors
 ask for, and compares it with the CPUs left free once its models are up.
@@ -38,11 +38,11 @@ class CpuNeed:
 
     def describe(self) -> str:
         return (f"{self.total:g} CPUs ({self.workers} chain and segment workers x {self.worker_cpus:g} "
-                f"(run.stage_worker_cpus) + one shard reader x {self.reader_cpus:g} (run.reader_cpus))")
+                f"(run.chain_worker_cpus) + one shard reader x {self.reader_cpus:g} (run.reader_cpus))")
 
 
 def cpu_need(cfg: PipelineConfig, chain_workers: int, segment_worker: bool) -> CpuNeed:
-    return CpuNeed(chain_workers + int(segment_worker), cfg.run.stage_worker_cpus, cfg.run.reader_cpus)
+    return CpuNeed(chain_workers + int(segment_worker), cfg.run.chain_worker_cpus, cfg.run.reader_cpus)
 
 
 def shortfall_message(need: CpuNeed, free: float, total: float, others: list[str], local: bool) -> str:
@@ -52,7 +52,7 @@ def shortfall_message(need: CpuNeed, free: float, total: float, others: list[str
     if others:
         lines.append("Model deployments this run does not use hold CPUs: " + ", ".join(others)
                      + " (`annotate serve --config <their pipeline file> --stop` frees them).")
-    fixes = "lower run.stage_worker_cpus or run.stage_workers_per_replica"
+    fixes = "lower run.chain_worker_cpus or run.chain_workers_per_replica"
     lines.append(f"To go on: {fixes}, " + ("or raise run.num_cpus (the local cluster's logical CPUs)."
                                            if local else "or add nodes."))
     return "\n".join(lines)

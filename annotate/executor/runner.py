@@ -218,7 +218,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
                 SegmentWorker, batch_size=cfg.segment.batch_images, batch_format="pyarrow",
                 compute=ray.data.ActorPoolStrategy(size=1, max_tasks_in_flight_per_actor=cfg.run.batches_in_flight,
                                                    max_concurrent_calls_per_actor=cfg.run.batches_in_flight),
-                num_cpus=cfg.run.stage_worker_cpus,
+                num_cpus=cfg.run.chain_worker_cpus,
                 fn_constructor_kwargs={"segment": cfg.segment, "app": apps[SEGMENT_MODEL], "data": cfg.data},
             )
         # The chain runs in one pool of workers: each model's in-flight cap is shared by them all.
@@ -230,7 +230,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
             ChainWorker, batch_size=max(cfg.stages[name].batch_size for name in chain), batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=cfg.run.batches_in_flight,
                                                max_concurrent_calls_per_actor=cfg.run.batches_in_flight),
-            num_cpus=cfg.run.stage_worker_cpus,
+            num_cpus=cfg.run.chain_worker_cpus,
             fn_constructor_kwargs={"steps": steps, "shares": shares, "data": cfg.data, "tracker": tracker,
                                    "cache_root": str(store.cache_root) if cfg.run.result_cache else None},
         )
@@ -293,9 +293,9 @@ def admit_workers(cfg: PipelineConfig, chain: tuple[str, ...], apps: dict[str, M
 
 
 def chain_worker_count(cfg: PipelineConfig, chain: tuple[str, ...]) -> int:
-    """Chain workers: `run.stage_workers_per_replica` per replica of the chain's most replicated model
+    """Chain workers: `run.chain_workers_per_replica` per replica of the chain's most replicated model
     (its autoscaling maximum when it autoscales); each worker sends to every model of the chain."""
-    return max(replicas(cfg.models[cfg.stages[name].model]) for name in chain) * cfg.run.stage_workers_per_replica
+    return max(replicas(cfg.models[cfg.stages[name].model]) for name in chain) * cfg.run.chain_workers_per_replica
 
 
 def _write_run_record(store: OutputStore, summary: RunSummary, pipeline: str, fingerprint: str,
