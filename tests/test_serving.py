@@ -37,6 +37,8 @@ def test_production_models_get_a_gpu_bundle_per_parallel_worker(ray_session):
         assert options.get("ray_actor_options", {}).get("num_gpus", 0) == 0
         checked += 1
         assert options["num_replicas"] == res.replicas
+        # no access-log line per request unless asked: 4 requests a region, each also read by Ray's log monitor
+        assert options["logging_config"]["enable_access_log"] is model.serving.access_log is False
         router = options.get("request_router_config") or {}
         if res.replicas > 1:
             assert router["request_router_class"].endswith("ImageAffinityRouter"), name
@@ -72,7 +74,7 @@ def test_image_affinity_keeps_an_image_on_one_replica():
             self.request_id = request_id
 
     assert image_key(Req("00000:abc:3|1f2e")) == "00000:abc" == image_key(Req("00000:abc:0|99aa"))
-    assert image_key({"request_id": "00000:abc:1|77"}) == "00000:abc"  # the payload stage workers send
+    assert image_key({"request_id": "00000:abc:1|77"}) == "00000:abc"  # the payload chain workers send
     assert image_key(Req("")) is None and image_key(object()) is None
     replicas = [f"r{i}" for i in range(4)]
     firsts = {rank_replicas(f"00000:img{i}", replicas)[0] for i in range(200)}
@@ -98,7 +100,7 @@ def test_request_conversion_keeps_sampling_schema_images_and_region():
         sampling=SamplingConfig(max_tokens=40, min_tokens=50, temperature=0.3, seed=5, stop=["END"]),
         json_schema=schema, request_id="00000:k1:2")
     payload = completion_request("llm", request)
-    assert "vllm" not in type(payload).__module__  # a plain dict: stage workers never import vLLM
+    assert "vllm" not in type(payload).__module__  # a plain dict: chain workers never import vLLM
     # What the replica builds from it (llm_server.StageLLMServer.chat_payload): the real class accepts it.
     a, b = ChatCompletionRequest(**payload), ChatCompletionRequest(**completion_request("llm", request))
     assert a.model == "llm" and a.max_completion_tokens == 40 and a.min_tokens == 40 and a.temperature == 0.3
@@ -220,7 +222,7 @@ def test_image_affinity_router_in_serve(ray_session):
 
 
 @pytest.mark.parametrize("openai_routes", [False, True])
-def test_stage_workers_find_the_llm_deployment_with_or_without_the_openai_route(ray_session, openai_routes):
+def test_chain_workers_find_the_llm_deployment_with_or_without_the_openai_route(ray_session, openai_routes):
     from ray.serve._private.build_app import build_app as flatten
 
     from annotate.serving.apps import build_app, model_app

@@ -139,6 +139,7 @@ def deployment_config(model: ModelConfig | SegmentConfig, replica_cpus: float = 
         "ray_actor_options": {"num_cpus": replica_cpus},
         "health_check_period_s": 10,
         "health_check_timeout_s": 30,
+        "logging_config": {"enable_access_log": serving.access_log},
     }
     if serving.autoscaling:
         config["autoscaling_config"] = dict(serving.autoscaling)
