@@ -67,8 +67,13 @@ class TreeCpu:
             try:
                 t = proc.cpu_times()
                 into[proc.pid] = t.user + t.system
-                if proc.pid not in self.names:
-                    self.names[proc.pid] = _process_label(proc)
+                label = self.names.get(proc.pid)
+                # A Ray worker starts as `python` and idles as `ray::IDLE` before it takes its actor's or
+                # task's title: read again until it has one. "*": started during the block (its start-up,
+                # imports included, is in its CPU).
+                if label is None or label.rstrip("*") in _UNNAMED:
+                    started = into is not self.base and proc.pid not in self.base
+                    self.names[proc.pid] = _process_label(proc) + ("*" if started else "")
             except self._psutil.Error:
                 continue
 
@@ -104,8 +109,11 @@ ENGINE_PROCESS_PREFIXES = ("VLLM::",)  # vLLM's engine core and GPU/CPU workers 
 
 def outside_engine_cpu(by_process: dict[str, float]) -> float:
     """CPU seconds of every process but vLLM's engine core and workers: what the pipeline itself costs
-    (driver, Ray, readers, stage workers, Serve replicas with their tokenizer and image processor)."""
+    (driver, Ray, readers, chain workers, Serve replicas with their tokenizer and image processor)."""
     return sum(v for k, v in by_process.items() if not k.startswith(ENGINE_PROCESS_PREFIXES))
+
+
+_UNNAMED = ("python", "ray::IDLE")  # a Ray worker's titles before it runs an actor or a task
 
 
 def _process_label(proc) -> str:

@@ -1,6 +1,6 @@
 """CPU-seconds per region outside the model engines, whole chain: what the pipeline itself costs.
 
-GPU time is bought by the hour; the CPU around it (driver, Ray, shard readers, stage workers, Serve
+GPU time is bought by the hour; the CPU around it (driver, Ray, shard readers, chain workers, Serve
 replicas with their tokenizer and image processor) must stay small enough that a GPU node's CPUs
 keep its GPUs fed. Counted here: CPU seconds (user + system) of every process of the run's process
 tree except vLLM's engine core and workers, over a run of the whole chain on >= 500 regions, start-up
@@ -13,7 +13,12 @@ same invocation, with its own `pipelines/tiny.yaml`. There the engine ran inside
 (`ray::EngineActor`, vLLM in-process), so that whole process is excluded as the engine: its non-engine
 share (Ray actor plumbing, chat templates, image processing) counts for the old design's benefit.
 
-    python -m bench.serving_cpu [--shards 42] [--old-worktree DIR] [--json FILE]
+With `--sizes 24,72,24,72` the measured runs go in that order on one cluster (one warm-up), and the
+figure is also given at the margin: the least-squares slope of CPU outside the engines against regions
+over those runs. A cost paid once per run (worker start-up, imports) leaves the slope; what each region
+costs, and what the cluster costs per second of a run, stay in it.
+
+    python -m bench.serving_cpu [--shards 42 | --sizes 24,72,24,72] [--old-worktree DIR] [--json FILE]
 """
 
 from __future__ import annotations
@@ -33,8 +38,9 @@ REPO = Path(__file__).resolve().parent.parent
 ENGINE_LABELS = ("VLLM::", "ray::EngineActor")
 
 
-def measure(shards: int, work: Path) -> dict:
-    """One measured run of the whole chain with the tiny pipeline of the code base on sys.path.
+def measure(sizes: list[int], work: Path) -> list[dict]:
+    """Measured runs of the whole chain, one per entry of `sizes` (shards), in that order, on one cluster,
+    with the tiny pipeline of the code base on sys.path.
 
     Uses only what both designs' code bases have (bench.pipeline_overhead's helpers, run_pipeline)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -51,34 +57,47 @@ def measure(shards: int, work: Path) -> dict:
 
     cfg = load_config(Path(annotate.__file__).resolve().parents[1] / "pipelines" / "tiny.yaml")
     console = Console(stderr=True)
-    ids = make_shards(work / "input", shards, given_masks=False)
+    ids = make_shards(work / "input", max(sizes), given_masks=False)
     _prepare(cfg, work / "input", ids, work / "prepared")
     ensure_ray(cfg.run)
     _seed_output(work / "prepared", work / "warmup")
     run_pipeline(cfg, work / "input", work / "warmup", ids[:1], stage="all", console=console)  # deploys; untimed
-    _seed_output(work / "prepared", work / "measured")
-    started = time.perf_counter()
-    with TreeCpu() as tree:
-        summary = run_pipeline(cfg, work / "input", work / "measured", ids, stage="all", console=console)
-    wall = time.perf_counter() - started
-    by_process = tree.by_process()
-    regions = sum(v["regions"] for v in summary.shards_written.values())
-    engine = sum(v for k, v in by_process.items() if k.startswith(ENGINE_LABELS))
-    outside = tree.seconds - engine
-    return {"code": str(Path(annotate.__file__).resolve().parents[1]), "shards": shards, "regions": regions,
-            "wall_s": wall, "processing_s": summary.processing_s, "cpu_s_total": tree.seconds,
-            "cpu_s_engine": engine, "cpu_s_outside_engine": outside,
-            "cpu_s_per_region_outside_engine": outside / max(regions, 1),
-            "cpu_by_process": by_process,
-            "status": {k: sum(v[k] for v in summary.shards_written.values()) for k in ("ok", "rejected", "failed")}}
+    runs = []
+    for i, shards in enumerate(sizes):
+        out = work / f"measured-{i}"
+        _seed_output(work / "prepared", out)
+        started = time.perf_counter()
+        with TreeCpu() as tree:
+            summary = run_pipeline(cfg, work / "input", out, ids[:shards], stage="all", console=console)
+        wall = time.perf_counter() - started
+        by_process = tree.by_process()
+        regions = sum(v["regions"] for v in summary.shards_written.values())
+        engine = sum(v for k, v in by_process.items() if k.startswith(ENGINE_LABELS))
+        outside = tree.seconds - engine
+        runs.append({"code": str(Path(annotate.__file__).resolve().parents[1]), "shards": shards, "regions": regions,
+                     "wall_s": wall, "processing_s": summary.processing_s, "cpu_s_total": tree.seconds,
+                     "cpu_s_engine": engine, "cpu_s_outside_engine": outside,
+                     "cpu_s_per_region_outside_engine": outside / max(regions, 1),
+                     "cpu_by_process": by_process,
+                     "status": {k: sum(v[k] for v in summary.shards_written.values()) for k in ("ok", "rejected", "failed")}})
+    return runs
 
 
-def measure_in(worktree: Path, shards: int, work: Path) -> dict:
+def marginal(runs: list[dict]) -> float | None:
+    """CPU-s outside the engines per extra region: the least-squares slope over runs of several sizes."""
+    xs, ys = [r["regions"] for r in runs], [r["cpu_s_outside_engine"] for r in runs]
+    if len(set(xs)) < 2:
+        return None
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def measure_in(worktree: Path, sizes: list[int], work: Path) -> list[dict]:
     """`measure` on another checkout: this file's function, that checkout's `annotate` and `bench`."""
     code = ("import importlib.util, json, sys; from pathlib import Path; "
             f"spec = importlib.util.spec_from_file_location('serving_cpu', {str(Path(__file__).resolve())!r}); "
             "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-            f"print('RESULT ' + json.dumps(m.measure({shards}, Path({str(work)!r}))))")
+            f"print('RESULT ' + json.dumps(m.measure({sizes!r}, Path({str(work)!r}))))")
     env = {**os.environ, "PYTHONPATH": str(worktree)}
     proc = subprocess.run([sys.executable, "-c", code], cwd=worktree, env=env, capture_output=True, text=True,
                           timeout=3600)
@@ -91,24 +110,27 @@ def measure_in(worktree: Path, shards: int, work: Path) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shards", type=int, default=42, help="copies of the sample shards (about 12 regions each)")
+    p.add_argument("--sizes", help="several measured runs, these shard counts in this order (e.g. 24,72,24,72)")
     p.add_argument("--old-worktree", help="checkout of commit 3d599e8 (the old design), measured in a subprocess")
     p.add_argument("--small", action="store_true", help="2 shards (a smoke run, not the figure)")
     p.add_argument("--json", help="also write the results here")
     a = p.parse_args(argv)
-    if a.small:
-        a.shards = 2
+    sizes = [int(x) for x in a.sizes.split(",")] if a.sizes else [2 if a.small else a.shards]
     work = Path(tempfile.mkdtemp(prefix="serving-cpu-"))
     res: dict = {}
     if a.old_worktree:  # first, so that this process has no Ray cluster of its own yet
-        res["old_design"] = measure_in(Path(a.old_worktree), a.shards, work / "old")
-    res["new_design"] = measure(a.shards, work / "new")
-    for name, r in res.items():
-        top = ", ".join(f"{k} {v:.1f}" for k, v in list(r["cpu_by_process"].items())[:8])
-        print(f"{name}: {r['regions']} regions, {r['cpu_s_per_region_outside_engine']:.3f} CPU-s/region outside the "
-              f"engine ({r['cpu_s_outside_engine']:.1f} of {r['cpu_s_total']:.1f} CPU-s); wall {r['processing_s']:.1f} s; "
-              f"by process: {top}")
+        res["old_design"] = measure_in(Path(a.old_worktree), sizes, work / "old")
+    res["new_design"] = measure(sizes, work / "new")
+    for name, runs in res.items():
+        for r in runs:
+            top = ", ".join(f"{k} {v:.1f}" for k, v in list(r["cpu_by_process"].items())[:10])
+            print(f"{name}: {r['shards']} shards, {r['regions']} regions, {r['cpu_s_per_region_outside_engine']:.3f} "
+                  f"CPU-s/region outside the engine ({r['cpu_s_outside_engine']:.1f} of {r['cpu_s_total']:.1f} CPU-s); "
+                  f"wall {r['processing_s']:.1f} s; by process: {top}")
+        if (slope := marginal(runs)) is not None:
+            print(f"{name}: at the margin {slope:.3f} CPU-s per region outside the engine (slope over {len(runs)} runs)")
     if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=2))
+        Path(a.json).write_text(json.dumps({**res, "marginal": {k: marginal(v) for k, v in res.items()}}, indent=2))
     return res
 
 
