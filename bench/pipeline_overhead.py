@@ -33,6 +33,7 @@ import asyncio
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import tempfile
@@ -126,7 +127,8 @@ def _process_label(proc) -> str:
     if name.startswith("VLLM::") or cmd.startswith("VLLM::"):
         return "VLLM::EngineCore"
     if name.startswith("ray::") or cmd.startswith("ray::"):
-        return (name if name.startswith("ray::") else cmd).split()[0]
+        # An actor's title carries the method it is in (ray::ServeController.listen_for_change): drop it.
+        return re.sub(r"\.[A-Za-z_]\w*$", "", (name if name.startswith("ray::") else cmd).split()[0])
     for key in ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "runtime_env", "agent"):
         if key in cmd or key in name:
             return key
