@@ -222,3 +222,26 @@ def test_focal_crop_size_follows_the_object_crop():
     assert RegionShape((1024, 768), (600, 300)).size_of(FOCAL_CROP) == (300, 150)  # half the crop per side
     assert RegionShape((1024, 768), (40, 20), min_side=16).size_of(FOCAL_CROP) == (20, 16)  # grown to min_side
     assert RegionShape((1024, 768), (10, 10), min_side=16).size_of(FOCAL_CROP) == (10, 10)  # never past the crop
+
+
+def test_every_stage_of_the_chain_can_be_planned_on_the_production_models():
+    """The throughput file has token and reach defaults for every stage a pipeline file may name (the optional
+    ones after merge included), so a plan of the whole chain runs instead of asking for a row."""
+    from annotate.stages.chain import STAGE_ORDER
+
+    text_stage = {"model": "qwen2_72b", "sampling": {"max_tokens": 512}}
+    vlm_stage = {"model": "internvl2_76b", "sampling": {"max_tokens": 512}}
+    optional = [name for name in STAGE_ORDER if name not in load_config(LONGGRIT).stages]
+    cfg = load_config(LONGGRIT, {
+        "models": {"internvl2_76b": {"vllm": {"limit_mm_per_prompt": {"image": 5}}}},
+        "stages": {name: {**(vlm_stage if name.startswith(("negatives_visual", "part")) else text_stage),
+                          "prompt": str(REPO / "prompts" / f"{name}.yaml")} for name in optional}})
+    plan = make_plan(cfg, 1000)
+    by = {s.stage: s for s in plan.stages}
+    assert set(by) == set(STAGE_ORDER)
+    table = load_throughput()
+    for name in optional:
+        assert by[name].prompt_tokens >= table["default_tokens"][name]["text"] > 0, name
+        assert by[name].completion_tokens == table["default_tokens"][name]["completion"] > 0, name
+        assert 0 < by[name].regions <= by["merge"].regions, name  # none reaches a stage after merge more often
+    assert by["negatives_visual"].image_tokens > 0 and by["summarize"].image_tokens == 0
