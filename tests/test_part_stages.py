@@ -61,9 +61,10 @@ def images_of(request) -> list[Image.Image]:
     return [item["image"] for item in request.messages[-1]["content"] if item["type"] == "image"]
 
 
-def run(cfg, name, record, image, engine, params=None):
+def run(cfg, name, record, image, engine, params=None, lineage=None):
     config = cfg.stages[name].model_copy(update={"params": {**cfg.stages[name].params, **(params or {})}})
     stage = build_stage(name, config, "scripted", cfg.models[config.model])
+    stage.lineage = lineage  # what a run that keeps outputs sets (stages/lineage.py); None: doctor, benchmarks
     return run_stage(stage, [(record, image)], engine, CROPS, config.max_attempts)
 
 
@@ -143,6 +144,27 @@ def test_zero_parts_is_an_answer_and_later_part_stages_settle_without_a_model(cf
         engine = Scripted()
         counts = run(cfg, name, record, image, engine)
         assert counts.done == 1 and engine.requests == [] and record.regions[0].status == "ok"
+
+
+def test_a_region_settled_without_parts_is_not_taken_again_by_a_rerun(cfg):
+    """The part stages share the `parts` field, so "already done" is read from the stage's provenance: a
+    region with no parts to work on is taken once, and a rerun under the same lineage leaves it alone."""
+    record, image = make_record()
+    run(cfg, "parts", record, image, Scripted({"parts": []}), lineage="parts-key")
+    for name in ("part_describe", "part_verify"):
+        first = run(cfg, name, record, image, Scripted(), lineage=f"{name}-key")
+        assert (first.regions_in, first.done) == (1, 1)
+        assert record.regions[0].provenance.of(name).lineage == f"{name}-key"
+        again = run(cfg, name, record, image, Scripted(), lineage=f"{name}-key")
+        assert (again.regions_in, again.done) == (0, 0) and record.regions[0].status == "ok"
+    # a lineage change of parts (its readers' keys hold its key, so theirs change too) clears the part
+    # stages' provenance: they take the region once more
+    keys = {"parts": "parts-key-2", "part_describe": "part_describe-key-2", "part_verify": "part_verify-key-2"}
+    reset_for_lineage(record, keys)
+    assert record.regions[0].parts is None
+    assert all(record.regions[0].provenance.of(name).lineage is None for name in ("part_describe", "part_verify"))
+    run(cfg, "parts", record, image, Scripted({"parts": []}), lineage=keys["parts"])
+    assert run(cfg, "part_describe", record, image, Scripted(), lineage=keys["part_describe"]).regions_in == 1
 
 
 def described_record(cfg) -> tuple[ImageRecord, Image.Image]:

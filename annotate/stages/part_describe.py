@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from annotate.data.records import PartRecord, RegionRecord
 from annotate.engines.base import ChatRequest, ChatResult
 from annotate.stages.base import DescribedStage, RegionContext, clean_caption, described, settle
-from annotate.stages.parts import kept_parts, part_request, settled_without_parts
+from annotate.stages.parts import kept_parts, part_request, settled_before, settled_without_parts
 from annotate.stages.summarize import CLIP_CONTEXT_LENGTH, clip_token_count
 
 
@@ -42,9 +42,12 @@ class PartDescribeStage(DescribedStage):
             part.short_caption = part.long_caption = None
 
     def wants(self, region: RegionRecord) -> bool:
-        # A region whose parts stage kept none is taken and settled without a model call.
-        return described(region) and region.parts is not None and (
-            not kept_parts(region) or bool(undescribed(region)))
+        if not described(region) or region.parts is None:
+            return False
+        if kept_parts(region):
+            return bool(undescribed(region))
+        # None kept: taken once and settled without a model call (a rerun does not count it again).
+        return not settled_before(region, self.name)
 
     def without_model(self, region: RegionRecord) -> bool:
         return settled_without_parts(region, kept_parts(region))

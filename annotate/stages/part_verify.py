@@ -14,7 +14,7 @@ from annotate.engines.base import ChatRequest, ChatResult
 from annotate.stages.answers import NotAnAnswer
 from annotate.stages.base import DescribedStage, RegionContext, described, settle
 from annotate.stages.negatives import TRUTH_WORDS, read_verdicts, review_verdicts
-from annotate.stages.parts import kept_parts, part_request, settled_without_parts
+from annotate.stages.parts import kept_parts, part_request, settled_before, settled_without_parts
 
 
 def described_parts(region: RegionRecord) -> list[PartRecord]:
@@ -41,7 +41,9 @@ class PartVerifyStage(DescribedStage):
             return False
         if any(part.short_caption is None for part in kept_parts(region)):
             return False
-        return not described_parts(region) or bool(unchecked(region))
+        if described_parts(region):
+            return bool(unchecked(region))
+        return not settled_before(region, self.name)  # none described: settled once, without a model call
 
     def without_model(self, region: RegionRecord) -> bool:
         return settled_without_parts(region, described_parts(region))

@@ -248,6 +248,12 @@ def part_request(request: ChatRequest, ctx: RegionContext, parts: list[PartRecor
     return one_item_per_part(with_images(request, part_images(ctx, parts)), key, len(parts))
 
 
+def settled_before(region: RegionRecord, stage: str) -> bool:
+    """Whether `stage` took this region already under its lineage key (kept in the provenance whatever the
+    outcome, cleared when the key changes): a region it settled without parts is not taken again."""
+    return region.provenance.of(stage).lineage is not None
+
+
 def settled_without_parts(region: RegionRecord, parts: list[PartRecord]) -> bool:
     """A part stage's `without_model`: with no `parts` to work on, the region is settled without a call."""
     if parts:
