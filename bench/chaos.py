@@ -7,9 +7,9 @@ Why this shape:
 - One private Ray cluster (`ray start --head` in its own process session and temp dir) and the
   models deployed once by `annotate serve --address`, so a round costs a run, not a model load; the
   `annotate run` of each round joins it with `--address`, so killing that process is a real driver
-  death (Ray then ends the job's read tasks and stage workers; the detached Serve models stay).
+  death (Ray then ends the job's read tasks and chain workers; the detached Serve models stay).
 - Every round adds `--new-shards` fresh input shards, so each round has work in flight to kill even
-  when the round before ran to completion (a stage-worker, read-task or replica kill usually does no
+  when the round before ran to completion (a chain-worker, read-task or replica kill usually does no
   harm: Ray Data retries, Serve restarts the replica), and shards left unfinished by a killed round
   are resumed by the next ones.
 - The four kinds are dealt in shuffled cycles (seeded), so 20 rounds make 5 kills of each. The kill
@@ -47,13 +47,13 @@ from bench.harness import (copy_sample_shards, input_region_ids, kill_session, o
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-KINDS = ("driver", "stage_worker", "replica", "read_task")
+KINDS = ("driver", "chain_worker", "replica", "read_task")
 # Process titles (see the module docstring); the driver is the `annotate run` process itself.
-TITLES = {"stage_worker": "MapBatches(ChainWorker)", "read_task": "MapBatches(read_shard)", "replica": "ServeReplica:"}
+TITLES = {"chain_worker": "MapBatches(ChainWorker)", "read_task": "MapBatches(read_shard)", "replica": "ServeReplica:"}
 # `ray start --head` (Ray 2.60) turns token auth on when ~/.ray/auth_token exists; whatever joins the
 # cluster must then run in token mode too.
 CLUSTER_ENV = {**os.environ, "RAY_ADDRESS": "", "RAY_AUTH_MODE": "token", "PYTHONPATH": str(REPO)}
-# Small batches, one shard read at a time and one batch in flight per stage worker: shards then finish
+# Small batches, one shard read at a time and one batch in flight per chain worker: shards then finish
 # one after another, so a kill at any moment leaves some finished and some in flight (with 8-image
 # batches two shards share each batch; with 4 batches in flight per worker all shards are in the chain
 # together: both were seen to finish all shards within one 0.2 s poll). tests/test_pipeline_crash.py too.
@@ -160,7 +160,7 @@ class Round:
     kind: str                 # what was killed: one of KINDS, or "none" for the final run
     shards: int               # the run covered shards 0..shards-1
     pending: int              # of which were not finished when it started
-    delay_s: float = 0.0      # drawn: seconds after processing began (first stage worker up)
+    delay_s: float = 0.0      # drawn: seconds after processing began (first chain worker up)
     landed: bool = False      # a live target was SIGKILLed while the run was running
     target: str = ""
     rc: int | None = None     # the run's exit code (-9: the driver was killed)
@@ -228,7 +228,7 @@ class Chaos:
         rnd = Round(index, kind, self.shards, pending=self.shards - len(before))
         proc = self._start(index)
         try:
-            processing = self._wait(proc, lambda: session_pids(TITLES["stage_worker"], self.cluster.session),
+            processing = self._wait(proc, lambda: session_pids(TITLES["chain_worker"], self.cluster.session),
                                     self.round_timeout)
             began = time.monotonic()
             if kind != "none" and processing:
@@ -262,11 +262,11 @@ class Chaos:
         return rnd
 
     def _settle(self, timeout: float = 60) -> None:
-        """A dead driver's read tasks and stage workers are ended by Ray, not at once: the next round
+        """A dead driver's read tasks and chain workers are ended by Ray, not at once: the next round
         starts when they are gone, so two rounds never share the output (the lock is the driver's)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and any(
-                session_pids(TITLES[k], self.cluster.session) for k in ("stage_worker", "read_task")):
+                session_pids(TITLES[k], self.cluster.session) for k in ("chain_worker", "read_task")):
             time.sleep(0.5)
 
     def _check(self, rnd: Round, before: dict[str, str]) -> None:

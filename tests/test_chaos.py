@@ -1,5 +1,5 @@
 """A few rounds of the chaos benchmark (bench/chaos.py) in CI: the tiny pipeline killed once by each
-kind but the model replica (driver, stage worker, read task), then run to the end; every input region must
+kind but the model replica (driver, chain worker, read task), then run to the end; every input region must
 be in the output exactly once and the manifest must never mark a missing or changed file finished.
 
 It plays on the test session's own cluster and models (`ray_session`), so it costs runs, not model
@@ -21,7 +21,7 @@ from bench.chaos import KINDS, manifest_problems, plan_kinds
 from bench.harness import REPO
 
 ROUNDS = 3
-CI_KINDS = ("driver", "stage_worker", "read_task")
+CI_KINDS = ("driver", "chain_worker", "read_task")
 
 
 def test_twenty_rounds_kill_each_kind_at_least_three_times():
