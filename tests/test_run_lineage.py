@@ -130,3 +130,48 @@ def test_the_sam_model_is_identified_with_the_chains_models_when_the_pipeline_ha
 
     models = {key: identity for key, identity in lineage.identities.items() if key != SEGMENT_MODEL}
     assert lineage.keys == chain_lineage(cfg, models, lineage.identities[SEGMENT_MODEL]) != chain_lineage(cfg, models)
+
+
+def _merge_prompt_changed(tmp_path):
+    """tiny.yaml with another merge prompt text: a new config, the same lineage through context."""
+    prompt = tmp_path / "merge.yaml"
+    prompt.write_text((Path(TINY).parent / ".." / "prompts" / "merge.yaml").resolve().read_text()
+                      .replace("keeping every detail.", "keeping every detail of it."))
+    return load_config(TINY, {"stages": {"merge": {"prompt": str(prompt)}}})
+
+
+def test_a_stage_output_of_another_config_with_the_same_lineage_is_done(tmp_path, shards, identified):
+    """`--stage context` after the merge prompt changed: context's output was made by the same data, models,
+    prompts and settings through context (the same digest), so it is done and no model is deployed."""
+    old, new = load_config(TINY), _merge_prompt_changed(tmp_path)
+    assert config_fingerprint(old) != config_fingerprint(new)
+    assert RunLineage(old).through("context") == RunLineage(new).through("context")
+    assert RunLineage(old).through("merge") != RunLineage(new).through("merge") == RunLineage(new).chain
+    store = OutputStore(tmp_path / "out")
+    for shard in ("00000", "00001"):
+        _finish(store, "context", shard, config_fingerprint(old), lineage=RunLineage(old).through("context"))
+    summary = run_pipeline(new, shards, store.root, [0, 1], stage="context")
+    assert summary.shards_skipped == ["00000", "00001"]
+
+
+def test_the_next_stage_reads_an_input_of_another_config_only_with_the_same_lineage(tmp_path, shards, identified):
+    from annotate.data.store import prepare_fingerprint
+    from annotate.executor.runner import plan_work
+    from annotate.stages.chain import chain_of, stage_io, stage_writing
+
+    old, new = load_config(TINY), _merge_prompt_changed(tmp_path)
+    lineage = RunLineage(new)
+    through = lambda output: lineage.through(stage_writing(output, chain_of(new)))  # noqa: E731 (as run_pipeline)
+    store = OutputStore(tmp_path / "out")
+    _finish(store, "context", "00000", config_fingerprint(old), lineage=RunLineage(old).through("context"))
+    _finish(store, "context", "00001", config_fingerprint(old), lineage="another chain")  # e.g. another context model
+    args = (new, store, shards)
+    rest = (stage_io("merge", chain_of(new)), config_fingerprint(new), prepare_fingerprint(new), False, through)
+    items, skipped = plan_work(*args, [0], *rest)
+    assert [(i["shard"], i["input"]) for i in items] == [("00000", "context")] and skipped == []
+    with pytest.raises(RuntimeError, match="run `annotate run --stage context`"):
+        plan_work(*args, [1], *rest)
+    # a line without a digest (made before lines kept one) is current under its own config only
+    _finish(store, "context", "00000", config_fingerprint(old))
+    with pytest.raises(RuntimeError, match="no finished `context` output"):
+        plan_work(*args, [0], *rest)

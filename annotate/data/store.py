@@ -9,7 +9,9 @@ which shard outputs are finished. Every reader and writer of an output folder go
     OUT/README.md                     the dataset card
 
 A shard output is finished only when its file was renamed into place *and* the newest manifest line
-for it says `finished`, under the run's config fingerprint, with the checksum the file still has.
+for it says `finished`, under the run's config fingerprint, with the checksum the file still has (a
+`--stage` output also when made under another config with the same lineage through its stage: the
+run decides that, executor/runner.py `plan_work`).
 Anything else is redone by the next run, which then replaces the file atomically: a crash at any
 moment never leaves a half file where a reader looks, and never produces a second copy of a shard.
 A shard read only in part (a truncated or corrupt input) gets a `damaged` line instead: its output

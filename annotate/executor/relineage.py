@@ -52,6 +52,12 @@ class RunLineage:
         """The whole chain's digest: what a dataset shard's manifest line keeps."""
         return chain_digest(self.digests)
 
+    def through(self, stage: str) -> str:
+        """The digest of the chain's keys up to and including `stage`: what a `--stage` output's manifest
+        line keeps, as its file holds the fields of those stages (the last stage's is `chain`)."""
+        order = list(self.digests)
+        return chain_digest({name: self.digests[name] for name in order[: order.index(stage) + 1]})
+
 
 def lineage_counts(store: OutputStore, items: list[dict], keys: dict[str, LineageKey],
                    records: list[dict[str, Any]]) -> dict[str, dict]:

@@ -81,7 +81,7 @@ def _has_retryable_failures(path: Path) -> bool:
 
 def plan_work(cfg: PipelineConfig, store: OutputStore, input_dir: Path, shard_ids: list[int], io: StageIO,
               fingerprint: str, prepared_under: str, retry_failed: bool,
-              lineage: Callable[[], str] | None = None) -> tuple[list[dict], list[str]]:
+              lineage: Callable[[str], str] | None = None) -> tuple[list[dict], list[str]]:
     """Which shards this run must process, and from which stored input; the rest are finished.
 
     Only a shard output whose newest manifest line is `finished` under this config, with the file's
@@ -89,11 +89,15 @@ def plan_work(cfg: PipelineConfig, store: OutputStore, input_dir: Path, shard_id
     used by the next stage and its damage carried on; a damaged `prepare` is made again from the source.
     The `prepare` output is keyed by the data settings alone (`prepared_under`: `prepare_fingerprint`).
 
-    With `lineage` (a whole-chain run), a dataset shard finished under another config, of this schema,
-    whose prepared regions are still current, is the input instead of `prepare`: the read task clears
-    only the fields whose lineage changed (`relineage`), and the chain makes those again. `lineage()`
-    gives the chain's digest; it is asked for only when a finished shard's line keeps one to compare with
-    (it reads the models' weights: `RunLineage`).
+    `lineage(output)` is the digest of the chain's lineage keys through the stage that writes `output`
+    (`RunLineage.through`); it is asked for only when a finished line keeps one to compare with (it reads
+    the models' weights). A line of this config whose digest differs is not done (a model folder replaced
+    under the same path). A stage output (not `prepare`, not the dataset) finished under another config
+    with this digest was made from the same data, models, prompts and settings: it is done, and the next
+    `--stage` takes it as input, so a new merge prompt does not redo object. In a whole-chain run, a
+    dataset shard finished under another config, of this schema, whose prepared regions are still current,
+    is the input instead of `prepare`: the read task clears only the fields whose lineage changed
+    (`relineage`), and the chain makes those again.
     """
     input_name, output_name = io.reads, io.writes
     refs = find_shards(input_dir, shard_ids, cfg.data.shard_format)
@@ -103,6 +107,13 @@ def plan_work(cfg: PipelineConfig, store: OutputStore, input_dir: Path, shard_id
     def holding(line: dict | None, *states: str) -> dict | None:
         under = prepared_under if line and line.get("output") == PREPARE else fingerprint
         return line if line and store.is_current(line, under, *states) else None
+
+    def same_lineage(line: dict | None, *states: str) -> dict | None:
+        """A stage output's line of another config, made under this run's lineage through its stage."""
+        if (lineage is None or line is None or line.get("output") in (PREPARE, FINAL) or line.get("lineage") is None
+                or not store.is_current(line, line.get("config", ""), *states)):
+            return None
+        return line if line["lineage"] == lineage(line["output"]) else None
 
     def reusable(line: dict | None) -> bool:
         """A finished dataset shard of another config whose fields may be kept by lineage."""
@@ -125,8 +136,9 @@ def plan_work(cfg: PipelineConfig, store: OutputStore, input_dir: Path, shard_id
             items.append(item)
             continue
         done = holding(latest_out.get(ref.name), FINISHED)
-        if done and lineage is not None and done.get("lineage") is not None and done["lineage"] != lineage():
+        if done and lineage is not None and done.get("lineage") is not None and done["lineage"] != lineage(output_name):
             done = None  # the same config, another lineage: a model folder replaced under the same path
+        done = done or same_lineage(latest_out.get(ref.name), FINISHED)
         if done:
             if retry_failed and _has_retryable_failures(store.output_path(output_name, ref.name)):
                 item.update(input=output_name, retry_failed=True)
@@ -139,7 +151,7 @@ def plan_work(cfg: PipelineConfig, store: OutputStore, input_dir: Path, shard_id
             items.append(item)
             continue
         usable = (FINISHED,) if input_name == PREPARE else (FINISHED, DAMAGED)
-        line = holding(latest_in.get(ref.name), *usable)
+        line = holding(latest_in.get(ref.name), *usable) or same_lineage(latest_in.get(ref.name), *usable)
         if line is None:
             if input_name != PREPARE:
                 raise RuntimeError(
@@ -169,7 +181,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
         if removed := store.remove_stale_temporaries():
             console.print(f"removed {removed} half-written file(s) left by an interrupted run")
         items, summary.shards_skipped = plan_work(cfg, store, Path(input_dir), shard_ids, io, fingerprint, prepared_under,
-                                                  retry_failed, (lambda: lineage.chain) if stage == "all" else None)
+                                                  retry_failed, lambda output: lineage.through(stage_writing(output, chain_of(cfg))))
         for shard in summary.shards_skipped:  # model results kept for a shard are in its output now
             remove_shard(store.cache_root, shard)
         if summary.shards_skipped:
@@ -236,7 +248,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
         )
         outputs = ShardOutputs(store, output_name, fingerprint, ledger,
                                {i["shard"]: i["damage"] for i in items if i["damage"]}, cfg.quality,
-                               lineage.chain if stage == "all" else None)
+                               lineage.through(chain[-1]))
         breakers = StageBreakers(cfg.run.breaker, chain)
         display = ProgressDisplay(tracker, chain, len(items), console, breakers=breakers)
         tripped: BreakerTripped | None = None
@@ -330,7 +342,7 @@ class ShardOutputs:
     def __init__(self, store: OutputStore, output: str, fingerprint: str, ledger, damage: dict[str, dict],
                  quality: QualityConfig | None = None, lineage: str | None = None):
         self.store, self.output, self.fingerprint, self.ledger = store, output, fingerprint, ledger
-        self.lineage = lineage  # the chain's lineage digest, kept in each line of a whole-chain run
+        self.lineage = lineage  # the lineage digest through the run's last stage, kept in each line
         self.quality = quality  # the quality record, written with the dataset (FINAL) only
         self.damage = dict(damage)  # shard -> {damage, samples_read}, from its input's line or its read task
         self.written: dict[str, dict] = {}
