@@ -172,8 +172,8 @@ class ServingConfig(_Section):
         None, description="Serve autoscaling_config (min_replicas, max_replicas, ...); None: resources.replicas fixed")
     log_engine_metrics: bool = Field(True, description="export vLLM's engine metrics through Ray (dashboard)")
     access_log: bool = Field(
-        False, description="Serve's access log: one line per request in the replica's log (about 4 per region, "
-                           "each also read by Ray's log monitor); the dashboard's request metrics do not need it")
+        True, description="Serve's access log: one line per request in the replica's log (about 4 per region, each "
+                          "also read by Ray's log monitor); false for a long run that needs no per-request trace")
     unavailable_timeout_s: float = Field(
         1200.0, gt=0,
         description="how long a stage waits for a dead replica to be replaced before failing its regions")

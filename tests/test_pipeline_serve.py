@@ -114,6 +114,7 @@ def test_engine_process_killed_mid_run_loses_nothing(tiny_run_all, tiny_config, 
     assert after["replica"] != before["replica"] and after["pid"] != before["pid"], "the replica was not replaced"
     # The run still needed the model after the kill: the new replica answered some of its requests
     # (Serve's access log lines, "CALL <method> OK", in the replica's worker log).
+    assert config.models["llm"].serving.access_log, "this check reads Serve's access log"
     logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path())
     served_by_new = sum(len(re.findall(r"CALL chat\w* OK", path.read_text()))
                         for path in logs.glob(f"worker-*-{after['pid']}.err"))

@@ -37,8 +37,8 @@ def test_production_models_get_a_gpu_bundle_per_parallel_worker(ray_session):
         assert options.get("ray_actor_options", {}).get("num_gpus", 0) == 0
         checked += 1
         assert options["num_replicas"] == res.replicas
-        # no access-log line per request unless asked: 4 requests a region, each also read by Ray's log monitor
-        assert options["logging_config"]["enable_access_log"] is model.serving.access_log is False
+        # Serve's access log as the model's serving settings say (on unless turned off)
+        assert options["logging_config"]["enable_access_log"] is model.serving.access_log is True
         router = options.get("request_router_config") or {}
         if res.replicas > 1:
             assert router["request_router_class"].endswith("ImageAffinityRouter"), name
