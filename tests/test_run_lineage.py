@@ -157,11 +157,10 @@ def test_a_stage_output_of_another_config_with_the_same_lineage_is_done(tmp_path
 def test_the_next_stage_reads_an_input_of_another_config_only_with_the_same_lineage(tmp_path, shards, identified):
     from annotate.data.store import prepare_fingerprint
     from annotate.executor.runner import plan_work
-    from annotate.stages.chain import chain_of, stage_io, stage_writing
+    from annotate.stages.chain import chain_of, stage_io
 
     old, new = load_config(TINY), _merge_prompt_changed(tmp_path)
-    lineage = RunLineage(new)
-    through = lambda output: lineage.through(stage_writing(output, chain_of(new)))  # noqa: E731 (as run_pipeline)
+    through = RunLineage(new).of_output  # what run_pipeline gives plan_work
     store = OutputStore(tmp_path / "out")
     _finish(store, "context", "00000", config_fingerprint(old), lineage=RunLineage(old).through("context"))
     _finish(store, "context", "00001", config_fingerprint(old), lineage="another chain")  # e.g. another context model

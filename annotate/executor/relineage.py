@@ -13,7 +13,7 @@ from annotate.config import PipelineConfig
 from annotate.data.store import FINAL, OutputStore, iter_region_fields
 from annotate.engines.model_identity import model_identity
 from annotate.serving.apps import SEGMENT_MODEL, ModelApp
-from annotate.stages.chain import chain_of
+from annotate.stages.chain import chain_of, stage_writing
 from annotate.stages.lineage import LineageKey, chain_digest, chain_lineage, stages_to_redo
 
 
@@ -57,6 +57,10 @@ class RunLineage:
         line keeps, as its file holds the fields of those stages (the last stage's is `chain`)."""
         order = list(self.digests)
         return chain_digest({name: self.digests[name] for name in order[: order.index(stage) + 1]})
+
+    def of_output(self, output: str) -> str:
+        """`through` the stage whose `--stage` run writes `output` (the dataset: the chain's last)."""
+        return self.through(stage_writing(output, chain_of(self._cfg)))
 
 
 def lineage_counts(store: OutputStore, items: list[dict], keys: dict[str, LineageKey],

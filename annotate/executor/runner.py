@@ -90,7 +90,7 @@ def plan_work(cfg: PipelineConfig, store: OutputStore, input_dir: Path, shard_id
     The `prepare` output is keyed by the data settings alone (`prepared_under`: `prepare_fingerprint`).
 
     `lineage(output)` is the digest of the chain's lineage keys through the stage that writes `output`
-    (`RunLineage.through`); it is asked for only when a finished line keeps one to compare with (it reads
+    (`RunLineage.of_output`); it is asked for only when a finished line keeps one to compare with (it reads
     the models' weights). A line of this config whose digest differs is not done (a model folder replaced
     under the same path). A stage output (not `prepare`, not the dataset) finished under another config
     with this digest was made from the same data, models, prompts and settings: it is done, and the next
@@ -181,7 +181,7 @@ def run_pipeline(cfg: PipelineConfig, input_dir: str | Path, output_dir: str | P
         if removed := store.remove_stale_temporaries():
             console.print(f"removed {removed} half-written file(s) left by an interrupted run")
         items, summary.shards_skipped = plan_work(cfg, store, Path(input_dir), shard_ids, io, fingerprint, prepared_under,
-                                                  retry_failed, lambda output: lineage.through(stage_writing(output, chain_of(cfg))))
+                                                  retry_failed, lineage.of_output)
         for shard in summary.shards_skipped:  # model results kept for a shard are in its output now
             remove_shard(store.cache_root, shard)
         if summary.shards_skipped:
