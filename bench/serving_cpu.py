@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -86,10 +87,7 @@ def measure(sizes: list[int], work: Path) -> list[dict]:
 def marginal(runs: list[dict]) -> float | None:
     """CPU-s outside the engines per extra region: the least-squares slope over runs of several sizes."""
     xs, ys = [r["regions"] for r in runs], [r["cpu_s_outside_engine"] for r in runs]
-    if len(set(xs)) < 2:
-        return None
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return statistics.linear_regression(xs, ys).slope if len(set(xs)) >= 2 else None
 
 
 def measure_in(worktree: Path, sizes: list[int], work: Path) -> list[dict]:
@@ -121,16 +119,17 @@ def main(argv: list[str] | None = None) -> dict:
     if a.old_worktree:  # first, so that this process has no Ray cluster of its own yet
         res["old_design"] = measure_in(Path(a.old_worktree), sizes, work / "old")
     res["new_design"] = measure(sizes, work / "new")
+    slopes = {name: marginal(runs) for name, runs in res.items()}
     for name, runs in res.items():
         for r in runs:
             top = ", ".join(f"{k} {v:.1f}" for k, v in list(r["cpu_by_process"].items())[:10])
             print(f"{name}: {r['shards']} shards, {r['regions']} regions, {r['cpu_s_per_region_outside_engine']:.3f} "
                   f"CPU-s/region outside the engine ({r['cpu_s_outside_engine']:.1f} of {r['cpu_s_total']:.1f} CPU-s); "
                   f"wall {r['processing_s']:.1f} s; by process: {top}")
-        if (slope := marginal(runs)) is not None:
-            print(f"{name}: at the margin {slope:.3f} CPU-s per region outside the engine (slope over {len(runs)} runs)")
+        if slopes[name] is not None:
+            print(f"{name}: at the margin {slopes[name]:.3f} CPU-s per region outside the engine (slope over {len(runs)} runs)")
     if a.json:
-        Path(a.json).write_text(json.dumps({**res, "marginal": {k: marginal(v) for k, v in res.items()}}, indent=2))
+        Path(a.json).write_text(json.dumps({**res, "marginal": slopes}, indent=2))
     return res
 
 
