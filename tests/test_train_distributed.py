@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from annotate.pixclip.loss import PixCLIPLoss
+from ranks import run_ranks
 
 WORLD = 2
 B = 3  # samples per rank
@@ -42,10 +42,7 @@ def test_loss_gathers_features_across_two_ranks(tmp_path):
     same value as one process with all of it, and (gathered with grad) each rank's gradient is the
     world size times the single-process gradient of its half, which DDP's averaging then undoes."""
     whole_loss, whole_grads = _loss_and_grads(_features(), rank=0, world=1)
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_rank_main, args=(str(tmp_path / "pg-init"), results), nprocs=WORLD, join=True)
-        results = dict(results)
+    results = run_ranks(_rank_main, WORLD, str(tmp_path / "pg-init"))
     for rank in range(WORLD):
         loss, grads = results[rank]
         assert loss == pytest.approx(whole_loss, rel=1e-5)

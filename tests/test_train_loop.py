@@ -11,12 +11,12 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import annotate.train.trainer as trainer_mod
 from annotate.pixclip.build import build_pixclip
 from annotate.train.synthetic import SyntheticDataset
 from annotate.train.trainer import Trainer, latest_checkpoint, loader_workers
+from ranks import run_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 WORLD = 2
@@ -42,7 +42,8 @@ def test_one_persistent_loader_per_fit_and_resume_stays_exact(tiny_train_cfg, tm
     class CountingLoader(torch.utils.data.DataLoader):
         def __init__(self, *args, **kwargs):
             built.append(kwargs)
-            super().__init__(*args, **kwargs)
+            # spawned workers: in the full suite this process is a Ray driver (conftest's fork guard)
+            super().__init__(*args, **kwargs, multiprocessing_context="spawn" if kwargs["num_workers"] else None)
 
     monkeypatch.setattr(trainer_mod, "DataLoader", CountingLoader)
     ds = SyntheticDataset(_accum_cfg(tiny_train_cfg), n_images=10, seed=1)
@@ -163,11 +164,7 @@ def test_ddp_all_reduces_once_per_step_under_accumulation(tiny_train_cfg, tmp_pa
     each step's last micro-batch (the others run under no_sync), and the replicas stay identical."""
     cfg = tiny_train_cfg.model_copy(update={"batch_size": 2, "grad_accum_steps": 3, "max_steps": 2,
                                             "checkpoint_every": 100, "num_workers": 0})
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_no_sync_rank, nprocs=WORLD, join=True,
-                 args=(str(tmp_path / "pg"), cfg.model_dump_json(), str(tmp_path / "run"), results))
-        results = dict(results)
+    results = run_ranks(_no_sync_rank, WORLD, str(tmp_path / "pg"), cfg.model_dump_json(), str(tmp_path / "run"))
     for rank in range(WORLD):
         r = results[rank]
         assert r["step"] == 2 and r["forwards"] == 6
