@@ -7,6 +7,8 @@ models started by `annotate serve`.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from annotate.config import PipelineConfig, load_config
@@ -57,3 +59,13 @@ def free_session_models() -> None:
         from annotate.serving.apps import stop_apps
 
         stop_apps()
+
+
+def merge_prompt_changed(tmp_path) -> PipelineConfig:
+    """tiny.yaml with one word added to the merge prompt: a new config whose lineage through context is
+    unchanged (the lineage and `--stage` tests)."""
+    prompt = tmp_path / "merge.yaml"
+    text = (Path(TINY).parent / ".." / "prompts" / "merge.yaml").resolve().read_text()
+    assert "keeping every detail." in text
+    prompt.write_text(text.replace("keeping every detail.", "keeping every detail of it."))
+    return load_config(TINY, {"stages": {"merge": {"prompt": str(prompt)}}})

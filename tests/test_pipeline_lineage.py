@@ -18,6 +18,7 @@ import pytest
 
 from annotate.config import load_config
 from annotate.data.store import OutputStore, iter_stored_records
+from fixtures_pipeline import merge_prompt_changed
 from bench.harness import SAMPLE_SHARDS, TINY
 
 pytestmark = pytest.mark.slow
@@ -53,10 +54,7 @@ def test_a_new_merge_prompt_asks_only_merge_again(ray_session, tiny_run_all, tmp
     before = _regions(out)
     merged = _took(before, "merge")
     assert merged and _took(before, "object")  # the first run recorded its keys
-    prompt = tmp_path / "merge.yaml"
-    text = (Path(TINY).parent / ".." / "prompts" / "merge.yaml").resolve().read_text()
-    prompt.write_text(text.replace("keeping every detail.", "keeping every detail of it."))
-    cfg = load_config(TINY, {"stages": {"merge": {"prompt": str(prompt)}}})
+    cfg = merge_prompt_changed(tmp_path)
 
     summary = run_pipeline(cfg, SAMPLE_SHARDS, out, [0, 1], stage="all")
     assert sorted(summary.shards_written) == ["00000", "00001"]

@@ -17,8 +17,8 @@ from pycocotools import mask as mask_utils
 from annotate.data.store import config_fingerprint, OutputStore
 
 from annotate.stages.chain import RETRYABLE_PREFIXES
-from annotate.config import load_config
-from bench.harness import REPO, SAMPLE_SHARDS, TINY, input_region_ids, output_regions
+from fixtures_pipeline import merge_prompt_changed
+from bench.harness import SAMPLE_SHARDS, input_region_ids, output_regions
 
 pytestmark = pytest.mark.slow
 
@@ -133,10 +133,7 @@ def test_stage_by_stage_equals_all(tiny_run_all, tiny_config, tmp_path):
     assert by_stage == chained
 
     # A new merge prompt: the stages before merge are done by lineage, and merge reads their output.
-    prompt = tmp_path / "merge.yaml"
-    prompt.write_text((REPO / "prompts" / "merge.yaml").read_text().replace("keeping every detail.",
-                                                                           "keeping every detail of it."))
-    changed = load_config(TINY, {"stages": {"merge": {"prompt": str(prompt)}}})
+    changed = merge_prompt_changed(tmp_path)
     assert run_pipeline(changed, SAMPLE_SHARDS, tmp_path, [0, 1], stage="context").shards_skipped == ["00000", "00001"]
     summary = run_pipeline(changed, SAMPLE_SHARDS, tmp_path, [0, 1], stage="merge")
     assert sorted(summary.shards_written) == ["00000", "00001"] and set(summary.model_calls) == {"merge"}

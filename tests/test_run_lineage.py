@@ -17,6 +17,7 @@ from annotate.executor import relineage
 from annotate.executor.relineage import RunLineage, lineage_counts, refuse_stale_deployments
 from annotate.executor.runner import run_pipeline
 from annotate.stages.lineage import LineageKey
+from fixtures_pipeline import merge_prompt_changed
 from bench.harness import SAMPLE_SHARDS, TINY
 
 
@@ -132,18 +133,10 @@ def test_the_sam_model_is_identified_with_the_chains_models_when_the_pipeline_ha
     assert lineage.keys == chain_lineage(cfg, models, lineage.identities[SEGMENT_MODEL]) != chain_lineage(cfg, models)
 
 
-def _merge_prompt_changed(tmp_path):
-    """tiny.yaml with another merge prompt text: a new config, the same lineage through context."""
-    prompt = tmp_path / "merge.yaml"
-    prompt.write_text((Path(TINY).parent / ".." / "prompts" / "merge.yaml").resolve().read_text()
-                      .replace("keeping every detail.", "keeping every detail of it."))
-    return load_config(TINY, {"stages": {"merge": {"prompt": str(prompt)}}})
-
-
 def test_a_stage_output_of_another_config_with_the_same_lineage_is_done(tmp_path, shards, identified):
     """`--stage context` after the merge prompt changed: context's output was made by the same data, models,
     prompts and settings through context (the same digest), so it is done and no model is deployed."""
-    old, new = load_config(TINY), _merge_prompt_changed(tmp_path)
+    old, new = load_config(TINY), merge_prompt_changed(tmp_path)
     assert config_fingerprint(old) != config_fingerprint(new)
     assert RunLineage(old).through("context") == RunLineage(new).through("context")
     assert RunLineage(old).through("merge") != RunLineage(new).through("merge") == RunLineage(new).chain
@@ -159,7 +152,7 @@ def test_the_next_stage_reads_an_input_of_another_config_only_with_the_same_line
     from annotate.executor.runner import plan_work
     from annotate.stages.chain import chain_of, stage_io
 
-    old, new = load_config(TINY), _merge_prompt_changed(tmp_path)
+    old, new = load_config(TINY), merge_prompt_changed(tmp_path)
     through = RunLineage(new).of_output  # what run_pipeline gives plan_work
     store = OutputStore(tmp_path / "out")
     _finish(store, "context", "00000", config_fingerprint(old), lineage=RunLineage(old).through("context"))
