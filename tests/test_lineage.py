@@ -68,6 +68,24 @@ def test_merge_prompt_text_changes_merge_and_its_readers_only(cfg, tmp_path):
     assert changes(base, after) == {"merge": ["prompt"], **{name: ["inputs"] for name in AFTER_MERGE}}
 
 
+def test_a_tile_cap_counts_only_for_a_model_that_tiles(cfg, tmp_path):
+    """context.yaml's max_tiles reaches InternVL2 alone: under a model that does not tile (Griffon-G,
+    or tiny's generic VLM) a changed cap is sent nothing and redoes nothing; under InternVL2 it redoes
+    context and its readers, like any prompt change."""
+    text = Path(cfg.stages["context"].prompt).read_text()
+    assert "\nmax_tiles: 6\n" in text
+    other_cap = tmp_path / "context.yaml"
+    other_cap.write_text(text.replace("\nmax_tiles: 6\n", "\nmax_tiles: 2\n"))
+    with_cap = {"stages": {"context": {"prompt": str(other_cap)}}}
+    for family, redone in ((None, {}), ("griffon_gemma2", {}),
+                           ("internvl2_hermes2", {"context": ["prompt"], "merge": ["inputs"],
+                                                  **{name: ["inputs"] for name in AFTER_MERGE}})):
+        of_family = variant(cfg, {"models": {"vlm": {"family": family}}})
+        base = chain_lineage(of_family, identities(of_family))
+        after = chain_lineage(variant(of_family, with_cap), identities(of_family))
+        assert changes(base, after) == redone, family
+
+
 def test_context_model_changes_context_merge_and_after(cfg):
     base = chain_lineage(cfg, identities(cfg))
     other = variant(cfg, {"models": {"vlm_b": cfg.models["vlm"].model_dump()}, "stages": {"context": {"model": "vlm_b"}}})

@@ -85,6 +85,15 @@ def test_the_tile_cap_is_sent_as_the_models_processor_argument():
     assert _request(_object_stage("object-separate.yaml", "internvl2_hermes2")).mm_processor_kwargs is None
 
 
+def test_every_image_prompt_caps_the_tiles():
+    """InternVL2 tiles by aspect ratio, not size: an uncapped 4:3 image is 12 + 1 tiles (3,330 tokens)
+    whatever its pixels. Every image prompt caps them (negatives_visual and context had no cap until
+    BENCHMARKS 2's "Tile caps"), but object-separate.yaml, object-v1 kept as the measured baseline."""
+    uncapped = [path.name for path in sorted((REPO / "prompts").glob("*.yaml"))
+                if PromptTemplate.load(str(path)).images and PromptTemplate.load(str(path)).max_tiles is None]
+    assert uncapped == ["object-separate.yaml"]
+
+
 def test_the_serve_payload_and_the_openai_body_carry_it():
     from annotate.engines.openai_engine import OpenAIEngine
     from annotate.serving.client import completion_request

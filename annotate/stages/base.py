@@ -73,6 +73,12 @@ class PromptTemplate:
             max_tiles=_positive(raw.get("max_tiles"), "max_tiles", path),
         )
 
+    def tile_cap_for(self, conventions: ModelConventions | None) -> int | None:
+        """`max_tiles` if the model tiles its images (InternVL), else None: a model that does not tile
+        (Griffon-G, a generic model) is sent no cap, and its lineage does not count one."""
+        image = conventions.image if conventions else None
+        return self.max_tiles if image is not None and image.tiles_kwarg is not None else None
+
     def for_model(self, conventions: ModelConventions | None) -> "PromptTemplate":
         """This prompt as the model's conventions want it sent (engines/conventions.py)."""
         fold = bool(conventions and conventions.system_in_user)
@@ -261,10 +267,8 @@ class Stage:
 
     def processor_kwargs(self) -> dict[str, Any] | None:
         """The prompt's tile cap as the stage's model takes it, or None (no cap, or a model that does not tile)."""
-        image = self.conventions.image if self.conventions else None
-        if self.prompt.max_tiles is None or image is None or image.tiles_kwarg is None:
-            return None
-        return {image.tiles_kwarg: self.prompt.max_tiles}
+        cap = self.prompt.tile_cap_for(self.conventions)
+        return None if cap is None else {self.conventions.image.tiles_kwarg: cap}
 
     def record_provenance(self, region: RegionRecord, result: ChatResult) -> None:
         prov = region.provenance.of(self.name)

@@ -7,9 +7,9 @@ masks, and the record schema), `inputs` (the keys of the stages it `reads`, so w
 through them), `model` (its identity, engines/model_identity.py, and the settings that change its
 answers), `prompt` (version and text), `sampling` (as sent: the model family's stop tokens added) and
 `params` (the stage, its class and params, its retries). A prompt counts by what is sent (its parsed
-templates, images, schema and tile cap), not by its file's comments or path. `changed` names the parts
-two keys differ in. Hashes are of canonical JSON (sorted keys, no whitespace): a key is the same in
-every process and Python version.
+templates, images, schema, and its tile cap if the model tiles), not by its file's comments or path.
+`changed` names the parts two keys differ in. Hashes are of canonical JSON (sorted keys, no
+whitespace): a key is the same in every process and Python version.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 from annotate.config import PipelineConfig
 from annotate.data.records import ImageRecord, Provenance, RegionRecord
 from annotate.data.store import data_settings
-from annotate.engines.conventions import effective_sampling
+from annotate.engines.conventions import conventions_of, effective_sampling
 from annotate.engines.result_cache import answer_settings
 from annotate.stages.base import PromptTemplate
 from annotate.stages.chain import CORE_STAGES, STAGE_CLASSES, chain_of, stage_class
@@ -86,6 +86,7 @@ def chain_lineage(cfg: PipelineConfig, identities: dict[str, dict[str, Any]],
         if config.model not in identities:
             raise KeyError(f"no identity given for model {config.model!r} (stage {name})")
         prompt = PromptTemplate.load(config.prompt)
+        prompt = dataclasses.replace(prompt, max_tiles=prompt.tile_cap_for(conventions_of(model)))  # as sent
         keys[name] = LineageKey.of({
             "data": data,
             "inputs": {read: keys[read].digest for read in cls.reads},
