@@ -245,3 +245,13 @@ def test_every_stage_of_the_chain_can_be_planned_on_the_production_models():
         assert by[name].completion_tokens == table["default_tokens"][name]["completion"] > 0, name
         assert 0 < by[name].regions <= by["merge"].regions, name  # none reaches a stage after merge more often
     assert by["negatives_visual"].image_tokens > 0 and by["summarize"].image_tokens == 0
+
+
+def test_the_tile_cap_counts_only_where_the_stage_sends_it():
+    """The plan caps tiles as the stage does (`PromptTemplate.tile_cap_for`): InternVL2 with its family is
+    sent object.yaml's max_tiles; the same model without a family is sent none, and tiles up to its 12."""
+    with_family = {s.stage: s for s in make_plan(load_config(LONGGRIT), 1000).stages}
+    without = {s.stage: s for s in make_plan(load_config(LONGGRIT, {"models": {"internvl2_76b": {"family": None}}}),
+                                             1000).stages}
+    assert without["object"].image_tokens > with_family["object"].image_tokens
+    assert without["context"].image_tokens == with_family["context"].image_tokens  # Griffon-G: no tiles either way

@@ -149,13 +149,16 @@ def stage_default(table: dict, key: str, stage: str):
 
 
 def capped(proc, cfg: PipelineConfig, stage: str):
-    """The processor with the stage prompt's `max_tiles` (what the stage sends as `max_dynamic_patch`);
-    a processor that does not tile is returned as it is."""
+    """The processor with the tile cap the stage sends its model (`PromptTemplate.tile_cap_for`: the
+    prompt's `max_tiles`, for a model whose family tiles); a processor that does not tile, or a model
+    sent no cap, is returned as it is."""
     import dataclasses
 
+    from annotate.engines.conventions import conventions_of
     from annotate.stages.base import PromptTemplate
 
-    cap = PromptTemplate.load(cfg.stages[stage].prompt).max_tiles
+    stage_cfg = cfg.stages[stage]
+    cap = PromptTemplate.load(stage_cfg.prompt).tile_cap_for(conventions_of(cfg.models[stage_cfg.model]))
     if cap is None or proc is None or not hasattr(proc, "max_tiles"):
         return proc
     return dataclasses.replace(proc, max_tiles=cap)
